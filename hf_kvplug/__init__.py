@@ -1,0 +1,13 @@
+"""hf_kvplug: a paged (optionally INT8) KV cache with fused Triton decode attention for HF generate()."""
+
+from .cache import PlugCache, PlugLayer
+from .config import PlugConfig
+from .ops import attend_with_kvcache, write_kvcache
+from .patcher import SUPPORTED, is_patched, patch, patched, unpatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PlugCache", "PlugConfig", "PlugLayer", "SUPPORTED", "attend_with_kvcache", "is_patched", "patch", "patched",
+    "unpatch", "write_kvcache",
+]

@@ -1,0 +1,104 @@
+"""Cache geometry: the one dataclass that says what a PlugCache holds and where."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+KV_DTYPES = (None, "int8")
+
+
+@dataclass
+class PlugConfig:
+    """Shape, dtype and placement of a PlugCache.
+
+    Built by `PlugConfig.from_model` / `PlugConfig.from_hf_config`; users normally pass a model to `PlugCache`.
+    `layer_devices[i]` is where layer i's buffers live (so `device_map` splits work), `layer_windows[i]` is the
+    sliding window of layer i (None for full attention).
+    """
+
+    num_layers: int
+    nheads: int
+    nheads_k: int
+    head_dim: int
+    max_batch_size: int
+    max_cache_len: int
+    dtype: torch.dtype
+    layer_devices: list[torch.device]
+    layer_windows: list[int | None] = field(default_factory=list)
+    kv_dtype: str | None = None
+    block_size: int = 64
+    model_type: str | None = None
+
+    def __post_init__(self):
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
+        if self.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"dtype must be float16, bfloat16 or float32, got {self.dtype}")
+        for name in ("num_layers", "nheads", "nheads_k", "head_dim", "max_batch_size", "max_cache_len", "block_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.nheads % self.nheads_k:
+            raise ValueError(f"nheads ({self.nheads}) must be a multiple of nheads_k ({self.nheads_k})")
+        if len(self.layer_devices) != self.num_layers:
+            raise ValueError(f"layer_devices has {len(self.layer_devices)} entries for {self.num_layers} layers")
+        if not self.layer_windows:
+            self.layer_windows = [None] * self.num_layers
+        self.layer_devices = [torch.device(d) for d in self.layer_devices]
+
+    @property
+    def max_blocks_per_row(self) -> int:
+        return math.ceil(self.max_cache_len / self.block_size)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.max_batch_size * self.max_blocks_per_row
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return torch.int8 if self.kv_dtype == "int8" else self.dtype
+
+    def bytes_per_token(self, layer_count: int | None = None) -> int:
+        """Bytes one cached token costs over `layer_count` layers (all by default), K, V and scales together."""
+        layers = self.num_layers if layer_count is None else layer_count
+        elem = torch.empty((), dtype=self.storage_dtype).element_size()
+        per_head = 2 * self.head_dim * elem + (2 * 4 if self.kv_dtype == "int8" else 0)
+        return layers * self.nheads_k * per_head
+
+    @classmethod
+    def from_hf_config(cls, config, *, max_batch_size, max_cache_len, dtype, device, kv_dtype=None, block_size=64):
+        """Geometry from a transformers config; `device` is one device or a list with one per layer."""
+        config = getattr(config, "text_config", None) or config
+        nheads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // nheads
+        nheads_k = getattr(config, "num_key_value_heads", None) or nheads
+        num_layers = config.num_hidden_layers
+        devices = list(device) if isinstance(device, (list, tuple)) else [device] * num_layers
+        return cls(
+            num_layers=num_layers,
+            nheads=nheads,
+            nheads_k=nheads_k,
+            head_dim=head_dim,
+            max_batch_size=max_batch_size,
+            max_cache_len=max_cache_len,
+            dtype=dtype,
+            layer_devices=devices,
+            layer_windows=layer_windows(config),
+            kv_dtype=kv_dtype,
+            block_size=block_size,
+            model_type=getattr(config, "model_type", None),
+        )
+
+
+def layer_windows(config) -> list[int | None]:
+    """Per-layer sliding window as HF's masks apply it (None = full attention)."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return [window if t == "sliding_attention" else None for t in layer_types]
+    if getattr(config, "model_type", None) == "mistral":
+        return [window] * n
+    return [None] * n

@@ -1,0 +1,157 @@
+"""Registered torch ops for the cache, and the choice between the Triton kernels and the reference.
+
+Two op families, picked by device (a static property, so the choice costs nothing under torch.compile):
+  hf_kvplug::attend_with_kvcache / write_kvcache          triton_op (wrap_triton), CUDA tensors
+  hf_kvplug::attend_with_kvcache_ref / write_kvcache_ref  custom_op, the PyTorch reference (any device)
+Both mutate the cache buffers in place and are declared so (`mutates_args`), so `torch.compile(fullgraph=True)`
+traces them without a graph break.
+
+The backend is "auto" (Triton for CUDA tensors when Triton imports, the reference otherwise), or forced with
+`PlugCache(..., backend="reference" | "triton")` or the environment variable HF_KVPLUG_BACKEND.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .reference import attend_with_kvcache_ref, write_kvcache_ref
+
+BACKENDS = ("auto", "triton", "reference")
+
+try:  # Triton is optional: without it (macOS, Windows) every device uses the reference.
+    from . import kernels as _kernels
+except ImportError as e:  # pragma: no cover - depends on the platform
+    _kernels = None
+    _KERNELS_IMPORT_ERROR = e
+else:
+    _KERNELS_IMPORT_ERROR = None
+
+_MUTATED = ("k_cache", "v_cache", "k_scale", "v_scale")
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """'triton' or 'reference' for buffers on `device`, honouring HF_KVPLUG_BACKEND when `backend` is None/auto."""
+    choice = backend if backend not in (None, "auto") else (os.environ.get("HF_KVPLUG_BACKEND") or "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r} (argument or HF_KVPLUG_BACKEND)")
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and _kernels is not None else "reference"
+    if choice == "triton":
+        if _kernels is None:
+            raise RuntimeError(f"backend='triton' needs Triton, which failed to import: {_KERNELS_IMPORT_ERROR}")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 to "
+                             "run the kernels on the CPU interpreter, or use backend='reference'")
+    return choice
+
+
+# ---------------------------------------------------------------- reference ops (custom_op, opaque to Inductor)
+
+@torch.library.custom_op("hf_kvplug::attend_with_kvcache_ref", mutates_args=_MUTATED)
+def _attend_ref_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    k_scale: torch.Tensor, v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+    cache_starts: torch.Tensor, softmax_scale: float, window: int,
+) -> torch.Tensor:
+    num_blocks = None
+    if cache_seqlens.device.type == "cpu":  # bound the work by the real length: reading it costs nothing here
+        longest = int(cache_seqlens[: q.shape[0]].max()) + q.shape[1]
+        num_blocks = math.ceil(longest / k_cache.shape[2])
+    return attend_with_kvcache_ref(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
+                                   cache_starts, softmax_scale, window, num_blocks=num_blocks)
+
+
+@_attend_ref_op.register_fake
+def _(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, softmax_scale, window):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@torch.library.custom_op("hf_kvplug::write_kvcache_ref", mutates_args=_MUTATED)
+def _write_ref_op(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
+    v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+) -> None:
+    write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens)
+
+
+@_write_ref_op.register_fake
+def _(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens):
+    return None
+
+
+# ---------------------------------------------------------------- Triton ops (triton_op: Inductor sees the kernels)
+
+if _kernels is not None:
+
+    @torch.library.triton_op("hf_kvplug::attend_with_kvcache", mutates_args=_MUTATED)
+    def _attend_triton_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        k_scale: torch.Tensor, v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+        cache_starts: torch.Tensor, softmax_scale: float, window: int,
+    ) -> torch.Tensor:
+        return _kernels.attend_with_kvcache(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table,
+                                            cache_seqlens, cache_starts, softmax_scale, window)
+
+    @torch.library.triton_op("hf_kvplug::write_kvcache", mutates_args=_MUTATED)
+    def _write_triton_op(
+        k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
+        v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+    ) -> None:
+        _kernels.write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens)
+
+
+# ---------------------------------------------------------------- public functions
+
+def attend_with_kvcache(
+    q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
+    softmax_scale: float, window: int | None = None, backend: str = "auto",
+) -> torch.Tensor:
+    """Write the new K/V into the paged cache and attend over each row's valid slots, in one call.
+
+    Args:
+        q: `[batch, q_len, nheads, head_dim]` queries (post-RoPE); any strides with a contiguous last dim.
+        k, v: `[batch, q_len, nheads_k, head_dim]` new keys (post-RoPE) and values, in the model dtype.
+        k_cache, v_cache: `[num_blocks, nheads_k, block_size, head_dim]`, model dtype or int8. **Written in place.**
+        k_scale, v_scale: `[num_blocks, nheads_k, block_size]` float32 for int8 caches, else empty. **Written.**
+        block_table: `[max_batch, max_blocks]` int32.
+        cache_seqlens: `[max_batch]` int32, slots filled before this call (not advanced here).
+        cache_starts: `[batch]` int32, first valid slot per row (left padding).
+        softmax_scale: usually `head_dim ** -0.5`.
+        window: sliding window in tokens (HF semantics: the query and the `window - 1` slots before it), or None.
+        backend: "auto", "triton" or "reference" (see module docstring).
+
+    Returns:
+        `[batch, q_len, nheads, head_dim]` attention output in the dtype of `q`. No backward.
+    """
+    window = int(window or 0)
+    if resolve_backend(backend, q.device) == "triton":
+        if q.device.type != "cuda":  # the CPU interpreter: launch directly, there is nothing to trace
+            return _kernels.attend_with_kvcache(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table,
+                                                cache_seqlens, cache_starts, softmax_scale, window)
+        return torch.ops.hf_kvplug.attend_with_kvcache(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table,
+                                                       cache_seqlens, cache_starts, softmax_scale, window)
+    if q.device.type == "cpu":
+        return torch.ops.hf_kvplug.attend_with_kvcache_ref(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table,
+                                                           cache_seqlens, cache_starts, softmax_scale, window)
+    # Reference forced on an accelerator: plain torch ops over the whole row with a mask (no host sync).
+    return attend_with_kvcache_ref(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
+                                   cache_starts, softmax_scale, window)
+
+
+def write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, backend: str = "auto") -> None:
+    """Write `k, v [batch, q_len, nheads_k, head_dim]` into slots `cache_seqlens[b] + i`, quantizing for int8 caches.
+
+    Buffers as in `attend_with_kvcache`; `k_cache, v_cache, k_scale, v_scale` are written in place, nothing is
+    returned and `cache_seqlens` is not advanced. Writes past a row's capacity are dropped.
+    """
+    if resolve_backend(backend, k.device) == "triton":
+        if k.device.type != "cuda":
+            return _kernels.write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens)
+        return torch.ops.hf_kvplug.write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens)
+    if k.device.type == "cpu":
+        return torch.ops.hf_kvplug.write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table,
+                                                     cache_seqlens)
+    return write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens)

@@ -1,0 +1,152 @@
+"""patch / unpatch / patched: swap the attention forwards of supported models, table-driven, and undo it exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import types
+from dataclasses import dataclass
+
+from .attention import plug_attention_forward
+from .cache import PlugCache
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to find a model family's attention class; `qk_norm` marks Qwen3's per-head q/k RMSNorm."""
+
+    module: str
+    attention: str
+    qk_norm: bool = False
+    accelerated: str = "fused K/V write + paged attention (fp16/bf16/fp32, INT8)"
+
+
+SUPPORTED: dict[str, ModelSpec] = {
+    "llama": ModelSpec("transformers.models.llama.modeling_llama", "LlamaAttention"),
+    "qwen2": ModelSpec("transformers.models.qwen2.modeling_qwen2", "Qwen2Attention"),
+    "qwen3": ModelSpec("transformers.models.qwen3.modeling_qwen3", "Qwen3Attention", qk_norm=True),
+    "mistral": ModelSpec("transformers.models.mistral.modeling_mistral", "MistralAttention"),
+}
+
+_MARK = "_kvplug_original_forward"
+
+
+def _spec(model) -> ModelSpec:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED:
+        raise ValueError(f"hf_kvplug does not support model type {model_type!r}; supported: "
+                         f"{', '.join(sorted(SUPPORTED))}. The model was left unchanged.")
+    return SUPPORTED[model_type]
+
+
+def _attention_modules(model, spec: ModelSpec):
+    cls = getattr(importlib.import_module(spec.module), spec.attention)
+    found = [m for m in model.modules() if isinstance(m, cls)]
+    if not found:
+        raise ValueError(f"no {spec.attention} modules found in {type(model).__name__}; the model was left unchanged")
+    return found
+
+
+def _forward_attr(module) -> str:
+    # accelerate's device_map hooks keep the real forward in `_old_forward` and wrap it: patch beneath the hook.
+    return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
+
+
+def patch(model):
+    """Swap the attention forward of every Llama/Qwen2/Qwen3/Mistral attention module in `model`. Idempotent.
+
+    The patched forward runs the fused PlugCache path only when `past_key_values` is a `PlugCache`; with a stock
+    cache, or none, the original forward runs unchanged. Also wraps `model.generate` to validate a PlugCache
+    (capacity, batch, `use_cache`, model match) before anything is written. Returns `model`.
+    """
+    spec = _spec(model)
+    for module in _attention_modules(model, spec):
+        if _MARK in module.__dict__:
+            continue
+        attr = _forward_attr(module)
+        module.__dict__[_MARK] = getattr(module, attr)
+        module.__dict__["_kvplug_attr"] = (attr, module.__dict__.get(attr))
+        module._kvplug_qk_norm = spec.qk_norm
+        setattr(module, attr, types.MethodType(plug_attention_forward, module))
+    if "_kvplug_generate" not in model.__dict__:
+        model.__dict__["_kvplug_generate"] = model.__dict__.get("generate")
+        model.generate = types.MethodType(_checked_generate(type(model).generate), model)
+    return model
+
+
+def unpatch(model):
+    """Restore the original attention forwards and `generate` of `model` exactly. Returns `model`."""
+    for module in model.modules():
+        if _MARK not in module.__dict__:
+            continue
+        attr, previous = module.__dict__.pop("_kvplug_attr")
+        del module.__dict__[_MARK]
+        del module.__dict__["_kvplug_qk_norm"]
+        if previous is None:
+            module.__dict__.pop(attr, None)
+        else:
+            module.__dict__[attr] = previous
+    if "_kvplug_generate" in model.__dict__:
+        previous = model.__dict__.pop("_kvplug_generate")
+        if previous is None:
+            model.__dict__.pop("generate", None)
+        else:
+            model.__dict__["generate"] = previous
+    return model
+
+
+def is_patched(model) -> bool:
+    return any(_MARK in m.__dict__ for m in model.modules())
+
+
+@contextlib.contextmanager
+def patched(model):
+    """`with hf_kvplug.patched(model): ...` patches for the block and restores the original forwards after."""
+    was = is_patched(model)
+    patch(model)
+    try:
+        yield model
+    finally:
+        if not was:
+            unpatch(model)
+
+
+def _checked_generate(generate):
+    @functools.wraps(generate)
+    def checked(self, *args, **kwargs):
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, PlugCache):
+            validate_generate(self, cache, args, kwargs)
+        return generate(self, *args, **kwargs)
+
+    return checked
+
+
+def validate_generate(model, cache: PlugCache, args, kwargs) -> None:
+    """Raise a ValueError, before anything is written, if a generate() call cannot run in `cache`."""
+    config = kwargs.get("generation_config") or model.generation_config
+
+    def opt(name):
+        value = kwargs.get(name)
+        return getattr(config, name, None) if value is None else value
+
+    if opt("use_cache") is False:
+        raise ValueError("generate(use_cache=False) cannot use a PlugCache: drop past_key_values or use_cache=False")
+    cache.check_model(model)
+    inputs = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    if inputs is None:
+        return
+    batch, prompt = inputs.shape[0], inputs.shape[1]
+    rows = batch * max(opt("num_beams") or 1, opt("num_return_sequences") or 1)
+    if rows > cache.max_batch_size:
+        raise ValueError(f"generate() needs {rows} cache rows (batch {batch} x max(num_beams, num_return_sequences)) "
+                         f"but the PlugCache has max_batch_size={cache.max_batch_size}; build it with "
+                         f"max_batch_size >= {rows}")
+    max_new = opt("max_new_tokens")
+    total = prompt + max_new if max_new is not None else (opt("max_length") or prompt)
+    if total > cache.max_cache_len:
+        raise ValueError(f"prompt ({prompt} tokens) + new tokens = {total} exceeds the PlugCache's max_cache_len="
+                         f"{cache.max_cache_len}; build it with max_cache_len >= {total}")
