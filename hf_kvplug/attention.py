@@ -26,6 +26,9 @@ def _plugged_forward(self, cache, hidden_states, position_embeddings=None, atten
     # attention_mask is ignored on purpose: the cache bounds each row by its lengths, left padding and window.
     if kwargs.get("use_cache", True) is False:
         raise ValueError("use_cache=False cannot be combined with a PlugCache: drop past_key_values, or use_cache=False")
+    if len(cache.layers) != self.config.num_hidden_layers:
+        raise ValueError(f"PlugCache has {len(cache.layers)} layers but the model has "
+                         f"{self.config.num_hidden_layers}: it was built for another model")
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     q = self.q_proj(hidden_states).view(hidden_shape)

@@ -100,7 +100,7 @@ class PlugLayer(CacheLayerMixin):
         idx = beam_idx.to(self.device, torch.long)
         batch = idx.numel()
         nb = self.block_table.shape[1]
-        if not _compiling() and not torch.cuda.is_current_stream_capturing():
+        if not _compiling() and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             nb = min(nb, math.ceil(int(self.cache_seqlens[:batch].max()) / self.config.block_size))
         src = self.block_table[idx, :nb].reshape(-1).long()
         dst = self.block_table[:batch, :nb].reshape(-1).long()

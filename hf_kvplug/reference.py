@@ -49,7 +49,9 @@ def write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cac
     capacity = block_table.shape[1] * bs
     slots = _slots(cache_seqlens, batch, q_len).to(k.device)
     valid = slots < capacity
-    slots = slots.clamp(max=capacity - 1)
+    # A dropped write re-writes the old value of slot (s % capacity): history this call does not touch as long as
+    # q_len <= capacity, so no two writes of one call collide (index_put_ is undefined for duplicate indices).
+    slots = torch.where(valid, slots, slots % capacity)
     blocks = block_table[:batch].long().gather(1, slots // bs)  # [B, q_len]
     offs = slots % bs
     quantized = k_cache.dtype == torch.int8

@@ -1,0 +1,121 @@
+"""PlugCache bookkeeping: layout, fixed addresses, reset / crop / reorder in place, bytes per token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_kvplug
+from hf_kvplug import cache as cache_mod
+from models import tiny_model
+
+
+def _addresses(cache):
+    return [(l.k_cache.data_ptr(), l.v_cache.data_ptr(), l.k_scale.data_ptr(), l.cache_seqlens.data_ptr(),
+             l.block_table.data_ptr()) for l in cache.layers]
+
+
+@pytest.fixture
+def filled():
+    model = hf_kvplug.patch(tiny_model("llama"))
+    cache = hf_kvplug.PlugCache(model, max_batch_size=3, max_cache_len=40, kv_dtype="int8", block_size=16)
+    model(torch.randint(2, 128, (3, 21)), past_key_values=cache)
+    return model, cache
+
+
+def test_layout_and_placement():
+    model = tiny_model("qwen3")
+    cache = hf_kvplug.PlugCache(model, max_batch_size=2, max_cache_len=100, block_size=16)
+    cfg = cache.config
+    assert len(cache.layers) == model.config.num_hidden_layers and cache.is_compileable
+    assert cfg.max_blocks_per_row == 7 and cfg.num_blocks == 14
+    layer = cache.layers[0]
+    assert layer.k_cache.shape == (14, 2, 16, 16) and layer.k_cache.dtype == torch.float32
+    assert layer.k_scale.numel() == 0
+    assert layer.block_table.shape == (2, 7) and layer.block_table.dtype == torch.int32
+    assert layer.block_table is cache.layers[1].block_table  # one table per device
+    assert cache.get_max_length() == 100 and cache.get_seq_length() == 0
+
+
+def test_config_path_with_per_layer_devices():
+    cfg = tiny_model("llama").config
+    cache = hf_kvplug.PlugCache(cfg, max_batch_size=1, max_cache_len=16, dtype=torch.bfloat16,
+                                device=["cpu", "meta"])
+    assert [l.k_cache.device.type for l in cache.layers] == ["cpu", "meta"]
+    assert cache.layers[0].k_cache.dtype == torch.bfloat16
+    assert cache.layers[0].block_table is not cache.layers[1].block_table
+
+
+def test_int8_bytes_per_token():
+    cfg = tiny_model("llama").config
+    kw = dict(max_batch_size=1, max_cache_len=16, dtype=torch.float16, device="cpu")
+    fp16 = hf_kvplug.PlugCache(cfg, **kw)
+    int8 = hf_kvplug.PlugCache(cfg, kv_dtype="int8", **kw)
+    # per layer and kv head: K+V of head_dim 16 -> 64 B in fp16; 32 B + 2 fp32 scales = 40 B in int8
+    assert fp16.bytes_per_token() == 2 * 2 * 64 and int8.bytes_per_token() == 2 * 2 * 40
+    # Llama-3-8B shape: 32 layers x 8 kv heads x d128
+    from hf_kvplug.config import PlugConfig
+    big = dict(num_layers=32, nheads=32, nheads_k=8, head_dim=128, max_batch_size=1, max_cache_len=8,
+               dtype=torch.float16, layer_devices=["cpu"] * 32)
+    ratio = PlugConfig(kv_dtype="int8", **big).bytes_per_token() / PlugConfig(**big).bytes_per_token()
+    assert ratio == pytest.approx(264 / 512)
+
+
+def test_reset_keeps_addresses(filled):
+    _, cache = filled
+    before = _addresses(cache)
+    assert cache.get_seq_length() == 21
+    cache.reset()
+    assert cache.get_seq_length() == 0 and _addresses(cache) == before
+
+
+def test_crop_negative_and_legacy(filled, monkeypatch):
+    _, cache = filled
+    before = _addresses(cache)
+    cache.crop(-5)
+    assert cache.get_seq_length() == 16
+    cache.crop(0)
+    assert cache.get_seq_length() == 16
+    with pytest.raises(ValueError, match="negative"):
+        monkeypatch.setattr(cache_mod, "_LEGACY_CROP", False)
+        cache.crop(3)
+    monkeypatch.setattr(cache_mod, "_LEGACY_CROP", True)  # transformers < 5.18: positive = target length
+    cache.crop(10)
+    assert cache.get_seq_length() == 10
+    cache.crop(-100)
+    assert cache.get_seq_length() == 0 and _addresses(cache) == before
+
+
+def test_reorder_copies_rows_in_place(filled):
+    _, cache = filled
+    before = _addresses(cache)
+    layer = cache.layers[1]
+    view = lambda buf: buf.view(3, -1, *buf.shape[1:])  # noqa: E731 - rows own fixed runs of blocks
+    rows_k, rows_s = view(layer.k_cache).clone(), view(layer.k_scale).clone()
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    used = 2  # 21 tokens in blocks of 16
+    assert torch.equal(view(layer.k_cache)[0, :used], rows_k[2, :used])
+    assert torch.equal(view(layer.k_cache)[1, :used], rows_k[2, :used])
+    assert torch.equal(view(layer.k_cache)[2, :used], rows_k[0, :used])
+    assert torch.equal(view(layer.k_scale)[2, :used], rows_s[0, :used])
+    assert _addresses(cache) == before
+
+
+def test_reorder_then_decode_matches_reordered_prompts():
+    model = hf_kvplug.patch(tiny_model("qwen2"))
+    ids = torch.randint(2, 128, (3, 9))
+    cache = hf_kvplug.PlugCache(model, max_batch_size=3, max_cache_len=32, block_size=4)
+    model(ids, past_key_values=cache)
+    cache.reorder_cache(torch.tensor([1, 0, 0]))
+    nxt = torch.randint(2, 128, (3, 1))
+    got = model(nxt, past_key_values=cache).logits
+    fresh = hf_kvplug.PlugCache(model, max_batch_size=3, max_cache_len=32, block_size=4)
+    model(ids[[1, 0, 0]], past_key_values=fresh)
+    want = model(nxt, past_key_values=fresh).logits
+    torch.testing.assert_close(got, want)
+
+
+def test_unsupported_contrastive_search_methods(filled):
+    _, cache = filled
+    with pytest.raises(NotImplementedError, match="contrastive"):
+        cache.batch_repeat_interleave(2)

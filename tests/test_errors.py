@@ -1,0 +1,132 @@
+"""Bad input gets a clear error, raised before anything is written, with the cache left as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config
+
+import hf_kvplug
+from models import FAMILIES, tiny_model
+
+
+def _snapshot(cache):
+    return [(layer.cache_seqlens.clone(), layer.k_cache.clone(), layer.v_cache.clone()) for layer in cache.layers]
+
+
+def _unchanged(cache, snap):
+    return all(torch.equal(a, layer.cache_seqlens) and torch.equal(k, layer.k_cache) and torch.equal(v, layer.v_cache)
+               for layer, (a, k, v) in zip(cache.layers, snap))
+
+
+@pytest.fixture(params=FAMILIES)
+def warm(request):
+    """A patched model and a cache already holding one turn (so 'unchanged' means more than 'empty')."""
+    model = hf_kvplug.patch(tiny_model(request.param))
+    cache = hf_kvplug.PlugCache(model, max_batch_size=2, max_cache_len=32, block_size=16)
+    ids = torch.randint(2, 128, (1, 6))
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    return model, cache, out
+
+
+def test_over_max_cache_len(warm):
+    model, cache, out = warm
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match="max_cache_len=32"):
+        model.generate(out, past_key_values=cache, max_new_tokens=40)
+    assert _unchanged(cache, snap)
+
+
+def test_over_max_cache_len_in_a_direct_forward(warm):
+    model, cache, _ = warm
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match="exceed the PlugCache's max_cache_len"):
+        model(torch.randint(2, 128, (1, 30)), past_key_values=cache)
+    assert _unchanged(cache, snap)
+
+
+def test_batch_over_max_batch_size(warm):
+    model, cache, _ = warm
+    snap = _snapshot(cache)
+    ids = torch.randint(2, 128, (2, 5))
+    with pytest.raises(ValueError, match="max_batch_size=2"):
+        model.generate(ids, past_key_values=cache, max_new_tokens=3, num_beams=2)
+    with pytest.raises(ValueError, match="max_batch_size=2"):
+        model(torch.randint(2, 128, (3, 5)), past_key_values=cache)
+    assert _unchanged(cache, snap)
+
+
+def test_use_cache_false(warm):
+    model, cache, out = warm
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model.generate(out, past_key_values=cache, max_new_tokens=3, use_cache=False)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model(out, past_key_values=cache, use_cache=False)
+    assert _unchanged(cache, snap)
+
+
+def test_unsupported_model_type():
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    forwards = [m.forward for m in model.modules()]
+    with pytest.raises(ValueError, match="supported: llama, mistral, qwen2, qwen3"):
+        hf_kvplug.patch(model)
+    assert [m.forward for m in model.modules()] == forwards
+    assert not hf_kvplug.is_patched(model)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_hidden_layers=3), "num_layers"),
+    (dict(num_key_value_heads=4), "nheads_k"),
+    (dict(head_dim=8), "head_dim"),
+])
+def test_cache_for_another_model(change, message):
+    model = hf_kvplug.patch(tiny_model("llama"))
+    other = tiny_model("llama", **change)
+    cache = hf_kvplug.PlugCache(other, max_batch_size=1, max_cache_len=32, block_size=16)
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.randint(2, 128, (1, 5)), past_key_values=cache, max_new_tokens=3)
+    with pytest.raises(ValueError, match="another model"):
+        model(torch.randint(2, 128, (1, 5)), past_key_values=cache)
+    assert _unchanged(cache, snap)
+
+
+def test_cache_of_another_dtype_or_device():
+    model = hf_kvplug.patch(tiny_model("qwen3"))
+    ids = torch.randint(2, 128, (1, 5))
+    half = hf_kvplug.PlugCache(model.config, max_batch_size=1, max_cache_len=32, dtype=torch.float16, device="cpu")
+    with pytest.raises(ValueError, match="dtype"):
+        model.generate(ids, past_key_values=half, max_new_tokens=3)
+    with pytest.raises(ValueError, match="dtype"):
+        model(ids, past_key_values=half)
+    assert half.get_seq_length() == 0
+    meta = hf_kvplug.PlugCache(model.config, max_batch_size=1, max_cache_len=32, dtype=torch.float32, device="meta")
+    with pytest.raises(ValueError, match="layer_devices"):
+        model.generate(ids, past_key_values=meta, max_new_tokens=3)
+    with pytest.raises(ValueError, match="device"):  # (a meta cache cannot tell its length: pass positions)
+        model(ids, past_key_values=meta, position_ids=torch.arange(5)[None])
+
+
+def test_unpatched_model_with_plug_cache():
+    model = tiny_model("llama")
+    cache = hf_kvplug.PlugCache(model, max_batch_size=1, max_cache_len=32)
+    with pytest.raises(RuntimeError, match=r"hf_kvplug.patch\(model\)"):
+        model.generate(torch.randint(2, 128, (1, 5)), past_key_values=cache, max_new_tokens=3)
+    assert cache.get_seq_length() == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kv_dtype="fp8"), "kv_dtype"),
+    (dict(max_cache_len=0), "max_cache_len"),
+    (dict(backend="cuda"), "backend"),
+])
+def test_bad_cache_arguments(kwargs, message):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=message):
+        hf_kvplug.PlugCache(model, **{"max_batch_size": 1, "max_cache_len": 32, **kwargs})
+
+
+def test_config_needs_dtype_and_device():
+    with pytest.raises(ValueError, match="dtype= and device="):
+        hf_kvplug.PlugCache(tiny_model("llama").config, max_batch_size=1, max_cache_len=16)
