@@ -25,7 +25,7 @@ def _plugged_forward(self, cache, hidden_states, position_embeddings=None, atten
                      past_key_values=None, **kwargs):
     # attention_mask is ignored on purpose: the cache bounds each row by its lengths, left padding and window.
     if kwargs.get("use_cache", True) is False:
-        raise ValueError("use_cache=False cannot be combined with a PlugCache: drop past_key_values, or use_cache=False")
+        raise ValueError("use_cache=False cannot be combined with a PlugCache: drop past_key_values or use_cache=False")
     if len(cache.layers) != self.config.num_hidden_layers:
         raise ValueError(f"PlugCache has {len(cache.layers)} layers but the model has "
                          f"{self.config.num_hidden_layers}: it was built for another model")

@@ -42,8 +42,12 @@ def _slots(cache_seqlens: torch.Tensor, batch: int, q_len: int) -> torch.Tensor:
     return cache_seqlens[:batch].long().unsqueeze(1) + torch.arange(q_len, device=cache_seqlens.device)
 
 
-def write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens) -> None:
-    """Writes `k, v [B, q_len, nheads_k, D]` into slots cache_seqlens[b] + i of rows b < B, in place."""
+def write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
+                      may_overflow: bool = True) -> None:
+    """Writes `k, v [B, q_len, nheads_k, D]` into slots cache_seqlens[b] + i of rows b < B, in place.
+
+    `may_overflow=False` is a promise (checked by the caller) that every slot fits, which skips the masking.
+    """
     batch, q_len = k.shape[:2]
     bs = k_cache.shape[2]
     capacity = block_table.shape[1] * bs
@@ -54,15 +58,17 @@ def write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cac
     slots = torch.where(valid, slots, slots % capacity)
     blocks = block_table[:batch].long().gather(1, slots // bs)  # [B, q_len]
     offs = slots % bs
-    quantized = k_cache.dtype == torch.int8
+    keep = valid.view(batch, q_len, 1, 1)
     for new, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
-        keep = valid.view(batch, q_len, 1, 1)
-        if quantized:
-            q, s = quantize_int8(new)
-            cache[blocks, :, offs] = torch.where(keep, q, cache[blocks, :, offs])
-            scale[blocks, :, offs] = torch.where(keep[..., 0], s, scale[blocks, :, offs])
-        else:
-            cache[blocks, :, offs] = torch.where(keep, new.to(cache.dtype), cache[blocks, :, offs])
+        if cache.dtype == torch.int8:
+            new, s = quantize_int8(new)
+            if may_overflow:
+                s = torch.where(keep[..., 0], s, scale[blocks, :, offs])
+            scale[blocks, :, offs] = s
+        new = new.to(cache.dtype)
+        if may_overflow:
+            new = torch.where(keep, new, cache[blocks, :, offs])
+        cache[blocks, :, offs] = new
 
 
 def gather_kv(cache, scale, block_table, batch: int, num_blocks: int, dtype: torch.dtype) -> torch.Tensor:
@@ -86,7 +92,7 @@ def attention_bounds(cache_seqlens, cache_starts, batch: int, q_len: int, window
 
 def attend_with_kvcache_ref(
     q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-    softmax_scale: float, window: int = 0, num_blocks: int | None = None,
+    softmax_scale: float, window: int = 0, num_blocks: int | None = None, may_overflow: bool = True,
 ) -> torch.Tensor:
     """Reference of the fused write + attention. `q [B, q_len, nheads, D]` -> out `[B, q_len, nheads, D]`.
 
@@ -94,7 +100,7 @@ def attend_with_kvcache_ref(
     they know it on the host, which keeps the work proportional to the cached tokens.
     """
     batch, q_len, nheads, _ = q.shape
-    write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens)
+    write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, may_overflow)
     nb = block_table.shape[1] if num_blocks is None else max(1, min(num_blocks, block_table.shape[1]))
     keys = gather_kv(k_cache, k_scale, block_table, batch, nb, q.dtype)
     values = gather_kv(v_cache, v_scale, block_table, batch, nb, q.dtype)

@@ -1,0 +1,141 @@
+"""`hf-kvplug bench` end to end on the tiny shape (CPU), its failure handling and its helpers."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from hf_kvplug import PlugCache, bench_cases, bench_models
+from hf_kvplug.bench import agreement
+from hf_kvplug.bench_report import FIELDS, speedup_lines
+from hf_kvplug.cli import main
+
+TINY = ["bench", "--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--new-tokens", "4"]
+EXPECTED_COLUMNS = {"provider", "model", "batch", "context", "max_cache_len", "prefill_ms", "decode_ms_p50",
+                    "decode_ms_p20", "decode_ms_p80", "tokens_per_s", "peak_mem_gb", "kv_bytes", "bw_floor_fraction",
+                    "status", "note", "gpu_name", "torch", "triton", "transformers", "git_commit", "date"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert main(TINY + ["--batch", "1,2", "--context", "16,32", "--providers", "hf_dynamic,kvplug,kvplug_int8",
+                        "--check-tokens", "6", "--out", str(out)]) == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    return out, rows
+
+
+def test_bench_writes_every_output(tiny_run):
+    out, rows = tiny_run
+    assert EXPECTED_COLUMNS <= set(rows[0])
+    assert [r["provider"] for r in rows[:3]] == ["hf_dynamic", "kvplug", "kvplug_int8"]
+    assert len(rows) == 2 * 2 * 3
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["rows"]) == len(rows) and set(data["rows"][0]) == set(FIELDS)
+    assert any("kvplug vs hf_dynamic: identical greedy tokens" in line for line in data["meta"]["check"])
+    md = (out / "results.md").read_text()
+    assert "**Conditions.**" in md and "| provider | batch | context |" in md and "kvplug_int8" in md
+    for png in ("tokens_per_s.png", "decode_ms.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "errors.log").exists()
+
+
+def test_bench_values_are_sane(tiny_run):
+    _, rows = tiny_run
+    for r in rows:
+        assert r["status"] == "ok", r
+        for key in ("prefill_ms", "decode_ms_p50", "decode_ms_p20", "decode_ms_p80", "tokens_per_s",
+                    "bw_floor_fraction"):
+            assert float(r[key]) > 0, (key, r)
+        assert float(r["decode_ms_p20"]) <= float(r["decode_ms_p50"]) <= float(r["decode_ms_p80"])
+        assert r["peak_mem_gb"] == ""  # CPU: not measured
+        assert r["torch"] == torch.__version__ and r["model"] == "tiny"
+    by = {(r["provider"], int(r["batch"]), int(r["context"])): r for r in rows}
+    for batch in (1, 2):
+        for ctx in (16, 32):
+            fp, int8 = int(by["kvplug", batch, ctx]["kv_bytes"]), int(by["kvplug_int8", batch, ctx]["kv_bytes"])
+            assert 0 < int8 < fp
+            # tiny: 2 layers x 2 KV heads x 16 dims; fp32 K+V = 256 B/token/layer-head... x 64 slots per row
+            assert fp == batch * 64 * 2 * 2 * (2 * 16 * 4)
+            assert int(by["kvplug", batch, ctx]["max_cache_len"]) == 64
+            dyn = by["hf_dynamic", batch, ctx]
+            assert int(dyn["max_cache_len"]) == ctx + 4
+            assert int(dyn["kv_bytes"]) == batch * (ctx + 3) * 2 * 2 * (2 * 16 * 4)
+
+
+def test_oom_is_recorded_not_raised(tmp_path, monkeypatch):
+    real = PlugCache.__init__
+
+    def init_oom(self, model, *args, **kwargs):  # the model-dtype cache "runs out of memory", INT8 fits
+        if kwargs.get("kv_dtype") is None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        real(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(PlugCache, "__init__", init_oom)
+    assert main(TINY + ["--batch", "1", "--context", "16,32", "--providers", "hf_dynamic,kvplug,kvplug_int8",
+                        "--check-tokens", "0", "--no-plots", "--new-tokens", "2", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    status = {(r["provider"], r["context"]): (r["status"], r["note"]) for r in rows}
+    assert status["hf_dynamic", 16][0] == "ok" and status["kvplug_int8", 32][0] == "ok"
+    assert status["kvplug", 16] == ("OOM", "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB")
+    assert status["kvplug", 32][0] == "OOM" and "not run" in status["kvplug", 32][1]  # a smaller case OOMed
+    assert "OutOfMemoryError" in (tmp_path / "errors.log").read_text()
+
+
+def test_other_failures_are_recorded_as_error_and_resume_reruns_them(tmp_path, monkeypatch):
+    real = bench_cases.run_case
+
+    def broken(model, case, settings):
+        if case.provider == "kvplug":
+            raise RuntimeError("kernel exploded\nsecond line")
+        return real(model, case, settings)
+
+    args = TINY + ["--batch", "1", "--context", "16", "--providers", "hf_dynamic,kvplug", "--check-tokens", "0",
+                   "--no-plots", "--new-tokens", "2", "--out", str(tmp_path)]
+    monkeypatch.setattr(bench_cases, "run_case", broken)
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["provider"], r["status"], r["note"]) for r in rows] == [
+        ("hf_dynamic", "ok", ""), ("kvplug", "ERROR", "RuntimeError: kernel exploded")]
+    monkeypatch.setattr(bench_cases, "run_case", real)
+    first = rows[0]
+    assert main(args + ["--resume"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[0] == first  # kept, not re-measured
+
+
+def test_compile_providers_are_skipped_on_cpu(tmp_path):
+    assert main(TINY + ["--batch", "1", "--context", "16", "--providers", "kvplug_compile,hf_static_compile",
+                        "--check-tokens", "0", "--no-plots", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+    assert "--compile-on-cpu" in rows[0]["note"]
+
+
+def test_random_model_on_meta_then_device_is_initialised():
+    model, label = bench_models.build_model("tiny", torch.float32, torch.device("cpu"), seed=1)
+    assert label == "tiny"
+    rotary = model.model.rotary_emb
+    fresh = type(rotary)(model.config)
+    assert torch.equal(rotary.inv_freq, fresh.inv_freq)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all() and logits.std() > 0
+    total, read = bench_models.weight_bytes(model)
+    emb = model.get_input_embeddings().weight
+    assert total - read == emb.numel() * 4  # an untied input embedding is not read per decode step
+
+
+def test_agreement_and_speedups():
+    a = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    b = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 8]])
+    assert agreement(a, a) == (1.0, None)
+    assert agreement(a, b) == (0.875, (1, 2))
+    row = dict(model="m", dtype="bf16", device="cuda", batch=1, context=1024, new_tokens=64, status="ok")
+    rows = [bench_cases.BenchRow(provider="hf_static_compile", tokens_per_s=50.0, **row),
+            bench_cases.BenchRow(provider="kvplug_compile", tokens_per_s=100.0, **row)]
+    assert speedup_lines(rows) == ["tokens/s kvplug_compile / hf_static_compile at batch 1, context 1024: 2.00x"]

@@ -1,0 +1,87 @@
+"""The `hf-kvplug` command: plan arithmetic, the demo on its embedded model, argument errors, the quickstart."""
+
+import os
+import re
+import runpy
+
+import pytest
+import torch
+
+from hf_kvplug import shapes
+from hf_kvplug.bench import parse_providers, parse_sizes
+from hf_kvplug.cli import build_parser, main, plan_numbers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _number(text: str, label: str) -> list[int]:
+    line = next(line for line in text.splitlines() if line.startswith(label))
+    return [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", line[len(label):])]
+
+
+def test_plan_llama3_8b_bytes_per_token(capsys):
+    assert main(["plan", "--model", "llama3-8b", "--batch", "2", "--context", "4k", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    # fp16: 32 layers x 8 KV heads x 128 x 2 (K, V) x 2 bytes; int8: 32 x 8 x (2 x 128 x 1 + 2 x 4 scale bytes)
+    assert _number(out, "KV bytes / token") == [131072, 67584]
+    assert "8.03 B parameters" in out
+    assert "16.06 GB" in out  # bf16 weights
+    assert "tokens that fit" in out
+
+
+def test_plan_numbers_totals_and_fit():
+    n = plan_numbers(shapes.llama3_8b(), batch=2, context=100, dtype=torch.bfloat16, block_size=64, free=10**11)
+    assert n["bpt_fp"] == 131072 and n["bpt_int8"] == 67584
+    assert n["total_fp"] == 2 * 100 * 131072
+    assert n["alloc_fp"] == 2 * 128 * 131072  # rows rounded up to whole 64-token blocks
+    assert n["fit_int8"] == (10**11 - n["weights"]) // 67584
+    assert plan_numbers(shapes.tiny(), 1, 10, torch.float16, 64, None)["fit_fp"] is None
+
+
+def test_plan_other_shapes(capsys):
+    assert main(["plan", "--model", "qwen2.5-7b", "--device", "cpu"]) == 0
+    assert _number(capsys.readouterr().out, "KV bytes / token") == [28 * 4 * 128 * 2 * 2, 28 * 4 * (256 + 8)]
+    assert main(["plan", "--model", "qwen3-8b", "--device", "cpu"]) == 0
+    assert _number(capsys.readouterr().out, "KV bytes / token") == [36 * 8 * 128 * 2 * 2, 36 * 8 * (256 + 8)]
+
+
+def test_plan_unknown_model_is_a_clear_error():
+    with pytest.raises(SystemExit, match="error: --model 'no-such-model' is neither a known shape"):
+        main(["plan", "--model", "no-such-model", "--device", "cpu"])
+
+
+def test_demo_default_model_reports_identical_tokens(capsys):
+    assert main(["demo", "--max-new-tokens", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "embedded tiny random llama" in out
+    assert "kvplug (fp32) vs stock (DynamicCache): identical tokens (8/8)" in out
+    assert "kvplug (int8) vs stock (DynamicCache)" in out
+    assert re.search(r"stock \(DynamicCache\)\s+prefill\s+[\d.]+ ms \| decode [\d.]+ ms/token", out)
+
+
+def test_demo_model_is_deterministic_and_leaves_the_rng_alone():
+    from hf_kvplug.demo import build_demo_model
+
+    state = torch.random.get_rng_state()
+    a = build_demo_model("qwen3", torch.float32, torch.device("cpu"), seed=3)
+    assert torch.equal(state, torch.random.get_rng_state())
+    b = build_demo_model("qwen3", torch.float32, torch.device("cpu"), seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_argument_errors():
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--providers", "kvplug,nope"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--context", "4x"])
+    with pytest.raises(SystemExit):
+        parser.parse_args([])
+    assert parse_sizes("32k,1k, 4K,1024") == [1024, 4096, 32768]
+    assert parse_providers("kvplug,hf_dynamic,kvplug") == ["kvplug", "hf_dynamic"]
+
+
+def test_quickstart_runs(capsys):
+    runpy.run_path(os.path.join(ROOT, "examples", "quickstart.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"\[\[(\d+, ){11}\d+\]\]\n", out)
