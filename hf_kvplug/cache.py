@@ -20,9 +20,12 @@ def _compiling() -> bool:
 
 
 def _mark_static(*tensors: torch.Tensor) -> None:
+    # guard=False (the default only in newer torch; older releases default to True): the buffers are lifted as graph
+    # inputs instead of being baked in behind an ID_MATCH guard, so a second PlugCache of the same geometry reuses the
+    # compiled graph instead of recompiling (CUDA graphs re-record for the new addresses instead).
     if not _compiling():
         for t in tensors:
-            torch._dynamo.mark_static_address(t)
+            torch._dynamo.mark_static_address(t, guard=False)
 
 
 class PlugLayer(CacheLayerMixin):

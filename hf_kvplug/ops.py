@@ -50,18 +50,26 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 # ---------------------------------------------------------------- reference ops (custom_op, opaque to Inductor)
 
+def _attend_ref_bounded(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
+                        softmax_scale, window):
+    num_blocks, may_overflow = None, True
+    if cache_seqlens.device.type == "cpu":  # bound the work by the real length: reading it costs nothing here
+        longest = int(cache_seqlens[: q.shape[0]].max()) + q.shape[1]
+        num_blocks = math.ceil(longest / k_cache.shape[2])
+        may_overflow = longest > block_table.shape[1] * k_cache.shape[2]
+    return attend_with_kvcache_ref(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
+                                   cache_starts, softmax_scale, window, num_blocks=num_blocks,
+                                   may_overflow=may_overflow)
+
+
 @torch.library.custom_op("hf_kvplug::attend_with_kvcache_ref", mutates_args=_MUTATED)
 def _attend_ref_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     k_scale: torch.Tensor, v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
     cache_starts: torch.Tensor, softmax_scale: float, window: int,
 ) -> torch.Tensor:
-    num_blocks = None
-    if cache_seqlens.device.type == "cpu":  # bound the work by the real length: reading it costs nothing here
-        longest = int(cache_seqlens[: q.shape[0]].max()) + q.shape[1]
-        num_blocks = math.ceil(longest / k_cache.shape[2])
-    return attend_with_kvcache_ref(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
-                                   cache_starts, softmax_scale, window, num_blocks=num_blocks)
+    return _attend_ref_bounded(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
+                               softmax_scale, window)
 
 
 @_attend_ref_op.register_fake
@@ -134,6 +142,9 @@ def attend_with_kvcache(
         return torch.ops.hf_kvplug.attend_with_kvcache(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table,
                                                        cache_seqlens, cache_starts, softmax_scale, window)
     if q.device.type == "cpu":
+        if not torch.compiler.is_compiling():  # eager: skip the op dispatcher's overhead, same function
+            return _attend_ref_bounded(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
+                                       cache_starts, softmax_scale, window)
         return torch.ops.hf_kvplug.attend_with_kvcache_ref(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table,
                                                            cache_seqlens, cache_starts, softmax_scale, window)
     # Reference forced on an accelerator: plain torch ops over the whole row with a mask (no host sync).
