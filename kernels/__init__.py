@@ -1,12 +1,18 @@
-"""Triton kernels and their launchers (installed as `hf_kvplug.kernels`). Filled in by the kernel work."""
+"""Triton kernels and their launchers (installed as `hf_kvplug.kernels`): cache write, fused decode, extend."""
 
 import triton  # noqa: F401  (ImportError here makes hf_kvplug fall back to the reference)
+
+from . import decode_attn, extend_attn, write_kv
+from .write_kv import write_kvcache
+
+__all__ = ["attend_with_kvcache", "write_kvcache"]
 
 
 def attend_with_kvcache(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
                         softmax_scale, window):
-    raise NotImplementedError
-
-
-def write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens):
-    raise NotImplementedError
+    if q.shape[1] == 1:
+        return decode_attn.decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
+                                       cache_starts, softmax_scale, window)
+    write_kv.write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens)
+    return extend_attn.extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
+                                   softmax_scale, window)

@@ -207,3 +207,19 @@ def test_int8_bound_catches_a_broken_scale():
         hf_kvplug.reference.quantize_int8 = original
     assert layer.k_scale.abs().sum() > 0
     assert ((got - ref).abs().max() / ref.abs().max()).item() > INT8_REL_BOUND
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_sliding"])
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_triton_backend_end_to_end(family, kv_dtype):
+    """The same generate through the Triton kernels (the CPU interpreter here, the GPU in a GPU run)."""
+    stock, plugged, ref_cache = _pair(family, kv_dtype=kv_dtype, backend="reference")
+    ids, mask = _left_padded()
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
+    want = plugged.generate(ids, past_key_values=ref_cache, **kw)
+    cache = hf_kvplug.PlugCache(plugged, max_batch_size=6, max_cache_len=96, block_size=16, kv_dtype=kv_dtype,
+                                backend="triton")
+    got = plugged.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(got, want)
+    if kv_dtype is None:
+        assert torch.equal(got, stock.generate(ids, **kw))

@@ -1,0 +1,292 @@
+"""Decode-attention kernel benchmark: the fused Triton decode vs PyTorch SDPA, per layer call, on one GPU.
+
+For Llama-3-8B (32 q / 8 kv heads) and Qwen2.5-7B (28 / 4) shapes, head_dim 128, over batch x context, it reports per
+provider the median time (triton.testing.do_bench, quantiles 0.5/0.2/0.8, L2 flushed, each call replayed from a CUDA
+graph so that Python launch overhead is not timed), the bytes of K, V (and int8 scales) a decode step must read
+(`kv_bytes`, the live tokens only), the achieved GB/s over those bytes and its share of the device-to-device copy
+bandwidth measured in the same run. Providers:
+  kvplug        hf_kvplug.kernels.attend_with_kvcache (writes the new token and attends, paged cache, 2 x context slots)
+  sdpa_static   HF's static-cache path: repeat_kv + SDPA with a mask over a dense [B, Hk, 2 x context, D] cache
+  sdpa_exact    SDPA (enable_gqa) over exactly the valid length: the dense lower bound PyTorch reaches
+`max_abs_diff` is the kvplug output against SDPA over the same values (int8: the dequantized ones).
+
+    python benchmarks/bench_decode_kernel.py                 # full sweep, files in benchmarks/results/
+    python benchmarks/bench_decode_kernel.py --quick         # a few cases
+    python benchmarks/bench_decode_kernel.py --models llama3-8b --batch 1 --context 32768 --dtypes fp16,int8
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MODELS = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}  # nheads, nheads_k, head_dim
+BATCHES = (1, 8, 32)
+CONTEXTS = (1024, 4096, 16384, 32768)
+DTYPES = ("fp16", "int8")
+QUICK = dict(models=["llama3-8b"], batch=[1, 8], context=[4096, 32768])
+FIELDS = ["model", "nheads", "nheads_k", "head_dim", "batch", "context", "kv_dtype", "provider", "status",
+          "median_us", "p20_us", "p80_us", "kv_bytes", "gbps", "pct_copy_bw", "copy_gbps", "max_abs_diff",
+          "block_size", "gpu_name", "torch", "triton", "transformers", "git_commit", "date"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--batch", default=",".join(map(str, BATCHES)), help="comma list of batch sizes")
+    p.add_argument("--context", default=",".join(map(str, CONTEXTS)), help="comma list of context lengths (tokens)")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of kv dtypes: fp16, int8")
+    p.add_argument("--block-size", type=int, default=64, help="paged-cache block size (tokens)")
+    p.add_argument("--quick", action="store_true", help="llama3-8b, batch 1 and 8, context 4k and 32k")
+    p.add_argument("--no-baselines", action="store_true", help="time only the kvplug kernel")
+    p.add_argument("--out", default="benchmarks/results", help="output folder (CSV, JSON, markdown)")
+    args = p.parse_args(argv)
+    args.models = args.models.split(",")
+    args.batch = [int(x) for x in args.batch.split(",")]
+    args.context = [int(x) for x in args.context.split(",")]
+    args.dtypes = args.dtypes.split(",")
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    for m in args.models:
+        if m not in MODELS:
+            p.error(f"unknown model {m!r}; known: {', '.join(MODELS)}")
+    for d in args.dtypes:
+        if d not in DTYPES:
+            p.error(f"unknown dtype {d!r}; known: {', '.join(DTYPES)}")
+    return args
+
+
+def environment() -> dict:
+    import transformers
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+                                capture_output=True, timeout=10, check=True).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return dict(gpu_name=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                transformers=transformers.__version__, git_commit=commit,
+                date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+
+
+def timed(fn) -> tuple[float, float, float]:
+    """(median, p20, p80) in µs of `fn` replayed from a CUDA graph, L2 flushed by do_bench between calls."""
+    import triton
+
+    fn()  # compile, autotune-free warm-up
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8])
+    return tuple(1e3 * t for t in ms)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy GB/s (read + write bytes) of a large buffer."""
+    import triton
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, quantiles=[0.5])
+    ms = ms[0] if isinstance(ms, (list, tuple)) else ms
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def paged_cache(keys, values, block_size: int, capacity: int, int8: bool):
+    """Paged cache (shuffled blocks) holding `keys/values [B, Hk, L, D]` in slots [0, L) of each row."""
+    from hf_kvplug.reference import quantize_int8
+
+    batch, nheads_k, length, d = keys.shape
+    max_blocks = -(-capacity // block_size)
+    num_blocks = batch * max_blocks
+    table = torch.randperm(num_blocks, device=keys.device).view(batch, max_blocks).to(torch.int32)
+    bufs = []
+    for x in (keys, values):
+        cache = torch.zeros((num_blocks, nheads_k, block_size, d), dtype=torch.int8 if int8 else x.dtype,
+                            device=x.device)
+        scale = torch.zeros(cache.shape[:3] if int8 else (0,), dtype=torch.float32, device=x.device)
+        pad = max_blocks * block_size - length
+        rows = F.pad(x, (0, 0, 0, pad)).view(batch, nheads_k, max_blocks, block_size, d).transpose(1, 2)
+        idx = table.long()
+        if int8:
+            q, s = quantize_int8(rows)
+            cache[idx], scale[idx] = q, s
+        else:
+            cache[idx] = rows
+        bufs += [cache, scale]
+    k_cache, k_scale, v_cache, v_scale = bufs
+    return k_cache, v_cache, k_scale, v_scale, table
+
+
+def dequantized(x):
+    from hf_kvplug.reference import dequantize_int8, quantize_int8
+
+    return dequantize_int8(*quantize_int8(x), x.dtype)
+
+
+def kv_bytes(batch, nheads_k, length, d, int8: bool) -> int:
+    per_token = nheads_k * (d * (1 if int8 else 2) + (4 if int8 else 0))
+    return 2 * batch * length * per_token
+
+
+def time_kvplug(q, keys, values, seqlens, starts, scale, block_size, int8, want) -> dict:
+    """Fused decode over a paged copy of `keys/values` at 2 x their length; its error against `want`, and its times."""
+    from hf_kvplug import kernels
+
+    k_cache, v_cache, k_scale, v_scale, table = paged_cache(keys, values, block_size, 2 * keys.shape[2], int8)
+    k_new, v_new = keys[:, :, -1:].transpose(1, 2), values[:, :, -1:].transpose(1, 2)  # [B, 1, Hk, D] views
+
+    def call():
+        return kernels.attend_with_kvcache(q, k_new, v_new, k_cache, v_cache, k_scale, v_scale, table, seqlens, starts,
+                                           scale, 0)
+
+    diff = (call().float() - want.float()).abs().max().item()
+    return dict(zip(("median_us", "p20_us", "p80_us"), timed(call)), max_abs_diff=diff)
+
+
+def time_sdpa_static(q, keys, values, scale) -> dict:
+    """transformers' sdpa_attention_forward over a static cache of 2 x the length: repeat_kv, masked SDPA."""
+    batch, nheads_k, context, d = keys.shape
+    nheads, max_len = q.shape[2], 2 * keys.shape[2]
+    group = nheads // nheads_k
+    k_static = F.pad(keys, (0, 0, 0, max_len - context))
+    v_static = F.pad(values, (0, 0, 0, max_len - context))
+    mask = (torch.arange(max_len, device=q.device) < context).view(1, 1, 1, max_len).expand(batch, 1, 1, -1)
+
+    def static():
+        k = k_static[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, nheads, max_len, d)
+        v = v_static[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, nheads, max_len, d)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=scale)
+
+    return dict(zip(("median_us", "p20_us", "p80_us"), timed(static)))
+
+
+def run_case(model, batch, context, args, copy_gbps, meta) -> list[dict]:
+    nheads, nheads_k, d = MODELS[model]
+    dev, dtype, scale = "cuda", torch.float16, d ** -0.5
+    base = dict(model=model, nheads=nheads, nheads_k=nheads_k, head_dim=d, batch=batch, context=context,
+                block_size=args.block_size, copy_gbps=round(copy_gbps, 1), **meta)
+    free = torch.cuda.mem_get_info()[0]
+    dense_bytes = kv_bytes(batch, nheads_k, context, d, False)
+    if 3 * dense_bytes > 0.9 * free:  # dense K/V + a paged copy at 2 x context
+        return [dict(base, kv_dtype=t, provider="kvplug", status="skipped: memory") for t in args.dtypes]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    keys = torch.randn((batch, nheads_k, context, d), device=dev, dtype=dtype, generator=gen)
+    values = torch.randn((batch, nheads_k, context, d), device=dev, dtype=dtype, generator=gen)
+    q = torch.randn((batch, 1, nheads, d), device=dev, dtype=dtype, generator=gen)
+    seqlens = torch.full((batch,), context - 1, dtype=torch.int32, device=dev)
+    starts = torch.zeros((batch,), dtype=torch.int32, device=dev)
+    rows = []
+
+    def sdpa_exact(k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, scale=scale, enable_gqa=True).transpose(1, 2)
+
+    for kv in args.dtypes:
+        int8 = kv == "int8"
+        row = dict(base, kv_dtype=kv, provider="kvplug", kv_bytes=kv_bytes(batch, nheads_k, context, d, int8))
+        try:
+            want = sdpa_exact(dequantized(keys), dequantized(values)) if int8 else sdpa_exact(keys, values)
+            row.update(time_kvplug(q, keys, values, seqlens, starts, scale, args.block_size, int8, want), status="ok")
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "oom"
+        torch.cuda.empty_cache()
+        rows.append(row)
+
+    if "fp16" in args.dtypes and not args.no_baselines:
+        useful = kv_bytes(batch, nheads_k, context, d, False)
+        row = dict(base, kv_dtype="fp16", provider="sdpa_exact", kv_bytes=useful)
+        try:
+            row.update(zip(("median_us", "p20_us", "p80_us"), timed(lambda: sdpa_exact(keys, values))), status="ok")
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "oom"
+        torch.cuda.empty_cache()
+        rows.append(row)
+
+        row = dict(base, kv_dtype="fp16", provider="sdpa_static", kv_bytes=useful)
+        if 2 * dense_bytes * (1 + nheads // nheads_k) > 0.9 * torch.cuda.mem_get_info()[0]:  # + repeat_kv copies
+            row["status"] = "skipped: memory"
+        else:
+            try:
+                row.update(time_sdpa_static(q, keys, values, scale), status="ok")
+            except torch.cuda.OutOfMemoryError:
+                row["status"] = "oom"
+            torch.cuda.empty_cache()
+        rows.append(row)
+
+    for row in rows:
+        if row.get("status") == "ok":
+            row["gbps"] = round(row["kv_bytes"] / (row["median_us"] * 1e-6) / 1e9, 1)
+            row["pct_copy_bw"] = round(100 * row["gbps"] / copy_gbps, 1)
+            for k in ("median_us", "p20_us", "p80_us"):
+                row[k] = round(row[k], 2)
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict, copy_gbps: float) -> str:
+    lines = [f"Decode attention per layer call on {meta['gpu_name']} (torch {meta['torch']}, triton {meta['triton']}, "
+             f"commit {meta['git_commit'][:12]}, {meta['date']}). Copy bandwidth {copy_gbps:.0f} GB/s. GB/s and % "
+             "count the K/V (+scales) bytes of the live tokens only.", "",
+             "| model | batch | context | kv | provider | median µs | GB/s | % copy BW | max abs diff |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['kv_dtype']} | {r['provider']} | "
+                         f"{r.get('status')} | | | |")
+            continue
+        diff = f"{r['max_abs_diff']:.2e}" if r.get("max_abs_diff") is not None else ""
+        lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['kv_dtype']} | {r['provider']} | "
+                     f"{r['median_us']:.1f} | {r['gbps']:.0f} | {r['pct_copy_bw']:.1f} | {diff} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_decode_kernel needs a CUDA GPU", file=sys.stderr)
+        return 2
+    meta = environment()
+    copy_gbps = copy_bandwidth()
+    print(f"{meta['gpu_name']}: device-to-device copy {copy_gbps:.0f} GB/s", flush=True)
+    rows = []
+    for model in args.models:
+        for batch in args.batch:
+            for context in args.context:
+                new = run_case(model, batch, context, args, copy_gbps, meta)
+                for r in new:
+                    print(f"{model:11s} B={batch:<3d} ctx={context:<6d} {r['kv_dtype']:5s} {r['provider']:12s} "
+                          f"{r.get('status')}: {r.get('median_us', '-')} us {r.get('gbps', '-')} GB/s "
+                          f"{r.get('pct_copy_bw', '-')}%", flush=True)
+                rows += new
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "decode_kernel-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, copy_gbps=copy_gbps, rows=rows), indent=1))
+    table = markdown(rows, meta, copy_gbps)
+    (out / f"{stem}.md").write_text(table)
+    print()
+    print(table)
+    print(f"wrote {out / stem}.csv/.json/.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

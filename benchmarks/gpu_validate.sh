@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# GPU validation in stages, each small enough for one device call (10 minutes):
+#   bash benchmarks/gpu_validate.sh tests    # pytest -m gpu (kernels, compile/CUDA graphs, real-shape e2e)
+#   bash benchmarks/gpu_validate.sh kernel   # decode-kernel benchmark, full sweep
+#   bash benchmarks/gpu_validate.sh e2e      # Llama-3-8B bf16, batch 1, 1k prompt, 256 new tokens
+#   bash benchmarks/gpu_validate.sh sweep    # hf-kvplug bench, llama3-8b, batch 1/8/32 x 1k..32k (resumable)
+# Results go to $OUT (the device tool's folder) or ./bench-out; copy them into benchmarks/results/ and commit.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-bench-out}
+mkdir -p "$out"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+export PYTHONUNBUFFERED=1
+case "${1:-tests}" in
+  tests)
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+    python3 -m pytest -m gpu tests -q -rs -s 2>&1 | tee "$out/pytest-gpu.log" ;;
+  kernel)
+    python3 benchmarks/bench_decode_kernel.py --out "$out" 2>&1 | tee "$out/kernel.log" ;;
+  e2e)
+    python3 benchmarks/bench_e2e.py --out "$out" 2>&1 | tee "$out/e2e.log" ;;
+  sweep)
+    python3 -m hf_kvplug bench --model llama3-8b --batch 1,8,32 --context 1k,4k,16k,32k --out "$out" --resume \
+      2>&1 | tee "$out/sweep.log" ;;
+  *) echo "unknown stage $1 (tests | kernel | e2e | sweep)"; exit 2 ;;
+esac

@@ -1,0 +1,227 @@
+"""Fused decode kernels (q_len == 1): write the new K/V and attend over the paged cache with split-KV, then reduce."""
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import (attention_bounds, check_cache, device_guard, kv_tile_scores, launcher, quantize_int8,
+                    scale_strides, sm_count, upcast_dot)
+
+LOG2E = 1.4426950408889634
+WAVES = 8  # programs aimed at, in units of SMs, when a row is full: enough left at half capacity to fill the GPU
+MIN_SPLIT = 128  # tokens per split, at least
+MAX_SPLITS = 256
+
+
+@triton.jit
+def _decode_attn_kernel(
+    q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr,
+    cache_seqlens_ptr, cache_starts_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    qk_scale, window, capacity, split_size,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+    stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt,
+    stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, INT8: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # q [B, 1, nheads, D] (all GROUP heads of kv head hk in one program); k, v [B, 1, nheads_k, D]
+    # caches [num_blocks, nheads_k, BLOCK_SIZE, D]; this program covers slots [split * split_size, +split_size)
+    split = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass fp64 scalars
+    s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, 0, window, capacity)
+    split_lo = split * split_size
+    n_lo = tl.maximum(lo, split_lo)
+    n_hi = tl.minimum(tl.minimum(s, capacity), split_lo + split_size)  # cached slots [n_lo, n_hi) seen here
+    owner = (s < capacity) & (s >= split_lo) & (s < split_lo + split_size)  # this split holds the new token
+    if (n_hi <= n_lo) & (owner == 0):
+        return  # nothing to see: the reduce kernel only reads splits that overlap [lo, hi]
+
+    b64 = b.to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_h = offs_h < GROUP
+    heads = hk * GROUP + offs_h
+    offs_d = tl.arange(0, D_PAD)
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_H, D_PAD]
+    if UPCAST:
+        q = q.to(tl.float32)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, D_PAD], tl.float32)
+
+    if owner:  # write the new token and start the softmax from it, so it never has to be read back
+        phys = tl.load(block_table_ptr + b64 * stride_bt + s // BLOCK_SIZE).to(tl.int64)
+        dst = phys * stride_cb + hk * stride_ch + (s % BLOCK_SIZE) * stride_cs + offs_d
+        k_new = tl.load(k_ptr + b64 * stride_kb + hk * stride_kh + offs_d, mask=mask_d, other=0.0)
+        v_new = tl.load(v_ptr + b64 * stride_vb + hk * stride_vh + offs_d, mask=mask_d, other=0.0)
+        if INT8:
+            kq, ks = quantize_int8(k_new.to(tl.float32))
+            vq, vs = quantize_int8(v_new.to(tl.float32))
+            tl.store(k_cache_ptr + dst, kq, mask=mask_d)
+            tl.store(v_cache_ptr + dst, vq, mask=mask_d)
+            sdst = phys * stride_sb + hk * stride_sh + (s % BLOCK_SIZE) * stride_ss
+            tl.store(k_scale_ptr + sdst, ks)
+            tl.store(v_scale_ptr + sdst, vs)
+            k_att = kq.to(tl.float32)  # the K scale is folded into the scores, as for cached tokens
+            v_att = (vq.to(tl.float32) * vs).to(q.dtype).to(tl.float32)
+            score_scale = ks * qk_scale
+        else:
+            k_new = k_new.to(k_cache_ptr.dtype.element_ty)
+            v_new = v_new.to(v_cache_ptr.dtype.element_ty)
+            tl.store(k_cache_ptr + dst, k_new, mask=mask_d)
+            tl.store(v_cache_ptr + dst, v_new, mask=mask_d)
+            k_att = k_new.to(q.dtype).to(tl.float32)
+            v_att = v_new.to(q.dtype).to(tl.float32)
+            score_scale = qk_scale
+        m = tl.sum(q.to(tl.float32) * k_att[None, :], 1) * score_scale
+        l = tl.full([BLOCK_H], 1.0, tl.float32)
+        acc = acc + v_att[None, :]
+
+    bt_row = block_table_ptr + b64 * stride_bt
+    # tiles start at a multiple of BLOCK_N (split_lo is one), so the first slot n_lo lies in the first tile:
+    # every tile has a valid slot and the running max is finite after it.
+    tile_lo = n_lo - n_lo % BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    # block ids are loaded one tile ahead: K/V addresses then hang on a loop-carried value, not on a load of the
+    # same iteration, which lets the pipeliner multi-buffer the K/V tiles (num_stages)
+    next_phys = tl.load(bt_row + (tile_lo + offs_n) // BLOCK_SIZE, mask=tile_lo + offs_n < n_hi, other=0)
+    for start in range(tile_lo, n_hi, BLOCK_N):
+        slots = start + offs_n
+        valid = (slots >= n_lo) & (slots < n_hi)
+        phys = next_phys.to(tl.int64)
+        next_phys = tl.load(bt_row + (slots + BLOCK_N) // BLOCK_SIZE, mask=slots + BLOCK_N < n_hi, other=0)
+        qk, v = kv_tile_scores(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, phys, slots, valid, hk, offs_d,
+                               mask_d, qk_scale, stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss,
+                               BLOCK_SIZE, INT8)  # [BLOCK_H, BLOCK_N], [BLOCK_N, D_PAD]
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m, tl.max(qk, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+
+    mask_o = mask_h[:, None] & mask_d[None, :]
+    if SPLIT:
+        tl.store(part_o_ptr + b64 * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
+                 acc / l[:, None], mask=mask_o)
+        tl.store(part_lse_ptr + b64 * stride_lb + heads * stride_lh + split, m + tl.log2(l), mask=mask_h)
+    else:
+        tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=mask_o)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_o_ptr, part_lse_ptr, out_ptr, cache_seqlens_ptr, cache_starts_ptr,
+    window, capacity, split_size,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr,
+):
+    # part_o [B, nheads, splits, D_PAD] fp32 (normalized), part_lse [B, nheads, splits] fp32 (log2) -> out [B, 1, H, D]
+    h = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, 0, window, capacity)
+    first = lo // split_size
+    last = hi // split_size  # exactly the splits [first, last] did work
+    offs_d = tl.arange(0, D_PAD)
+    mask_d = offs_d < HEAD_DIM
+    m = float("-inf")
+    l = 0.0
+    acc = tl.zeros([D_PAD], tl.float32)
+    for c in range(first, last + 1, CHUNK):  # CHUNK splits at a time, loaded in parallel
+        js = c + tl.arange(0, CHUNK)
+        live = js <= last
+        lse = tl.load(part_lse_ptr + b * stride_lb + h * stride_lh + js, mask=live, other=float("-inf"))  # [CHUNK]
+        o = tl.load(part_o_ptr + b * stride_pb + h * stride_ph + js[:, None] * stride_ps + offs_d[None, :],
+                    mask=live[:, None] & mask_d[None, :], other=0.0)  # [CHUNK, D_PAD]
+        m_new = tl.maximum(m, tl.max(lse, 0))  # finite: split c is live
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
+        l = l * alpha + tl.sum(w, 0)
+        m = m_new
+    l = tl.where(l > 0.0, l, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, (acc / l).to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+def decode_config(head_dim: int, int8: bool, elem_size: int = 2):
+    """(BLOCK_N, num_warps, num_stages): K and V tiles of ~16 KiB each (32 KiB for int8 up to d128), 3 stages.
+
+    Measured for sm_90 offline (ptxas): fp16 d128 (64, 4, 3) 104 regs / 70 KiB smem; int8 d128 (128, 4, 3) 213 regs
+    / 74 KiB; int8 d256 needs tiles of 32 and fp32 tiles of 16 to stay clear of spills.
+    """
+    d_pad = triton.next_power_of_2(head_dim)
+    if int8:
+        return (128 if d_pad <= 128 else 32, 4, 3)
+    if elem_size == 4:  # fp32 runs its dots on CUDA cores (ieee): small tiles, or registers spill
+        return (16, 4, 2)
+    return (max(16, min(128, 16384 // (d_pad * elem_size))), 4, 3)
+
+
+def num_splits_for(batch: int, nheads_k: int, capacity: int, block_n: int, device: torch.device) -> int:
+    """Static split count: aims at WAVES x SMs programs for full rows, each split >= MIN_SPLIT tokens."""
+    want = triton.cdiv(WAVES * sm_count(device), batch * nheads_k)
+    min_split = MIN_SPLIT if device.type == "cuda" else block_n  # the interpreter: small caches, several splits
+    most = max(1, capacity // max(min_split, block_n))
+    return max(1, min(want, most, MAX_SPLITS))
+
+
+def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
+                softmax_scale, window, num_splits=None):
+    batch, q_len, nheads, head_dim = q.shape
+    nheads_k = k.shape[2]
+    assert q_len == 1 and k.shape == (batch, 1, nheads_k, head_dim) and v.shape == k.shape, (q.shape, k.shape)
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "q, k, v: contiguous last dim"
+    assert nheads % nheads_k == 0, (nheads, nheads_k)
+    int8 = check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, nheads_k, head_dim)
+    assert cache_starts.dtype == torch.int32 and cache_starts.shape[0] >= batch and cache_starts.stride(0) == 1
+    assert block_table.shape[0] >= batch and cache_seqlens.shape[0] >= batch
+    group = nheads // nheads_k
+    block_size = k_cache.shape[2]
+    capacity = block_table.shape[1] * block_size
+    d_pad = triton.next_power_of_2(head_dim)
+    block_n, num_warps, num_stages = decode_config(head_dim, int8, q.element_size())
+    if num_splits is None:
+        num_splits = num_splits_for(batch, nheads_k, capacity, block_n, q.device)
+    split_size = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(capacity, split_size)
+    out = torch.empty((batch, 1, nheads, head_dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    if num_splits > 1:
+        part_o = torch.empty((batch, nheads, num_splits, d_pad), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, nheads, num_splits), dtype=torch.float32, device=q.device)
+    else:  # one split writes the output itself
+        part_o = part_lse = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
+    qk_scale = float(softmax_scale) * LOG2E
+    window = int(window)
+    with device_guard(q):
+        launcher(_decode_attn_kernel)[(num_splits, nheads_k, batch)](
+            q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
+            out, part_o, part_lse,
+            qk_scale, window, capacity, split_size,
+            q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides(k_scale, int8),
+            block_table.stride(0),
+            out.stride(0), out.stride(2), part_o.stride(0), part_o.stride(1), part_o.stride(2),
+            part_lse.stride(0), part_lse.stride(1),
+            GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_SIZE=block_size,
+            HEAD_DIM=head_dim, D_PAD=d_pad, INT8=int8, SPLIT=num_splits > 1, UPCAST=upcast_dot(q.dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        if num_splits > 1:
+            launcher(_decode_reduce_kernel)[(nheads, batch)](
+                part_o, part_lse, out, cache_seqlens, cache_starts,
+                window, capacity, split_size,
+                part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+                out.stride(0), out.stride(2),
+                HEAD_DIM=head_dim, D_PAD=d_pad, CHUNK=min(16, triton.next_power_of_2(num_splits)),
+                num_warps=2 if d_pad <= 128 else 4,
+            )
+    return out
+

@@ -1,0 +1,123 @@
+"""Extend kernel (q_len > 1): new tokens attend causally over the paged cache, which already holds them."""
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode_attn import LOG2E
+from .utils import attention_bounds, check_cache, device_guard, kv_tile_scores, launcher, scale_strides, upcast_dot
+
+
+@triton.jit
+def _extend_attn_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, cache_seqlens_ptr, cache_starts_ptr,
+    out_ptr,
+    qk_scale, window, capacity, q_len,
+    stride_qb, stride_qt, stride_qh,
+    stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt,
+    stride_ob, stride_ot, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, INT8: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # q [B, q_len, nheads, D] -> out [B, q_len, nheads, D]; a program takes BLOCK_M tokens x the GROUP heads of
+    # kv head hk, as BLOCK_M * GROUP_PAD rows (row r: token r // GROUP_PAD, head hk * GROUP + r % GROUP_PAD)
+    pid_m = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass fp64 scalars
+    rows = tl.arange(0, BLOCK_M * GROUP_PAD)
+    tok = pid_m * BLOCK_M + rows // GROUP_PAD
+    g = rows % GROUP_PAD
+    mask_r = (tok < q_len) & (g < GROUP)
+    heads = hk * GROUP + g
+    s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, tok, window, capacity)  # [R] each
+    # lo and hi grow with the token: the tiles needed run from the first token's lo to the last token's hi
+    _, n_lo, _ = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, pid_m * BLOCK_M, window, capacity)
+    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1
+    _, _, n_hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, last, window, capacity)
+
+    b64 = b.to(tl.int64)
+    offs_d = tl.arange(0, D_PAD)
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + b64 * stride_qb + tok[:, None].to(tl.int64) * stride_qt + heads[:, None] * stride_qh
+                + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)  # [R, D_PAD]
+    if UPCAST:
+        q = q.to(tl.float32)
+    m = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_M * GROUP_PAD, D_PAD], tl.float32)
+
+    bt_row = block_table_ptr + b64 * stride_bt
+    tile_lo = n_lo - n_lo % BLOCK_N
+    n_end = n_hi + 1
+    offs_n = tl.arange(0, BLOCK_N)
+    # block ids one tile ahead, so that the pipeliner can multi-buffer K/V (see the decode kernel)
+    next_phys = tl.load(bt_row + (tile_lo + offs_n) // BLOCK_SIZE, mask=tile_lo + offs_n < n_end, other=0)
+    for start in range(tile_lo, n_end, BLOCK_N):
+        slots = start + offs_n
+        valid = (slots >= n_lo) & (slots < n_end)
+        phys = next_phys.to(tl.int64)
+        next_phys = tl.load(bt_row + (slots + BLOCK_N) // BLOCK_SIZE, mask=slots + BLOCK_N < n_end, other=0)
+        qk, v = kv_tile_scores(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, phys, slots, valid, hk, offs_d,
+                               mask_d, qk_scale, stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss,
+                               BLOCK_SIZE, INT8)  # [R, BLOCK_N], [BLOCK_N, D_PAD]
+        seen = (slots[None, :] >= lo[:, None]) & (slots[None, :] <= hi[:, None])
+        qk = tl.where(seen, qk, float("-inf"))
+        m_new = tl.maximum(m, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay at zero, not NaN
+        alpha = tl.exp2(m - m_use)
+        p = tl.exp2(qk - m_use[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+
+    l = tl.where(l > 0.0, l, 1.0)
+    tl.store(out_ptr + b64 * stride_ob + tok[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh
+             + offs_d[None, :], (acc / l[:, None]).to(out_ptr.dtype.element_ty),
+             mask=mask_r[:, None] & mask_d[None, :])
+
+
+def extend_config(head_dim: int, elem_size: int = 2):
+    """(rows per program, BLOCK_N, num_warps, num_stages): no register spills on sm_90 (ptxas) for fp16/bf16/int8
+    up to d256, nor for fp32 (CUDA-core dots, small tiles)."""
+    d_pad = triton.next_power_of_2(head_dim)
+    if elem_size == 4:
+        return (32 if d_pad <= 128 else 16, 16, 4, 2)
+    if d_pad <= 64:
+        return (64, 64, 4, 3)
+    if d_pad <= 128:
+        return (64, 64, 8, 3)
+    return (64, 32, 8, 2)
+
+
+def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, softmax_scale,
+                window):
+    batch, q_len, nheads, head_dim = q.shape
+    nheads_k = k_cache.shape[1]
+    assert q.stride(-1) == 1, "q: contiguous last dim"
+    assert nheads % nheads_k == 0, (nheads, nheads_k)
+    int8 = check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, nheads_k, head_dim)
+    assert cache_starts.dtype == torch.int32 and cache_starts.shape[0] >= batch and cache_starts.stride(0) == 1
+    assert block_table.shape[0] >= batch and cache_seqlens.shape[0] >= batch
+    group = nheads // nheads_k
+    group_pad = triton.next_power_of_2(group)
+    block_r, block_n, num_warps, num_stages = extend_config(head_dim, q.element_size())
+    block_m = max(1, block_r // group_pad)
+    out = torch.empty((batch, q_len, nheads, head_dim), dtype=q.dtype, device=q.device)
+    if batch * q_len == 0:
+        return out
+    with device_guard(q):
+        launcher(_extend_attn_kernel)[(triton.cdiv(q_len, block_m), nheads_k, batch)](
+            q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, out,
+            float(softmax_scale) * LOG2E, int(window), block_table.shape[1] * k_cache.shape[2], q_len,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides(k_scale, int8),
+            block_table.stride(0),
+            out.stride(0), out.stride(1), out.stride(2),
+            GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[2],
+            HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), INT8=int8, UPCAST=upcast_dot(q.dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    return out

@@ -1,0 +1,107 @@
+"""Helpers shared by the kernels: int8 quantization in registers, device queries, launch plumbing."""
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET_SM_COUNT = 4  # the CPU interpreter has no SMs; small, so that tests still see several splits
+
+
+def is_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_cuda(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRET_SM_COUNT
+    return _sm_count_cuda(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def launcher(kernel):
+    return torch.library.wrap_triton(kernel)
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    # The triton interpreter computes bf16 tl.dot wrongly: upcast the operands to fp32 there.
+    return is_interpreter() and dtype == torch.bfloat16
+
+
+def check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, nheads_k, head_dim):
+    assert k_cache.dim() == 4 and k_cache.shape[1] == nheads_k and k_cache.shape[3] == head_dim, k_cache.shape
+    assert v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype
+    assert k_cache.stride(-1) == 1 and v_cache.stride() == k_cache.stride(), "caches: contiguous last dim, same strides"
+    assert block_table.dtype == torch.int32 and block_table.dim() == 2 and block_table.stride(1) == 1
+    assert cache_seqlens.dtype == torch.int32 and cache_seqlens.dim() == 1 and cache_seqlens.stride(0) == 1
+    if k_cache.dtype == torch.int8:
+        assert k_scale.dtype == torch.float32 and k_scale.shape == k_cache.shape[:3], k_scale.shape
+        assert v_scale.shape == k_scale.shape and v_scale.stride() == k_scale.stride()
+    return k_cache.dtype == torch.int8
+
+
+def scale_strides(k_scale, int8: bool):
+    return tuple(k_scale.stride()) if int8 else (0, 0, 0)
+
+
+@triton.jit
+def round_half_even(y):
+    # torch.round semantics for |y| < 2**22 (here |y| <= 127): ties go to the even integer.
+    r = tl.floor(y + 0.5)
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(((r - y) == 0.5) & odd, r - 1.0, r)
+
+
+@triton.jit
+def quantize_int8(x):
+    # x [D] fp32 (padding lanes 0) -> (q [D] int8, scale) with x ~= q * scale, scale = amax / 127.
+    amax = tl.max(tl.abs(x), axis=0)
+    scale = tl.math.div_rn(amax, 127.0)
+    # as the reference: `127 / amax` in torch is `amax.reciprocal() * 127`
+    inv = tl.where(amax > 0.0, tl.math.div_rn(1.0, tl.maximum(amax, 1e-30)) * 127.0, 0.0)
+    q = tl.minimum(tl.maximum(round_half_even(x * inv), -127.0), 127.0)
+    return q.to(tl.int8), scale
+
+
+@triton.jit
+def attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, i, window, capacity):
+    # New token i of row b: its slot s, the first slot lo it sees and the last cached slot hi it sees.
+    s = tl.load(cache_seqlens_ptr + b) + i
+    lo = tl.load(cache_starts_ptr + b)
+    lo = tl.where(window > 0, tl.maximum(lo, s - window + 1), lo)
+    lo = tl.minimum(lo, s)
+    hi = tl.minimum(s, capacity - 1)
+    return s, lo, hi
+
+
+@triton.jit
+def kv_tile_scores(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, phys, slots, valid, hk, offs_d, mask_d,
+                   qk_scale, stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss,
+                   BLOCK_SIZE: tl.constexpr, INT8: tl.constexpr):
+    # One K/V tile of kv head hk gathered through the block ids `phys` [BLOCK_N] of `slots`:
+    # scores q @ K^T scaled (log2 domain; INT8 K scale folded in) [rows, BLOCK_N], and V [BLOCK_N, D_PAD] in q's dtype.
+    row = phys * stride_cb + hk * stride_ch + (slots % BLOCK_SIZE) * stride_cs  # [BLOCK_N]
+    kv_mask = valid[:, None] & mask_d[None, :]
+    k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
+    v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
+    if INT8:
+        srow = phys * stride_sb + hk * stride_sh + (slots % BLOCK_SIZE) * stride_ss
+        ks = tl.load(k_scale_ptr + srow, mask=valid, other=0.0)
+        vs = tl.load(v_scale_ptr + srow, mask=valid, other=0.0)
+        qk = qk * (ks * qk_scale)[None, :]
+        v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
+    else:
+        qk = qk * qk_scale
+    return qk, v.to(q.dtype)

@@ -1,0 +1,342 @@
+"""Triton kernels (write, fused decode, extend) against the PyTorch reference, on the CPU interpreter or a GPU."""
+
+import itertools
+import os
+
+import pytest
+import torch
+
+from hf_kvplug import reference as R
+
+kernels = pytest.importorskip("hf_kvplug.kernels")
+from hf_kvplug.kernels import decode_attn as DA  # noqa: E402
+from hf_kvplug.kernels import extend_attn as EA  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+# cache dtype name -> (model dtype, int8 cache)
+KINDS = {"fp16": (torch.float16, False), "bf16": (torch.bfloat16, False), "fp32": (torch.float32, False),
+         "int8": (torch.float16, True), "int8-bf16": (torch.bfloat16, True)}
+EPS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HEADS = [(4, 4), (8, 2), (7, 1), (4, 1)]  # MHA, GQA 4:1, 7:1, MQA
+
+
+class Case:
+    """A batch whose rows cover the lengths of interest, in a paged cache with shuffled blocks."""
+
+    def __init__(self, kind, head_dim, heads, block_size, q_len, window=0, seqlens=None, starts=None,
+                 max_blocks=None, spare_blocks=3):
+        self.dtype, self.int8 = KINDS[kind]
+        self.nheads, self.nheads_k = heads
+        self.head_dim, self.block_size, self.q_len, self.window = head_dim, block_size, q_len, window
+        bs = block_size
+        if seqlens is None:  # lengths after the call: q_len, bs-1, bs, bs+1 and 3*bs+7 (clamped to >= q_len)
+            seqlens = [0] + [max(0, n - q_len) for n in (bs - 1, bs, bs + 1, 3 * bs + 7)]
+            starts = [2, 3, 0, 5, 9] if starts is None else starts  # left padding; row 0: a padding query
+        self.batch = len(seqlens)
+        starts = [0] * self.batch if starts is None else starts
+        if max_blocks is None:
+            max_blocks = -(-(max(seqlens) + q_len) // bs) + 1
+        num_blocks = self.batch * max_blocks + spare_blocks
+        dev, hk, d = DEVICE, self.nheads_k, head_dim
+        self.block_table = torch.randperm(num_blocks, device=dev)[: self.batch * max_blocks]
+        self.block_table = self.block_table.view(self.batch, max_blocks).to(torch.int32)
+        self.cache_seqlens = torch.tensor(seqlens, dtype=torch.int32, device=dev)
+        self.cache_starts = torch.tensor(starts, dtype=torch.int32, device=dev)
+        shape = (num_blocks, hk, bs, d)
+        if self.int8:
+            self.k_cache, self.k_scale = R.quantize_int8(torch.randn(shape, device=dev))
+            self.v_cache, self.v_scale = R.quantize_int8(torch.randn(shape, device=dev))
+        else:
+            self.k_cache = torch.randn(shape, device=dev).to(self.dtype)
+            self.v_cache = torch.randn(shape, device=dev).to(self.dtype)
+            self.k_scale = self.v_scale = torch.empty(0, device=dev)
+        # q, k, v as the model makes them: transposed views of [B, H, q_len, D] projections
+        self.q = torch.randn(self.batch, self.nheads, q_len, d, device=dev).to(self.dtype).transpose(1, 2)
+        self.k = torch.randn(self.batch, hk, q_len, d, device=dev).to(self.dtype).transpose(1, 2)
+        self.v = torch.randn(self.batch, hk, q_len, d, device=dev).to(self.dtype).transpose(1, 2)
+        self.softmax_scale = d ** -0.5
+
+    def buffers(self):
+        """A fresh copy of the cache buffers (k_cache, v_cache, k_scale, v_scale)."""
+        return [t.clone() for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale)]
+
+    def tables(self):
+        return self.block_table, self.cache_seqlens
+
+    def run_kernel(self, bufs):
+        return kernels.attend_with_kvcache(self.q, self.k, self.v, *bufs, *self.tables(), self.cache_starts,
+                                           self.softmax_scale, self.window)
+
+    def run_reference(self, bufs):
+        return R.attend_with_kvcache_ref(self.q, self.k, self.v, *bufs, *self.tables(), self.cache_starts,
+                                         self.softmax_scale, self.window)
+
+    def oracle(self, bufs):
+        """fp64 attention over the cache contents in `bufs` (int8: exactly dequantized)."""
+        nb = self.block_table.shape[1]
+        keys = R.gather_kv(bufs[0], bufs[2], self.block_table, self.batch, nb, torch.float64)
+        values = R.gather_kv(bufs[1], bufs[3], self.block_table, self.batch, nb, torch.float64)
+        s, lo = R.attention_bounds(self.cache_seqlens, self.cache_starts, self.batch, self.q_len, self.window)
+        return R.attend_fp64_ref(self.q, keys, values, lo, s, self.softmax_scale)
+
+    def written(self, bufs):
+        """(k, v, k_scale, v_scale) at the new tokens' slots: [B, q_len, nheads_k, D] values (dequantized for int8)."""
+        slots = self.cache_seqlens[: self.batch].long().unsqueeze(1) + torch.arange(self.q_len, device=DEVICE)
+        blocks = self.block_table.long().gather(1, slots // self.block_size)
+        offs = slots % self.block_size
+        if not self.int8:
+            return bufs[0][blocks, :, offs], bufs[1][blocks, :, offs], None, None
+        ks, vs = bufs[2][blocks, :, offs], bufs[3][blocks, :, offs]
+        return (bufs[0][blocks, :, offs].float() * ks[..., None], bufs[1][blocks, :, offs].float() * vs[..., None],
+                ks, vs)
+
+
+def assert_cache_written(case, got, want):
+    """Cache after the kernel write vs after the reference write: bit-exact, or for int8 within rounding."""
+    if not case.int8:
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        return
+    for a, b in zip(got[:2], want[:2]):  # a near-tie may round the other way (fp contraction on GPU): 1 level
+        assert (a.int() - b.int()).abs().max().item() <= 1
+    for a, b in zip(got[2:], want[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    k_deq, v_deq, ks, vs = case.written(got)  # within half a quantization step of what was written
+    assert ((k_deq - case.k.float()).abs() <= 0.5 * ks[..., None] * (1 + 1e-5) + 1e-7).all()
+    assert ((v_deq - case.v.float()).abs() <= 0.5 * vs[..., None] * (1 + 1e-5) + 1e-7).all()
+
+
+def assert_attention_close(case, out, out_pt, oracle, mult=2.0):
+    assert out.shape == out_pt.shape and out.dtype == case.dtype and out.is_contiguous()
+    assert torch.isfinite(out).all()
+    err = (out.double() - oracle).abs().max().item()
+    err_pt = (out_pt.double() - oracle).abs().max().item()
+    eps = EPS[case.dtype]
+    if INTERPRET and case.dtype == torch.bfloat16:  # the interpreter casts fp32 -> bf16 by truncation: 1 ulp
+        eps += 2.0 ** -8 * oracle.abs().max().item()
+    assert err <= mult * err_pt + eps, f"kernel err {err:.3g} vs torch err {err_pt:.3g}"
+
+
+def check(case):
+    bufs, ref_bufs = case.buffers(), case.buffers()
+    out = case.run_kernel(bufs)
+    out_pt = case.run_reference(ref_bufs)
+    assert_cache_written(case, bufs, ref_bufs)
+    assert_attention_close(case, out, out_pt, case.oracle(ref_bufs))
+    return out, bufs
+
+
+# ------------------------------------------------------------------------------------------- case selection
+
+def _cases(q_lens):
+    """(kind, head_dim, heads, block_size, window, q_len): a covering subset (every head_dim x heads pair, every
+    kind, block size and window) on CPU; on GPU the full product, the part outside the subset marked slow."""
+    kinds, dims, blocks, windows = list(KINDS), (64, 128, 80), (16, 32), (0, 11)
+    n = max(len(kinds), len(dims) * len(HEADS))
+    subset = [(kinds[i % len(kinds)], dims[i % 3], HEADS[(i // 3) % 4], blocks[i % 2], windows[(i // 2) % 2],
+               q_lens[i % len(q_lens)]) for i in range(n)]
+    if not CUDA:
+        return subset
+    return subset + [pytest.param(c, marks=pytest.mark.slow, id=_id(c)) for c in
+                     itertools.product(kinds, dims, HEADS, blocks, windows, q_lens) if c not in subset]
+
+
+def _id(c):
+    kind, d, (h, hk), bs, w, q_len = c
+    return f"{kind}-d{d}-h{h}x{hk}-bs{bs}-w{w}-q{q_len}"
+
+
+DECODE = _cases((1,))
+EXTEND = _cases((2, 5, 19))
+
+
+@pytest.mark.parametrize("case", DECODE, ids=_id)
+def test_decode(case):
+    kind, d, heads, bs, window, q_len = case
+    check(Case(kind, d, heads, bs, q_len, window))
+
+
+@pytest.mark.parametrize("case", EXTEND, ids=_id)
+def test_extend(case):
+    kind, d, heads, bs, window, q_len = case
+    check(Case(kind, d, heads, bs, q_len, window))
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 64])
+def test_decode_splits(kind, num_splits, monkeypatch):
+    """Any split count gives the same answer: tiles of 16 make many small splits over 5 rows of different lengths."""
+    monkeypatch.setattr(DA, "decode_config", lambda head_dim, int8, elem_size=2: (16, 4, 1))
+    case = Case(kind, 64, (8, 2), 16, 1, window=0)
+    bufs, ref_bufs = case.buffers(), case.buffers()
+    out = DA.decode_attn(case.q, case.k, case.v, *bufs, *case.tables(), case.cache_starts, case.softmax_scale, 0,
+                         num_splits=num_splits)
+    out_pt = case.run_reference(ref_bufs)
+    assert_cache_written(case, bufs, ref_bufs)
+    assert_attention_close(case, out, out_pt, case.oracle(ref_bufs))
+
+
+@pytest.mark.parametrize("window", [0, 40])
+def test_short_row_in_big_cache(window, monkeypatch):
+    """Splits past a row's length (or before its window) do nothing: a row of length 1 beside a long one."""
+    monkeypatch.setattr(DA, "decode_config", lambda head_dim, int8, elem_size=2: (16, 4, 1))
+    case = Case("fp16", 64, (8, 2), 16, 1, window=window, seqlens=[0, 300, 5], starts=[0, 7, 5], max_blocks=32)
+    bufs, ref_bufs = case.buffers(), case.buffers()
+    out = DA.decode_attn(case.q, case.k, case.v, *bufs, *case.tables(), case.cache_starts, case.softmax_scale,
+                         window, num_splits=32)
+    out_pt = case.run_reference(ref_bufs)
+    assert_cache_written(case, bufs, ref_bufs)
+    assert_attention_close(case, out, out_pt, case.oracle(ref_bufs))
+    # rows 0 and 2 start at their own slot: they see only the new token, so out == v
+    for row in (0, 2):
+        torch.testing.assert_close(out[row], case.v[row].repeat_interleave(4, dim=1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+def test_decode_and_extend_agree(kind):
+    """The fused decode and write + extend paths, on the same cache state and token, match each other and torch."""
+    case = Case(kind, 64, (8, 2), 16, 1, window=0)
+    a, b, ref_bufs = case.buffers(), case.buffers(), case.buffers()
+    out_decode = case.run_kernel(a)
+    kernels.write_kvcache(case.k, case.v, *b, *case.tables())
+    out_extend = EA.extend_attn(case.q, *b, *case.tables(), case.cache_starts, case.softmax_scale, 0)
+    out_pt = case.run_reference(ref_bufs)
+    oracle = case.oracle(ref_bufs)
+    for got in (a, b):
+        assert_cache_written(case, got, ref_bufs)
+    assert_attention_close(case, out_decode, out_pt, oracle)
+    assert_attention_close(case, out_extend, out_pt, oracle)
+    torch.testing.assert_close(out_decode, out_extend, rtol=0, atol=4e-3)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("q_len", [1, 3, 40])
+def test_write(kind, q_len):
+    case = Case(kind, 80, (4, 2), 16, q_len)
+    bufs, ref_bufs = case.buffers(), case.buffers()
+    kernels.write_kvcache(case.k, case.v, *bufs, *case.tables())
+    R.write_kvcache_ref(case.k, case.v, *ref_bufs, *case.tables())
+    assert_cache_written(case, bufs, ref_bufs)
+    assert_untouched(case, bufs, case.buffers())
+
+
+def assert_untouched(case, got, before):
+    """Every slot but the new tokens' (those within capacity) keeps its value."""
+    capacity = case.block_table.shape[1] * case.block_size
+    keep = torch.ones(got[0].shape[:3], dtype=torch.bool, device=DEVICE)  # [num_blocks, nheads_k, BS]
+    for b in range(case.batch):
+        for s in range(int(case.cache_seqlens[b]), min(int(case.cache_seqlens[b]) + case.q_len, capacity)):
+            keep[case.block_table[b, s // case.block_size].long(), :, s % case.block_size] = False
+    for a, b in zip(got, before):
+        if a.numel():
+            assert torch.equal(a[keep], b[keep])
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+@pytest.mark.parametrize("q_len", [1, 6])
+def test_write_past_capacity(kind, q_len):
+    """Tokens past a row's last block are dropped; other rows and unused blocks stay untouched."""
+    case = Case(kind, 64, (4, 2), 16, q_len, seqlens=[62, 10, 64], starts=[0, 0, 50], max_blocks=4)
+    bufs, ref_bufs = case.buffers(), case.buffers()
+    before = case.buffers()
+    out = case.run_kernel(bufs)
+    out_pt = case.run_reference(ref_bufs)
+    if case.int8:
+        assert_cache_written_int8_no_oracle(bufs, ref_bufs)
+    else:
+        assert torch.equal(bufs[0], ref_bufs[0]) and torch.equal(bufs[1], ref_bufs[1])
+    assert_untouched(case, bufs, before)  # row 2, full before the call, keeps every block as it was
+    # attention over what fits: rows 0 and 1 against torch (row 2 sees slots [50, 63] only)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), out_pt.float(), rtol=0, atol=2e-2 if case.int8 else 4e-3)
+
+
+def assert_cache_written_int8_no_oracle(got, want):
+    for a, b in zip(got[:2], want[:2]):
+        assert (a.int() - b.int()).abs().max().item() <= 1
+    for a, b in zip(got[2:], want[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_prefill_empty_cache_left_padding():
+    """Prefill of a left-padded batch into an empty cache: padding queries see themselves only, no NaN."""
+    case = Case("fp16", 128, (8, 2), 32, 37, seqlens=[0, 0], starts=[0, 12])
+    check(case)
+
+
+def test_chunked_prefill_and_verify():
+    """Chunks appended to a cache in turns (chunked prefill, then a 4-token verify step) equal one-shot torch."""
+    case = Case("int8", 64, (7, 1), 16, 23, seqlens=[0, 0], starts=[0, 3], max_blocks=4)
+    bufs, ref_bufs = case.buffers(), case.buffers()
+    seqlens = case.cache_seqlens.clone()
+    for lo, hi in ((0, 9), (9, 19), (19, 23)):
+        sub = lambda t: t[:, lo:hi]  # noqa: E731
+        out = kernels.attend_with_kvcache(sub(case.q), sub(case.k), sub(case.v), *bufs, case.block_table, seqlens,
+                                          case.cache_starts, case.softmax_scale, 0)
+        want = R.attend_with_kvcache_ref(sub(case.q), sub(case.k), sub(case.v), *ref_bufs, case.block_table, seqlens,
+                                         case.cache_starts, case.softmax_scale, 0)
+        torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=1e-2)
+        seqlens += hi - lo
+    assert_cache_written_int8_no_oracle(bufs, ref_bufs)
+
+
+# ------------------------------------------------------------------------------------------- GPU only
+
+@pytest.mark.parametrize("kind", ["fp16", "bf16", "int8"])
+@pytest.mark.parametrize("heads", [(32, 8), (28, 4)])
+@pytest.mark.parametrize("seqlens", [[4095, 17, 1000, 2047], [8191]])
+@pytest.mark.parametrize("block_size", [16, 64, 256])
+@pytest.mark.parametrize("q_len", [1, 5, 300])
+@pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_model_shapes_gpu(kind, heads, seqlens, block_size, q_len):
+    case = Case(kind, 128, heads, block_size, q_len, window=0, seqlens=seqlens, starts=[3] * len(seqlens))
+    check(case)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["bf16", "int8-bf16"])
+@pytest.mark.parametrize("q_len", [1, 7])
+def test_triton_op_compiled_matches_eager(kind, q_len):
+    import hf_kvplug.ops  # noqa: F401  (registers torch.ops.hf_kvplug.*)
+
+    case = Case(kind, 128, (8, 2), 16, q_len, window=0)
+    op = torch.ops.hf_kvplug.attend_with_kvcache
+
+    def step(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts):
+        return op(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
+                  case.softmax_scale, 0)
+
+    eager, compiled = case.buffers(), case.buffers()
+    args = (case.q, case.k, case.v)
+    tables = (case.block_table, case.cache_seqlens, case.cache_starts)
+    out_eager = step(*args, *eager, *tables)
+    out_compiled = torch.compile(step, fullgraph=True)(*args, *compiled, *tables)
+    torch.testing.assert_close(out_compiled, out_eager, rtol=0, atol=0)
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_decode_cuda_graph_replay_follows_lengths():
+    """One captured decode replayed at growing lengths: the splits follow the live length, not the capture."""
+    case = Case("fp16", 128, (32, 8), 16, 1, seqlens=[5, 100, 0], starts=[0, 0, 0], max_blocks=64)
+    bufs = case.buffers()
+    ref_bufs = case.buffers()
+    seqlens = case.cache_seqlens.clone()
+    args = (case.q, case.k, case.v, *bufs, case.block_table, seqlens, case.cache_starts, case.softmax_scale, 0)
+    kernels.attend_with_kvcache(*args)  # warm up / compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernels.attend_with_kvcache(*args)
+    for step in range(3):
+        seqlens.copy_(case.cache_seqlens + 200 * step)
+        graph.replay()
+        want = R.attend_with_kvcache_ref(case.q, case.k, case.v, *ref_bufs, case.block_table, seqlens,
+                                         case.cache_starts, case.softmax_scale, 0)
+        torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=4e-3)
