@@ -72,9 +72,12 @@ class PlugLayer(CacheLayerMixin):
         )
 
     def get_seq_length(self):
-        """Tokens cached in row 0 (an int; a 0-d tensor while torch.compile traces, to stay sync-free)."""
+        """Tokens cached in row 0: an int on the CPU; on an accelerator (and while torch.compile traces) a 0-d
+        device tensor, as HF's StaticCache returns, because some transformers releases read it every step."""
         n = self.cache_seqlens[0]
-        return n if _compiling() else int(n)
+        if _compiling():
+            return n
+        return int(n) if self.device.type == "cpu" else n.clone()
 
     def get_max_length(self) -> int:
         return self.config.max_cache_len
@@ -225,6 +228,12 @@ class PlugCache(Cache):
     def bytes_per_token(self) -> int:
         """Bytes one cached token costs over all layers (K, V and INT8 scales)."""
         return self.config.bytes_per_token()
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.config.max_cache_len
+
+    def get_max_cache_shape(self, layer_idx: int | None = None) -> int:
+        return self.config.max_cache_len
 
     def get_query_offset(self, layer_idx: int = 0):
         return 0  # pairs with get_mask_sizes: HF's mask stays q x q and is ignored by the plugged forward

@@ -116,11 +116,28 @@ def _checked_generate(generate):
     @functools.wraps(generate)
     def checked(self, *args, **kwargs):
         cache = kwargs.get("past_key_values")
-        if isinstance(cache, PlugCache):
-            validate_generate(self, cache, args, kwargs)
+        if not isinstance(cache, PlugCache):
+            return generate(self, *args, **kwargs)
+        validate_generate(self, cache, args, kwargs)
+        if kwargs.get("prompt_lookup_num_tokens") or kwargs.get("assistant_model") is not None:
+            # transformers < 5.17 refuses assisted decoding with any compileable cache; assisted decoding never
+            # compiles, so the cache presents itself as eager-only for this call.
+            with _eager_only(cache):
+                return generate(self, *args, **kwargs)
         return generate(self, *args, **kwargs)
 
     return checked
+
+
+@contextlib.contextmanager
+def _eager_only(cache: PlugCache):
+    for layer in cache.layers:
+        layer.is_compileable = False
+    try:
+        yield
+    finally:
+        for layer in cache.layers:
+            del layer.is_compileable  # back to the class attribute
 
 
 def validate_generate(model, cache: PlugCache, args, kwargs) -> None:
