@@ -46,7 +46,7 @@ class PlugConfig:
             raise ValueError(f"layer_devices has {len(self.layer_devices)} entries for {self.num_layers} layers")
         if not self.layer_windows:
             self.layer_windows = [None] * self.num_layers
-        self.layer_devices = [torch.device(d) for d in self.layer_devices]
+        self.layer_devices = [_indexed(torch.device(d)) for d in self.layer_devices]
 
     @property
     def max_blocks_per_row(self) -> int:
@@ -90,6 +90,13 @@ class PlugConfig:
             block_size=block_size,
             model_type=getattr(config, "model_type", None),
         )
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """'cuda' -> 'cuda:<current>', so it compares equal to the device tensors report."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def layer_windows(config) -> list[int | None]:

@@ -71,7 +71,13 @@ def patch(model):
         setattr(module, attr, types.MethodType(plug_attention_forward, module))
     if "_kvplug_generate" not in model.__dict__:
         model.__dict__["_kvplug_generate"] = model.__dict__.get("generate")
-        model.generate = types.MethodType(_checked_generate(type(model).generate), model)
+        current = model.generate  # wrap what is there, an instance-level override included
+        if isinstance(current, types.MethodType) and current.__self__ is model:
+            base = current.__func__
+        else:
+            def base(self, *args, **kwargs):
+                return current(*args, **kwargs)
+        model.generate = types.MethodType(_checked_generate(base), model)
     return model
 
 
@@ -157,13 +163,20 @@ def validate_generate(model, cache: PlugCache, args, kwargs) -> None:
     if inputs is None:
         return
     batch, prompt = inputs.shape[0], inputs.shape[1]
+    # Tokens the cache will hold before generating: the full history when input_ids carry it, the mask's length when
+    # only the new turn is passed with a whole-conversation mask, cached + new when neither says more.
+    mask = kwargs.get("attention_mask")
+    seen = max(prompt, mask.shape[-1] if mask is not None and mask.dim() == 2 else 0)
+    past = int(cache.get_seq_length())  # one read per generate() call, not per step
+    if past and seen <= past:
+        seen = past + prompt
     rows = batch * max(opt("num_beams") or 1, opt("num_return_sequences") or 1)
     if rows > cache.max_batch_size:
         raise ValueError(f"generate() needs {rows} cache rows (batch {batch} x max(num_beams, num_return_sequences)) "
                          f"but the PlugCache has max_batch_size={cache.max_batch_size}; build it with "
                          f"max_batch_size >= {rows}")
     max_new = opt("max_new_tokens")
-    total = prompt + max_new if max_new is not None else (opt("max_length") or prompt)
+    total = seen + max_new if max_new is not None else max(opt("max_length") or 0, seen)
     if total > cache.max_cache_len:
-        raise ValueError(f"prompt ({prompt} tokens) + new tokens = {total} exceeds the PlugCache's max_cache_len="
+        raise ValueError(f"prompt ({seen} tokens) + new tokens = {total} exceeds the PlugCache's max_cache_len="
                          f"{cache.max_cache_len}; build it with max_cache_len >= {total}")

@@ -40,7 +40,8 @@ def _extend_attn_kernel(
     b64 = b.to(tl.int64)
     offs_d = tl.arange(0, D_PAD)
     mask_d = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b64 * stride_qb + tok[:, None].to(tl.int64) * stride_qt + heads[:, None] * stride_qh
+    heads64 = heads[:, None].to(tl.int64)  # q is a transposed view: stride_qh = q_len * D can pass 2**31 / nheads
+    q = tl.load(q_ptr + b64 * stride_qb + tok[:, None].to(tl.int64) * stride_qt + heads64 * stride_qh
                 + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)  # [R, D_PAD]
     if UPCAST:
         q = q.to(tl.float32)
@@ -74,7 +75,7 @@ def _extend_attn_kernel(
         m = m_new
 
     l = tl.where(l > 0.0, l, 1.0)
-    tl.store(out_ptr + b64 * stride_ob + tok[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh
+    tl.store(out_ptr + b64 * stride_ob + tok[:, None].to(tl.int64) * stride_ot + heads64 * stride_oh
              + offs_d[None, :], (acc / l[:, None]).to(out_ptr.dtype.element_ty),
              mask=mask_r[:, None] & mask_d[None, :])
 

@@ -26,8 +26,9 @@ def _write_kvcache_kernel(
     slot = s % BLOCK_SIZE
     offs_d = tl.arange(0, D_PAD)
     mask_d = offs_d < HEAD_DIM
-    k = tl.load(k_ptr + b * stride_kb + i * stride_kt + hk * stride_kh + offs_d, mask=mask_d, other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + i * stride_vt + hk * stride_vh + offs_d, mask=mask_d, other=0.0)
+    i64, hk64 = i.to(tl.int64), hk.to(tl.int64)  # k, v are transposed views: stride_kh = q_len * D
+    k = tl.load(k_ptr + b * stride_kb + i64 * stride_kt + hk64 * stride_kh + offs_d, mask=mask_d, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + i64 * stride_vt + hk64 * stride_vh + offs_d, mask=mask_d, other=0.0)
     dst = phys * stride_cb + hk * stride_ch + slot * stride_cs + offs_d
     if INT8:
         kq, ks = quantize_int8(k.to(tl.float32))

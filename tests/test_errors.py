@@ -40,6 +40,16 @@ def test_over_max_cache_len(warm):
     assert _unchanged(cache, snap)
 
 
+def test_over_max_cache_len_when_continuing_with_only_the_new_turn(warm):
+    model, cache, out = warm  # 9 tokens cached
+    snap = _snapshot(cache)
+    new_turn = torch.randint(2, 128, (1, 5))
+    mask = torch.ones(1, out.shape[1] + 5, dtype=torch.long)  # the whole conversation's mask, new tokens only
+    with pytest.raises(ValueError, match="max_cache_len=32"):
+        model.generate(new_turn, attention_mask=mask, past_key_values=cache, max_new_tokens=20)
+    assert _unchanged(cache, snap)
+
+
 def test_over_max_cache_len_in_a_direct_forward(warm):
     model, cache, _ = warm
     snap = _snapshot(cache)

@@ -84,3 +84,21 @@ def test_patch_beneath_accelerate_hooks():
     for m in _attn_modules(model):
         remove_hook_from_module(m)
         assert m.forward.__func__ is type(m).forward
+
+
+def test_patch_keeps_an_instance_level_generate_override():
+    model = tiny_model("llama")
+    calls = []
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.generate = spy
+    hf_kvplug.patch(model)
+    cache = hf_kvplug.PlugCache(model, max_batch_size=1, max_cache_len=32)
+    model.generate(torch.randint(2, 128, (1, 5)), past_key_values=cache, max_new_tokens=2)
+    assert calls == [1]
+    hf_kvplug.unpatch(model)
+    assert model.generate is spy
