@@ -21,7 +21,6 @@ import argparse
 import csv
 import datetime
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -66,17 +65,9 @@ def parse_args(argv=None):
 
 
 def environment() -> dict:
-    import transformers
-    import triton
+    from hf_kvplug.bench_report import environment as env
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
-                                capture_output=True, timeout=10, check=True).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return dict(gpu_name=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                transformers=transformers.__version__, git_commit=commit,
-                date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+    return env(torch.cuda.get_device_name())
 
 
 def timed(fn) -> tuple[float, float, float]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
 from .cache import PlugCache
 
 
@@ -23,7 +25,8 @@ def plug_attention_forward(self, *args, **kwargs):
 
 def _plugged_forward(self, cache, hidden_states, position_embeddings=None, attention_mask=None,
                      past_key_values=None, **kwargs):
-    # attention_mask is ignored on purpose: the cache bounds each row by its lengths, left padding and window.
+    # attention_mask serves only the prefill; after it the cache bounds each row by its lengths, left padding and
+    # window (HF builds a q x q mask for a PlugCache, see PlugCache.get_mask_sizes).
     if kwargs.get("use_cache", True) is False:
         raise ValueError("use_cache=False cannot be combined with a PlugCache: drop past_key_values or use_cache=False")
     if len(cache.layers) != self.config.num_hidden_layers:
@@ -37,9 +40,18 @@ def _plugged_forward(self, cache, hidden_states, position_embeddings=None, atten
     if self._kvplug_qk_norm:  # Qwen3: per-head RMSNorm before RoPE
         q, k = self.q_norm(q), self.k_norm(k)
     cos, sin = position_embeddings
-    # Looked up at call time so a RoPE swapped into the modeling module (e.g. Liger's) is honoured.
-    rope = sys.modules[type(self).__module__].apply_rotary_pos_emb
-    q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    out = cache.attend(self.layer_idx, q.transpose(1, 2), k.transpose(1, 2), v, kwargs.get("position_ids"),
-                       self.scaling)
+    # Looked up at call time so a RoPE (or eager attention) swapped into the modeling module is honoured.
+    modeling = sys.modules[type(self).__module__]
+    q, k = modeling.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    layer = cache.layer(self.layer_idx)
+    if layer.fresh:
+        # First forward into an empty cache (the prefill): the model's own attention over the fresh K/V with the
+        # mask HF built (q x q, as for a DynamicCache), exactly as stock; the K/V are only stored.
+        layer.write(k.transpose(1, 2), v)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                       modeling.eager_attention_forward)
+        out, _ = attend(self, q, k, v.transpose(1, 2), attention_mask, dropout=0.0, scaling=self.scaling,
+                        sliding_window=layer.window, **kwargs)
+    else:
+        out = layer.attend(q.transpose(1, 2), k.transpose(1, 2), v, kwargs.get("position_ids"), self.scaling)
     return self.o_proj(out.reshape(*input_shape, -1)), None

@@ -36,7 +36,11 @@ def environment(gpu_name: str) -> dict:
 
 
 def git_commit() -> str:
-    """Short commit of the hf_kvplug checkout ('+dirty' with uncommitted changes), or 'unknown'."""
+    """Short commit of the hf_kvplug checkout ('+dirty' with uncommitted changes), or 'unknown'.
+
+    HF_KVPLUG_COMMIT overrides it, for copies of the tree without `.git` (a remote GPU machine)."""
+    if os.environ.get("HF_KVPLUG_COMMIT"):
+        return os.environ["HF_KVPLUG_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,

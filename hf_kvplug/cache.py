@@ -54,6 +54,10 @@ class PlugLayer(CacheLayerMixin):
         _mark_static(self.k_cache, self.v_cache, self.k_scale, self.v_scale, self.cache_seqlens)
         self.keys, self.values = self.k_cache, self.v_cache
         self.is_initialized = True
+        # Host-side: True until the first forward after construction or reset(), so that forward can attend with
+        # the model's own attention over the fresh K/V (as stock does) with no device read. Never True wrongly:
+        # crop() leaves it False, and the cached path is right for any state.
+        self.fresh = True
 
     def __repr__(self):
         return f"PlugLayer(layer={self.layer_idx}, device={self.device}, window={self.window})"
@@ -91,6 +95,7 @@ class PlugLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.cache_seqlens.zero_()
+        self.fresh = True
 
     def crop(self, n: int) -> None:
         """Drop `-n` tokens (n < 0), or keep the first `n` tokens on transformers < 5.18 (its positive convention)."""
@@ -144,10 +149,23 @@ class PlugLayer(CacheLayerMixin):
             raise ValueError(f"batch of {batch} rows (after beams / return sequences) exceeds the PlugCache's "
                              f"max_batch_size={cfg.max_batch_size}; build it with max_batch_size >= {batch}")
 
+    def write(self, k, v) -> None:
+        """Store `k, v [B, L, nheads_k, D]` into an empty cache (the first forward); advances the lengths."""
+        batch, q_len = k.shape[:2]
+        self.check_states(k, batch)
+        if q_len > self.config.max_cache_len:  # the cache is empty: no device read needed to know it overflows
+            raise ValueError(f"{q_len} tokens would exceed the PlugCache's max_cache_len={self.config.max_cache_len}; "
+                             "build it larger")
+        ops.write_kvcache(k, v, self.k_cache, self.v_cache, self.k_scale, self.v_scale, self.block_table,
+                          self.cache_seqlens, backend=self.backend)
+        self.cache_seqlens[:batch].add_(q_len)
+        self.fresh = False
+
     def attend(self, q, k, v, position_ids, softmax_scale: float) -> torch.Tensor:
         """Fused write + attention for `q [B, L, nheads, D]`, `k, v [B, L, nheads_k, D]`; advances the lengths."""
         batch, q_len = q.shape[:2]
         self.check_states(k, batch)
+        self.fresh = False
         seqlens = self.cache_seqlens[:batch]
         if not _compiling() and (self.device.type == "cpu" or q_len > 1):
             longest = int(seqlens.max()) + q_len  # a host read, but never on the CUDA decode path
@@ -241,12 +259,15 @@ class PlugCache(Cache):
     def get_seq_length(self, layer_idx: int = 0):
         return self.layers[layer_idx].get_seq_length()
 
-    def attend(self, layer_idx: int, q, k, v, position_ids, softmax_scale: float) -> torch.Tensor:
-        """Write this step's K/V of layer `layer_idx` and attend; q `[B, L, nheads, D]`, k/v `[B, L, nheads_k, D]`."""
+    def layer(self, layer_idx: int) -> PlugLayer:
         if layer_idx >= len(self.layers):
             raise ValueError(f"PlugCache has {len(self.layers)} layers but the model called layer {layer_idx}: "
                              "it was built for another model")
-        return self.layers[layer_idx].attend(q, k, v, position_ids, softmax_scale)
+        return self.layers[layer_idx]
+
+    def attend(self, layer_idx: int, q, k, v, position_ids, softmax_scale: float) -> torch.Tensor:
+        """Write this step's K/V of layer `layer_idx` and attend; q `[B, L, nheads, D]`, k/v `[B, L, nheads_k, D]`."""
+        return self.layer(layer_idx).attend(q, k, v, position_ids, softmax_scale)
 
     def check_model(self, model) -> None:
         """Raise a ValueError naming every difference between this cache and `model` (layers, heads, dtype, device)."""

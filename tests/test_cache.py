@@ -85,6 +85,7 @@ def test_crop_negative_and_legacy(filled, monkeypatch):
     assert cache.get_seq_length() == 10
     cache.crop(-100)
     assert cache.get_seq_length() == 0 and _addresses(cache) == before
+    assert not any(layer.fresh for layer in cache.layers)  # only reset() brings back the prefill path
 
 
 def test_reorder_copies_rows_in_place(filled):

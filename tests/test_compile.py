@@ -26,6 +26,7 @@ from models import tiny_model
 CPU_STEPS = int(os.environ.get("HF_KVPLUG_COMPILE_STEPS", "64"))
 GPU_STEPS = int(os.environ.get("HF_KVPLUG_COMPILE_GPU_STEPS", "512"))
 REF_OP = "hf_kvplug.attend_with_kvcache_ref"
+WRITE_REF_OP = "hf_kvplug.write_kvcache_ref"
 TRITON_OP = "hf_kvplug.attend_with_kvcache"
 
 
@@ -246,7 +247,9 @@ def test_manual_compile_of_forward():
     with torch._dynamo.config.patch(error_on_recompile=True):
         for (ids, mask), expected in zip(prompts[2:], eager[2:]):
             assert torch.equal(generate(model, cache, ids, mask, 16), expected)
-    assert backend.calls_to(REF_OP) == backend.frames * model.config.num_hidden_layers
+    # decode: one fused write + attend per layer; prefill into the reset cache: the write op + the model's attention
+    assert backend.calls_to(REF_OP) == model.config.num_hidden_layers
+    assert backend.calls_to(WRITE_REF_OP) == (backend.frames - 1) * model.config.num_hidden_layers
     assert_no_graph_breaks()
 
 

@@ -58,6 +58,15 @@ def test_over_max_cache_len_in_a_direct_forward(warm):
     assert _unchanged(cache, snap)
 
 
+def test_prefill_over_max_cache_len_into_an_empty_cache():
+    model = hf_kvplug.patch(tiny_model("llama"))
+    cache = hf_kvplug.PlugCache(model, max_batch_size=2, max_cache_len=32, block_size=16)
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match="exceed the PlugCache's max_cache_len=32"):
+        model(torch.randint(2, 128, (1, 33)), past_key_values=cache)
+    assert _unchanged(cache, snap) and all(layer.fresh for layer in cache.layers)
+
+
 def test_batch_over_max_batch_size(warm):
     model, cache, _ = warm
     snap = _snapshot(cache)
