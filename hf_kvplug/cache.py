@@ -28,13 +28,32 @@ def _mark_static(*tensors: torch.Tensor) -> None:
             torch._dynamo.mark_static_address(t, guard=False)
 
 
+class StartsMemo:
+    """Eager only: the per-row first valid slots of one forward on one device, computed by the first layer there and
+    reused by the later ones (each layer holds the same lengths when it runs), saving a few tiny ops per layer."""
+
+    def __init__(self):
+        self.position_ids = self.starts = None
+        self.q_len = 0
+
+    def get(self, position_ids, q_len: int):
+        if self.position_ids is position_ids and self.q_len == q_len:
+            return self.starts
+        return None
+
+    def put(self, position_ids, q_len: int, starts: torch.Tensor) -> torch.Tensor:
+        self.position_ids, self.q_len, self.starts = position_ids, q_len, starts
+        return starts
+
+
 class PlugLayer(CacheLayerMixin):
     """One decoder layer's paged K/V pool, its scales (INT8) and per-row lengths, all on the layer's device."""
 
     is_compileable = True
     is_croppable = True
 
-    def __init__(self, config: PlugConfig, layer_idx: int, block_table: torch.Tensor, backend: str):
+    def __init__(self, config: PlugConfig, layer_idx: int, block_table: torch.Tensor, backend: str,
+                 starts_memo: StartsMemo | None = None, leads: bool = True):
         super().__init__()
         dev = config.layer_devices[layer_idx]
         shape = (config.num_blocks, config.nheads_k, config.block_size, config.head_dim)
@@ -50,6 +69,8 @@ class PlugLayer(CacheLayerMixin):
         self.k_scale = torch.zeros(scale_shape, dtype=torch.float32, device=dev)
         self.v_scale = torch.zeros(scale_shape, dtype=torch.float32, device=dev)
         self.block_table = block_table
+        self.starts_memo = starts_memo or StartsMemo()
+        self.leads = leads  # first layer on its device: refreshes the memo every forward
         self.cache_seqlens = torch.zeros(config.max_batch_size, dtype=torch.int32, device=dev)
         _mark_static(self.k_cache, self.v_cache, self.k_scale, self.v_scale, self.cache_seqlens)
         self.keys, self.values = self.k_cache, self.v_cache
@@ -106,13 +127,18 @@ class PlugLayer(CacheLayerMixin):
         elif n > 0:
             raise ValueError(f"crop({n}): transformers >= 5.18 crops with a negative number of tokens to remove")
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+    def used_blocks(self, batch: int) -> int:
+        """Blocks holding tokens in rows < batch: a host read of the lengths, or every block where none is allowed."""
+        nb = self.block_table.shape[1]
+        if _compiling() or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return nb
+        return min(nb, math.ceil(int(self.cache_seqlens[:batch].max()) / self.config.block_size))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor, used_blocks: int | None = None) -> None:
         """Row b becomes a copy of row beam_idx[b] (beam search), in place; copies only the blocks in use."""
         idx = beam_idx.to(self.device, torch.long)
         batch = idx.numel()
-        nb = self.block_table.shape[1]
-        if not _compiling() and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            nb = min(nb, math.ceil(int(self.cache_seqlens[:batch].max()) / self.config.block_size))
+        nb = self.used_blocks(batch) if used_blocks is None else used_blocks
         src = self.block_table[idx, :nb].reshape(-1).long()
         dst = self.block_table[:batch, :nb].reshape(-1).long()
         for buf in (self.k_cache, self.v_cache, self.k_scale, self.v_scale):
@@ -161,22 +187,32 @@ class PlugLayer(CacheLayerMixin):
         self.cache_seqlens[:batch].add_(q_len)
         self.fresh = False
 
+    def row_starts(self, position_ids, seqlens: torch.Tensor, q_len: int) -> torch.Tensor:
+        """First valid slot of each row (left padding): the last position is (slots after the write - 1 - pads)."""
+        if position_ids is None:
+            return torch.zeros(seqlens.shape[0], dtype=torch.int32, device=self.device)
+        eager = not _compiling()
+        if eager and not self.leads:
+            starts = self.starts_memo.get(position_ids, q_len)
+            if starts is not None and starts.shape[0] == seqlens.shape[0]:
+                return starts
+        last = position_ids[:, -1].to(self.device)
+        starts = (seqlens + (q_len - 1) - last).clamp_(min=0).to(torch.int32)
+        return self.starts_memo.put(position_ids, q_len, starts) if eager else starts
+
     def attend(self, q, k, v, position_ids, softmax_scale: float) -> torch.Tensor:
         """Fused write + attention for `q [B, L, nheads, D]`, `k, v [B, L, nheads_k, D]`; advances the lengths."""
         batch, q_len = q.shape[:2]
         self.check_states(k, batch)
-        self.fresh = False
+        if self.fresh:  # read-only on the decode path: nothing for torch.compile to replay after each step
+            self.fresh = False
         seqlens = self.cache_seqlens[:batch]
         if not _compiling() and (self.device.type == "cpu" or q_len > 1):
             longest = int(seqlens.max()) + q_len  # a host read, but never on the CUDA decode path
             if longest > self.config.max_cache_len:
                 raise ValueError(f"{longest} tokens would exceed the PlugCache's max_cache_len="
                                  f"{self.config.max_cache_len}; build it larger or call cache.reset()")
-        if position_ids is None:
-            starts = torch.zeros(batch, dtype=torch.int32, device=self.device)
-        else:  # left padding: the last position is (slots after the write - 1 - pads)
-            last = position_ids[:, -1].to(self.device)
-            starts = (seqlens + (q_len - 1) - last).clamp_(min=0).to(torch.int32)
+        starts = self.row_starts(position_ids, seqlens, q_len)
         out = ops.attend_with_kvcache(q, k, v, self.k_cache, self.v_cache, self.k_scale, self.v_scale,
                                       self.block_table, self.cache_seqlens, starts, softmax_scale, self.window,
                                       backend=self.backend)
@@ -222,7 +258,9 @@ class PlugCache(Cache):
                 table = torch.arange(cfg.num_blocks, dtype=torch.int32, device=dev).view(cfg.max_batch_size, -1)
                 _mark_static(table)
                 tables[dev] = table
-        layers = [PlugLayer(cfg, i, tables[cfg.layer_devices[i]], backend) for i in range(cfg.num_layers)]
+        memos = {dev: StartsMemo() for dev in tables}
+        layers = [PlugLayer(cfg, i, tables[dev], backend, memos[dev], leads=cfg.layer_devices.index(dev) == i)
+                  for i, dev in enumerate(cfg.layer_devices)]
         super().__init__(layers=layers)
 
     @property
@@ -252,6 +290,13 @@ class PlugCache(Cache):
 
     def get_max_cache_shape(self, layer_idx: int | None = None) -> int:
         return self.config.max_cache_len
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row b becomes a copy of row beam_idx[b] in every layer, copying only the blocks in use (one
+        host read of the lengths per call, not per layer: all layers hold the same number of tokens)."""
+        used = self.layers[0].used_blocks(beam_idx.numel()) if self.layers else 0
+        for layer in self.layers:
+            layer.reorder_cache(beam_idx, used)
 
     def get_query_offset(self, layer_idx: int = 0):
         return 0  # pairs with get_mask_sizes: HF's mask stays q x q and is ignored by the plugged forward

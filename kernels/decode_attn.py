@@ -4,8 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (attention_bounds, check_cache, device_guard, kv_tile_scores, launcher, quantize_int8,
-                    scale_strides, sm_count, upcast_dot)
+from .utils import (attention_bounds, cdiv, check_cache, device_guard, kv_tile_scores, launcher, next_pow2,
+                    quantize_int8, scale_strides, sm_count, upcast_dot)
 
 LOG2E = 1.4426950408889634
 WAVES = 8  # programs aimed at, in units of SMs, when a row is full: enough left at half capacity to fill the GPU
@@ -155,7 +155,7 @@ def decode_config(head_dim: int, int8: bool, elem_size: int = 2):
     Measured for sm_90 offline (ptxas): fp16 d128 (64, 4, 3) 104 regs / 70 KiB smem; int8 d128 (128, 4, 3) 213 regs
     / 74 KiB; int8 d256 needs tiles of 32 and fp32 tiles of 16 to stay clear of spills.
     """
-    d_pad = triton.next_power_of_2(head_dim)
+    d_pad = next_pow2(head_dim)
     if int8:
         return (128 if d_pad <= 128 else 32, 4, 3)
     if elem_size == 4:  # fp32 runs its dots on CUDA cores (ieee): small tiles, or registers spill
@@ -165,7 +165,7 @@ def decode_config(head_dim: int, int8: bool, elem_size: int = 2):
 
 def num_splits_for(batch: int, nheads_k: int, capacity: int, block_n: int, device: torch.device) -> int:
     """Static split count: aims at WAVES x SMs programs for full rows, each split >= MIN_SPLIT tokens."""
-    want = triton.cdiv(WAVES * sm_count(device), batch * nheads_k)
+    want = cdiv(WAVES * sm_count(device), batch * nheads_k)
     min_split = MIN_SPLIT if device.type == "cuda" else block_n  # the interpreter: small caches, several splits
     most = max(1, capacity // max(min_split, block_n))
     return max(1, min(want, most, MAX_SPLITS))
@@ -184,12 +184,12 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
     group = nheads // nheads_k
     block_size = k_cache.shape[2]
     capacity = block_table.shape[1] * block_size
-    d_pad = triton.next_power_of_2(head_dim)
+    d_pad = next_pow2(head_dim)
     block_n, num_warps, num_stages = decode_config(head_dim, int8, q.element_size())
     if num_splits is None:
         num_splits = num_splits_for(batch, nheads_k, capacity, block_n, q.device)
-    split_size = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(capacity, split_size)
+    split_size = cdiv(cdiv(capacity, num_splits), block_n) * block_n
+    num_splits = cdiv(capacity, split_size)
     out = torch.empty((batch, 1, nheads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
@@ -210,7 +210,7 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
             block_table.stride(0),
             out.stride(0), out.stride(2), part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1),
-            GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_SIZE=block_size,
+            GROUP=group, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_SIZE=block_size,
             HEAD_DIM=head_dim, D_PAD=d_pad, INT8=int8, SPLIT=num_splits > 1, UPCAST=upcast_dot(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
@@ -220,7 +220,7 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
                 window, capacity, split_size,
                 part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
                 out.stride(0), out.stride(2),
-                HEAD_DIM=head_dim, D_PAD=d_pad, CHUNK=min(16, triton.next_power_of_2(num_splits)),
+                HEAD_DIM=head_dim, D_PAD=d_pad, CHUNK=min(16, next_pow2(num_splits)),
                 num_warps=2 if d_pad <= 128 else 4,
             )
     return out

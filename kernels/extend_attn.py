@@ -5,7 +5,8 @@ import triton
 import triton.language as tl
 
 from .decode_attn import LOG2E
-from .utils import attention_bounds, check_cache, device_guard, kv_tile_scores, launcher, scale_strides, upcast_dot
+from .utils import (attention_bounds, cdiv, check_cache, device_guard, kv_tile_scores, launcher, next_pow2,
+                    scale_strides, upcast_dot)
 
 
 @triton.jit
@@ -83,7 +84,7 @@ def _extend_attn_kernel(
 def extend_config(head_dim: int, elem_size: int = 2):
     """(rows per program, BLOCK_N, num_warps, num_stages): no register spills on sm_90 (ptxas) for fp16/bf16/int8
     up to d256, nor for fp32 (CUDA-core dots, small tiles)."""
-    d_pad = triton.next_power_of_2(head_dim)
+    d_pad = next_pow2(head_dim)
     if elem_size == 4:
         return (32 if d_pad <= 128 else 16, 16, 4, 2)
     if d_pad <= 64:
@@ -103,14 +104,14 @@ def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlen
     assert cache_starts.dtype == torch.int32 and cache_starts.shape[0] >= batch and cache_starts.stride(0) == 1
     assert block_table.shape[0] >= batch and cache_seqlens.shape[0] >= batch
     group = nheads // nheads_k
-    group_pad = triton.next_power_of_2(group)
+    group_pad = next_pow2(group)
     block_r, block_n, num_warps, num_stages = extend_config(head_dim, q.element_size())
     block_m = max(1, block_r // group_pad)
     out = torch.empty((batch, q_len, nheads, head_dim), dtype=q.dtype, device=q.device)
     if batch * q_len == 0:
         return out
     with device_guard(q):
-        launcher(_extend_attn_kernel)[(triton.cdiv(q_len, block_m), nheads_k, batch)](
+        launcher(_extend_attn_kernel)[(cdiv(q_len, block_m), nheads_k, batch)](
             q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, out,
             float(softmax_scale) * LOG2E, int(window), block_table.shape[1] * k_cache.shape[2], q_len,
             q.stride(0), q.stride(1), q.stride(2),
@@ -118,7 +119,7 @@ def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlen
             block_table.stride(0),
             out.stride(0), out.stride(1), out.stride(2),
             GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[2],
-            HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), INT8=int8, UPCAST=upcast_dot(q.dtype),
+            HEAD_DIM=head_dim, D_PAD=next_pow2(head_dim), INT8=int8, UPCAST=upcast_dot(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
     return out

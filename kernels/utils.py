@@ -11,6 +11,14 @@ import triton.language as tl
 INTERPRET_SM_COUNT = 4  # the CPU interpreter has no SMs; small, so that tests still see several splits
 
 
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv costs microseconds per host call (a JIT function); launchers run every step
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .utils import check_cache, device_guard, launcher, quantize_int8, scale_strides
+from .utils import check_cache, device_guard, launcher, next_pow2, quantize_int8, scale_strides
 
 
 @triton.jit
@@ -58,6 +58,6 @@ def write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_s
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides(k_scale, int8),
             block_table.stride(0),
-            BLOCK_SIZE=k_cache.shape[2], HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), INT8=int8,
+            BLOCK_SIZE=k_cache.shape[2], HEAD_DIM=head_dim, D_PAD=next_pow2(head_dim), INT8=int8,
             num_warps=1 if head_dim <= 128 else 2,
         )

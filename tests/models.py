@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+
+_ROOT = tempfile.mkdtemp(prefix="kvplug-models-")  # every saved checkpoint of this test run, removed at exit
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 # Real sizes in comments: Llama-3-8B hidden 4096, 32 layers, 32/8 heads, d128.
 _COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -35,7 +40,7 @@ def tiny_config(family: str, **overrides):
 def _saved(family: str, dtype_name: str, seed: int, overrides: tuple) -> str:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **dict(overrides)))
-    path = tempfile.mkdtemp(prefix=f"kvplug-{family}-")
+    path = tempfile.mkdtemp(prefix=f"{family}-", dir=_ROOT)
     model.to(getattr(torch, dtype_name)).save_pretrained(path, safe_serialization=True)
     return path
 

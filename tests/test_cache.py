@@ -117,6 +117,24 @@ def test_reorder_then_decode_matches_reordered_prompts():
     torch.testing.assert_close(got, want)
 
 
+def test_row_starts_computed_once_per_forward(monkeypatch):
+    """Eager: the first layer on a device computes the left-padding starts, the others reuse them; every forward
+    (and a repeated call with the same position_ids object) recomputes."""
+    model = hf_kvplug.patch(tiny_model("llama", num_hidden_layers=3))
+    cache = hf_kvplug.PlugCache(model, max_batch_size=2, max_cache_len=32, block_size=4)
+    assert [layer.leads for layer in cache.layers] == [True, False, False]
+    ids = torch.randint(2, 128, (2, 6))
+    model(ids, past_key_values=cache)
+    puts = []
+    put = cache_mod.StartsMemo.put
+    monkeypatch.setattr(cache_mod.StartsMemo, "put", lambda self, *a: puts.append(a[1]) or put(self, *a))
+    position_ids = torch.tensor([[6], [6]])
+    for step in range(2):
+        model(torch.randint(2, 128, (2, 1)), past_key_values=cache, position_ids=position_ids)
+        assert len(puts) == step + 1
+    assert cache.get_seq_length() == 8
+
+
 def test_unsupported_contrastive_search_methods(filled):
     _, cache = filled
     with pytest.raises(NotImplementedError, match="contrastive"):
