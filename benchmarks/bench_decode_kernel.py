@@ -5,7 +5,8 @@ provider the median time (triton.testing.do_bench, quantiles 0.5/0.2/0.8, L2 flu
 graph so that Python launch overhead is not timed), the bytes of K, V (and int8 scales) a decode step must read
 (`kv_bytes`, the live tokens only), the achieved GB/s over those bytes and its share of the device-to-device copy
 bandwidth measured in the same run. Providers:
-  kvplug        hf_kvplug.kernels.attend_with_kvcache (writes the new token and attends, paged cache, 2 x context slots)
+  kvplug        hf_kvplug.kernels.attend_with_kvcache (writes the new token and attends; paged cache of 2 x context
+                slots per row, or the context rounded up to a block where that does not fit: column `capacity`)
   sdpa_static   HF's static-cache path: repeat_kv + SDPA with a mask over a dense [B, Hk, 2 x context, D] cache
   sdpa_exact    SDPA (enable_gqa) over exactly the valid length: the dense lower bound PyTorch reaches
 `max_abs_diff` is the kvplug output against SDPA over the same values (int8: the dequantized ones).
@@ -32,7 +33,7 @@ BATCHES = (1, 8, 32)
 CONTEXTS = (1024, 4096, 16384, 32768)
 DTYPES = ("fp16", "int8")
 QUICK = dict(models=["llama3-8b"], batch=[1, 8], context=[4096, 32768])
-FIELDS = ["model", "nheads", "nheads_k", "head_dim", "batch", "context", "kv_dtype", "provider", "status",
+FIELDS = ["model", "nheads", "nheads_k", "head_dim", "batch", "context", "capacity", "kv_dtype", "provider", "status",
           "median_us", "p20_us", "p80_us", "kv_bytes", "gbps", "pct_copy_bw", "copy_gbps", "max_abs_diff",
           "block_size", "gpu_name", "torch", "triton", "transformers", "git_commit", "date"]
 
@@ -99,11 +100,13 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
 
 
 def paged_cache(keys, values, block_size: int, capacity: int, int8: bool):
-    """Paged cache (shuffled blocks) holding `keys/values [B, Hk, L, D]` in slots [0, L) of each row."""
+    """Paged cache (shuffled blocks) holding `keys/values [B, Hk, L, D]` in slots [0, L) of each row; filled a row at
+    a time so that the only large allocations are the cache buffers themselves."""
     from hf_kvplug.reference import quantize_int8
 
     batch, nheads_k, length, d = keys.shape
     max_blocks = -(-capacity // block_size)
+    used = -(-length // block_size)
     num_blocks = batch * max_blocks
     table = torch.randperm(num_blocks, device=keys.device).view(batch, max_blocks).to(torch.int32)
     bufs = []
@@ -111,23 +114,60 @@ def paged_cache(keys, values, block_size: int, capacity: int, int8: bool):
         cache = torch.zeros((num_blocks, nheads_k, block_size, d), dtype=torch.int8 if int8 else x.dtype,
                             device=x.device)
         scale = torch.zeros(cache.shape[:3] if int8 else (0,), dtype=torch.float32, device=x.device)
-        pad = max_blocks * block_size - length
-        rows = F.pad(x, (0, 0, 0, pad)).view(batch, nheads_k, max_blocks, block_size, d).transpose(1, 2)
-        idx = table.long()
-        if int8:
-            q, s = quantize_int8(rows)
-            cache[idx], scale[idx] = q, s
-        else:
-            cache[idx] = rows
+        for b in range(batch):
+            row = F.pad(x[b], (0, 0, 0, used * block_size - length)).view(nheads_k, used, block_size, d).transpose(0, 1)
+            idx = table[b, :used].long()
+            if int8:
+                q, s = quantize_int8(row)
+                cache[idx], scale[idx] = q, s
+            else:
+                cache[idx] = row
         bufs += [cache, scale]
     k_cache, k_scale, v_cache, v_scale = bufs
     return k_cache, v_cache, k_scale, v_scale, table
 
 
-def dequantized(x):
+def kvplug_capacity(batch, nheads_k, context, d, block_size: int, int8: bool, free: int) -> int | None:
+    """Slots per row of the paged cache: 2 x the context (a half-full cache, as HF's static cache is benchmarked)
+    when it fits beside the dense K/V, else the context rounded up to a block; None when neither fits."""
+    dense = kv_bytes(batch, nheads_k, context, d, False)
+    for cap in (2 * context, context):
+        cap = -(-cap // block_size) * block_size
+        if dense + kv_bytes(batch, nheads_k, cap, d, int8) < 0.85 * free:
+            return cap
+    return None
+
+
+def expected_output(q, keys, values, scale, int8: bool):
+    """SDPA over the K/V a decode step sees (int8: the dequantized values), a row at a time to bound memory."""
     from hf_kvplug.reference import dequantize_int8, quantize_int8
 
-    return dequantize_int8(*quantize_int8(x), x.dtype)
+    outs = []
+    for b in range(keys.shape[0]):
+        k, v = keys[b:b + 1], values[b:b + 1]
+        if int8:
+            k, v = (dequantize_int8(*quantize_int8(x), x.dtype) for x in (k, v))
+        outs.append(F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), k, v, scale=scale,
+                                                   enable_gqa=True).transpose(1, 2))
+    return torch.cat(outs)
+
+
+def kvplug_call(q, keys, values, scale, block_size: int, capacity: int, int8: bool):
+    """A no-argument call of the fused decode for the last token of `keys/values [B, Hk, L, D]` over a paged copy of
+    the others (slots [0, L-1) cached, slot L-1 written by the call)."""
+    from hf_kvplug import kernels
+
+    batch, _, context, _ = keys.shape
+    k_cache, v_cache, k_scale, v_scale, table = paged_cache(keys, values, block_size, capacity, int8)
+    k_new, v_new = keys[:, :, -1:].transpose(1, 2), values[:, :, -1:].transpose(1, 2)  # [B, 1, Hk, D] views
+    seqlens = torch.full((batch,), context - 1, dtype=torch.int32, device=keys.device)
+    starts = torch.zeros((batch,), dtype=torch.int32, device=keys.device)
+
+    def call():
+        return kernels.attend_with_kvcache(q, k_new, v_new, k_cache, v_cache, k_scale, v_scale, table, seqlens, starts,
+                                           scale, 0)
+
+    return call
 
 
 def kv_bytes(batch, nheads_k, length, d, int8: bool) -> int:
@@ -135,17 +175,9 @@ def kv_bytes(batch, nheads_k, length, d, int8: bool) -> int:
     return 2 * batch * length * per_token
 
 
-def time_kvplug(q, keys, values, seqlens, starts, scale, block_size, int8, want) -> dict:
-    """Fused decode over a paged copy of `keys/values` at 2 x their length; its error against `want`, and its times."""
-    from hf_kvplug import kernels
-
-    k_cache, v_cache, k_scale, v_scale, table = paged_cache(keys, values, block_size, 2 * keys.shape[2], int8)
-    k_new, v_new = keys[:, :, -1:].transpose(1, 2), values[:, :, -1:].transpose(1, 2)  # [B, 1, Hk, D] views
-
-    def call():
-        return kernels.attend_with_kvcache(q, k_new, v_new, k_cache, v_cache, k_scale, v_scale, table, seqlens, starts,
-                                           scale, 0)
-
+def time_kvplug(q, keys, values, scale, block_size, capacity, int8, want) -> dict:
+    """The fused decode's error against `want` and its times."""
+    call = kvplug_call(q, keys, values, scale, block_size, capacity, int8)
     diff = (call().float() - want.float()).abs().max().item()
     return dict(zip(("median_us", "p20_us", "p80_us"), timed(call)), max_abs_diff=diff)
 
@@ -174,14 +206,12 @@ def run_case(model, batch, context, args, copy_gbps, meta) -> list[dict]:
                 block_size=args.block_size, copy_gbps=round(copy_gbps, 1), **meta)
     free = torch.cuda.mem_get_info()[0]
     dense_bytes = kv_bytes(batch, nheads_k, context, d, False)
-    if 3 * dense_bytes > 0.9 * free:  # dense K/V + a paged copy at 2 x context
+    if kvplug_capacity(batch, nheads_k, context, d, args.block_size, False, free) is None:
         return [dict(base, kv_dtype=t, provider="kvplug", status="skipped: memory") for t in args.dtypes]
     gen = torch.Generator(device=dev).manual_seed(0)
     keys = torch.randn((batch, nheads_k, context, d), device=dev, dtype=dtype, generator=gen)
     values = torch.randn((batch, nheads_k, context, d), device=dev, dtype=dtype, generator=gen)
     q = torch.randn((batch, 1, nheads, d), device=dev, dtype=dtype, generator=gen)
-    seqlens = torch.full((batch,), context - 1, dtype=torch.int32, device=dev)
-    starts = torch.zeros((batch,), dtype=torch.int32, device=dev)
     rows = []
 
     def sdpa_exact(k, v):
@@ -189,10 +219,13 @@ def run_case(model, batch, context, args, copy_gbps, meta) -> list[dict]:
 
     for kv in args.dtypes:
         int8 = kv == "int8"
-        row = dict(base, kv_dtype=kv, provider="kvplug", kv_bytes=kv_bytes(batch, nheads_k, context, d, int8))
+        free = torch.cuda.mem_get_info()[0] + dense_bytes  # the dense K/V are already allocated
+        capacity = kvplug_capacity(batch, nheads_k, context, d, args.block_size, int8, free)
+        row = dict(base, kv_dtype=kv, provider="kvplug", kv_bytes=kv_bytes(batch, nheads_k, context, d, int8),
+                   capacity=capacity)
         try:
-            want = sdpa_exact(dequantized(keys), dequantized(values)) if int8 else sdpa_exact(keys, values)
-            row.update(time_kvplug(q, keys, values, seqlens, starts, scale, args.block_size, int8, want), status="ok")
+            want = expected_output(q, keys, values, scale, int8)
+            row.update(time_kvplug(q, keys, values, scale, args.block_size, capacity, int8, want), status="ok")
         except torch.cuda.OutOfMemoryError:
             row["status"] = "oom"
         torch.cuda.empty_cache()
@@ -200,7 +233,7 @@ def run_case(model, batch, context, args, copy_gbps, meta) -> list[dict]:
 
     if "fp16" in args.dtypes and not args.no_baselines:
         useful = kv_bytes(batch, nheads_k, context, d, False)
-        row = dict(base, kv_dtype="fp16", provider="sdpa_exact", kv_bytes=useful)
+        row = dict(base, kv_dtype="fp16", provider="sdpa_exact", kv_bytes=useful, capacity=context)
         try:
             row.update(zip(("median_us", "p20_us", "p80_us"), timed(lambda: sdpa_exact(keys, values))), status="ok")
         except torch.cuda.OutOfMemoryError:
@@ -208,7 +241,7 @@ def run_case(model, batch, context, args, copy_gbps, meta) -> list[dict]:
         torch.cuda.empty_cache()
         rows.append(row)
 
-        row = dict(base, kv_dtype="fp16", provider="sdpa_static", kv_bytes=useful)
+        row = dict(base, kv_dtype="fp16", provider="sdpa_static", kv_bytes=useful, capacity=2 * context)
         if 2 * dense_bytes * (1 + nheads // nheads_k) > 0.9 * torch.cuda.mem_get_info()[0]:  # + repeat_kv copies
             row["status"] = "skipped: memory"
         else:
@@ -232,16 +265,16 @@ def markdown(rows: list[dict], meta: dict, copy_gbps: float) -> str:
     lines = [f"Decode attention per layer call on {meta['gpu_name']} (torch {meta['torch']}, triton {meta['triton']}, "
              f"commit {meta['git_commit'][:12]}, {meta['date']}). Copy bandwidth {copy_gbps:.0f} GB/s. GB/s and % "
              "count the K/V (+scales) bytes of the live tokens only.", "",
-             "| model | batch | context | kv | provider | median µs | GB/s | % copy BW | max abs diff |",
-             "|---|---:|---:|---|---|---:|---:|---:|---:|"]
+             "| model | batch | context | slots/row | kv | provider | median µs | GB/s | % copy BW | max abs diff |",
+             "|---|---:|---:|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['kv_dtype']} | {r['provider']} | "
-                         f"{r.get('status')} | | | |")
+            lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r.get('capacity') or ''} | {r['kv_dtype']} "
+                         f"| {r['provider']} | {r.get('status')} | | | |")
             continue
         diff = f"{r['max_abs_diff']:.2e}" if r.get("max_abs_diff") is not None else ""
-        lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['kv_dtype']} | {r['provider']} | "
-                     f"{r['median_us']:.1f} | {r['gbps']:.0f} | {r['pct_copy_bw']:.1f} | {diff} |")
+        lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r.get('capacity') or ''} | {r['kv_dtype']} "
+                     f"| {r['provider']} | {r['median_us']:.1f} | {r['gbps']:.0f} | {r['pct_copy_bw']:.1f} | {diff} |")
     return "\n".join(lines) + "\n"
 
 

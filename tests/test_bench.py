@@ -139,3 +139,33 @@ def test_agreement_and_speedups():
     rows = [bench_cases.BenchRow(provider="hf_static_compile", tokens_per_s=50.0, **row),
             bench_cases.BenchRow(provider="kvplug_compile", tokens_per_s=100.0, **row)]
     assert speedup_lines(rows) == ["tokens/s kvplug_compile / hf_static_compile at batch 1, context 1024: 2.00x"]
+
+
+def _decode_kernel_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_decode_kernel.py"
+    spec = importlib.util.spec_from_file_location("bench_decode_kernel", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_decode_kernel_bench_case_is_correct(int8):
+    """The GPU-only kernel benchmark's paged copy, decode call and expected output agree (here on the interpreter),
+    at both capacities it may pick."""
+    bdk = _decode_kernel_bench()
+    gen = torch.Generator().manual_seed(0)
+    batch, nheads, nheads_k, d, context, bs = 2, 8, 2, 64, 45, 16
+    keys, values = (torch.randn(batch, nheads_k, context, d, generator=gen, dtype=torch.float16) for _ in range(2))
+    q = torch.randn(batch, 1, nheads, d, generator=gen, dtype=torch.float16)
+    want = bdk.expected_output(q, keys, values, d ** -0.5, int8)
+    for capacity in (2 * context, 48):
+        got = bdk.kvplug_call(q, keys, values, d ** -0.5, bs, capacity, int8)()
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
+    free = 10 * bdk.kv_bytes(batch, nheads_k, context, d, False)
+    assert bdk.kvplug_capacity(batch, nheads_k, context, d, bs, int8, free) == 96  # 2 x 45, rounded up to blocks
+    assert bdk.kvplug_capacity(batch, nheads_k, context, d, bs, int8, free // 4) == 48
+    assert bdk.kvplug_capacity(batch, nheads_k, context, d, bs, int8, free // 10) is None
