@@ -152,6 +152,7 @@ def _decode_kernel_bench():
     return module
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("int8", [False, True])
 def test_decode_kernel_bench_case_is_correct(int8):
     """The GPU-only kernel benchmark's paged copy, decode call and expected output agree (here on the interpreter),

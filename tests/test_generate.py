@@ -242,6 +242,7 @@ def test_int8_bound_catches_a_broken_scale():
     assert ((got - ref).abs().max() / ref.abs().max()).item() > INT8_REL_BOUND
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("family", ["llama", "qwen3_sliding"])
 @pytest.mark.parametrize("kv_dtype", [None, "int8"])
 def test_triton_backend_end_to_end(family, kv_dtype):

@@ -14,6 +14,7 @@ from hf_kvplug.kernels import extend_attn as EA  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.interpreter
 
 # cache dtype name -> (model dtype, int8 cache)
 KINDS = {"fp16": (torch.float16, False), "bf16": (torch.bfloat16, False), "fp32": (torch.float32, False),
