@@ -159,4 +159,8 @@ def run(args) -> int:
     print()
     for r in runs[1:]:
         print(compare(r, runs[0]))
+    if device.type != "cuda":
+        print(f"\nOn {device.type} the plugged runs use the PyTorch reference (hf_kvplug/reference.py): the correctness "
+              "path, which does more work per step than stock. The speed comes from the Triton kernels on a CUDA GPU "
+              "(`hf-kvplug bench` there).")
     return 0

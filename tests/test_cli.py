@@ -57,6 +57,7 @@ def test_demo_default_model_reports_identical_tokens(capsys):
     assert "kvplug (fp32) vs stock (DynamicCache): identical tokens (8/8)" in out
     assert "kvplug (int8) vs stock (DynamicCache)" in out
     assert re.search(r"stock \(DynamicCache\)\s+prefill\s+[\d.]+ ms \| decode [\d.]+ ms/token", out)
+    assert "On cpu the plugged runs use the PyTorch reference" in out
 
 
 def test_demo_model_is_deterministic_and_leaves_the_rng_alone():
