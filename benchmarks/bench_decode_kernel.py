@@ -206,7 +206,7 @@ def run_case(model, batch, context, args, copy_gbps, meta) -> list[dict]:
                 block_size=args.block_size, copy_gbps=round(copy_gbps, 1), **meta)
     free = torch.cuda.mem_get_info()[0]
     dense_bytes = kv_bytes(batch, nheads_k, context, d, False)
-    if kvplug_capacity(batch, nheads_k, context, d, args.block_size, False, free) is None:
+    if kvplug_capacity(batch, nheads_k, context, d, args.block_size, "fp16" not in args.dtypes, free) is None:
         return [dict(base, kv_dtype=t, provider="kvplug", status="skipped: memory") for t in args.dtypes]
     gen = torch.Generator(device=dev).manual_seed(0)
     keys = torch.randn((batch, nheads_k, context, d), device=dev, dtype=dtype, generator=gen)
@@ -223,6 +223,9 @@ def run_case(model, batch, context, args, copy_gbps, meta) -> list[dict]:
         capacity = kvplug_capacity(batch, nheads_k, context, d, args.block_size, int8, free)
         row = dict(base, kv_dtype=kv, provider="kvplug", kv_bytes=kv_bytes(batch, nheads_k, context, d, int8),
                    capacity=capacity)
+        if capacity is None:
+            rows.append(dict(row, status="skipped: memory"))
+            continue
         try:
             want = expected_output(q, keys, values, scale, int8)
             row.update(time_kvplug(q, keys, values, scale, args.block_size, capacity, int8, want), status="ok")
@@ -278,6 +281,40 @@ def markdown(rows: list[dict], meta: dict, copy_gbps: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def target_lines(rows: list[dict]) -> list[str]:
+    """The issue's H100 targets, judged from the kvplug rows: met or missed, with the numbers."""
+    ok = {(r["model"], r["batch"], r["context"], r["kv_dtype"]): r for r in rows
+          if r.get("provider") == "kvplug" and r.get("status") == "ok"}
+    lines = []
+    big = [r for (m, b, c, kv), r in ok.items() if kv == "fp16" and b * c >= 128 * 1024]
+    if big:
+        worst = min(big, key=lambda r: r["pct_copy_bw"])
+        lines.append(f"- fp16 at batch x context >= 128k: {min(r['pct_copy_bw'] for r in big):.1f}%-"
+                     f"{max(r['pct_copy_bw'] for r in big):.1f}% of copy bandwidth over {len(big)} cases (target "
+                     f">= 90%: {'met' if worst['pct_copy_bw'] >= 90 else 'missed'}; lowest {worst['model']} "
+                     f"B={worst['batch']} ctx={worst['context']})")
+    for (m, b, c, kv), r in sorted(ok.items()):
+        if kv == "fp16" and b == 1 and c == 32768:
+            lines.append(f"- single request at 32k, {m}: {r['pct_copy_bw']:.1f}% of copy bandwidth (target >= 75%: "
+                         f"{'met' if r['pct_copy_bw'] >= 75 else 'missed'})")
+    speedups = [(ok[(m, b, c, "fp16")]["median_us"] / r["median_us"], m, b, c) for (m, b, c, kv), r in ok.items()
+                if kv == "int8" and b * c >= 256 * 1024 and (m, b, c, "fp16") in ok]
+    if speedups:
+        low = min(speedups)
+        lines.append(f"- INT8 vs fp16 time at batch x context >= 256k: {low[0]:.2f}x-{max(speedups)[0]:.2f}x faster over "
+                     f"{len(speedups)} cases (target >= 1.8x: {'met' if low[0] >= 1.8 else 'missed'}; lowest {low[1]} "
+                     f"B={low[2]} ctx={low[3]})")
+    return lines
+
+
+def write_rows(csv_path: Path, json_path: Path, rows: list[dict], meta: dict, copy_gbps: float) -> None:
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    json_path.write_text(json.dumps(dict(meta=meta, copy_gbps=copy_gbps, rows=rows), indent=1))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -286,25 +323,29 @@ def main(argv=None) -> int:
     meta = environment()
     copy_gbps = copy_bandwidth()
     print(f"{meta['gpu_name']}: device-to-device copy {copy_gbps:.0f} GB/s", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "decode_kernel-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     rows = []
     for model in args.models:
         for batch in args.batch:
             for context in args.context:
-                new = run_case(model, batch, context, args, copy_gbps, meta)
+                try:
+                    new = run_case(model, batch, context, args, copy_gbps, meta)
+                except Exception as e:  # one broken case must not lose the sweep: a row says what happened
+                    new = [dict(model=model, batch=batch, context=context, kv_dtype="-", provider="kvplug",
+                                status=f"error: {type(e).__name__}: {str(e)[:200]}", **meta)]
+                    torch.cuda.empty_cache()
                 for r in new:
                     print(f"{model:11s} B={batch:<3d} ctx={context:<6d} {r['kv_dtype']:5s} {r['provider']:12s} "
                           f"{r.get('status')}: {r.get('median_us', '-')} us {r.get('gbps', '-')} GB/s "
                           f"{r.get('pct_copy_bw', '-')}%", flush=True)
                 rows += new
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "decode_kernel-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, copy_gbps=copy_gbps, rows=rows), indent=1))
+                write_rows(out / f"{stem}.csv", out / f"{stem}.json", rows, meta, copy_gbps)  # kept if a case dies
     table = markdown(rows, meta, copy_gbps)
+    goals = target_lines(rows)
+    if goals:
+        table += "\nTargets (H100):\n" + "\n".join(goals) + "\n"
     (out / f"{stem}.md").write_text(table)
     print()
     print(table)

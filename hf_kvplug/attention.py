@@ -46,12 +46,14 @@ def _plugged_forward(self, cache, hidden_states, position_embeddings=None, atten
     layer = cache.layer(self.layer_idx)
     if layer.fresh:
         # First forward into an empty cache (the prefill): the model's own attention over the fresh K/V with the
-        # mask HF built (q x q, as for a DynamicCache), exactly as stock; the K/V are only stored.
-        layer.write(k.transpose(1, 2), v)
+        # mask HF built (q x q, as for a DynamicCache), exactly as stock; the K/V are stored only once it succeeded,
+        # so that an error in it (say, out of memory) leaves the layer empty.
+        layer.check_write(k.transpose(1, 2))
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                        modeling.eager_attention_forward)
         out, _ = attend(self, q, k, v.transpose(1, 2), attention_mask, dropout=0.0, scaling=self.scaling,
                         sliding_window=layer.window, **kwargs)
+        layer.write(k.transpose(1, 2), v)
     else:
         out = layer.attend(q.transpose(1, 2), k.transpose(1, 2), v, kwargs.get("position_ids"), self.scaling)
     return self.o_proj(out.reshape(*input_shape, -1)), None

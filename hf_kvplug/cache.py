@@ -28,21 +28,32 @@ def _mark_static(*tensors: torch.Tensor) -> None:
             torch._dynamo.mark_static_address(t, guard=False)
 
 
+def _version(t: torch.Tensor):
+    return None if t.is_inference() else t._version  # inference tensors keep no version counter
+
+
 class StartsMemo:
     """Eager only: the per-row first valid slots of one forward on one device, computed by the first layer there and
-    reused by the later ones (each layer holds the same lengths when it runs), saving a few tiny ops per layer."""
+    reused by the later ones (each layer holds the same lengths when it runs), saving a few tiny ops per layer.
+    The first layer refreshes it every forward, or clears it when it runs compiled or takes the prefill path, so a
+    later layer never sees another forward's value; the key also holds the ids' version (in-place updates)."""
 
     def __init__(self):
-        self.position_ids = self.starts = None
+        self.clear()
+
+    def clear(self) -> None:
+        self.position_ids = self.starts = self.version = None
         self.q_len = 0
 
-    def get(self, position_ids, q_len: int):
-        if self.position_ids is position_ids and self.q_len == q_len:
+    def get(self, position_ids, q_len: int, batch: int):
+        if (self.position_ids is position_ids and self.q_len == q_len and self.starts.shape[0] == batch
+                and self.version == _version(position_ids)):
             return self.starts
         return None
 
     def put(self, position_ids, q_len: int, starts: torch.Tensor) -> torch.Tensor:
         self.position_ids, self.q_len, self.starts = position_ids, q_len, starts
+        self.version = _version(position_ids)
         return starts
 
 
@@ -175,13 +186,19 @@ class PlugLayer(CacheLayerMixin):
             raise ValueError(f"batch of {batch} rows (after beams / return sequences) exceeds the PlugCache's "
                              f"max_batch_size={cfg.max_batch_size}; build it with max_batch_size >= {batch}")
 
+    def check_write(self, k) -> None:
+        """Raise unless `k [B, L, nheads_k, D]` fits this empty layer (no device read: the cache is empty)."""
+        self.check_states(k)
+        if k.shape[1] > self.config.max_cache_len:
+            raise ValueError(f"{k.shape[1]} tokens would exceed the PlugCache's max_cache_len="
+                             f"{self.config.max_cache_len}; build it larger")
+
     def write(self, k, v) -> None:
         """Store `k, v [B, L, nheads_k, D]` into an empty cache (the first forward); advances the lengths."""
         batch, q_len = k.shape[:2]
-        self.check_states(k, batch)
-        if q_len > self.config.max_cache_len:  # the cache is empty: no device read needed to know it overflows
-            raise ValueError(f"{q_len} tokens would exceed the PlugCache's max_cache_len={self.config.max_cache_len}; "
-                             "build it larger")
+        self.check_write(k)
+        if self.leads:
+            self.starts_memo.clear()
         ops.write_kvcache(k, v, self.k_cache, self.v_cache, self.k_scale, self.v_scale, self.block_table,
                           self.cache_seqlens, backend=self.backend)
         self.cache_seqlens[:batch].add_(q_len)
@@ -193,12 +210,16 @@ class PlugLayer(CacheLayerMixin):
             return torch.zeros(seqlens.shape[0], dtype=torch.int32, device=self.device)
         eager = not _compiling()
         if eager and not self.leads:
-            starts = self.starts_memo.get(position_ids, q_len)
-            if starts is not None and starts.shape[0] == seqlens.shape[0]:
+            starts = self.starts_memo.get(position_ids, q_len, seqlens.shape[0])
+            if starts is not None:
                 return starts
         last = position_ids[:, -1].to(self.device)
         starts = (seqlens + (q_len - 1) - last).clamp_(min=0).to(torch.int32)
-        return self.starts_memo.put(position_ids, q_len, starts) if eager else starts
+        if eager:
+            return self.starts_memo.put(position_ids, q_len, starts)
+        if self.leads:  # compiled: replayed after the graph, so eager layers after this one recompute
+            self.starts_memo.clear()
+        return starts
 
     def attend(self, q, k, v, position_ids, softmax_scale: float) -> torch.Tensor:
         """Fused write + attention for `q [B, L, nheads, D]`, `k, v [B, L, nheads_k, D]`; advances the lengths."""

@@ -170,3 +170,17 @@ def test_decode_kernel_bench_case_is_correct(int8):
     assert bdk.kvplug_capacity(batch, nheads_k, context, d, bs, int8, free) == 96  # 2 x 45, rounded up to blocks
     assert bdk.kvplug_capacity(batch, nheads_k, context, d, bs, int8, free // 4) == 48
     assert bdk.kvplug_capacity(batch, nheads_k, context, d, bs, int8, free // 10) is None
+
+
+def test_decode_kernel_bench_judges_the_targets():
+    bdk = _decode_kernel_bench()
+    row = dict(provider="kvplug", status="ok", model="llama3-8b")
+    rows = [dict(row, batch=8, context=16384, kv_dtype="fp16", pct_copy_bw=91.0, median_us=100.0),
+            dict(row, batch=8, context=32768, kv_dtype="fp16", pct_copy_bw=88.5, median_us=200.0),
+            dict(row, batch=8, context=32768, kv_dtype="int8", pct_copy_bw=80.0, median_us=105.0),
+            dict(row, batch=1, context=32768, kv_dtype="fp16", pct_copy_bw=76.0, median_us=30.0),
+            dict(row, batch=1, context=1024, kv_dtype="fp16", status="oom")]
+    text = "\n".join(bdk.target_lines(rows))
+    assert "88.5%-91.0% of copy bandwidth over 2 cases (target >= 90%: missed; lowest llama3-8b B=8 ctx=32768)" in text
+    assert "single request at 32k, llama3-8b: 76.0% of copy bandwidth (target >= 75%: met)" in text
+    assert "1.90x-1.90x faster over 1 cases (target >= 1.8x: met" in text

@@ -135,6 +135,35 @@ def test_row_starts_computed_once_per_forward(monkeypatch):
     assert cache.get_seq_length() == 8
 
 
+@pytest.mark.parametrize("compile_first_layer", [False, True])
+def test_row_starts_never_stale(compile_first_layer):
+    """Two requests with different left padding, decoding with one position_ids buffer updated in place, give the
+    same logits whether the first layer runs eagerly or compiled (then it cannot refresh the memo, it clears it)."""
+
+    def decode_logits(compiled):
+        model = hf_kvplug.patch(tiny_model("llama"))
+        if compiled:
+            model.model.layers[0].compile(backend="eager")
+        cache = hf_kvplug.PlugCache(model, max_batch_size=2, max_cache_len=64, block_size=4)
+        position_ids = torch.zeros(2, 1, dtype=torch.long)
+        outs = []
+        for seed, pads in enumerate(([3, 0], [0, 2])):
+            cache.reset()
+            ids = torch.randint(2, 128, (2, 8), generator=torch.Generator().manual_seed(seed))
+            mask = torch.ones_like(ids)
+            for row, n in enumerate(pads):
+                ids[row, :n], mask[row, :n] = 0, 0
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
+            position_ids.copy_(pos[:, -1:] + 1)
+            outs.append(model(torch.tensor([[5], [9]]), position_ids=position_ids, past_key_values=cache).logits)
+        return outs
+
+    torch._dynamo.reset()
+    for got, want in zip(decode_logits(compile_first_layer), decode_logits(False)):
+        assert torch.equal(got, want)
+
+
 def test_unsupported_contrastive_search_methods(filled):
     _, cache = filled
     with pytest.raises(NotImplementedError, match="contrastive"):

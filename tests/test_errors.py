@@ -67,6 +67,28 @@ def test_prefill_over_max_cache_len_into_an_empty_cache():
     assert _unchanged(cache, snap) and all(layer.fresh for layer in cache.layers)
 
 
+def test_failed_prefill_leaves_the_cache_empty(monkeypatch):
+    """An error inside the prefill's attention (say, out of memory) stores nothing: a retry equals stock."""
+    from transformers import DynamicCache
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    stock = tiny_model("llama")
+    model = hf_kvplug.patch(tiny_model("llama"))
+    cache = hf_kvplug.PlugCache(model, max_batch_size=2, max_cache_len=32, block_size=16)
+    ids = torch.randint(2, 128, (1, 20))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    with monkeypatch.context() as m:
+        m.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            model(ids, past_key_values=cache)
+    assert all(layer.fresh for layer in cache.layers) and cache.get_seq_length() == 0
+    got = model(ids[:, :8], past_key_values=cache).logits
+    assert torch.equal(got, stock(ids[:, :8], past_key_values=DynamicCache(config=stock.config)).logits)
+
+
 def test_batch_over_max_batch_size(warm):
     model, cache, _ = warm
     snap = _snapshot(cache)
