@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=64, help="paged-cache block size (tokens)")
     p.add_argument("--quick", action="store_true", help="llama3-8b, batch 1 and 8, context 4k and 32k")
     p.add_argument("--no-baselines", action="store_true", help="time only the kvplug kernel")
+    p.add_argument("--tune", action="store_true",
+                   help="instead of the sweep: time every decode config (BLOCK_N, warps, stages, waves of splits) on "
+                        "a few representative cases and print the best, to set decode_config / WAVES")
     p.add_argument("--out", default="benchmarks/results", help="output folder (CSV, JSON, markdown)")
     args = p.parse_args(argv)
     args.models = args.models.split(",")
@@ -71,7 +74,7 @@ def environment() -> dict:
     return env(torch.cuda.get_device_name())
 
 
-def timed(fn) -> tuple[float, float, float]:
+def timed(fn, rep: int = 200) -> tuple[float, float, float]:
     """(median, p20, p80) in µs of `fn` replayed from a CUDA graph, L2 flushed by do_bench between calls."""
     import triton
 
@@ -84,7 +87,7 @@ def timed(fn) -> tuple[float, float, float]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8])
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=rep, quantiles=[0.5, 0.2, 0.8])
     return tuple(1e3 * t for t in ms)
 
 
@@ -281,6 +284,86 @@ def markdown(rows: list[dict], meta: dict, copy_gbps: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+TUNE_CASES = [("llama3-8b", 1, 32768), ("qwen2.5-7b", 1, 32768), ("llama3-8b", 8, 16384), ("llama3-8b", 32, 4096),
+              ("llama3-8b", 32, 32768)]
+
+
+def tune_configs(int8: bool):
+    """Candidate (BLOCK_N, num_warps, num_stages) for head_dim 128."""
+    for block_n in ((64, 128) if int8 else (32, 64, 128)):
+        for num_warps in (4, 8):
+            for num_stages in (2, 3, 4):
+                yield block_n, num_warps, num_stages
+
+
+def tune_case(q, keys, values, kv: str, block_size: int, copy_gbps: float) -> list[dict]:
+    """Every config x waves of one case: µs, % of copy bandwidth, rank; `default` marks the shipped choice."""
+    from hf_kvplug.kernels import decode_attn as DA
+
+    batch, nheads_k, context, d = keys.shape
+    int8 = kv == "int8"
+    capacity = kvplug_capacity(batch, nheads_k, context, d, block_size, int8,
+                               torch.cuda.mem_get_info()[0] + kv_bytes(batch, nheads_k, context, d, False))
+    if capacity is None:
+        return []
+    k_cache, v_cache, k_scale, v_scale, table = paged_cache(keys, values, block_size, capacity, int8)
+    k_new, v_new = keys[:, :, -1:].transpose(1, 2), values[:, :, -1:].transpose(1, 2)
+    seqlens = torch.full((batch,), context - 1, dtype=torch.int32, device="cuda")
+    starts = torch.zeros((batch,), dtype=torch.int32, device="cuda")
+    nbytes = kv_bytes(batch, nheads_k, context, d, int8)
+    shipped = DA.decode_config(d, int8)
+    default = (shipped, DA.num_splits_for(batch, nheads_k, capacity, shipped[0], q.device))
+    rows = []
+    for config in tune_configs(int8):
+        for waves in (2, 4, 8, 16):
+            splits = DA.num_splits_for(batch, nheads_k, capacity, config[0], q.device, waves)
+
+            def call(config=config, splits=splits):
+                return DA.decode_attn(q, k_new, v_new, k_cache, v_cache, k_scale, v_scale, table, seqlens, starts,
+                                      d ** -0.5, 0, num_splits=splits, config=config)
+
+            row = dict(batch=batch, context=context, kv_dtype=kv, capacity=capacity, block_n=config[0],
+                       num_warps=config[1], num_stages=config[2], waves=waves, num_splits=splits,
+                       default=(config, splits) == default)
+            try:
+                us = timed(call, rep=100)[0]
+                row.update(median_us=round(us, 2), status="ok",
+                           pct_copy_bw=round(100 * nbytes / (us * 1e-6) / 1e9 / copy_gbps, 1))
+            except Exception as e:  # out of resources for this config, say
+                row.update(status=f"error: {type(e).__name__}: {str(e)[:120]}")
+            rows.append(row)
+    for rank, r in enumerate(sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["median_us"]), 1):
+        r["rank"] = rank
+    return rows
+
+
+def tune(args, copy_gbps: float, meta: dict) -> list[dict]:
+    """tune_case over TUNE_CASES and the dtypes asked for; prints the best config of each beside the default's."""
+    rows = []
+    for model, batch, context in TUNE_CASES:
+        nheads, nheads_k, d = MODELS[model]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        keys, values = (torch.randn((batch, nheads_k, context, d), device="cuda", dtype=torch.float16, generator=gen)
+                        for _ in range(2))
+        q = torch.randn((batch, 1, nheads, d), device="cuda", dtype=torch.float16, generator=gen)
+        for kv in args.dtypes:
+            case = tune_case(q, keys, values, kv, args.block_size, copy_gbps)
+            torch.cuda.empty_cache()
+            done = sorted((r for r in case if "rank" in r), key=lambda r: r["rank"])
+            mine = next((r for r in case if r["default"] and "rank" in r), None)
+            if done:
+                b = done[0]
+                print(f"{model:11s} B={batch:<3d} ctx={context:<6d} {kv:5s} best {b['median_us']:.1f} us "
+                      f"({b['pct_copy_bw']}%) BLOCK_N={b['block_n']} warps={b['num_warps']} stages={b['num_stages']} "
+                      f"waves={b['waves']} splits={b['num_splits']}; default "
+                      + (f"{mine['median_us']:.1f} us ({mine['pct_copy_bw']}%) rank {mine['rank']}/{len(done)}"
+                         if mine else "failed"), flush=True)
+            rows += [dict(r, model=model, **meta) for r in case]
+        del keys, values, q
+        torch.cuda.empty_cache()
+    return rows
+
+
 def target_lines(rows: list[dict]) -> list[str]:
     """The issue's H100 targets, judged from the kvplug rows: met or missed, with the numbers."""
     ok = {(r["model"], r["batch"], r["context"], r["kv_dtype"]): r for r in rows
@@ -325,6 +408,12 @@ def main(argv=None) -> int:
     print(f"{meta['gpu_name']}: device-to-device copy {copy_gbps:.0f} GB/s", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.tune:
+        rows = tune(args, copy_gbps, meta)
+        path = out / ("decode_tune-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
+        path.write_text(json.dumps(dict(meta=meta, copy_gbps=copy_gbps, rows=rows), indent=1))
+        print(f"wrote {path}")
+        return 0
     stem = "decode_kernel-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     rows = []
     for model in args.models:

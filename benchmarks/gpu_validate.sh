@@ -2,6 +2,7 @@
 # GPU validation in stages, each small enough for one device call (10 minutes):
 #   bash benchmarks/gpu_validate.sh tests    # pytest -m gpu (kernels, compile/CUDA graphs, real-shape e2e)
 #   bash benchmarks/gpu_validate.sh kernel   # decode-kernel benchmark, full sweep
+#   bash benchmarks/gpu_validate.sh tune     # every decode config x split waves on 5 cases (~5 min): best vs default
 #   bash benchmarks/gpu_validate.sh e2e      # Llama-3-8B bf16, batch 1, 1k prompt, 256 new tokens
 #   bash benchmarks/gpu_validate.sh sweep    # hf-kvplug bench, llama3-8b, batch 1/8/32 x 1k..32k (resumable)
 # Results go to $OUT (the device tool's folder) or ./bench-out; copy them into benchmarks/results/ and commit.
@@ -17,10 +18,12 @@ case "${1:-tests}" in
     python3 -m pytest -m gpu tests -q -rs -s 2>&1 | tee "$out/pytest-gpu.log" ;;
   kernel)
     python3 benchmarks/bench_decode_kernel.py --out "$out" 2>&1 | tee "$out/kernel.log" ;;
+  tune)
+    python3 benchmarks/bench_decode_kernel.py --tune --out "$out" 2>&1 | tee "$out/tune.log" ;;
   e2e)
     python3 benchmarks/bench_e2e.py --out "$out" 2>&1 | tee "$out/e2e.log" ;;
   sweep)
     python3 -m hf_kvplug bench --model llama3-8b --batch 1,8,32 --context 1k,4k,16k,32k --out "$out" --resume \
       2>&1 | tee "$out/sweep.log" ;;
-  *) echo "unknown stage $1 (tests | kernel | e2e | sweep)"; exit 2 ;;
+  *) echo "unknown stage $1 (tests | kernel | tune | e2e | sweep)"; exit 2 ;;
 esac

@@ -163,16 +163,18 @@ def decode_config(head_dim: int, int8: bool, elem_size: int = 2):
     return (max(16, min(128, 16384 // (d_pad * elem_size))), 4, 3)
 
 
-def num_splits_for(batch: int, nheads_k: int, capacity: int, block_n: int, device: torch.device) -> int:
-    """Static split count: aims at WAVES x SMs programs for full rows, each split >= MIN_SPLIT tokens."""
-    want = cdiv(WAVES * sm_count(device), batch * nheads_k)
+def num_splits_for(batch: int, nheads_k: int, capacity: int, block_n: int, device: torch.device,
+                   waves: int = WAVES) -> int:
+    """Static split count: aims at `waves` x SMs programs for full rows, each split >= MIN_SPLIT tokens."""
+    want = cdiv(waves * sm_count(device), batch * nheads_k)
     min_split = MIN_SPLIT if device.type == "cuda" else block_n  # the interpreter: small caches, several splits
     most = max(1, capacity // max(min_split, block_n))
     return max(1, min(want, most, MAX_SPLITS))
 
 
 def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-                softmax_scale, window, num_splits=None):
+                softmax_scale, window, num_splits=None, config=None):
+    # num_splits / config (BLOCK_N, num_warps, num_stages) override the static choices, for tests and tuning
     batch, q_len, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     assert q_len == 1 and k.shape == (batch, 1, nheads_k, head_dim) and v.shape == k.shape, (q.shape, k.shape)
@@ -185,7 +187,7 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
     block_size = k_cache.shape[2]
     capacity = block_table.shape[1] * block_size
     d_pad = next_pow2(head_dim)
-    block_n, num_warps, num_stages = decode_config(head_dim, int8, q.element_size())
+    block_n, num_warps, num_stages = config or decode_config(head_dim, int8, q.element_size())
     if num_splits is None:
         num_splits = num_splits_for(batch, nheads_k, capacity, block_n, q.device)
     split_size = cdiv(cdiv(capacity, num_splits), block_n) * block_n

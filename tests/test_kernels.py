@@ -179,6 +179,19 @@ def test_decode_splits(kind, num_splits, monkeypatch):
     assert_attention_close(case, out, out_pt, case.oracle(ref_bufs))
 
 
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+@pytest.mark.parametrize("config", [(32, 8, 2), (64, 4, 4)])
+def test_decode_config_override(kind, config):
+    """The tuning hook (`config=(BLOCK_N, num_warps, num_stages)`) gives the same answer for any config."""
+    case = Case(kind, 64, (8, 2), 16, 1, window=0)
+    bufs, ref_bufs = case.buffers(), case.buffers()
+    out = DA.decode_attn(case.q, case.k, case.v, *bufs, *case.tables(), case.cache_starts, case.softmax_scale, 0,
+                         num_splits=3, config=config)
+    out_pt = case.run_reference(ref_bufs)
+    assert_cache_written(case, bufs, ref_bufs)
+    assert_attention_close(case, out, out_pt, case.oracle(ref_bufs))
+
+
 @pytest.mark.parametrize("window", [0, 40])
 def test_short_row_in_big_cache(window, monkeypatch):
     """Splits past a row's length (or before its window) do nothing: a row of length 1 beside a long one."""
