@@ -175,6 +175,14 @@ def validate_generate(model, cache: PlugCache, args, kwargs) -> None:
         raise ValueError(f"generate() needs {rows} cache rows (batch {batch} x max(num_beams, num_return_sequences)) "
                          f"but the PlugCache has max_batch_size={cache.max_batch_size}; build it with "
                          f"max_batch_size >= {rows}")
+    if mask is not None and mask.dim() == 2 and mask.shape[-1] > 1:
+        ones = mask.bool()
+        holes = (ones[:, :-1] & ~ones[:, 1:]).any(dim=-1)  # a 0 after a 1: right padding or a gap
+        if bool(holes.any()):  # one host read per generate() call
+            row = int(holes.nonzero()[0, 0])
+            raise ValueError(f"attention_mask row {row} has a 0 after a 1 (right padding or a gap); a PlugCache "
+                             "follows left padding only, which is also what decoder-only generation expects: "
+                             "pad on the left (tokenizer.padding_side = 'left')")
     max_new = opt("max_new_tokens")
     total = seen + max_new if max_new is not None else max(opt("max_length") or 0, seen)
     if total > cache.max_cache_len:

@@ -89,6 +89,20 @@ def test_failed_prefill_leaves_the_cache_empty(monkeypatch):
     assert torch.equal(got, stock(ids[:, :8], past_key_values=DynamicCache(config=stock.config)).logits)
 
 
+@pytest.mark.parametrize("zeros", [[(1, 3, 5)], [(0, 2, 3)]], ids=["right-padding", "gap"])
+def test_mask_that_is_not_left_padding(warm, zeros):
+    model, cache, _ = warm
+    cache.reset()
+    ids = torch.randint(2, 128, (2, 5))
+    mask = torch.ones_like(ids)
+    for row, start, end in zeros:
+        mask[row, start:end] = 0
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match=f"row {zeros[0][0]} has a 0 after a 1.*padding_side = 'left'"):
+        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3)
+    assert _unchanged(cache, snap)
+
+
 def test_batch_over_max_batch_size(warm):
     model, cache, _ = warm
     snap = _snapshot(cache)
