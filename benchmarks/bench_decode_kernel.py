@@ -68,6 +68,18 @@ def parse_args(argv=None):
     return args
 
 
+DEVICE = "cuda"  # tests point the tuning helpers at the CPU (Triton's interpreter) to check their plumbing
+
+
+def free_memory() -> int:
+    return torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 1 << 40
+
+
+def release() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
 def environment() -> dict:
     from hf_kvplug.bench_report import environment as env
 
@@ -202,7 +214,8 @@ def time_sdpa_static(q, keys, values, scale) -> dict:
     return dict(zip(("median_us", "p20_us", "p80_us"), timed(static)))
 
 
-def run_case(model, batch, context, args, copy_gbps, meta) -> list[dict]:
+def run_case(model, batch, context, args, copy_gbps, meta, rows: list[dict]) -> None:
+    """Appends this case's rows to `rows` as they are measured (so a failure keeps the ones before it)."""
     nheads, nheads_k, d = MODELS[model]
     dev, dtype, scale = "cuda", torch.float16, d ** -0.5
     base = dict(model=model, nheads=nheads, nheads_k=nheads_k, head_dim=d, batch=batch, context=context,
@@ -210,12 +223,13 @@ def run_case(model, batch, context, args, copy_gbps, meta) -> list[dict]:
     free = torch.cuda.mem_get_info()[0]
     dense_bytes = kv_bytes(batch, nheads_k, context, d, False)
     if kvplug_capacity(batch, nheads_k, context, d, args.block_size, "fp16" not in args.dtypes, free) is None:
-        return [dict(base, kv_dtype=t, provider="kvplug", status="skipped: memory") for t in args.dtypes]
+        rows += [dict(base, kv_dtype=t, provider="kvplug", status="skipped: memory") for t in args.dtypes]
+        return
     gen = torch.Generator(device=dev).manual_seed(0)
     keys = torch.randn((batch, nheads_k, context, d), device=dev, dtype=dtype, generator=gen)
     values = torch.randn((batch, nheads_k, context, d), device=dev, dtype=dtype, generator=gen)
     q = torch.randn((batch, 1, nheads, d), device=dev, dtype=dtype, generator=gen)
-    rows = []
+    first = len(rows)
 
     def sdpa_exact(k, v):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, scale=scale, enable_gqa=True).transpose(1, 2)
@@ -258,13 +272,12 @@ def run_case(model, batch, context, args, copy_gbps, meta) -> list[dict]:
             torch.cuda.empty_cache()
         rows.append(row)
 
-    for row in rows:
+    for row in rows[first:]:
         if row.get("status") == "ok":
             row["gbps"] = round(row["kv_bytes"] / (row["median_us"] * 1e-6) / 1e9, 1)
             row["pct_copy_bw"] = round(100 * row["gbps"] / copy_gbps, 1)
             for k in ("median_us", "p20_us", "p80_us"):
                 row[k] = round(row[k], 2)
-    return rows
 
 
 def markdown(rows: list[dict], meta: dict, copy_gbps: float) -> str:
@@ -303,20 +316,30 @@ def tune_case(q, keys, values, kv: str, block_size: int, copy_gbps: float) -> li
     batch, nheads_k, context, d = keys.shape
     int8 = kv == "int8"
     capacity = kvplug_capacity(batch, nheads_k, context, d, block_size, int8,
-                               torch.cuda.mem_get_info()[0] + kv_bytes(batch, nheads_k, context, d, False))
+                               free_memory() + kv_bytes(batch, nheads_k, context, d, False))
     if capacity is None:
         return []
     k_cache, v_cache, k_scale, v_scale, table = paged_cache(keys, values, block_size, capacity, int8)
     k_new, v_new = keys[:, :, -1:].transpose(1, 2), values[:, :, -1:].transpose(1, 2)
-    seqlens = torch.full((batch,), context - 1, dtype=torch.int32, device="cuda")
-    starts = torch.zeros((batch,), dtype=torch.int32, device="cuda")
+    seqlens = torch.full((batch,), context - 1, dtype=torch.int32, device=DEVICE)
+    starts = torch.zeros((batch,), dtype=torch.int32, device=DEVICE)
     nbytes = kv_bytes(batch, nheads_k, context, d, int8)
+    want = expected_output(q, keys, values, d ** -0.5, int8).float()
+    tolerance = 1e-2 * want.abs().max().item()
+
+    def launched(config, waves):  # the split count decode_attn really launches for this request
+        asked = DA.num_splits_for(batch, nheads_k, capacity, config[0], q.device, waves)
+        return DA.split_layout(capacity, asked, config[0])[1]
+
     shipped = DA.decode_config(d, int8)
-    default = (shipped, DA.num_splits_for(batch, nheads_k, capacity, shipped[0], q.device))
-    rows = []
+    default = (shipped, launched(shipped, DA.WAVES))
+    rows, seen = [], set()
     for config in tune_configs(int8):
         for waves in (2, 4, 8, 16):
-            splits = DA.num_splits_for(batch, nheads_k, capacity, config[0], q.device, waves)
+            splits = launched(config, waves)
+            if (config, splits) in seen:  # another waves value gives the same launch
+                continue
+            seen.add((config, splits))
 
             def call(config=config, splits=splits):
                 return DA.decode_attn(q, k_new, v_new, k_cache, v_cache, k_scale, v_scale, table, seqlens, starts,
@@ -326,10 +349,15 @@ def tune_case(q, keys, values, kv: str, block_size: int, copy_gbps: float) -> li
                        num_warps=config[1], num_stages=config[2], waves=waves, num_splits=splits,
                        default=(config, splits) == default)
             try:
-                us = timed(call, rep=100)[0]
-                row.update(median_us=round(us, 2), status="ok",
-                           pct_copy_bw=round(100 * nbytes / (us * 1e-6) / 1e9 / copy_gbps, 1))
-            except Exception as e:  # out of resources for this config, say
+                diff = (call().float() - want).abs().max().item()
+                row["max_abs_diff"] = diff
+                if not diff <= tolerance:  # a config that computes a wrong answer is never ranked
+                    row["status"] = f"wrong: max abs diff {diff:.3g} > {tolerance:.3g}"
+                else:
+                    us = timed(call, rep=100)[0]
+                    row.update(median_us=round(us, 2), status="ok",
+                               pct_copy_bw=round(100 * nbytes / (us * 1e-6) / 1e9 / copy_gbps, 1))
+            except Exception as e:  # noqa: BLE001 - out of resources for this config, say
                 row.update(status=f"error: {type(e).__name__}: {str(e)[:120]}")
             rows.append(row)
     for rank, r in enumerate(sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["median_us"]), 1):
@@ -337,20 +365,28 @@ def tune_case(q, keys, values, kv: str, block_size: int, copy_gbps: float) -> li
     return rows
 
 
-def tune(args, copy_gbps: float, meta: dict) -> list[dict]:
-    """tune_case over TUNE_CASES and the dtypes asked for; prints the best config of each beside the default's."""
+def tune(args, copy_gbps: float, meta: dict, path: Path) -> list[dict]:
+    """tune_case over TUNE_CASES and the dtypes asked for; prints the best config of each beside the default's and
+    rewrites `path` (JSON) after every case, so a failure or the device call's time limit keeps what was measured."""
     rows = []
     for model, batch, context in TUNE_CASES:
         nheads, nheads_k, d = MODELS[model]
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        keys, values = (torch.randn((batch, nheads_k, context, d), device="cuda", dtype=torch.float16, generator=gen)
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
+        keys, values = (torch.randn((batch, nheads_k, context, d), device=DEVICE, dtype=torch.float16, generator=gen)
                         for _ in range(2))
-        q = torch.randn((batch, 1, nheads, d), device="cuda", dtype=torch.float16, generator=gen)
+        q = torch.randn((batch, 1, nheads, d), device=DEVICE, dtype=torch.float16, generator=gen)
         for kv in args.dtypes:
-            case = tune_case(q, keys, values, kv, args.block_size, copy_gbps)
-            torch.cuda.empty_cache()
+            error = None
+            try:
+                case = tune_case(q, keys, values, kv, args.block_size, copy_gbps)
+            except Exception as e:  # noqa: BLE001 - one case must not lose the others
+                error, case = f"error: {type(e).__name__}: {str(e)[:200]}", []
+            release()  # outside the except block: its traceback no longer pins the case's tensors
+            if error:
+                print(f"{model:11s} B={batch:<3d} ctx={context:<6d} {kv:5s} {error}", flush=True)
+                case = [dict(batch=batch, context=context, kv_dtype=kv, status=error)]
             done = sorted((r for r in case if "rank" in r), key=lambda r: r["rank"])
-            mine = next((r for r in case if r["default"] and "rank" in r), None)
+            mine = next((r for r in case if r.get("default") and "rank" in r), None)
             if done:
                 b = done[0]
                 print(f"{model:11s} B={batch:<3d} ctx={context:<6d} {kv:5s} best {b['median_us']:.1f} us "
@@ -359,8 +395,9 @@ def tune(args, copy_gbps: float, meta: dict) -> list[dict]:
                       + (f"{mine['median_us']:.1f} us ({mine['pct_copy_bw']}%) rank {mine['rank']}/{len(done)}"
                          if mine else "failed"), flush=True)
             rows += [dict(r, model=model, **meta) for r in case]
+            path.write_text(json.dumps(dict(meta=meta, copy_gbps=copy_gbps, rows=rows), indent=1))
         del keys, values, q
-        torch.cuda.empty_cache()
+        release()
     return rows
 
 
@@ -409,9 +446,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.tune:
-        rows = tune(args, copy_gbps, meta)
         path = out / ("decode_tune-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
-        path.write_text(json.dumps(dict(meta=meta, copy_gbps=copy_gbps, rows=rows), indent=1))
+        tune(args, copy_gbps, meta, path)
         print(f"wrote {path}")
         return 0
     stem = "decode_kernel-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -419,12 +455,15 @@ def main(argv=None) -> int:
     for model in args.models:
         for batch in args.batch:
             for context in args.context:
+                new, error = [], None
                 try:
-                    new = run_case(model, batch, context, args, copy_gbps, meta)
-                except Exception as e:  # one broken case must not lose the sweep: a row says what happened
-                    new = [dict(model=model, batch=batch, context=context, kv_dtype="-", provider="kvplug",
-                                status=f"error: {type(e).__name__}: {str(e)[:200]}", **meta)]
-                    torch.cuda.empty_cache()
+                    run_case(model, batch, context, args, copy_gbps, meta, new)
+                except Exception as e:  # noqa: BLE001 - one broken case must not lose the sweep
+                    error = f"error: {type(e).__name__}: {str(e)[:200]}"
+                torch.cuda.empty_cache()  # outside the except block: its traceback no longer pins the case's tensors
+                if error:  # the rows measured before the failure stay; a row says what happened
+                    new.append(dict(model=model, batch=batch, context=context, kv_dtype="-", provider="kvplug",
+                                    status=error, **meta))
                 for r in new:
                     print(f"{model:11s} B={batch:<3d} ctx={context:<6d} {r['kv_dtype']:5s} {r['provider']:12s} "
                           f"{r.get('status')}: {r.get('median_us', '-')} us {r.get('gbps', '-')} GB/s "

@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_validate.sh kernel   # decode-kernel benchmark, full sweep
 #   bash benchmarks/gpu_validate.sh tune     # every decode config x split waves on 5 cases (~5 min): best vs default
 #   bash benchmarks/gpu_validate.sh e2e      # Llama-3-8B bf16, batch 1, 1k prompt, 256 new tokens
-#   bash benchmarks/gpu_validate.sh sweep    # hf-kvplug bench, llama3-8b, batch 1/8/32 x 1k..32k (resumable)
+#   bash benchmarks/gpu_validate.sh sweep    # hf-kvplug bench, llama3-8b, batch 1/8/32 x 1k..32k (resumable: below)
 # Results go to $OUT (the device tool's folder) or ./bench-out; copy them into benchmarks/results/ and commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,11 @@ case "${1:-tests}" in
   e2e)
     python3 benchmarks/bench_e2e.py --out "$out" 2>&1 | tee "$out/e2e.log" ;;
   sweep)
-    python3 -m hf_kvplug bench --model llama3-8b --batch 1,8,32 --context 1k,4k,16k,32k --out "$out" --resume \
-      2>&1 | tee "$out/sweep.log" ;;
+    # $OUT starts empty on every device call. To continue a sweep cut off by the time limit, copy the sweep/ folder
+    # the last call returned to bench-out/sweep in the checkout and name bench-out in the call's `carry`.
+    mkdir -p "$out/sweep"
+    if [ "$out" != bench-out ] && [ -d bench-out/sweep ]; then cp -r bench-out/sweep/. "$out/sweep/"; fi
+    python3 -m hf_kvplug bench --model llama3-8b --batch 1,8,32 --context 1k,4k,16k,32k --out "$out/sweep" \
+      --resume 2>&1 | tee "$out/sweep.log" ;;
   *) echo "unknown stage $1 (tests | compile | kernel | tune | e2e | sweep)"; exit 2 ;;
 esac

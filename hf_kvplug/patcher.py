@@ -182,7 +182,9 @@ def validate_generate(model, cache: PlugCache, args, kwargs) -> None:
             row = int(holes.nonzero()[0, 0])
             raise ValueError(f"attention_mask row {row} has a 0 after a 1 (right padding or a gap); a PlugCache "
                              "follows left padding only, which is also what decoder-only generation expects: "
-                             "pad on the left (tokenizer.padding_side = 'left')")
+                             "pad on the left (tokenizer.padding_side = 'left'), and for a multi-turn mask mark "
+                             "every earlier token 1, generated and EOS tokens included (a mask built as "
+                             "ids != pad_token_id breaks when the pad token is EOS)")
     max_new = opt("max_new_tokens")
     total = seen + max_new if max_new is not None else max(opt("max_length") or 0, seen)
     if total > cache.max_cache_len:

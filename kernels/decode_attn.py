@@ -172,6 +172,12 @@ def num_splits_for(batch: int, nheads_k: int, capacity: int, block_n: int, devic
     return max(1, min(want, most, MAX_SPLITS))
 
 
+def split_layout(capacity: int, num_splits: int, block_n: int) -> tuple[int, int]:
+    """(tokens per split, splits launched) for a requested split count: splits hold whole tiles."""
+    split_size = cdiv(cdiv(capacity, num_splits), block_n) * block_n
+    return split_size, cdiv(capacity, split_size)
+
+
 def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
                 softmax_scale, window, num_splits=None, config=None):
     # num_splits / config (BLOCK_N, num_warps, num_stages) override the static choices, for tests and tuning
@@ -190,8 +196,7 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
     block_n, num_warps, num_stages = config or decode_config(head_dim, int8, q.element_size())
     if num_splits is None:
         num_splits = num_splits_for(batch, nheads_k, capacity, block_n, q.device)
-    split_size = cdiv(cdiv(capacity, num_splits), block_n) * block_n
-    num_splits = cdiv(capacity, split_size)
+    split_size, num_splits = split_layout(capacity, num_splits, block_n)
     out = torch.empty((batch, 1, nheads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out

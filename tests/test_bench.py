@@ -184,3 +184,39 @@ def test_decode_kernel_bench_judges_the_targets():
     assert "88.5%-91.0% of copy bandwidth over 2 cases (target >= 90%: missed; lowest llama3-8b B=8 ctx=32768)" in text
     assert "single request at 32k, llama3-8b: 76.0% of copy bandwidth (target >= 75%: met)" in text
     assert "1.90x-1.90x faster over 1 cases (target >= 1.8x: met" in text
+
+
+@pytest.mark.interpreter
+def test_decode_kernel_tune_plumbing(tmp_path, monkeypatch):
+    """--tune on the CPU with small shapes and a fake clock: one row per distinct launch, the shipped config marked
+    once per case, every config checked against the expected output, a failing case kept as an error row."""
+    bdk = _decode_kernel_bench()
+    monkeypatch.setattr(bdk, "DEVICE", "cpu")
+    monkeypatch.setattr(bdk, "MODELS", {"llama3-8b": (8, 2, 64), "qwen2.5-7b": (7, 1, 64)})
+    monkeypatch.setattr(bdk, "TUNE_CASES", [("llama3-8b", 1, 150), ("qwen2.5-7b", 2, 70)])
+    clock = iter(range(1, 10_000))
+    monkeypatch.setattr(bdk, "timed", lambda fn, rep=200: (fn(), (float(next(clock)), 0.0, 0.0))[1])
+    real, calls = bdk.paged_cache, []
+
+    def paged_cache(*args):
+        calls.append(1)
+        if len(calls) == 3:  # the second case's first dtype
+            raise torch.OutOfMemoryError("simulated")
+        return real(*args)
+
+    monkeypatch.setattr(bdk, "paged_cache", paged_cache)
+    args = bdk.parse_args(["--tune", "--block-size", "16"])
+    path = tmp_path / "tune.json"
+    rows = bdk.tune(args, 1000.0, {"gpu_name": "cpu"}, path)
+    assert json.loads(path.read_text())["rows"] == rows
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["model"], r["kv_dtype"]), []).append(r)
+    assert [r["status"] for r in by_case[("qwen2.5-7b", "fp16")]] == ["error: OutOfMemoryError: simulated"]
+    for key in [("llama3-8b", "fp16"), ("llama3-8b", "int8"), ("qwen2.5-7b", "int8")]:
+        case = by_case[key]
+        assert all(r["status"] == "ok" for r in case), [r["status"] for r in case]
+        launches = [(r["block_n"], r["num_warps"], r["num_stages"], r["num_splits"]) for r in case]
+        assert len(launches) == len(set(launches))
+        assert sum(r["default"] for r in case) == 1
+        assert sorted(r["rank"] for r in case) == list(range(1, len(case) + 1))
