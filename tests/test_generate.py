@@ -68,6 +68,18 @@ def test_prefill_is_stock_attention(family, kv_dtype):
     assert all(layer.fresh for layer in cache.layers)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3_sliding"])
+def test_eager_attention_implementation(family):
+    """A model loaded with attn_implementation="eager": its own eager attention serves the prefill (float mask)."""
+    stock, plugged = tiny_model(family, attn="eager"), hf_kvplug.patch(tiny_model(family, attn="eager"))
+    ids, mask = _left_padded()
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, output_logits=True,
+              return_dict_in_generate=True)
+    ref = stock.generate(ids, **kw)
+    out = plugged.generate(ids, past_key_values=hf_kvplug.PlugCache(plugged, 3, 64, block_size=16), **kw)
+    assert torch.equal(ref.sequences, out.sequences) and torch.equal(ref.logits[0], out.logits[0])
+
+
 @pytest.mark.parametrize("kv_dtype", [None, "int8"])
 @pytest.mark.parametrize("family", ["llama", "qwen3_sliding"])
 def test_chunked_prefill(family, kv_dtype):
