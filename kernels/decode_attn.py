@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .utils import (attention_bounds, cdiv, check_cache, device_guard, kv_tile_scores, launcher, next_pow2,
-                    quantize_int8, scale_strides, sm_count, upcast_dot)
+                    quantize_int8, scale_strides, sm_count, softmax_tile_update, tile_block_ids, upcast_dot)
 
 LOG2E = 1.4426950408889634
 WAVES = 8  # programs aimed at, in units of SMs, when a row is full: enough left at half capacity to fill the GPU
@@ -85,25 +85,16 @@ def _decode_attn_kernel(
     # every tile has a valid slot and the running max is finite after it.
     tile_lo = n_lo - n_lo % BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
-    # block ids are loaded one tile ahead: K/V addresses then hang on a loop-carried value, not on a load of the
-    # same iteration, which lets the pipeliner multi-buffer the K/V tiles (num_stages)
-    next_phys = tl.load(bt_row + (tile_lo + offs_n) // BLOCK_SIZE, mask=tile_lo + offs_n < n_hi, other=0)
+    next_phys = tile_block_ids(bt_row, tile_lo + offs_n, n_hi, BLOCK_SIZE)  # one tile ahead
     for start in range(tile_lo, n_hi, BLOCK_N):
         slots = start + offs_n
         valid = (slots >= n_lo) & (slots < n_hi)
         phys = next_phys.to(tl.int64)
-        next_phys = tl.load(bt_row + (slots + BLOCK_N) // BLOCK_SIZE, mask=slots + BLOCK_N < n_hi, other=0)
+        next_phys = tile_block_ids(bt_row, slots + BLOCK_N, n_hi, BLOCK_SIZE)
         qk, v = kv_tile_scores(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, phys, slots, valid, hk, offs_d,
                                mask_d, qk_scale, stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss,
                                BLOCK_SIZE, INT8)  # [BLOCK_H, BLOCK_N], [BLOCK_N, D_PAD]
-        qk = tl.where(valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m, tl.max(qk, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")
-        acc = acc * alpha[:, None] + pv
-        m = m_new
+        m, l, acc = softmax_tile_update(m, l, acc, tl.where(valid[None, :], qk, float("-inf")), v, False)
 
     mask_o = mask_h[:, None] & mask_d[None, :]
     if SPLIT:

@@ -6,7 +6,7 @@ import triton.language as tl
 
 from .decode_attn import LOG2E
 from .utils import (attention_bounds, cdiv, check_cache, device_guard, kv_tile_scores, launcher, next_pow2,
-                    scale_strides, upcast_dot)
+                    scale_strides, softmax_tile_update, tile_block_ids, upcast_dot)
 
 
 @triton.jit
@@ -54,26 +54,17 @@ def _extend_attn_kernel(
     tile_lo = n_lo - n_lo % BLOCK_N
     n_end = n_hi + 1
     offs_n = tl.arange(0, BLOCK_N)
-    # block ids one tile ahead, so that the pipeliner can multi-buffer K/V (see the decode kernel)
-    next_phys = tl.load(bt_row + (tile_lo + offs_n) // BLOCK_SIZE, mask=tile_lo + offs_n < n_end, other=0)
+    next_phys = tile_block_ids(bt_row, tile_lo + offs_n, n_end, BLOCK_SIZE)  # one tile ahead
     for start in range(tile_lo, n_end, BLOCK_N):
         slots = start + offs_n
         valid = (slots >= n_lo) & (slots < n_end)
         phys = next_phys.to(tl.int64)
-        next_phys = tl.load(bt_row + (slots + BLOCK_N) // BLOCK_SIZE, mask=slots + BLOCK_N < n_end, other=0)
+        next_phys = tile_block_ids(bt_row, slots + BLOCK_N, n_end, BLOCK_SIZE)
         qk, v = kv_tile_scores(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, phys, slots, valid, hk, offs_d,
                                mask_d, qk_scale, stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss,
                                BLOCK_SIZE, INT8)  # [R, BLOCK_N], [BLOCK_N, D_PAD]
         seen = (slots[None, :] >= lo[:, None]) & (slots[None, :] <= hi[:, None])
-        qk = tl.where(seen, qk, float("-inf"))
-        m_new = tl.maximum(m, tl.max(qk, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay at zero, not NaN
-        alpha = tl.exp2(m - m_use)
-        p = tl.exp2(qk - m_use[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")
-        acc = acc * alpha[:, None] + pv
-        m = m_new
+        m, l, acc = softmax_tile_update(m, l, acc, tl.where(seen, qk, float("-inf")), v, True)
 
     l = tl.where(l > 0.0, l, 1.0)
     tl.store(out_ptr + b64 * stride_ob + tok[:, None].to(tl.int64) * stride_ot + heads64 * stride_oh

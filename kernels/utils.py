@@ -115,3 +115,26 @@ def kv_tile_scores(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, phys, 
     else:
         qk = qk * qk_scale
     return qk, v.to(q.dtype)
+
+
+@triton.jit
+def tile_block_ids(bt_row, slots, n_end, BLOCK_SIZE: tl.constexpr):
+    # Physical block of each slot [BLOCK_N] of a row (0 past n_end). The loops load them one tile ahead: K/V
+    # addresses then hang on a loop-carried value, not on a load of the same iteration, which lets the pipeliner
+    # multi-buffer the K/V tiles (num_stages).
+    return tl.load(bt_row + slots // BLOCK_SIZE, mask=slots < n_end, other=0)
+
+
+@triton.jit
+def softmax_tile_update(m, l, acc, qk, v, EMPTY_ROWS: tl.constexpr):
+    # Online softmax: fold a tile of log2-domain scores qk [rows, BLOCK_N] (-inf where not seen) and V [BLOCK_N, D_PAD]
+    # into the running max m [rows], sum l [rows] and output acc [rows, D_PAD] fp32. EMPTY_ROWS: some rows may have
+    # seen nothing yet (all -inf so far); they stay at zero, not NaN. Without it, every row sees a slot in every tile
+    # (the decode kernel), and the guard is left out to spare its registers.
+    m_new = tl.maximum(m, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new) if EMPTY_ROWS else m_new
+    alpha = tl.exp2(m - m_use)
+    p = tl.exp2(qk - m_use[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l, acc
