@@ -302,11 +302,14 @@ TUNE_CASES = [("llama3-8b", 1, 32768), ("qwen2.5-7b", 1, 32768), ("llama3-8b", 8
 
 
 def tune_configs(int8: bool):
-    """Candidate (BLOCK_N, num_warps, num_stages) for head_dim 128."""
+    """Candidate DecodeConfigs for head_dim 128 (int8: V's scales on the probabilities or on the V tile, too)."""
+    from hf_kvplug.kernels.decode_attn import DecodeConfig
+
     for block_n in ((64, 128) if int8 else (32, 64, 128)):
         for num_warps in (4, 8):
             for num_stages in (2, 3, 4):
-                yield block_n, num_warps, num_stages
+                for v_scale_on_p in ((True, False) if int8 else (True,)):
+                    yield DecodeConfig(block_n, num_warps, num_stages, v_scale_on_p)
 
 
 def tune_case(q, keys, values, kv: str, block_size: int, copy_gbps: float) -> list[dict]:
@@ -346,7 +349,8 @@ def tune_case(q, keys, values, kv: str, block_size: int, copy_gbps: float) -> li
                                       d ** -0.5, 0, num_splits=splits, config=config)
 
             row = dict(batch=batch, context=context, kv_dtype=kv, capacity=capacity, block_n=config[0],
-                       num_warps=config[1], num_stages=config[2], waves=waves, num_splits=splits,
+                       num_warps=config[1], num_stages=config[2], v_scale_on_p=config[3], waves=waves,
+                       num_splits=splits,
                        default=(config, splits) == default)
             try:
                 diff = (call().float() - want).abs().max().item()
@@ -391,7 +395,8 @@ def tune(args, copy_gbps: float, meta: dict, path: Path) -> list[dict]:
                 b = done[0]
                 print(f"{model:11s} B={batch:<3d} ctx={context:<6d} {kv:5s} best {b['median_us']:.1f} us "
                       f"({b['pct_copy_bw']}%) BLOCK_N={b['block_n']} warps={b['num_warps']} stages={b['num_stages']} "
-                      f"waves={b['waves']} splits={b['num_splits']}; default "
+                      + (f"v_scale_on_p={b['v_scale_on_p']} " if kv == "int8" else "")
+                      + f"waves={b['waves']} splits={b['num_splits']}; default "
                       + (f"{mine['median_us']:.1f} us ({mine['pct_copy_bw']}%) rank {mine['rank']}/{len(done)}"
                          if mine else "failed"), flush=True)
             rows += [dict(r, model=model, **meta) for r in case]

@@ -1,5 +1,7 @@
 """Fused decode kernels (q_len == 1): write the new K/V and attend over the paged cache with split-KV, then reduce."""
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -22,7 +24,8 @@ def _decode_attn_kernel(
     stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, INT8: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, INT8: tl.constexpr, V_SCALE_ON_P: tl.constexpr, SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     # q [B, 1, nheads, D] (all GROUP heads of kv head hk in one program); k, v [B, 1, nheads_k, D]
     # caches [num_blocks, nheads_k, BLOCK_SIZE, D]; this program covers slots [split * split_size, +split_size)
@@ -66,7 +69,7 @@ def _decode_attn_kernel(
             tl.store(k_scale_ptr + sdst, ks)
             tl.store(v_scale_ptr + sdst, vs)
             k_att = kq.to(tl.float32)  # the K scale is folded into the scores, as for cached tokens
-            v_att = (vq.to(tl.float32) * vs).to(q.dtype).to(tl.float32)
+            v_att = vq.to(tl.float32) * vs  # exact, as the cached tokens' V (scale on the probabilities)
             score_scale = ks * qk_scale
         else:
             k_new = k_new.to(k_cache_ptr.dtype.element_ty)
@@ -91,10 +94,12 @@ def _decode_attn_kernel(
         valid = (slots >= n_lo) & (slots < n_hi)
         phys = next_phys.to(tl.int64)
         next_phys = tile_block_ids(bt_row, slots + BLOCK_N, n_hi, BLOCK_SIZE)
-        qk, v = kv_tile_scores(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, phys, slots, valid, hk, offs_d,
-                               mask_d, qk_scale, stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss,
-                               BLOCK_SIZE, INT8)  # [BLOCK_H, BLOCK_N], [BLOCK_N, D_PAD]
-        m, l, acc = softmax_tile_update(m, l, acc, tl.where(valid[None, :], qk, float("-inf")), v, False)
+        qk, v, vs = kv_tile_scores(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, phys, slots, valid, hk,
+                                   offs_d, mask_d, qk_scale, stride_cb, stride_ch, stride_cs, stride_sb,
+                                   stride_sh, stride_ss, BLOCK_SIZE, INT8, V_SCALE_ON_P)
+        # qk [BLOCK_H, BLOCK_N], v [BLOCK_N, D_PAD], vs [BLOCK_N]
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        m, l, acc = softmax_tile_update(m, l, acc, qk, v, vs, V_SCALE_ON_P, False)
 
     mask_o = mask_h[:, None] & mask_d[None, :]
     if SPLIT:
@@ -140,18 +145,29 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, (acc / l).to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-def decode_config(head_dim: int, int8: bool, elem_size: int = 2):
-    """(BLOCK_N, num_warps, num_stages): K and V tiles of ~16 KiB each (32 KiB for int8 up to d128), 3 stages.
+class DecodeConfig(NamedTuple):
+    """Launch choices of the decode kernel. `v_scale_on_p` (INT8 caches): multiply V's per-token scales into the
+    probabilities ([heads, BLOCK_N] multiplies a tile) and feed V's integers to the dot, instead of dequantizing the
+    [BLOCK_N, head_dim] V tile."""
 
-    Measured for sm_90 offline (ptxas): fp16 d128 (64, 4, 3) 104 regs / 70 KiB smem; int8 d128 (128, 4, 3) 213 regs
-    / 74 KiB; int8 d256 needs tiles of 32 and fp32 tiles of 16 to stay clear of spills.
+    block_n: int
+    num_warps: int
+    num_stages: int
+    v_scale_on_p: bool = True
+
+
+def decode_config(head_dim: int, int8: bool, elem_size: int = 2) -> DecodeConfig:
+    """K and V tiles of ~16 KiB each (32 KiB for int8 up to d128), 3 stages.
+
+    Compiled for sm_90 offline (ptxas): fp16 d128 (64, 4, 3) 104 regs / 70 KiB smem; int8 d128 (128, 4, 3) 178 regs
+    (Triton 3.9) or 198 (3.6) / 74 KiB; int8 d256 needs tiles of 32 and fp32 tiles of 16 to stay clear of spills.
     """
     d_pad = next_pow2(head_dim)
     if int8:
-        return (128 if d_pad <= 128 else 32, 4, 3)
+        return DecodeConfig(128 if d_pad <= 128 else 32, 4, 3)
     if elem_size == 4:  # fp32 runs its dots on CUDA cores (ieee): small tiles, or registers spill
-        return (16, 4, 2)
-    return (max(16, min(128, 16384 // (d_pad * elem_size))), 4, 3)
+        return DecodeConfig(16, 4, 2)
+    return DecodeConfig(max(16, min(128, 16384 // (d_pad * elem_size))), 4, 3)
 
 
 def num_splits_for(batch: int, nheads_k: int, capacity: int, block_n: int, device: torch.device,
@@ -171,7 +187,8 @@ def split_layout(capacity: int, num_splits: int, block_n: int) -> tuple[int, int
 
 def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
                 softmax_scale, window, num_splits=None, config=None):
-    # num_splits / config (BLOCK_N, num_warps, num_stages) override the static choices, for tests and tuning
+    # num_splits / config (a DecodeConfig, or its first three fields) override the static choices, for tests and
+    # tuning
     batch, q_len, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     assert q_len == 1 and k.shape == (batch, 1, nheads_k, head_dim) and v.shape == k.shape, (q.shape, k.shape)
@@ -184,7 +201,8 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
     block_size = k_cache.shape[2]
     capacity = block_table.shape[1] * block_size
     d_pad = next_pow2(head_dim)
-    block_n, num_warps, num_stages = config or decode_config(head_dim, int8, q.element_size())
+    block_n, num_warps, num_stages, v_scale_on_p = DecodeConfig(*(config or decode_config(head_dim, int8,
+                                                                                          q.element_size())))
     if num_splits is None:
         num_splits = num_splits_for(batch, nheads_k, capacity, block_n, q.device)
     split_size, num_splits = split_layout(capacity, num_splits, block_n)
@@ -209,7 +227,8 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
             out.stride(0), out.stride(2), part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1),
             GROUP=group, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_SIZE=block_size,
-            HEAD_DIM=head_dim, D_PAD=d_pad, INT8=int8, SPLIT=num_splits > 1, UPCAST=upcast_dot(q.dtype),
+            HEAD_DIM=head_dim, D_PAD=d_pad, INT8=int8, V_SCALE_ON_P=int8 and v_scale_on_p, SPLIT=num_splits > 1,
+            UPCAST=upcast_dot(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
         if num_splits > 1:

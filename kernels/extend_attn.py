@@ -60,11 +60,11 @@ def _extend_attn_kernel(
         valid = (slots >= n_lo) & (slots < n_end)
         phys = next_phys.to(tl.int64)
         next_phys = tile_block_ids(bt_row, slots + BLOCK_N, n_end, BLOCK_SIZE)
-        qk, v = kv_tile_scores(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, phys, slots, valid, hk, offs_d,
-                               mask_d, qk_scale, stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss,
-                               BLOCK_SIZE, INT8)  # [R, BLOCK_N], [BLOCK_N, D_PAD]
+        qk, v, vs = kv_tile_scores(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, phys, slots, valid, hk,
+                                   offs_d, mask_d, qk_scale, stride_cb, stride_ch, stride_cs, stride_sb,
+                                   stride_sh, stride_ss, BLOCK_SIZE, INT8, False)  # [R, BLOCK_N], [BLOCK_N, D_PAD]
         seen = (slots[None, :] >= lo[:, None]) & (slots[None, :] <= hi[:, None])
-        m, l, acc = softmax_tile_update(m, l, acc, tl.where(seen, qk, float("-inf")), v, True)
+        m, l, acc = softmax_tile_update(m, l, acc, tl.where(seen, qk, float("-inf")), v, vs, False, True)
 
     l = tl.where(l > 0.0, l, 1.0)
     tl.store(out_ptr + b64 * stride_ob + tok[:, None].to(tl.int64) * stride_ot + heads64 * stride_oh

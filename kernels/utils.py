@@ -96,25 +96,49 @@ def attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, i, window, capacity
 
 
 @triton.jit
+def int8_to_float(x, DTYPE: tl.constexpr):
+    # Exact int8 -> DTYPE; fp16 and fp32 without I2F, which runs at 16 per SM and clock on sm_80/90 (1/8 of FP32).
+    # With I2F, a 128-token d128 INT8 tile cost 128 threads x 328 conversions / 16 = 2.6k clocks of that pipe, about
+    # what reading its 33 KiB takes at an H100's bandwidth per SM. Here: the byte x ^ 0x80 is x + 128; OR-ed into
+    # the low mantissa bits of 1024.0 (fp16) or 2**23 (fp32) it makes that power of two plus x + 128. bf16 has too
+    # few mantissa bits for that, and Triton already lowers int8 -> bf16 without I2F.
+    if DTYPE == tl.bfloat16:
+        y = x.to(tl.bfloat16)
+    elif DTYPE == tl.float16:
+        y = ((x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+    else:
+        y = ((x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    return y
+
+
+@triton.jit
 def kv_tile_scores(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, phys, slots, valid, hk, offs_d, mask_d,
                    qk_scale, stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss,
-                   BLOCK_SIZE: tl.constexpr, INT8: tl.constexpr):
-    # One K/V tile of kv head hk gathered through the block ids `phys` [BLOCK_N] of `slots`:
-    # scores q @ K^T scaled (log2 domain; INT8 K scale folded in) [rows, BLOCK_N], and V [BLOCK_N, D_PAD] in q's dtype.
+                   BLOCK_SIZE: tl.constexpr, INT8: tl.constexpr, V_SCALE_ON_P: tl.constexpr):
+    # One K/V tile of kv head hk gathered through the block ids `phys` [BLOCK_N] of `slots`: scores q @ K^T scaled
+    # (log2 domain; INT8 K scale folded in) [rows, BLOCK_N], V [BLOCK_N, D_PAD] and V's per-token scale [BLOCK_N].
+    # Model-dtype caches: V in q's dtype, scale 1. INT8 with V_SCALE_ON_P: V holds the exact integers (fp16, or fp32
+    # for fp32 q) and the scale goes onto the probabilities (softmax_tile_update); without it, V is dequantized to
+    # q's dtype here (the extend kernel: its larger probability tile would cost registers) and the scale is 1.
     row = phys * stride_cb + hk * stride_ch + (slots % BLOCK_SIZE) * stride_cs  # [BLOCK_N]
     kv_mask = valid[:, None] & mask_d[None, :]
     k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
     v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
     if INT8:
         srow = phys * stride_sb + hk * stride_sh + (slots % BLOCK_SIZE) * stride_ss
         ks = tl.load(k_scale_ptr + srow, mask=valid, other=0.0)
         vs = tl.load(v_scale_ptr + srow, mask=valid, other=0.0)
-        qk = qk * (ks * qk_scale)[None, :]
-        v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
+        qk = tl.dot(q, tl.trans(int8_to_float(k, q.dtype)), input_precision="ieee") * (ks * qk_scale)[None, :]
+        if V_SCALE_ON_P:
+            v = int8_to_float(v, tl.float32 if q.dtype == tl.float32 else tl.float16)
+        else:
+            v = (int8_to_float(v, tl.float32) * vs[:, None]).to(q.dtype)
+            vs = tl.full([v.shape[0]], 1.0, tl.float32)
     else:
-        qk = qk * qk_scale
-    return qk, v.to(q.dtype)
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale
+        v = v.to(q.dtype)
+        vs = tl.full([v.shape[0]], 1.0, tl.float32)
+    return qk, v, vs
 
 
 @triton.jit
@@ -126,15 +150,22 @@ def tile_block_ids(bt_row, slots, n_end, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
-def softmax_tile_update(m, l, acc, qk, v, EMPTY_ROWS: tl.constexpr):
-    # Online softmax: fold a tile of log2-domain scores qk [rows, BLOCK_N] (-inf where not seen) and V [BLOCK_N, D_PAD]
-    # into the running max m [rows], sum l [rows] and output acc [rows, D_PAD] fp32. EMPTY_ROWS: some rows may have
-    # seen nothing yet (all -inf so far); they stay at zero, not NaN. Without it, every row sees a slot in every tile
-    # (the decode kernel), and the guard is left out to spare its registers.
+def softmax_tile_update(m, l, acc, qk, v, vs, V_SCALE_ON_P: tl.constexpr, EMPTY_ROWS: tl.constexpr):
+    # Online softmax: fold a tile of log2-domain scores qk [rows, BLOCK_N] (-inf where not seen), V [BLOCK_N, D_PAD]
+    # and V's per-token scale vs [BLOCK_N] into the running max m [rows], sum l [rows] and output acc [rows, D_PAD]
+    # fp32. V_SCALE_ON_P: the probabilities carry vs / max(vs), in [0, 1] for any V range, and the tile's sum is
+    # scaled back by max(vs); else vs is all ones and ignored. EMPTY_ROWS: some rows may have seen nothing yet (all
+    # -inf so far); they stay at zero, not NaN. Without it, every row sees a slot in every tile (the decode kernel),
+    # and the guard is left out to spare its registers.
     m_new = tl.maximum(m, tl.max(qk, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new) if EMPTY_ROWS else m_new
     alpha = tl.exp2(m - m_use)
     p = tl.exp2(qk - m_use[:, None])
     l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    if V_SCALE_ON_P:
+        vmax = tl.maximum(tl.max(vs, 0), 1e-30)
+        pv = tl.dot((p * (vs / vmax)[None, :]).to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + pv * vmax
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return m_new, l, acc

@@ -216,7 +216,8 @@ def test_decode_kernel_tune_plumbing(tmp_path, monkeypatch):
     for key in [("llama3-8b", "fp16"), ("llama3-8b", "int8"), ("qwen2.5-7b", "int8")]:
         case = by_case[key]
         assert all(r["status"] == "ok" for r in case), [r["status"] for r in case]
-        launches = [(r["block_n"], r["num_warps"], r["num_stages"], r["num_splits"]) for r in case]
+        launches = [(r["block_n"], r["num_warps"], r["num_stages"], r["v_scale_on_p"], r["num_splits"]) for r in case]
         assert len(launches) == len(set(launches))
+        assert {r["v_scale_on_p"] for r in case} == ({True, False} if key[1] == "int8" else {True})
         assert sum(r["default"] for r in case) == 1
         assert sorted(r["rank"] for r in case) == list(range(1, len(case) + 1))

@@ -11,6 +11,9 @@ from hf_kvplug import reference as R
 kernels = pytest.importorskip("hf_kvplug.kernels")
 from hf_kvplug.kernels import decode_attn as DA  # noqa: E402
 from hf_kvplug.kernels import extend_attn as EA  # noqa: E402
+from hf_kvplug.kernels.utils import int8_to_float  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -179,10 +182,11 @@ def test_decode_splits(kind, num_splits, monkeypatch):
     assert_attention_close(case, out, out_pt, case.oracle(ref_bufs))
 
 
-@pytest.mark.parametrize("kind", ["fp16", "int8"])
-@pytest.mark.parametrize("config", [(32, 8, 2), (64, 4, 4)])
+@pytest.mark.parametrize("kind", ["fp16", "int8", "int8-bf16"])
+@pytest.mark.parametrize("config", [(32, 8, 2), (64, 4, 4), DA.DecodeConfig(32, 4, 2, v_scale_on_p=False)])
 def test_decode_config_override(kind, config):
-    """The tuning hook (`config=(BLOCK_N, num_warps, num_stages)`) gives the same answer for any config."""
+    """The tuning hook (`config=`, a DecodeConfig or its first three fields) gives the same answer for any config,
+    INT8 V scales on the probabilities (the default) or on the V tile."""
     case = Case(kind, 64, (8, 2), 16, 1, window=0)
     bufs, ref_bufs = case.buffers(), case.buffers()
     out = DA.decode_attn(case.q, case.k, case.v, *bufs, *case.tables(), case.cache_starts, case.softmax_scale, 0,
@@ -234,6 +238,23 @@ def test_write(kind, q_len):
     R.write_kvcache_ref(case.k, case.v, *ref_bufs, *case.tables())
     assert_cache_written(case, bufs, ref_bufs)
     assert_untouched(case, bufs, case.buffers())
+
+
+@triton.jit
+def _int8_to_float_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, int8_to_float(tl.load(x_ptr + offs), out_ptr.dtype.element_ty))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    INTERPRET, reason="Triton's interpreter converts int8 -> bf16 wrongly (reinterprets bits); the kernels upcast q "
+    "to fp32 there, so K converts to fp32"))])
+def test_int8_to_float_exact(dtype):
+    """The I2F-free int8 conversion of the INT8 loops gives every one of the 256 values exactly."""
+    x = torch.arange(-128, 128, dtype=torch.int16, device=DEVICE).to(torch.int8)
+    out = torch.empty(256, dtype=dtype, device=DEVICE)
+    _int8_to_float_kernel[(1,)](x, out, N=256)
+    assert torch.equal(out, x.to(dtype))
 
 
 def assert_untouched(case, got, before):
