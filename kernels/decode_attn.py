@@ -201,8 +201,9 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
     block_size = k_cache.shape[2]
     capacity = block_table.shape[1] * block_size
     d_pad = next_pow2(head_dim)
-    block_n, num_warps, num_stages, v_scale_on_p = DecodeConfig(*(config or decode_config(head_dim, int8,
-                                                                                          q.element_size())))
+    config = config or decode_config(head_dim, int8, q.element_size())
+    block_n, num_warps, num_stages = config[:3]
+    v_scale_on_p = config[3] if len(config) > 3 else True  # a plain 3-tuple: DecodeConfig's default
     if num_splits is None:
         num_splits = num_splits_for(batch, nheads_k, capacity, block_n, q.device)
     split_size, num_splits = split_layout(capacity, num_splits, block_n)
