@@ -81,7 +81,7 @@ def release() -> None:
 
 
 def environment() -> dict:
-    from hf_kvplug.bench_report import environment as env
+    from hf_kvplug.tools.report import environment as env
 
     return env(torch.cuda.get_device_name())
 

@@ -44,7 +44,7 @@ def summary(rows) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_kvplug import bench
+    from hf_kvplug.tools import bench
     from hf_kvplug.cli import build_parser
 
     args = build_parser().parse_args(default_args() + list(sys.argv[1:] if argv is None else argv))

@@ -11,5 +11,7 @@ model = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=64, intermediat
                                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
 hf_kvplug.patch(model)
 cache = hf_kvplug.PlugCache(model, max_batch_size=1, max_cache_len=64, kv_dtype="int8")
-out = model.generate(torch.tensor([[1, 5, 9, 2]]), past_key_values=cache, max_new_tokens=8, do_sample=False)
+# The cache goes in as `cache=` (transformers >= 5.24) or `past_key_values=` (earlier releases);
+# hf_kvplug.CACHE_KWARG is the name the installed release prefers.
+out = model.generate(torch.tensor([[1, 5, 9, 2]]), **{hf_kvplug.CACHE_KWARG: cache}, max_new_tokens=8, do_sample=False)
 print(out.tolist())

@@ -6,25 +6,22 @@ import sys
 
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import compat
 from .cache import PlugCache
-
-
-def _cache_arg(args, kwargs):
-    if "past_key_values" in kwargs:
-        return kwargs["past_key_values"]
-    return args[3] if len(args) > 3 else None  # forward(hidden_states, position_embeddings, attention_mask, pkv)
 
 
 def plug_attention_forward(self, *args, **kwargs):
     """Bound per attention module by `hf_kvplug.patch`: the fused path with a PlugCache, the original otherwise."""
-    cache = _cache_arg(args, kwargs)
+    # forward(hidden_states, position_embeddings, attention_mask, cache | past_key_values, **kwargs)
+    cache = compat.cache_from_call(args, kwargs, 3)
     if not isinstance(cache, PlugCache):
         return self._kvplug_original_forward(*args, **kwargs)
-    return _plugged_forward(self, cache, *args, **kwargs)
+    for name in compat.CACHE_KWARGS:
+        kwargs.pop(name, None)
+    return _plugged_forward(self, cache, *args[:3], **kwargs)
 
 
-def _plugged_forward(self, cache, hidden_states, position_embeddings=None, attention_mask=None,
-                     past_key_values=None, **kwargs):
+def _plugged_forward(self, cache, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
     # attention_mask serves only the prefill; after it the cache bounds each row by its lengths, left padding and
     # window (HF builds a q x q mask for a PlugCache, see PlugCache.get_mask_sizes).
     if kwargs.get("use_cache", True) is False:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import ops
+from . import compat, ops
 from .config import PlugConfig
-
-# transformers < 5.18 crops to a positive target length; later releases take a negative count of tokens to drop.
-_LEGACY_CROP = "tokens_to_remove" not in inspect.signature(DynamicLayer.crop).parameters
 
 
 def _compiling() -> bool:
@@ -133,7 +129,7 @@ class PlugLayer(CacheLayerMixin):
         """Drop `-n` tokens (n < 0), or keep the first `n` tokens on transformers < 5.18 (its positive convention)."""
         if n < 0:
             self.cache_seqlens.sub_(-n).clamp_(min=0)
-        elif _LEGACY_CROP:
+        elif compat.LEGACY_CROP:
             self.cache_seqlens.clamp_(max=n)
         elif n > 0:
             raise ValueError(f"crop({n}): transformers >= 5.18 crops with a negative number of tokens to remove")

@@ -8,8 +8,8 @@ import sys
 
 import torch
 
-from . import bench, bench_cases, demo, shapes
-from . import bench_models as bm
+from .tools import bench, cases, demo, shapes
+from .tools import models as bm
 from .config import PlugConfig
 
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(sub.add_parser(
         "bench", help="sweep providers x batch x context and write CSV / JSON / markdown / PNG",
         description="Sweep providers x batch x context with generate() and write CSV / JSON / markdown / PNG.\n"
-                    + (bench_cases.__doc__ or "").split("\n", 1)[1],
+                    + (cases.__doc__ or "").split("\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 

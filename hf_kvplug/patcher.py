@@ -8,6 +8,7 @@ import importlib
 import types
 from dataclasses import dataclass
 
+from . import compat
 from .attention import plug_attention_forward
 from .cache import PlugCache
 
@@ -121,7 +122,7 @@ def patched(model):
 def _checked_generate(generate):
     @functools.wraps(generate)
     def checked(self, *args, **kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_from_kwargs(kwargs)
         if not isinstance(cache, PlugCache):
             return generate(self, *args, **kwargs)
         validate_generate(self, cache, args, kwargs)

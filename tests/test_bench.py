@@ -6,9 +6,11 @@ import json
 import pytest
 import torch
 
-from hf_kvplug import PlugCache, bench_cases, bench_models
-from hf_kvplug.bench import agreement
-from hf_kvplug.bench_report import FIELDS, speedup_lines
+from hf_kvplug import PlugCache
+from hf_kvplug.tools import cases as bench_cases
+from hf_kvplug.tools import models as bench_models
+from hf_kvplug.tools.bench import agreement
+from hf_kvplug.tools.report import FIELDS, speedup_lines
 from hf_kvplug.cli import main
 
 TINY = ["bench", "--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--new-tokens", "4"]

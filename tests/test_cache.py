@@ -7,7 +7,9 @@ import torch
 
 import hf_kvplug
 from hf_kvplug import cache as cache_mod
+from hf_kvplug import compat
 from models import tiny_model
+from hf_kvplug.compat import cache_kwargs as kv
 
 
 def _addresses(cache):
@@ -19,7 +21,7 @@ def _addresses(cache):
 def filled():
     model = hf_kvplug.patch(tiny_model("llama"))
     cache = hf_kvplug.PlugCache(model, max_batch_size=3, max_cache_len=40, kv_dtype="int8", block_size=16)
-    model(torch.randint(2, 128, (3, 21)), past_key_values=cache)
+    model(torch.randint(2, 128, (3, 21)), **kv(cache))
     return model, cache
 
 
@@ -74,13 +76,13 @@ def test_crop_negative_and_legacy(filled, monkeypatch):
     before = _addresses(cache)
     cache.crop(-5)
     assert cache.get_seq_length() == 16
-    if not cache_mod._LEGACY_CROP:  # crop(0) drops nothing (before 5.18 it means "keep 0 tokens")
+    if not compat.LEGACY_CROP:  # crop(0) drops nothing (before the negative convention it means "keep 0 tokens")
         cache.crop(0)
         assert cache.get_seq_length() == 16
     with pytest.raises(ValueError, match="negative"):
-        monkeypatch.setattr(cache_mod, "_LEGACY_CROP", False)
+        monkeypatch.setattr(compat, "LEGACY_CROP", False)
         cache.crop(3)
-    monkeypatch.setattr(cache_mod, "_LEGACY_CROP", True)  # transformers < 5.18: positive = target length
+    monkeypatch.setattr(compat, "LEGACY_CROP", True)  # older releases: positive = target length
     cache.crop(10)
     assert cache.get_seq_length() == 10
     cache.crop(-100)
@@ -107,13 +109,13 @@ def test_reorder_then_decode_matches_reordered_prompts():
     model = hf_kvplug.patch(tiny_model("qwen2"))
     ids = torch.randint(2, 128, (3, 9))
     cache = hf_kvplug.PlugCache(model, max_batch_size=3, max_cache_len=32, block_size=4)
-    model(ids, past_key_values=cache)
+    model(ids, **kv(cache))
     cache.reorder_cache(torch.tensor([1, 0, 0]))
     nxt = torch.randint(2, 128, (3, 1))
-    got = model(nxt, past_key_values=cache).logits
+    got = model(nxt, **kv(cache)).logits
     fresh = hf_kvplug.PlugCache(model, max_batch_size=3, max_cache_len=32, block_size=4)
-    model(ids[[1, 0, 0]], past_key_values=fresh)
-    want = model(nxt, past_key_values=fresh).logits
+    model(ids[[1, 0, 0]], **kv(fresh))
+    want = model(nxt, **kv(fresh)).logits
     torch.testing.assert_close(got, want)
 
 
@@ -124,13 +126,13 @@ def test_row_starts_computed_once_per_forward(monkeypatch):
     cache = hf_kvplug.PlugCache(model, max_batch_size=2, max_cache_len=32, block_size=4)
     assert [layer.leads for layer in cache.layers] == [True, False, False]
     ids = torch.randint(2, 128, (2, 6))
-    model(ids, past_key_values=cache)
+    model(ids, **kv(cache))
     puts = []
     put = cache_mod.StartsMemo.put
     monkeypatch.setattr(cache_mod.StartsMemo, "put", lambda self, *a: puts.append(a[1]) or put(self, *a))
     position_ids = torch.tensor([[6], [6]])
     for step in range(2):
-        model(torch.randint(2, 128, (2, 1)), past_key_values=cache, position_ids=position_ids)
+        model(torch.randint(2, 128, (2, 1)), **kv(cache), position_ids=position_ids)
         assert len(puts) == step + 1
     assert cache.get_seq_length() == 8
 
@@ -154,9 +156,9 @@ def test_row_starts_never_stale(compile_first_layer):
             for row, n in enumerate(pads):
                 ids[row, :n], mask[row, :n] = 0, 0
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
+            model(ids, attention_mask=mask, position_ids=pos, **kv(cache))
             position_ids.copy_(pos[:, -1:] + 1)
-            outs.append(model(torch.tensor([[5], [9]]), position_ids=position_ids, past_key_values=cache).logits)
+            outs.append(model(torch.tensor([[5], [9]]), position_ids=position_ids, **kv(cache)).logits)
         return outs
 
     torch._dynamo.reset()

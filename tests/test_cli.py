@@ -7,8 +7,8 @@ import runpy
 import pytest
 import torch
 
-from hf_kvplug import shapes
-from hf_kvplug.bench import parse_providers, parse_sizes
+from hf_kvplug.tools import shapes
+from hf_kvplug.tools.bench import parse_providers, parse_sizes
 from hf_kvplug.cli import build_parser, main, plan_numbers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +61,7 @@ def test_demo_default_model_reports_identical_tokens(capsys):
 
 
 def test_demo_model_is_deterministic_and_leaves_the_rng_alone():
-    from hf_kvplug.demo import build_demo_model
+    from hf_kvplug.tools.demo import build_demo_model
 
     state = torch.random.get_rng_state()
     a = build_demo_model("qwen3", torch.float32, torch.device("cpu"), seed=3)

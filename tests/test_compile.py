@@ -22,6 +22,7 @@ from transformers.generation.configuration_utils import CompileConfig
 
 import hf_kvplug
 from models import tiny_model
+from hf_kvplug.compat import cache_kwargs as kv
 
 CPU_STEPS = int(os.environ.get("HF_KVPLUG_COMPILE_STEPS", "64"))
 GPU_STEPS = int(os.environ.get("HF_KVPLUG_COMPILE_GPU_STEPS", "512"))
@@ -110,7 +111,7 @@ def generate(model, cache, ids, mask, new_tokens, *, config=None, sample=False, 
     else:
         kwargs["compile_config"] = config
     return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=sample,
-                          past_key_values=cache, **kwargs)
+                          **kv(cache), **kwargs)
 
 
 def plugged(family, dtype=torch.float32, kv_dtype=None, max_batch_size=2, max_cache_len=256, device="cpu", **kw):
@@ -138,11 +139,11 @@ def test_decode_step_is_one_graph(family, kv_dtype, dtype):
     ids, _ = prompt(7, batch=2)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     with torch.no_grad():
-        token = model(ids, past_key_values=eager_cache).logits[:, -1:].argmax(-1)
-        model(ids, past_key_values=compiled_cache)
+        token = model(ids, **kv(eager_cache)).logits[:, -1:].argmax(-1)
+        model(ids, **kv(compiled_cache))
         for _ in range(8):  # past the sliding window (6) of qwen3_sliding's second layer
-            expected = model(token, past_key_values=eager_cache).logits
-            got = step(token, past_key_values=compiled_cache).logits
+            expected = model(token, **kv(eager_cache)).logits
+            got = step(token, **kv(compiled_cache)).logits
             torch.testing.assert_close(got, expected, **tol)
             token = expected.argmax(-1)
     assert backend.frames == 1

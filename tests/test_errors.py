@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 import hf_kvplug
 from models import FAMILIES, tiny_model
+from hf_kvplug.compat import cache_kwargs as kv
 
 _TF_VERSION = tuple(int(x) for x in transformers.__version__.split(".")[:2])
 
@@ -28,7 +29,7 @@ def warm(request):
     model = hf_kvplug.patch(tiny_model(request.param))
     cache = hf_kvplug.PlugCache(model, max_batch_size=2, max_cache_len=32, block_size=16)
     ids = torch.randint(2, 128, (1, 6))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    out = model.generate(ids, **kv(cache), max_new_tokens=4, do_sample=False)
     return model, cache, out
 
 
@@ -36,7 +37,7 @@ def test_over_max_cache_len(warm):
     model, cache, out = warm
     snap = _snapshot(cache)
     with pytest.raises(ValueError, match="max_cache_len=32"):
-        model.generate(out, past_key_values=cache, max_new_tokens=40)
+        model.generate(out, **kv(cache), max_new_tokens=40)
     assert _unchanged(cache, snap)
 
 
@@ -46,7 +47,7 @@ def test_over_max_cache_len_when_continuing_with_only_the_new_turn(warm):
     new_turn = torch.randint(2, 128, (1, 5))
     mask = torch.ones(1, out.shape[1] + 5, dtype=torch.long)  # the whole conversation's mask, new tokens only
     with pytest.raises(ValueError, match="max_cache_len=32"):
-        model.generate(new_turn, attention_mask=mask, past_key_values=cache, max_new_tokens=20)
+        model.generate(new_turn, attention_mask=mask, **kv(cache), max_new_tokens=20)
     assert _unchanged(cache, snap)
 
 
@@ -54,7 +55,7 @@ def test_over_max_cache_len_in_a_direct_forward(warm):
     model, cache, _ = warm
     snap = _snapshot(cache)
     with pytest.raises(ValueError, match="exceed the PlugCache's max_cache_len"):
-        model(torch.randint(2, 128, (1, 30)), past_key_values=cache)
+        model(torch.randint(2, 128, (1, 30)), **kv(cache))
     assert _unchanged(cache, snap)
 
 
@@ -63,7 +64,7 @@ def test_prefill_over_max_cache_len_into_an_empty_cache():
     cache = hf_kvplug.PlugCache(model, max_batch_size=2, max_cache_len=32, block_size=16)
     snap = _snapshot(cache)
     with pytest.raises(ValueError, match="exceed the PlugCache's max_cache_len=32"):
-        model(torch.randint(2, 128, (1, 33)), past_key_values=cache)
+        model(torch.randint(2, 128, (1, 33)), **kv(cache))
     assert _unchanged(cache, snap) and all(layer.fresh for layer in cache.layers)
 
 
@@ -83,10 +84,10 @@ def test_failed_prefill_leaves_the_cache_empty(monkeypatch):
     with monkeypatch.context() as m:
         m.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", out_of_memory)
         with pytest.raises(torch.OutOfMemoryError):
-            model(ids, past_key_values=cache)
+            model(ids, **kv(cache))
     assert all(layer.fresh for layer in cache.layers) and cache.get_seq_length() == 0
-    got = model(ids[:, :8], past_key_values=cache).logits
-    assert torch.equal(got, stock(ids[:, :8], past_key_values=DynamicCache(config=stock.config)).logits)
+    got = model(ids[:, :8], **kv(cache)).logits
+    assert torch.equal(got, stock(ids[:, :8], **kv(DynamicCache(config=stock.config))).logits)
 
 
 @pytest.mark.parametrize("zeros", [[(1, 3, 5)], [(0, 2, 3)]], ids=["right-padding", "gap"])
@@ -99,7 +100,7 @@ def test_mask_that_is_not_left_padding(warm, zeros):
         mask[row, start:end] = 0
     snap = _snapshot(cache)
     with pytest.raises(ValueError, match=f"row {zeros[0][0]} has a 0 after a 1.*padding_side = 'left'"):
-        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3)
+        model.generate(ids, attention_mask=mask, **kv(cache), max_new_tokens=3)
     assert _unchanged(cache, snap)
 
 
@@ -108,9 +109,9 @@ def test_batch_over_max_batch_size(warm):
     snap = _snapshot(cache)
     ids = torch.randint(2, 128, (2, 5))
     with pytest.raises(ValueError, match="max_batch_size=2"):
-        model.generate(ids, past_key_values=cache, max_new_tokens=3, num_beams=2)
+        model.generate(ids, **kv(cache), max_new_tokens=3, num_beams=2)
     with pytest.raises(ValueError, match="max_batch_size=2"):
-        model(torch.randint(2, 128, (3, 5)), past_key_values=cache)
+        model(torch.randint(2, 128, (3, 5)), **kv(cache))
     assert _unchanged(cache, snap)
 
 
@@ -118,9 +119,9 @@ def test_use_cache_false(warm):
     model, cache, out = warm
     snap = _snapshot(cache)
     with pytest.raises(ValueError, match="use_cache=False"):
-        model.generate(out, past_key_values=cache, max_new_tokens=3, use_cache=False)
+        model.generate(out, **kv(cache), max_new_tokens=3, use_cache=False)
     with pytest.raises(ValueError, match="use_cache=False"):
-        model(out, past_key_values=cache, use_cache=False)
+        model(out, **kv(cache), use_cache=False)
     assert _unchanged(cache, snap)
 
 
@@ -144,9 +145,9 @@ def test_cache_for_another_model(change, message):
     cache = hf_kvplug.PlugCache(other, max_batch_size=1, max_cache_len=32, block_size=16)
     snap = _snapshot(cache)
     with pytest.raises(ValueError, match=message):
-        model.generate(torch.randint(2, 128, (1, 5)), past_key_values=cache, max_new_tokens=3)
+        model.generate(torch.randint(2, 128, (1, 5)), **kv(cache), max_new_tokens=3)
     with pytest.raises(ValueError, match="another model"):
-        model(torch.randint(2, 128, (1, 5)), past_key_values=cache)
+        model(torch.randint(2, 128, (1, 5)), **kv(cache))
     assert _unchanged(cache, snap)
 
 
@@ -155,23 +156,23 @@ def test_cache_of_another_dtype_or_device():
     ids = torch.randint(2, 128, (1, 5))
     half = hf_kvplug.PlugCache(model.config, max_batch_size=1, max_cache_len=32, dtype=torch.float16, device="cpu")
     with pytest.raises(ValueError, match="dtype"):
-        model.generate(ids, past_key_values=half, max_new_tokens=3)
+        model.generate(ids, **kv(half), max_new_tokens=3)
     with pytest.raises(ValueError, match="dtype"):
-        model(ids, past_key_values=half)
+        model(ids, **kv(half))
     assert half.get_seq_length() == 0
     meta = hf_kvplug.PlugCache(model.config, max_batch_size=1, max_cache_len=32, dtype=torch.float32, device="meta")
     with pytest.raises(ValueError, match="layer_devices"):
-        model.generate(ids, past_key_values=meta, max_new_tokens=3)
+        model.generate(ids, **kv(meta), max_new_tokens=3)
     if _TF_VERSION >= (5, 17):  # older masks read the (meta) cache length before any layer runs
         with pytest.raises(ValueError, match="device"):  # (a meta cache cannot tell its length: pass positions)
-            model(ids, past_key_values=meta, position_ids=torch.arange(5)[None])
+            model(ids, **kv(meta), position_ids=torch.arange(5)[None])
 
 
 def test_unpatched_model_with_plug_cache():
     model = tiny_model("llama")
     cache = hf_kvplug.PlugCache(model, max_batch_size=1, max_cache_len=32)
     with pytest.raises(RuntimeError, match=r"hf_kvplug.patch\(model\)"):
-        model.generate(torch.randint(2, 128, (1, 5)), past_key_values=cache, max_new_tokens=3)
+        model.generate(torch.randint(2, 128, (1, 5)), **kv(cache), max_new_tokens=3)
     assert cache.get_seq_length() == 0
 
 

@@ -8,6 +8,7 @@ from transformers import DynamicCache, TextStreamer
 
 import hf_kvplug
 from models import FAMILIES, tiny_model
+from hf_kvplug.compat import cache_kwargs as kv
 
 ALL = FAMILIES + ("qwen3_sliding",)
 
@@ -44,7 +45,7 @@ def test_greedy_tokens_and_logits(family):
     ids = _prompt()
     kw = dict(max_new_tokens=20, do_sample=False, output_logits=True, return_dict_in_generate=True)
     ref = stock.generate(ids, **kw)
-    out = plugged.generate(ids, past_key_values=cache, **kw)
+    out = plugged.generate(ids, **kv(cache), **kw)
     assert torch.equal(ref.sequences, out.sequences)
     _nontrivial(out.sequences, ids.shape[1])
     err = max((a - b).abs().max().item() for a, b in zip(ref.logits, out.logits))
@@ -59,9 +60,9 @@ def test_prefill_is_stock_attention(family, kv_dtype):
     stock (left padding included, INT8 too); the next forward reads the cache."""
     stock, plugged, cache = _pair(family, kv_dtype=kv_dtype)
     ids, mask = _left_padded()
-    ref = stock(ids, attention_mask=mask, past_key_values=DynamicCache(config=stock.config)).logits
+    ref = stock(ids, attention_mask=mask, **kv(DynamicCache(config=stock.config))).logits
     assert all(layer.fresh for layer in cache.layers)
-    got = plugged(ids, attention_mask=mask, past_key_values=cache).logits
+    got = plugged(ids, attention_mask=mask, **kv(cache)).logits
     assert torch.equal(ref, got)
     assert not any(layer.fresh for layer in cache.layers) and cache.get_seq_length() == ids.shape[1]
     cache.reset()
@@ -76,7 +77,7 @@ def test_eager_attention_implementation(family):
     kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, output_logits=True,
               return_dict_in_generate=True)
     ref = stock.generate(ids, **kw)
-    out = plugged.generate(ids, past_key_values=hf_kvplug.PlugCache(plugged, 3, 64, block_size=16), **kw)
+    out = plugged.generate(ids, **kv(hf_kvplug.PlugCache(plugged, 3, 64, block_size=16)), **kw)
     assert torch.equal(ref.sequences, out.sequences) and torch.equal(ref.logits[0], out.logits[0])
 
 
@@ -89,7 +90,7 @@ def test_chunked_prefill(family, kv_dtype):
     kw = dict(max_new_tokens=12, do_sample=False)
     ref = stock.generate(ids, prefill_chunk_size=5, **kw)
     assert torch.equal(ref, stock.generate(ids, **kw))
-    out = plugged.generate(ids, past_key_values=cache, prefill_chunk_size=5, **kw)
+    out = plugged.generate(ids, **kv(cache), prefill_chunk_size=5, **kw)
     if kv_dtype is None:
         assert torch.equal(out, ref)
     else:  # chunks after the first read INT8 K/V: near-ties may flip, most tokens agree
@@ -105,7 +106,7 @@ def test_sampling_fixed_seed(family):
     torch.manual_seed(123)
     ref = stock.generate(ids, **kw)
     torch.manual_seed(123)
-    out = plugged.generate(ids, past_key_values=cache, **kw)
+    out = plugged.generate(ids, **kv(cache), **kw)
     assert torch.equal(ref, out)
 
 
@@ -115,7 +116,7 @@ def test_beam_search(family):
     ids = _prompt(2, 6)
     kw = dict(max_new_tokens=12, num_beams=3, do_sample=False, num_return_sequences=2)
     ref = stock.generate(ids, **kw)
-    out = plugged.generate(ids, past_key_values=cache, **kw)
+    out = plugged.generate(ids, **kv(cache), **kw)
     assert torch.equal(ref, out)
 
 
@@ -127,7 +128,7 @@ def test_num_return_sequences(family):
     torch.manual_seed(7)
     ref = stock.generate(ids, **kw)
     torch.manual_seed(7)
-    out = plugged.generate(ids, past_key_values=cache, **kw)
+    out = plugged.generate(ids, **kv(cache), **kw)
     assert out.shape == (6, 15) and torch.equal(ref, out)
 
 
@@ -137,7 +138,7 @@ def test_left_padded_batch(family):
     ids, mask = _left_padded()
     kw = dict(max_new_tokens=14, do_sample=False, output_logits=True, return_dict_in_generate=True)
     ref = stock.generate(ids, attention_mask=mask, **kw)
-    out = plugged.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
+    out = plugged.generate(ids, attention_mask=mask, **kv(cache), **kw)
     assert torch.equal(ref.sequences, out.sequences)
     err = max((a - b).abs().max().item() for a, b in zip(ref.logits, out.logits))
     assert err < 1e-4
@@ -152,12 +153,12 @@ def test_multi_turn_continuation(family):
     stock, plugged, cache = _pair(family)
     stock_cache = DynamicCache(config=stock.config)
     ids = _prompt(1, 6)
-    ref1 = stock.generate(ids, past_key_values=stock_cache, max_new_tokens=8, do_sample=False)
-    out1 = plugged.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    ref1 = stock.generate(ids, **kv(stock_cache), max_new_tokens=8, do_sample=False)
+    out1 = plugged.generate(ids, **kv(cache), max_new_tokens=8, do_sample=False)
     assert torch.equal(ref1, out1)
     turn2 = torch.cat([out1, _prompt(1, 5, seed=9)], dim=1)
-    ref2 = stock.generate(turn2, past_key_values=stock_cache, max_new_tokens=8, do_sample=False)
-    out2 = plugged.generate(turn2, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    ref2 = stock.generate(turn2, **kv(stock_cache), max_new_tokens=8, do_sample=False)
+    out2 = plugged.generate(turn2, **kv(cache), max_new_tokens=8, do_sample=False)
     assert torch.equal(ref2, out2)
     assert cache.get_seq_length() == stock_cache.get_seq_length() == turn2.shape[1] + 7
 
@@ -165,12 +166,12 @@ def test_multi_turn_continuation(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reset_then_reuse(family):
     stock, plugged, cache = _pair(family)
-    plugged.generate(_prompt(2, 11, seed=5), past_key_values=cache, max_new_tokens=9, do_sample=False)
+    plugged.generate(_prompt(2, 11, seed=5), **kv(cache), max_new_tokens=9, do_sample=False)
     cache.reset()
     assert cache.get_seq_length() == 0
     ids = _prompt(1, 6, seed=6)
     ref = stock.generate(ids, max_new_tokens=10, do_sample=False)
-    out = plugged.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False)
+    out = plugged.generate(ids, **kv(cache), max_new_tokens=10, do_sample=False)
     assert torch.equal(ref, out)
 
 
@@ -181,7 +182,7 @@ def test_prompt_lookup_assisted_decoding(family):
     ids = torch.tensor([[5, 9, 17, 33, 5, 9, 17, 33, 5, 9, 17, 40, 5, 9]])
     kw = dict(max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=3, eos_token_id=127)  # 5.4 needs an eos
     ref = stock.generate(ids, **kw)
-    out = plugged.generate(ids, past_key_values=cache, **kw)
+    out = plugged.generate(ids, **kv(cache), **kw)
     assert torch.equal(ref, out)
     assert torch.equal(out, stock.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=127))
 
@@ -191,7 +192,7 @@ def test_text_streamer(capsys, tiny_tokenizer):
     ids = _prompt()
     stock.generate(ids, max_new_tokens=10, do_sample=False, streamer=TextStreamer(tiny_tokenizer))
     ref = capsys.readouterr().out
-    plugged.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False,
+    plugged.generate(ids, **kv(cache), max_new_tokens=10, do_sample=False,
                      streamer=TextStreamer(tiny_tokenizer))
     out = capsys.readouterr().out
     assert ref == out and len(out.split()) >= 10
@@ -211,9 +212,9 @@ def tiny_tokenizer():
 def _teacher_forced_logits(model, ids, cache, steps):
     """Logits of a prefill then `steps` single-token decode forwards along `ids`."""
     prompt = ids.shape[1] - steps
-    out = [model(ids[:, :prompt], past_key_values=cache, use_cache=True).logits[:, -1]]
+    out = [model(ids[:, :prompt], **kv(cache), use_cache=True).logits[:, -1]]
     for t in range(prompt, ids.shape[1]):
-        out.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+        out.append(model(ids[:, t:t + 1], **kv(cache), use_cache=True).logits[:, -1])
     return torch.stack(out)
 
 
@@ -262,10 +263,10 @@ def test_triton_backend_end_to_end(family, kv_dtype):
     stock, plugged, ref_cache = _pair(family, kv_dtype=kv_dtype, backend="reference")
     ids, mask = _left_padded()
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
-    want = plugged.generate(ids, past_key_values=ref_cache, **kw)
+    want = plugged.generate(ids, **kv(ref_cache), **kw)
     cache = hf_kvplug.PlugCache(plugged, max_batch_size=6, max_cache_len=96, block_size=16, kv_dtype=kv_dtype,
                                 backend="triton")
-    got = plugged.generate(ids, past_key_values=cache, **kw)
+    got = plugged.generate(ids, **kv(cache), **kw)
     assert torch.equal(got, want)
     if kv_dtype is None:
         assert torch.equal(got, stock.generate(ids, **kw))

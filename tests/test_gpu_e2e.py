@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config, Qwen3Config
 
 import hf_kvplug
+from hf_kvplug.compat import cache_kwargs as kv
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -48,7 +49,7 @@ def test_fp32_greedy_identical(name, kv_dtype):
     hf_kvplug.patch(model)
     cache = hf_kvplug.PlugCache(model, max_batch_size=3, max_cache_len=512, kv_dtype=kv_dtype)
     assert cache.layers[0].backend == "triton"
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=32, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, **kv(cache), max_new_tokens=32, do_sample=False)
     agree = (out[:, 300:] == ref[:, 300:]).float().mean().item()
     print(f"{name} fp32 kv={kv_dtype}: token agreement {agree:.3f}")
     if kv_dtype is None:
@@ -68,15 +69,15 @@ def test_bf16_agreement_and_logits(name, kv_dtype):
     prompt = stock.shape[1] - steps
 
     def logits(cache):
-        out = [model(stock[:, :prompt], past_key_values=cache).logits[:, -1].float()]
+        out = [model(stock[:, :prompt], **kv(cache)).logits[:, -1].float()]
         for t in range(prompt, stock.shape[1]):
-            out.append(model(stock[:, t:t + 1], past_key_values=cache).logits[:, -1].float())
+            out.append(model(stock[:, t:t + 1], **kv(cache)).logits[:, -1].float())
         return torch.stack(out)
 
     ref = logits(DynamicCache(config=model.config))
     hf_kvplug.patch(model)
     got = logits(hf_kvplug.PlugCache(model, max_batch_size=2, max_cache_len=2048, kv_dtype=kv_dtype))
-    plugged = model.generate(ids, past_key_values=hf_kvplug.PlugCache(model, 2, 2048, kv_dtype=kv_dtype),
+    plugged = model.generate(ids, **kv(hf_kvplug.PlugCache(model, 2, 2048, kv_dtype=kv_dtype)),
                              max_new_tokens=64, do_sample=False)
     rel = ((got - ref).abs().max() / ref.abs().max()).item()
     argmax = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
@@ -95,6 +96,6 @@ def test_long_context_and_reuse():
     ref = model.generate(ids, max_new_tokens=16, do_sample=False)
     hf_kvplug.patch(model)
     for _ in range(2):
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
+        out = model.generate(ids, **kv(cache), max_new_tokens=16, do_sample=False)
         assert torch.equal(out, ref)
         cache.reset()

@@ -8,6 +8,7 @@ from transformers import DynamicCache, StaticCache
 
 import hf_kvplug
 from models import FAMILIES, tiny_model
+from hf_kvplug.compat import CACHE_KWARG, cache_kwargs as kv
 
 
 def _attn_modules(model):
@@ -55,9 +56,9 @@ def test_patched_model_with_stock_cache_is_unchanged(family, cache_kind):
     def run(model):
         kw = {}
         if cache_kind == "dynamic":
-            kw["past_key_values"] = DynamicCache(config=model.config)
+            kw[CACHE_KWARG] = DynamicCache(config=model.config)
         elif cache_kind == "static":
-            kw["past_key_values"] = StaticCache(config=model.config, max_cache_len=32)
+            kw[CACHE_KWARG] = StaticCache(config=model.config, max_cache_len=32)
         return model.generate(ids, max_new_tokens=8, do_sample=False, output_logits=True,
                               return_dict_in_generate=True, **kw)
 
@@ -79,7 +80,7 @@ def test_patch_beneath_accelerate_hooks():
     cache = hf_kvplug.PlugCache(model, max_batch_size=1, max_cache_len=32, block_size=16)
     ids = torch.randint(2, 128, (1, 6))
     ref = stock.generate(ids, max_new_tokens=8, do_sample=False)
-    assert torch.equal(ref, model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False))
+    assert torch.equal(ref, model.generate(ids, **kv(cache), max_new_tokens=8, do_sample=False))
     hf_kvplug.unpatch(model)
     for m in _attn_modules(model):
         remove_hook_from_module(m)
@@ -98,7 +99,7 @@ def test_patch_keeps_an_instance_level_generate_override():
     model.generate = spy
     hf_kvplug.patch(model)
     cache = hf_kvplug.PlugCache(model, max_batch_size=1, max_cache_len=32)
-    model.generate(torch.randint(2, 128, (1, 5)), past_key_values=cache, max_new_tokens=2)
+    model.generate(torch.randint(2, 128, (1, 5)), **kv(cache), max_new_tokens=2)
     assert calls == [1]
     hf_kvplug.unpatch(model)
     assert model.generate is spy

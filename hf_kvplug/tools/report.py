@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .bench_cases import BenchRow
+from .cases import BenchRow
 
 FIELDS = [f.name for f in dataclasses.fields(BenchRow)]
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList
 
-from . import bench_models as bm
+from . import models as bm
 from . import shapes
-from .bench_cases import StepTimer, median_p20_p80
-from .cache import PlugCache
-from .patcher import patched
+from .cases import StepTimer, median_p20_p80
+from ..cache import PlugCache
+from ..patcher import patched
+from ..compat import cache_kwargs as kv
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog."
 
@@ -93,11 +94,11 @@ def generate_once(model, prompt: torch.Tensor, new_tokens: int, cache, name: str
     warm = min(new_tokens, 4)
     with torch.inference_mode():
         # min_new_tokens = max_new_tokens: EOS is ignored, so every run decodes the same number of steps.
-        model.generate(prompt, max_new_tokens=warm, min_new_tokens=warm, past_key_values=cache(), **kw)
+        model.generate(prompt, max_new_tokens=warm, min_new_tokens=warm, **kv(cache()), **kw)
         timer = StepTimer(device)
         bm.sync(device)
         start = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, past_key_values=cache(),
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kv(cache()),
                              logits_processor=LogitsProcessorList([timer]), **kw)
         bm.sync(device)
         end = time.perf_counter()

@@ -1,8 +1,8 @@
 """`hf-kvplug bench`: sweep providers x batch x context with `generate()` and write CSV / JSON / markdown / PNG.
 
-The pieces live in small files: `bench_models` (devices, random-weight models, copy bandwidth), `bench_cases`
+The pieces live in small files: `models` (devices, random-weight models, copy bandwidth), `cases`
 (providers, the per-step timer and one measured case; its docstring says how each metric is measured) and
-`bench_report` (files, tables, plots, speedups). This file holds the command's arguments and the sweep.
+`report` (files, tables, plots, speedups). This file holds the command's arguments and the sweep.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from . import bench_models as bm
+from . import models as bm
 from . import shapes
-from .bench_cases import (PROVIDERS, BenchCase, BenchRow, CacheFactory, Settings, empty_row, free_memory,
+from .cases import (PROVIDERS, BenchCase, BenchRow, CacheFactory, Settings, empty_row, free_memory,
                           predicted_kv_bytes, random_prompt, run_case_safe, timed_generate)
-from .patcher import patched
-from .bench_report import FIELDS, default_out_dir, environment, markdown_table, rel, speedup_lines, write_all
+from ..patcher import patched
+from .report import FIELDS, default_out_dir, environment, markdown_table, rel, speedup_lines, write_all
 
 DEFAULT_PROVIDERS = ",".join(PROVIDERS)
 

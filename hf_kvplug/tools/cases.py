@@ -12,7 +12,7 @@ How a case is measured (`run_case`):
   * tokens/s = batch x decode steps / (last record - first record);
   * peak memory = `torch.cuda.max_memory_allocated` over the measured run (reset before it; weights included);
   * bandwidth floor of a decode step = (weight bytes read per step, i.e. all parameters but an untied input
-    embedding, + KV bytes read per step) / copy bandwidth (`bench_models.copy_bandwidth`), with
+    embedding, + KV bytes read per step) / copy bandwidth (`models.copy_bandwidth`), with
     the KV read = batch x (context + new_tokens / 2) tokens x bytes/token (the mean over the decode steps) for caches
     that read only the filled slots, and batch x max_cache_len x bytes/token for HF's StaticCache (SDPA reads the
     whole buffer); `bw_floor_fraction` = floor / measured median step (1.0 = at the copy-bandwidth limit);
@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .bench_models import dtype_name, sync
-from .cache import PlugCache
-from .config import PlugConfig
-from .patcher import patched
+from .models import dtype_name, sync
+from ..cache import PlugCache
+from ..config import PlugConfig
+from ..patcher import patched
+from ..compat import cache_kwargs as kv
 
 OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
 
@@ -261,7 +262,7 @@ def random_prompt(batch: int, length: int, vocab: int, seed: int, device) -> tor
 
 
 def generate_kwargs(provider: Provider, settings: Settings, cache, new_tokens: int, timer: StepTimer) -> dict:
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, past_key_values=cache,
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kv(cache),
               logits_processor=LogitsProcessorList([timer]), disable_compile=not provider.compile)
     if provider.compile and settings.device.type != "cuda":
         from transformers import CompileConfig

@@ -1,0 +1,63 @@
+"""Every difference between the transformers releases hf_kvplug supports (>=5.4, <6), in one place.
+
+Each entry names the release that changed it. The rest of the package asks this module and never compares versions
+itself. Where a release can be recognised by the feature itself (a parameter name), the check reads the feature, so a
+backport or a development build is judged by what it does, not by its number.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import transformers
+from packaging.version import Version
+from transformers.cache_utils import DynamicLayer
+from transformers.models.llama import modeling_llama
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+
+# 5.24: `past_key_values` is renamed `cache` in every attention, decoder layer and model forward, in generate() and in
+# the masking utilities (the old keyword still works, with a FutureWarning, until 5.40 / 6.0). Before 5.24 only
+# `past_key_values` exists.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(modeling_llama.LlamaAttention.forward).parameters \
+    else "past_key_values"
+CACHE_KWARGS = ("cache", "past_key_values")  # every name a cache may arrive under, the preferred one first
+
+# 5.18: `Cache.crop(tokens_to_remove)` takes a negative count of tokens to drop (a positive count raises). Before,
+# `crop(max_length)` kept the first `max_length` tokens (and a negative one dropped that many from the end).
+LEGACY_CROP = "tokens_to_remove" not in inspect.signature(DynamicLayer.crop).parameters
+
+# 5.17: assisted / prompt-lookup decoding accepts a compileable cache that is not exactly `StaticCache`. Before, it
+# refused every cache whose `is_compileable` is True.
+ASSISTED_REFUSES_COMPILEABLE = TRANSFORMERS_VERSION < Version("5.17.0")
+
+
+def cache_from_call(args: tuple, kwargs: dict, position: int):
+    """The cache an attention / decoder / model forward was called with, under either name, by keyword or at
+    `position` (index into `args`, which excludes `self`); None when there is none."""
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return args[position] if len(args) > position else None
+
+
+def cache_from_kwargs(kwargs: dict):
+    """The cache handed to generate() or a model forward by keyword, under either name (None if neither)."""
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def output_cache(outputs):
+    """The cache a model forward returned (`outputs.cache` from 5.24, `outputs.past_key_values` before)."""
+    for name in CACHE_KWARGS:
+        value = outputs.get(name) if hasattr(outputs, "get") else getattr(outputs, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def cache_kwargs(cache) -> dict:
+    """`{name: cache}` under the name the installed release prefers, for generate() and model forwards."""
+    return {CACHE_KWARG: cache}
