@@ -177,10 +177,12 @@ def kvplug_call(q, keys, values, scale, block_size: int, capacity: int, int8: bo
     k_new, v_new = keys[:, :, -1:].transpose(1, 2), values[:, :, -1:].transpose(1, 2)  # [B, 1, Hk, D] views
     seqlens = torch.full((batch,), context - 1, dtype=torch.int32, device=keys.device)
     starts = torch.zeros((batch,), dtype=torch.int32, device=keys.device)
+    no_holes = torch.empty(0, dtype=torch.uint8, device=keys.device)  # as a PlugCache without masked slots
+    status = torch.zeros(1, dtype=torch.int32, device=keys.device)
 
     def call():
         return kernels.attend_with_kvcache(q, k_new, v_new, k_cache, v_cache, k_scale, v_scale, table, seqlens, starts,
-                                           scale, 0)
+                                           no_holes, status, scale, 0)
 
     return call
 
@@ -326,6 +328,8 @@ def tune_case(q, keys, values, kv: str, block_size: int, copy_gbps: float) -> li
     k_new, v_new = keys[:, :, -1:].transpose(1, 2), values[:, :, -1:].transpose(1, 2)
     seqlens = torch.full((batch,), context - 1, dtype=torch.int32, device=DEVICE)
     starts = torch.zeros((batch,), dtype=torch.int32, device=DEVICE)
+    no_holes = torch.empty(0, dtype=torch.uint8, device=DEVICE)
+    status = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     nbytes = kv_bytes(batch, nheads_k, context, d, int8)
     want = expected_output(q, keys, values, d ** -0.5, int8).float()
     tolerance = 1e-2 * want.abs().max().item()
@@ -346,7 +350,7 @@ def tune_case(q, keys, values, kv: str, block_size: int, copy_gbps: float) -> li
 
             def call(config=config, splits=splits):
                 return DA.decode_attn(q, k_new, v_new, k_cache, v_cache, k_scale, v_scale, table, seqlens, starts,
-                                      d ** -0.5, 0, num_splits=splits, config=config)
+                                      no_holes, status, d ** -0.5, 0, num_splits=splits, config=config)
 
             row = dict(batch=batch, context=context, kv_dtype=kv, capacity=capacity, block_n=config[0],
                        num_warps=config[1], num_stages=config[2], v_scale_on_p=config[3], waves=waves,

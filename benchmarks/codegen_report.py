@@ -26,7 +26,7 @@ from pathlib import Path
 
 SHAPES = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128), "llama3.2-1b": (32, 8, 64),
           "qwen2.5-0.5b": (14, 2, 64)}  # nheads, nheads_k, head_dim
-UNALIGNED = ("stride_sb", "stride_sh", "stride_ss", "stride_lb", "stride_lh", "stride_bt")  # may be odd
+UNALIGNED = ("stride_sb", "stride_sh", "stride_ss", "stride_lb", "stride_lh", "stride_bt", "stride_mb")  # may be odd
 ARCH = 90
 
 
@@ -101,28 +101,33 @@ def _pointer_types(jit, dtype: str, int8: bool) -> dict:
                 types[name] = cache
             elif "scale" in name or name.startswith("part_"):
                 types[name] = "fp32"
-            elif name in ("block_table_ptr", "cache_seqlens_ptr", "cache_starts_ptr"):
+            elif name in ("block_table_ptr", "cache_seqlens_ptr", "cache_starts_ptr", "status_ptr"):
                 types[name] = "i32"
+            elif name == "cache_valid_ptr":
+                types[name] = "u8"
             else:
                 types[name] = dtype
     return types
 
 
-def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, int8: bool, block_size: int = 64) -> list[dict]:
-    """The decode kernel (split and unsplit) and the extend kernel of one shape, as their launchers configure them."""
+def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, int8: bool, block_size: int = 64,
+           holes: bool = False) -> list[dict]:
+    """The decode kernel (split and unsplit) and the extend kernel of one shape, as their launchers configure them
+    for a PlugCache (overflow status on; `holes`: the variant for attention masks with holes)."""
     from hf_kvplug.kernels import decode_attn as DA
     from hf_kvplug.kernels import extend_attn as EA
     from hf_kvplug.kernels.utils import next_pow2
 
     group, d_pad = nheads // nheads_k, next_pow2(head_dim)
     elem = 4 if dtype == "fp32" else 2
-    base = dict(dtype=dtype, kv="int8" if int8 else dtype, nheads=nheads, nheads_k=nheads_k, head_dim=head_dim)
+    base = dict(dtype=dtype, kv="int8" if int8 else dtype, nheads=nheads, nheads_k=nheads_k, head_dim=head_dim,
+                holes=holes)
     rows = []
     cfg = DA.decode_config(head_dim, int8, elem)
     for split in (True, False):
         consts = dict(GROUP=group, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=cfg.block_n, BLOCK_SIZE=block_size,
                       HEAD_DIM=head_dim, D_PAD=d_pad, INT8=int8, V_SCALE_ON_P=int8 and cfg.v_scale_on_p, SPLIT=split,
-                      UPCAST=False)
+                      UPCAST=False, HAS_HOLES=holes, HAS_STATUS=True)
         k = compile_kernel(DA._decode_attn_kernel, _pointer_types(DA._decode_attn_kernel, dtype, int8), consts,
                            cfg.num_warps, cfg.num_stages)
         sass = _dump(k, "-sass")
@@ -136,7 +141,7 @@ def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, int8: bool, bl
     block_r, block_n, num_warps, num_stages = EA.extend_config(head_dim, elem)
     group_pad = next_pow2(group)
     consts = dict(GROUP=group, GROUP_PAD=group_pad, BLOCK_M=max(1, block_r // group_pad), BLOCK_N=block_n,
-                  BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad, INT8=int8, UPCAST=False)
+                  BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad, INT8=int8, UPCAST=False, HAS_HOLES=holes)
     k = compile_kernel(EA._extend_attn_kernel, _pointer_types(EA._extend_attn_kernel, dtype, int8), consts,
                        num_warps, num_stages)
     regs, stack = resources(k)
@@ -149,11 +154,14 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="llama3-8b,qwen2.5-7b", help=f"comma list of {', '.join(SHAPES)}")
     p.add_argument("--dtypes", default="fp16,bf16", help="comma list of model dtypes: fp16, bf16, fp32")
+    p.add_argument("--holes", action="store_true",
+                   help="also the variants for attention masks with holes (the kernels then read a slot mask)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args(argv)
     triton = _triton()
     rows = [r for shape in args.shapes.split(",") for dtype in args.dtypes.split(",") for int8 in (False, True)
-            if not (int8 and dtype == "fp32") for r in report(*SHAPES[shape], dtype, int8)]
+            for holes in ((False, True) if args.holes else (False,))
+            if not (int8 and dtype == "fp32") for r in report(*SHAPES[shape], dtype, int8, holes=holes)]
     if args.json:
         print(json.dumps(dict(triton=triton.__version__, arch=ARCH, rows=rows)))
         return rows
@@ -162,6 +170,7 @@ def main(argv=None) -> list[dict]:
         loop = (f" loop {r['loop_instructions']} instr, I2F {r['loop_i2f']}, top {r['loop_top']}"
                 if "loop_top" in r else "")
         print(f"{r['kernel']:12s} {r['nheads']}/{r['nheads_k']} d{r['head_dim']} {r['dtype']:4s} kv {r['kv']:4s} "
+              f"{'holes ' if r['holes'] else ''}"
               f"config {r['config']}: {r['regs']} regs, {r['spill_bytes']} B spilled, {r['smem']} B smem{loop}")
     return rows
 

@@ -21,11 +21,19 @@ def plug_attention_forward(self, *args, **kwargs):
     return _plugged_forward(self, cache, *args[:3], **kwargs)
 
 
+def _wants_weights(module, kwargs) -> bool:
+    """Stock returns attention weights only from eager attention, and only when asked."""
+    asked = kwargs.get("output_attentions")
+    if asked is None:
+        asked = getattr(module.config, "output_attentions", False)
+    return bool(asked) and module.config._attn_implementation == "eager"
+
+
 def _plugged_forward(self, cache, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
-    # attention_mask serves only the prefill; after it the cache bounds each row by its lengths, left padding and
-    # window (HF builds a q x q mask for a PlugCache, see PlugCache.get_mask_sizes).
+    # attention_mask serves only the prefill; after it the cache bounds each row by its lengths and the mask it
+    # recorded (HF builds a q x q mask for a PlugCache, see PlugLayer.get_mask_sizes).
     if kwargs.get("use_cache", True) is False:
-        raise ValueError("use_cache=False cannot be combined with a PlugCache: drop past_key_values or use_cache=False")
+        raise ValueError("use_cache=False cannot be combined with a PlugCache: drop the cache or use_cache=False")
     if len(cache.layers) != self.config.num_hidden_layers:
         raise ValueError(f"PlugCache has {len(cache.layers)} layers but the model has "
                          f"{self.config.num_hidden_layers}: it was built for another model")
@@ -41,16 +49,19 @@ def _plugged_forward(self, cache, hidden_states, position_embeddings=None, atten
     modeling = sys.modules[type(self).__module__]
     q, k = modeling.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     layer = cache.layer(self.layer_idx)
+    weights = None
     if layer.fresh:
         # First forward into an empty cache (the prefill): the model's own attention over the fresh K/V with the
         # mask HF built (q x q, as for a DynamicCache), exactly as stock; the K/V are stored only once it succeeded,
         # so that an error in it (say, out of memory) leaves the layer empty.
-        layer.check_write(k.transpose(1, 2))
+        layer.check_states(k.transpose(1, 2))
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                        modeling.eager_attention_forward)
-        out, _ = attend(self, q, k, v.transpose(1, 2), attention_mask, dropout=0.0, scaling=self.scaling,
-                        sliding_window=layer.window, **kwargs)
+        out, weights = attend(self, q, k, v.transpose(1, 2), attention_mask, dropout=0.0, scaling=self.scaling,
+                              sliding_window=layer.window, **kwargs)
         layer.write(k.transpose(1, 2), v)
+    elif _wants_weights(self, kwargs):  # output_attentions: the model's eager attention over the gathered K/V
+        out, weights = layer.attend_dense(self, q, k.transpose(1, 2), v, modeling.eager_attention_forward)
     else:
-        out = layer.attend(q.transpose(1, 2), k.transpose(1, 2), v, kwargs.get("position_ids"), self.scaling)
-    return self.o_proj(out.reshape(*input_shape, -1)), None
+        out = layer.attend(q.transpose(1, 2), k.transpose(1, 2), v, self.scaling)
+    return self.o_proj(out.reshape(*input_shape, -1)), weights

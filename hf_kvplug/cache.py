@@ -1,14 +1,30 @@
-"""PlugCache: a transformers `Cache` whose K/V live in preallocated paged GPU (or CPU) buffers, fp or INT8."""
+"""PlugCache: a transformers `Cache` whose K/V live in preallocated paged GPU (or CPU) buffers, fp or INT8.
+
+Three kinds of state, kept apart:
+  * the buffers: per layer a pool of blocks `[num_blocks, nheads_k, block_size, head_dim]` for K and V (INT8 adds
+    fp32 scales), allocated once, never re-assigned, shared with forks;
+  * per device, what the kernels read besides them: the block table, each row's first visible slot (`starts`), the
+    slot mask for masks with holes (`valid`) and an overflow flag (`status`); per layer, the row lengths;
+  * on the host: which blocks each row maps (`blocks.BlockTable`), how many tokens the rows hold, and whether a
+    forward is under way. Host work (mapping blocks, copy-on-write, recording the attention mask, checks) happens
+    in `begin_forward`, called on eager code before every forward: generate()'s mask preparation, or the patched
+    model's forward pre-hooks. The decode step itself reads and writes device tensors only.
+"""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import compat, ops
+from .blocks import BlockPool, BlockTable, PoolExhausted
 from .config import PlugConfig
+from .reference import gather_kv, visible_slots
+
+KEEP_MASK = object()  # begin_forward: leave the recorded mask as it is (a layer called without the model around it)
 
 
 def _compiling() -> bool:
@@ -24,92 +40,123 @@ def _mark_static(*tensors: torch.Tensor) -> None:
             torch._dynamo.mark_static_address(t, guard=False)
 
 
-def _version(t: torch.Tensor):
-    return None if t.is_inference() else t._version  # inference tensors keep no version counter
+def _inference_mode_error(e: RuntimeError, what: str) -> RuntimeError:
+    if "Inplace update to inference tensor outside InferenceMode" not in str(e):
+        return e
+    return RuntimeError(f"{what}: this PlugCache was built inside torch.inference_mode() and is used outside it "
+                        "(inference tensors cannot be written there). Build the cache outside inference_mode (it "
+                        "works inside torch.no_grad() and inference_mode alike), or keep every use inside it.")
 
 
-class StartsMemo:
-    """Eager only: the per-row first valid slots of one forward on one device, computed by the first layer there and
-    reused by the later ones (each layer holds the same lengths when it runs), saving a few tiny ops per layer.
-    The first layer refreshes it every forward, or clears it when it runs compiled or takes the prefill path, so a
-    later layer never sees another forward's value; the key also holds the ids' version (in-place updates)."""
+class DeviceState:
+    """What the kernels read on one device besides the K/V buffers, shared by the layers there (static addresses)."""
 
-    def __init__(self):
-        self.clear()
+    def __init__(self, config: PlugConfig, device: torch.device):
+        rows, width = config.max_batch_size, config.max_blocks_per_row
+        self.device = device
+        self.block_table = torch.full((rows, width), -1, dtype=torch.int32, device=device)
+        self.starts = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.valid = torch.ones((rows, config.max_cache_len), dtype=torch.uint8, device=device)
+        self.status = torch.zeros(1, dtype=torch.int32, device=device)
+        _mark_static(self.block_table, self.starts, self.valid, self.status)
 
-    def clear(self) -> None:
-        self.position_ids = self.starts = self.version = None
-        self.q_len = 0
-
-    def get(self, position_ids, q_len: int, batch: int):
-        if (self.position_ids is position_ids and self.q_len == q_len and self.starts.shape[0] == batch
-                and self.version == _version(position_ids)):
-            return self.starts
-        return None
-
-    def put(self, position_ids, q_len: int, starts: torch.Tensor) -> torch.Tensor:
-        self.position_ids, self.q_len, self.starts = position_ids, q_len, starts
-        self.version = _version(position_ids)
-        return starts
+    def clone(self) -> "DeviceState":
+        other = copy.copy(self)
+        for name in ("block_table", "starts", "valid", "status"):
+            setattr(other, name, getattr(self, name).clone())
+        _mark_static(other.block_table, other.starts, other.valid, other.status)
+        return other
 
 
 class PlugLayer(CacheLayerMixin):
-    """One decoder layer's paged K/V pool, its scales (INT8) and per-row lengths, all on the layer's device."""
+    """One decoder layer's paged K/V pool, its scales (INT8) and per-row lengths, all on the layer's device.
+
+    `keys` / `values` give what every stock cache layer gives, `[batch, nheads_k, seq_len, head_dim]` in the model
+    dtype (dequantized for INT8), gathered on access; the paged pool is `k_cache` / `v_cache` (+ `k_scale`,
+    `v_scale`). Methods that change rows (reset, crop, reorder) are the cache's: they keep all layers together.
+    """
 
     is_compileable = True
     is_croppable = True
 
-    def __init__(self, config: PlugConfig, layer_idx: int, block_table: torch.Tensor, backend: str,
-                 starts_memo: StartsMemo | None = None, leads: bool = True):
+    def __init__(self, cache: "PlugCache", layer_idx: int, buffers=None):
         super().__init__()
+        config = cache.config
         dev = config.layer_devices[layer_idx]
-        shape = (config.num_blocks, config.nheads_k, config.block_size, config.head_dim)
+        self.cache = cache
         self.config = config
         self.layer_idx = layer_idx
         self.device = dev
         self.window = config.layer_windows[layer_idx]
         self.is_sliding = self.window is not None
-        self.backend = ops.resolve_backend(backend, dev)
-        self.k_cache = torch.zeros(shape, dtype=config.storage_dtype, device=dev)
-        self.v_cache = torch.zeros(shape, dtype=config.storage_dtype, device=dev)
-        scale_shape = shape[:3] if config.kv_dtype == "int8" else (0,)
-        self.k_scale = torch.zeros(scale_shape, dtype=torch.float32, device=dev)
-        self.v_scale = torch.zeros(scale_shape, dtype=torch.float32, device=dev)
-        self.block_table = block_table
-        self.starts_memo = starts_memo or StartsMemo()
-        self.leads = leads  # first layer on its device: refreshes the memo every forward
+        self.backend = ops.resolve_backend(cache.backend, dev)
+        if buffers is None:
+            shape = (config.num_blocks, config.nheads_k, config.block_size, config.head_dim)
+            scale_shape = shape[:3] if config.kv_dtype == "int8" else (0,)
+            buffers = (torch.zeros(shape, dtype=config.storage_dtype, device=dev),
+                       torch.zeros(shape, dtype=config.storage_dtype, device=dev),
+                       torch.zeros(scale_shape, dtype=torch.float32, device=dev),
+                       torch.zeros(scale_shape, dtype=torch.float32, device=dev))
+        self.k_cache, self.v_cache, self.k_scale, self.v_scale = buffers
         self.cache_seqlens = torch.zeros(config.max_batch_size, dtype=torch.int32, device=dev)
         _mark_static(self.k_cache, self.v_cache, self.k_scale, self.v_scale, self.cache_seqlens)
-        self.keys, self.values = self.k_cache, self.v_cache
         self.is_initialized = True
+        self.is_last = layer_idx == config.num_layers - 1  # its forward ends the cache's forward
         # Host-side: True until the first forward after construction or reset(), so that forward can attend with
-        # the model's own attention over the fresh K/V (as stock does) with no device read. Never True wrongly:
-        # crop() leaves it False, and the cached path is right for any state.
+        # the model's own attention over the fresh K/V (as stock does) with no device read.
         self.fresh = True
 
     def __repr__(self):
         return f"PlugLayer(layer={self.layer_idx}, device={self.device}, window={self.window})"
 
-    # --- transformers Cache layer API -------------------------------------------------------------
+    @property
+    def dev(self) -> DeviceState:
+        return self.cache.device_states[self.device]
+
+    # --- what a stock cache layer offers ------------------------------------------------------------
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """`[batch, nheads_k, seq_len, head_dim]` in the model dtype: a copy gathered from the paged pool."""
+        return self.gather(self.k_cache, self.k_scale)
+
+    @keys.setter
+    def keys(self, value):
+        if value is not None:
+            raise AttributeError("PlugLayer.keys is read-only (a view gathered from the paged pool, k_cache)")
+
+    @property
+    def values(self) -> torch.Tensor:
+        """`[batch, nheads_k, seq_len, head_dim]` in the model dtype: a copy gathered from the paged pool."""
+        return self.gather(self.v_cache, self.v_scale)
+
+    @values.setter
+    def values(self, value):
+        if value is not None:
+            raise AttributeError("PlugLayer.values is read-only (a view gathered from the paged pool, v_cache)")
+
+    def gather(self, buf: torch.Tensor, scale: torch.Tensor, length: int | None = None,
+               batch: int | None = None) -> torch.Tensor:
+        batch = self.cache.batch if batch is None else batch
+        length = self.cache.seq_length_now() if length is None else length
+        if length == 0 or batch == 0:
+            return torch.zeros((batch, self.config.nheads_k, 0, self.config.head_dim), dtype=self.config.dtype,
+                               device=self.device)
+        nb = math.ceil(length / self.config.block_size)
+        return gather_kv(buf, scale, self.dev.block_table, batch, nb, self.config.dtype)[:, :, :length]
 
     def lazy_initialization(self, key_states, value_states=None) -> None:
         """Buffers are allocated at construction; this only checks that the model fits them."""
-        self.check_states(key_states)
+        self.check_states(key_states.transpose(1, 2))
 
     def update(self, key_states, value_states, *args, **kwargs):
         raise RuntimeError(
             "PlugCache.update() was called by an attention forward that hf_kvplug did not patch. "
             "Call hf_kvplug.patch(model) before generating with a PlugCache (supported: "
-            "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM)."
-        )
+            f"{', '.join(sorted(_supported_names()))}).")
 
     def get_seq_length(self):
-        """Tokens cached in row 0: an int on the CPU; on an accelerator (and while torch.compile traces) a 0-d
-        device tensor, as HF's StaticCache returns, because some transformers releases read it every step."""
-        n = self.cache_seqlens[0]
-        if _compiling():
-            return n
-        return int(n) if self.device.type == "cpu" else n.clone()
+        return self.cache.get_seq_length(self.layer_idx)
 
     def get_max_length(self) -> int:
         return self.config.max_cache_len
@@ -118,46 +165,13 @@ class PlugLayer(CacheLayerMixin):
         return self.config.max_cache_len
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
-        # The plugged forward masks by itself from lengths and positions: HF need only build a q x q mask.
+        # The plugged forward masks by itself (row lengths, starts, the recorded mask): HF need only build a q x q
+        # mask, which the prefill's stock attention uses and later forwards ignore.
         return query_length, 0
 
     def reset(self) -> None:
         self.cache_seqlens.zero_()
         self.fresh = True
-
-    def crop(self, n: int) -> None:
-        """Drop `-n` tokens (n < 0), or keep the first `n` tokens on transformers < 5.18 (its positive convention)."""
-        if n < 0:
-            self.cache_seqlens.sub_(-n).clamp_(min=0)
-        elif compat.LEGACY_CROP:
-            self.cache_seqlens.clamp_(max=n)
-        elif n > 0:
-            raise ValueError(f"crop({n}): transformers >= 5.18 crops with a negative number of tokens to remove")
-
-    def used_blocks(self, batch: int) -> int:
-        """Blocks holding tokens in rows < batch: a host read of the lengths, or every block where none is allowed."""
-        nb = self.block_table.shape[1]
-        if _compiling() or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            return nb
-        return min(nb, math.ceil(int(self.cache_seqlens[:batch].max()) / self.config.block_size))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor, used_blocks: int | None = None) -> None:
-        """Row b becomes a copy of row beam_idx[b] (beam search), in place; copies only the blocks in use."""
-        idx = beam_idx.to(self.device, torch.long)
-        batch = idx.numel()
-        nb = self.used_blocks(batch) if used_blocks is None else used_blocks
-        src = self.block_table[idx, :nb].reshape(-1).long()
-        dst = self.block_table[:batch, :nb].reshape(-1).long()
-        for buf in (self.k_cache, self.v_cache, self.k_scale, self.v_scale):
-            if buf.numel():
-                buf[dst] = buf[src]
-        self.cache_seqlens[:batch] = self.cache_seqlens[idx]
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("PlugCache does not support contrastive search (batch_repeat_interleave)")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("PlugCache does not support contrastive search (batch_select_indices)")
 
     def activate_past_recording(self) -> None:
         """Nothing to do: every token stays in its slot until `crop` moves the length back."""
@@ -182,63 +196,68 @@ class PlugLayer(CacheLayerMixin):
             raise ValueError(f"batch of {batch} rows (after beams / return sequences) exceeds the PlugCache's "
                              f"max_batch_size={cfg.max_batch_size}; build it with max_batch_size >= {batch}")
 
-    def check_write(self, k) -> None:
-        """Raise unless `k [B, L, nheads_k, D]` fits this empty layer (no device read: the cache is empty)."""
+    def _enter(self, k: torch.Tensor) -> None:
+        """Checks before this layer writes; begins the forward when nothing did (a layer called directly)."""
         self.check_states(k)
-        if k.shape[1] > self.config.max_cache_len:
-            raise ValueError(f"{k.shape[1]} tokens would exceed the PlugCache's max_cache_len="
-                             f"{self.config.max_cache_len}; build it larger")
+        if not _compiling() and not self.cache._open:
+            self.cache.begin_forward(k.shape[0], k.shape[1], KEEP_MASK)
+            self.cache._prepared = False
 
-    def write(self, k, v) -> None:
-        """Store `k, v [B, L, nheads_k, D]` into an empty cache (the first forward); advances the lengths."""
-        batch, q_len = k.shape[:2]
-        self.check_write(k)
-        if self.leads:
-            self.starts_memo.clear()
-        ops.write_kvcache(k, v, self.k_cache, self.v_cache, self.k_scale, self.v_scale, self.block_table,
-                          self.cache_seqlens, backend=self.backend)
+    def _leave(self, batch: int, q_len: int) -> None:
         self.cache_seqlens[:batch].add_(q_len)
         self.fresh = False
+        if self.is_last:
+            self.cache._open = False  # a constant store: replayed after a compiled graph, so this works there too
 
-    def row_starts(self, position_ids, seqlens: torch.Tensor, q_len: int) -> torch.Tensor:
-        """First valid slot of each row (left padding): the last position is (slots after the write - 1 - pads)."""
-        if position_ids is None:
-            return torch.zeros(seqlens.shape[0], dtype=torch.int32, device=self.device)
-        eager = not _compiling()
-        if eager and not self.leads:
-            starts = self.starts_memo.get(position_ids, q_len, seqlens.shape[0])
-            if starts is not None:
-                return starts
-        last = position_ids[:, -1].to(self.device)
-        starts = (seqlens + (q_len - 1) - last).clamp_(min=0).to(torch.int32)
-        if eager:
-            return self.starts_memo.put(position_ids, q_len, starts)
-        if self.leads:  # compiled: replayed after the graph, so eager layers after this one recompute
-            self.starts_memo.clear()
-        return starts
+    def write(self, k, v) -> None:
+        """Store `k, v [B, L, nheads_k, D]` into an empty cache (the first forward); advances the lengths. Rows
+        that share a leader's prompt blocks (generate()'s expanded rows) are not written: the leader's K/V serve."""
+        self._enter(k)
+        batch, q_len = k.shape[:2]
+        dev = self.dev
+        leaders = self.cache._leaders
+        table, seqlens = dev.block_table, self.cache_seqlens
+        if leaders is not None:
+            rows = torch.tensor(leaders, device=self.device)
+            k, v, table, seqlens = k[rows], v[rows], table[rows], seqlens[rows]
+        ops.write_kvcache(k, v, self.k_cache, self.v_cache, self.k_scale, self.v_scale, table, seqlens,
+                          status=dev.status, backend=self.backend)
+        self._leave(batch, q_len)
 
-    def attend(self, q, k, v, position_ids, softmax_scale: float) -> torch.Tensor:
+    def attend(self, q, k, v, softmax_scale: float) -> torch.Tensor:
         """Fused write + attention for `q [B, L, nheads, D]`, `k, v [B, L, nheads_k, D]`; advances the lengths."""
+        self._enter(k)
         batch, q_len = q.shape[:2]
-        self.check_states(k, batch)
-        if self.fresh:  # read-only on the decode path: nothing for torch.compile to replay after each step
-            self.fresh = False
-        seqlens = self.cache_seqlens[:batch]
-        if not _compiling() and (self.device.type == "cpu" or q_len > 1):
-            longest = int(seqlens.max()) + q_len  # a host read, but never on the CUDA decode path
-            if longest > self.config.max_cache_len:
-                raise ValueError(f"{longest} tokens would exceed the PlugCache's max_cache_len="
-                                 f"{self.config.max_cache_len}; build it larger or call cache.reset()")
-        starts = self.row_starts(position_ids, seqlens, q_len)
+        dev = self.dev
         out = ops.attend_with_kvcache(q, k, v, self.k_cache, self.v_cache, self.k_scale, self.v_scale,
-                                      self.block_table, self.cache_seqlens, starts, softmax_scale, self.window,
+                                      dev.block_table, self.cache_seqlens, dev.starts, softmax_scale, self.window,
+                                      cache_valid=dev.valid if self.cache.holes else None, status=dev.status,
                                       backend=self.backend)
-        seqlens.add_(q_len)
+        self._leave(batch, q_len)
         return out
+
+    def attend_dense(self, module, q, k, v, attention_fn):
+        """The slow path for `output_attentions=True`: write the new K/V, gather this layer's whole K/V and run the
+        model's own (eager) attention over it with a mask built from the cache's bounds, as a stock cache would.
+        q `[B, nheads, L, D]`, k `[B, L, nheads_k, D]`, v likewise. Returns `(out [B, L, nheads, D], weights)`."""
+        self._enter(k)
+        batch, q_len = k.shape[:2]
+        dev = self.dev
+        ops.write_kvcache(k, v, self.k_cache, self.v_cache, self.k_scale, self.v_scale, dev.block_table,
+                          self.cache_seqlens, status=dev.status, backend=self.backend)
+        total = self.cache.length  # known on the host: begin_forward ran (eagerly) for this forward
+        keys = self.gather(self.k_cache, self.k_scale, total, batch)
+        values = self.gather(self.v_cache, self.v_scale, total, batch)
+        seen = visible_slots(self.cache_seqlens, dev.starts, dev.valid if self.cache.holes else dev.valid[:0],
+                             batch, q_len, self.window or 0, total)
+        mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, torch.finfo(q.dtype).min)
+        out, weights = attention_fn(module, q, keys, values, mask.unsqueeze(1), dropout=0.0, scaling=module.scaling)
+        self._leave(batch, q_len)
+        return out, weights
 
 
 class PlugCache(Cache):
-    """A drop-in `transformers.Cache` with preallocated paged K/V buffers, optionally INT8, for patched models.
+    """A drop-in `transformers.Cache` with paged K/V buffers, optionally INT8, for patched models.
 
     Args:
         model_or_config: the model to generate with (buffers follow each layer's device and the model's dtype), or
@@ -248,6 +267,9 @@ class PlugCache(Cache):
         kv_dtype: None (store K/V in the model dtype) or "int8" (per token and head scales, no calibration).
         dtype, device: required with a config; `device` may be a list with one device per layer.
         block_size: tokens per paged block.
+        max_tokens: the pool's size in tokens (all rows together); default `max_batch_size x max_cache_len`. Rows
+            take blocks as they grow and rows that `generate()` expands from one prompt share its blocks, so a
+            ragged batch or shared prompts fit in less than the rectangle.
         backend: "auto" (Triton kernels on CUDA, the PyTorch reference elsewhere), "triton" or "reference".
 
     Buffers are allocated once here and never re-assigned: `reset()`, `crop()` and `reorder_cache()` work in place,
@@ -255,7 +277,8 @@ class PlugCache(Cache):
     """
 
     def __init__(self, model_or_config, max_batch_size: int = 4, max_cache_len: int = 2048, kv_dtype: str | None = None,
-                 *, dtype: torch.dtype | None = None, device=None, block_size: int = 64, backend: str = "auto"):
+                 *, dtype: torch.dtype | None = None, device=None, block_size: int = 64, max_tokens: int | None = None,
+                 backend: str = "auto"):
         if hasattr(model_or_config, "config") and hasattr(model_or_config, "parameters"):
             model = model_or_config
             dtype = dtype or model.dtype
@@ -265,20 +288,32 @@ class PlugCache(Cache):
             hf_config = model_or_config
             if dtype is None or device is None:
                 raise ValueError("PlugCache(config, ...) needs dtype= and device= (or pass the model instead)")
-        self.config = PlugConfig.from_hf_config(hf_config, max_batch_size=max_batch_size, max_cache_len=max_cache_len,
-                                                dtype=dtype, device=device, kv_dtype=kv_dtype, block_size=block_size)
-        cfg = self.config
-        # One block table per device; this release gives row b the fixed run of blocks b*max_blocks ... (b+1)*max_blocks-1.
-        tables = {}
-        for dev in cfg.layer_devices:
-            if dev not in tables:
-                table = torch.arange(cfg.num_blocks, dtype=torch.int32, device=dev).view(cfg.max_batch_size, -1)
-                _mark_static(table)
-                tables[dev] = table
-        memos = {dev: StartsMemo() for dev in tables}
-        layers = [PlugLayer(cfg, i, tables[dev], backend, memos[dev], leads=cfg.layer_devices.index(dev) == i)
-                  for i, dev in enumerate(cfg.layer_devices)]
+        config = PlugConfig.from_hf_config(hf_config, max_batch_size=max_batch_size, max_cache_len=max_cache_len,
+                                           dtype=dtype, device=device, kv_dtype=kv_dtype, block_size=block_size,
+                                           max_tokens=max_tokens)
+        ops.resolve_backend(backend, config.layer_devices[0])  # a bad backend fails here, before any allocation
+        self._build(config, backend, BlockPool(config.num_blocks), buffers=None)
+
+    def _build(self, config: PlugConfig, backend: str, pool: BlockPool, buffers) -> None:
+        self.config = config
+        self.backend = backend
+        self.pool = pool
+        self.table = BlockTable(pool, config.max_batch_size, config.max_blocks_per_row)
+        self.device_states = {dev: DeviceState(config, dev) for dev in dict.fromkeys(config.layer_devices)}
+        self.length: int | None = 0  # tokens every active row holds (host); None: only the device knows
+        self.batch = 0  # active rows
+        self.holes = False  # the recorded mask has a 0 after a 1 somewhere: the kernels read `valid`
+        self._open = False  # a forward began and its last layer has not run yet
+        self._pending = 0  # tokens the open forward adds
+        self._prepared = False  # begin_forward ran for the coming forward (the model's hooks skip it then)
+        self._prepared_for = (0, 0)  # (batch, q_len) it ran for
+        self._leaders: list[int] | None = None  # prefill rows whose K/V are stored for their whole group
+        self._full_rows = 0  # leading rows mapped to max_cache_len with private blocks (a compiled forward's need)
+        self._generate: dict | None = None  # hints of the generate() call under way: reserve, share
+        layers = [PlugLayer(self, i, None if buffers is None else buffers[i]) for i in range(config.num_layers)]
         super().__init__(layers=layers)
+
+    # --- sizes ----------------------------------------------------------------------------------
 
     @property
     def max_batch_size(self) -> int:
@@ -294,7 +329,7 @@ class PlugCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by all K/V buffers and scales."""
+        """Bytes held by all K/V buffers and scales (the pool, shared with forks)."""
         return sum(t.numel() * t.element_size() for layer in self.layers
                    for t in (layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale))
 
@@ -302,24 +337,38 @@ class PlugCache(Cache):
         """Bytes one cached token costs over all layers (K, V and INT8 scales)."""
         return self.config.bytes_per_token()
 
+    def stats(self) -> dict:
+        """Memory in use, as a plain dict: blocks of the pool (each spans every layer) in use and shared (by rows
+        or forked caches), bytes they hold, and the rows / tokens of this cache."""
+        per_block = self.nbytes // self.pool.num_blocks
+        return {"blocks_total": self.pool.num_blocks, "blocks_in_use": self.pool.in_use,
+                "blocks_shared": self.pool.shared, "block_size": self.config.block_size,
+                "bytes_per_block": per_block, "bytes_in_use": self.pool.in_use * per_block,
+                "bytes_total": self.nbytes, "rows": self.batch, "tokens": self.seq_length_now()}
+
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.config.max_cache_len
 
     def get_max_cache_shape(self, layer_idx: int | None = None) -> int:
         return self.config.max_cache_len
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: row b becomes a copy of row beam_idx[b] in every layer, copying only the blocks in use (one
-        host read of the lengths per call, not per layer: all layers hold the same number of tokens)."""
-        used = self.layers[0].used_blocks(beam_idx.numel()) if self.layers else 0
-        for layer in self.layers:
-            layer.reorder_cache(beam_idx, used)
-
     def get_query_offset(self, layer_idx: int = 0):
-        return 0  # pairs with get_mask_sizes: HF's mask stays q x q and is ignored by the plugged forward
+        return 0  # pairs with get_mask_sizes: HF's mask stays q x q and is ignored after the prefill
 
     def get_seq_length(self, layer_idx: int = 0):
-        return self.layers[layer_idx].get_seq_length()
+        """Tokens cached per row. An int, from the host's own count (no device read); while torch.compile traces, a
+        0-d device tensor (a traced int would be baked into the graph)."""
+        if _compiling():
+            return self.layers[layer_idx].cache_seqlens[0]
+        n = self.seq_length_now()
+        return n - self._pending if self._open else n
+
+    def seq_length_now(self) -> int:
+        """The host's count of tokens per row, reading the device only where the host lost count (after a forward
+        compiled as a whole with no eager code before it)."""
+        if self.length is None:
+            self.sync_lengths()
+        return self.length
 
     def layer(self, layer_idx: int) -> PlugLayer:
         if layer_idx >= len(self.layers):
@@ -327,9 +376,248 @@ class PlugCache(Cache):
                              "it was built for another model")
         return self.layers[layer_idx]
 
-    def attend(self, layer_idx: int, q, k, v, position_ids, softmax_scale: float) -> torch.Tensor:
-        """Write this step's K/V of layer `layer_idx` and attend; q `[B, L, nheads, D]`, k/v `[B, L, nheads_k, D]`."""
-        return self.layer(layer_idx).attend(q, k, v, position_ids, softmax_scale)
+    # --- the host side of a forward ---------------------------------------------------------------
+
+    def begin_forward(self, batch: int, q_len: int, attention_mask=None, *, from_generate: bool = False) -> None:
+        """Host work before a forward of `batch` rows x `q_len` new tokens, on eager code: checks (the previous
+        forward completed, sizes), records `attention_mask` (2D, None, or `KEEP_MASK`), maps blocks and makes
+        shared blocks private where this forward writes. Raises before anything is written."""
+        try:
+            self._begin(batch, q_len, attention_mask, from_generate)
+        except RuntimeError as e:
+            raise _inference_mode_error(e, "PlugCache.begin_forward") from e
+
+    def _begin(self, batch, q_len, attention_mask, from_generate) -> None:
+        if self._open:
+            self.sync_lengths()  # the last forward stopped part-way: go on only if every layer agrees
+        length = self.seq_length_now()
+        if batch > self.max_batch_size:
+            raise ValueError(f"batch of {batch} rows (after beams / return sequences) exceeds the PlugCache's "
+                             f"max_batch_size={self.max_batch_size}; build it with max_batch_size >= {batch}")
+        if length and batch != self.batch:
+            raise ValueError(f"the PlugCache holds {self.batch} rows of {length} tokens and this forward has "
+                             f"{batch} rows; call cache.reset() to start a new batch")
+        if length + q_len > self.max_cache_len:
+            raise ValueError(f"{length + q_len} tokens would exceed the PlugCache's max_cache_len="
+                             f"{self.max_cache_len}; build it larger or call cache.reset()")
+        fresh = self.layers[0].fresh
+        if attention_mask is not KEEP_MASK:
+            self._record_mask(attention_mask, batch, length, q_len, from_generate, fresh)
+        hints = self._generate or {}
+        reserve = max(length + q_len, hints.get("reserve", 0))
+        share = hints.get("share", 1)
+        self._leaders = None
+        copies = []
+        if fresh and share > 1 and batch % share == 0 and q_len > 0:
+            leaders = list(range(0, batch, share))
+            followers = [list(range(b + 1, b + share)) for b in leaders]
+            copies = self.table.prepare_write(leaders, 0, q_len, reserve, self.config.block_size)
+            self.table.share_from(leaders, followers, math.ceil(q_len / self.config.block_size))
+            rest = [r for group in followers for r in group]
+            copies += self.table.prepare_write(rest, q_len, q_len, reserve, self.config.block_size)
+            self._leaders = leaders
+        else:
+            copies = self.table.prepare_write(list(range(batch)), length, length + q_len, reserve,
+                                              self.config.block_size)
+        self._copy_blocks(copies)
+        self._sync_tables()
+        self.batch = batch
+        self.length = length + q_len
+        self._pending = q_len
+        self._open = True
+        self._prepared = True
+        self._prepared_for = (batch, q_len)
+
+    def _record_mask(self, mask, batch: int, length: int, q_len: int, from_generate: bool, fresh: bool) -> None:
+        """The slots each row may attend, from this forward's 2D attention mask over all `length + q_len` tokens (as
+        a stock cache reads it: columns past the mask count as 0, extra columns are ignored). Later tokens are
+        visible until a mask says otherwise (generate() appends ones)."""
+        total = length + q_len
+        if mask is None:
+            self.holes = False
+            for dev in self.device_states.values():
+                dev.starts[:batch].zero_()
+            return
+        if isinstance(mask, dict) or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            if from_generate or fresh:
+                return  # generate() recorded its 2D mask when it built this one; a prefill uses it as is
+            raise ValueError("a PlugCache follows 2D attention masks ([batch, tokens], 1 = attend); after the "
+                             "first forward it cannot follow a 4D mask or a BlockMask: pass the 2D mask")
+        if from_generate and q_len == 1 and mask.shape[-1] == total:
+            return  # a decode step of generate(): the new column is 1, already visible
+        if mask.shape[0] != batch:
+            raise ValueError(f"attention_mask has {mask.shape[0]} rows for a batch of {batch}")
+        m = mask[:, :total].bool()
+        if m.shape[1] < total:
+            m = torch.nn.functional.pad(m, (0, total - m.shape[1]))
+        lead = (m.int().cumsum(-1) == 0).sum(-1).to(torch.int32)  # leading zeros: the first visible slot
+        holes_here = ~m & (m.int().cumsum(-1) > 0)  # a 0 after a 1: right padding or a gap
+        if m.device.type == "cpu" or q_len > 1:
+            holes = bool(holes_here.any())  # free on the CPU; one read per prefill / multi-token step otherwise
+        else:
+            holes = True  # a single-token step on an accelerator: no read on the decode path, take the masked kernel
+        for dev in self.device_states.values():
+            dev.starts[:batch].copy_(lead)
+            if holes:
+                dev.valid[:batch, :total].copy_(m)
+                dev.valid[:batch, total:].fill_(1)
+        self.holes = holes
+
+    def traced_forward(self, batch: int, q_len: int, attention_mask) -> None:
+        """What a forward compiled as a whole, with no eager code before it (`torch.compile(model)` in a loop of
+        your own), can do: device-side mask recording. Blocks must already be mapped (`reserve()`)."""
+        if self._full_rows < batch:
+            raise ValueError("a forward compiled as a whole cannot map cache blocks; call cache.reserve() once "
+                             "before the loop (or compile model.forward and call the model, whose pre-hook maps "
+                             "blocks eagerly)")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            m = attention_mask.bool()
+            lead = (m.int().cumsum(-1) == 0).sum(-1).to(torch.int32)
+            for dev in self.device_states.values():
+                dev.starts[:batch].copy_(lead)
+                width = min(m.shape[1], self.max_cache_len)
+                dev.valid[:batch, :width].copy_(m[:, :width])
+                dev.valid[:batch, width:].fill_(1)
+            self.holes = True
+        elif attention_mask is None:
+            for dev in self.device_states.values():
+                dev.starts[:batch].zero_()
+            self.holes = False
+        self.batch = batch
+        self.length = None  # only the device knows now: the next eager use reads it
+        self._open = True
+
+    def sync_lengths(self) -> None:
+        """Read every layer's row lengths (one device read) and take them as the host's count. Raises if the layers
+        disagree (a forward stopped part-way: the cache must be reset) or if a write found no slot."""
+        per_layer = torch.stack([layer.cache_seqlens[:max(self.batch, 1)].to("cpu", non_blocking=False)
+                                 for layer in self.layers])
+        status = [int(dev.status[0]) for dev in self.device_states.values()]
+        fresh = {layer.fresh for layer in self.layers}
+        if any(status):
+            raise RuntimeError("a PlugCache write found no slot (past max_cache_len, or a block a forward compiled "
+                               "as a whole could not map): the outputs of that step are NaN. Call cache.reset(); "
+                               "build the cache larger or call cache.reserve() before compiled loops.")
+        if (per_layer != per_layer[0, 0]).any() or len(fresh) > 1:
+            raise ValueError("the PlugCache's layers hold different numbers of tokens: a forward stopped part-way "
+                             "(an exception or KeyboardInterrupt inside the model). Call cache.reset() and run the "
+                             "request again.")
+        self.length = int(per_layer[0, 0])
+        self._open = False
+        self._pending = 0
+        self._prepared = False
+
+    def check_status(self) -> None:
+        """Raise if a write on the device found no slot since the last reset (one device read)."""
+        if any(int(dev.status[0]) for dev in self.device_states.values()):
+            self.sync_lengths()  # raises with the explanation
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        for layer in self.layers:
+            src = torch.tensor([c[0] for c in copies], device=layer.device)
+            dst = torch.tensor([c[1] for c in copies], device=layer.device)
+            for buf in (layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale):
+                if buf.numel():
+                    buf[dst] = buf[src]
+
+    def _sync_tables(self) -> None:
+        if not self.table.dirty:
+            return
+        dense = torch.tensor(self.table.to_dense(), dtype=torch.int32)
+        for dev in self.device_states.values():
+            dev.block_table.copy_(dense.to(dev.device))
+        self._full_rows = 0  # reserve() says again which rows a compiled forward may use
+        self.table.dirty = False
+
+    def reserve(self, tokens: int | None = None, rows: int | None = None) -> None:
+        """Map private blocks for `tokens` slots (default max_cache_len) of the first `rows` rows (default all), so
+        that forwards compiled as a whole (which cannot map blocks) can run. Raises if the pool is too small."""
+        rows = self.max_batch_size if rows is None else rows
+        tokens = self.max_cache_len if tokens is None else tokens
+        start = self.seq_length_now()
+        copies = self.table.prepare_write(list(range(rows)), start, max(tokens, start), tokens,
+                                          self.config.block_size)
+        self._copy_blocks(copies)
+        self._sync_tables()
+        width = self.config.max_blocks_per_row
+        full = 0
+        for row in self.table.rows[:rows]:
+            if len(row) < width or any(self.pool.refs[i] > 1 for i in row):
+                break
+            full += 1
+        self._full_rows = full
+
+    # --- rows: reset, crop, beam search ---------------------------------------------------------
+
+    def reset(self) -> None:
+        """Empty every row (buffers keep their addresses); blocks go back to the pool; the next forward prefills."""
+        self.table.release(range(self.max_batch_size))
+        self._sync_tables()
+        try:
+            for layer in self.layers:
+                layer.reset()
+            for dev in self.device_states.values():
+                dev.starts.zero_()
+                dev.valid.fill_(1)
+                dev.status.zero_()
+        except RuntimeError as e:
+            raise _inference_mode_error(e, "PlugCache.reset") from e
+        self.length, self.batch, self.holes = 0, 0, False
+        self._open = self._prepared = False
+        self._pending = 0
+        self._leaders = None
+
+    def crop(self, n: int) -> None:
+        """Drop `-n` tokens (n < 0), or keep the first `n` tokens where transformers crops that way (its older,
+        positive convention). Blocks stay mapped; the next write copies a block first if it is shared."""
+        length = self.seq_length_now()
+        if n < 0:
+            keep = max(0, length + n)
+        elif compat.LEGACY_CROP:
+            keep = min(length, n)
+        elif n > 0:
+            raise ValueError(f"crop({n}): this transformers release crops with a negative number of tokens to remove")
+        else:
+            keep = length
+        for layer in self.layers:
+            layer.cache_seqlens[:self.batch].fill_(keep)
+        self.length = keep
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row b becomes row beam_idx[b]. Moves block ids and reference counts, copies no K/V (a row
+        that then writes into a block it shares gets a copy of that one block first). One host read of beam_idx."""
+        self._select(beam_idx.tolist())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Row b becomes rows b*repeats ... b*repeats + repeats-1, sharing its blocks (contrastive search)."""
+        self._select([b for b in range(self.batch) for _ in range(repeats)])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices` (in that order), sharing blocks where an index repeats (contrastive search)."""
+        self._select(torch.as_tensor(indices).tolist())
+
+    def _select(self, index: list[int]) -> None:
+        if len(index) > self.max_batch_size:
+            raise ValueError(f"{len(index)} rows exceed the PlugCache's max_batch_size={self.max_batch_size}")
+        if any(i < 0 or i >= self.max_batch_size for i in index):
+            raise ValueError(f"row index out of range in {index}")
+        self.seq_length_now()
+        self.table.select(index)
+        self._sync_tables()
+        batch = len(index)
+        for dev in self.device_states.values():
+            idx = torch.tensor(index, device=dev.device)
+            dev.starts[:batch] = dev.starts[idx]
+            if self.holes:
+                dev.valid[:batch] = dev.valid[idx]
+        for layer in self.layers:
+            idx = torch.tensor(index, device=layer.device)
+            layer.cache_seqlens[:batch] = layer.cache_seqlens[idx]
+        self.batch = batch
+
+    # --- generate() -------------------------------------------------------------------------------
 
     def check_model(self, model) -> None:
         """Raise a ValueError naming every difference between this cache and `model` (layers, heads, dtype, device)."""
@@ -343,6 +631,26 @@ class PlugCache(Cache):
         if diffs:
             raise ValueError("This PlugCache was built for another model (" + "; ".join(diffs)
                              + "). Build one with hf_kvplug.PlugCache(model, ...).")
+
+    def generate_begins(self, reserve: int, share: int) -> None:
+        """Hints for the generate() call about to run: map `reserve` tokens per row ahead (so no decode step maps a
+        block), and let groups of `share` rows expanded from one prompt store it once."""
+        if self._open:
+            self.sync_lengths()
+        self._generate = {"reserve": reserve, "share": share}
+
+    def generate_ends(self, failed: bool) -> None:
+        self._generate = None
+        self._leaders = None
+        if failed:
+            self._prepared = False
+            self._open = True  # unknown: the next use checks that every layer agrees
+
+
+def _supported_names():
+    from .patcher import SUPPORTED
+
+    return SUPPORTED
 
 
 def _layer_devices(model) -> list[torch.device]:

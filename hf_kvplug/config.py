@@ -31,6 +31,7 @@ class PlugConfig:
     kv_dtype: str | None = None
     block_size: int = 64
     model_type: str | None = None
+    max_tokens: int | None = None  # the block pool's size in tokens (all rows); None: max_batch_size x max_cache_len
 
     def __post_init__(self):
         if self.kv_dtype not in KV_DTYPES:
@@ -44,6 +45,8 @@ class PlugConfig:
             raise ValueError(f"nheads ({self.nheads}) must be a multiple of nheads_k ({self.nheads_k})")
         if len(self.layer_devices) != self.num_layers:
             raise ValueError(f"layer_devices has {len(self.layer_devices)} entries for {self.num_layers} layers")
+        if self.max_tokens is not None and int(self.max_tokens) <= 0:
+            raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
         if not self.layer_windows:
             self.layer_windows = [None] * self.num_layers
         self.layer_devices = [_indexed(torch.device(d)) for d in self.layer_devices]
@@ -54,7 +57,10 @@ class PlugConfig:
 
     @property
     def num_blocks(self) -> int:
-        return self.max_batch_size * self.max_blocks_per_row
+        """Blocks in the pool (each holds `block_size` tokens of one row in every layer)."""
+        if self.max_tokens is None:
+            return self.max_batch_size * self.max_blocks_per_row
+        return math.ceil(self.max_tokens / self.block_size)
 
     @property
     def storage_dtype(self) -> torch.dtype:
@@ -68,7 +74,8 @@ class PlugConfig:
         return layers * self.nheads_k * per_head
 
     @classmethod
-    def from_hf_config(cls, config, *, max_batch_size, max_cache_len, dtype, device, kv_dtype=None, block_size=64):
+    def from_hf_config(cls, config, *, max_batch_size, max_cache_len, dtype, device, kv_dtype=None, block_size=64,
+                       max_tokens=None):
         """Geometry from a transformers config; `device` is one device or a list with one per layer."""
         config = getattr(config, "text_config", None) or config
         nheads = config.num_attention_heads
@@ -89,6 +96,7 @@ class PlugConfig:
             kv_dtype=kv_dtype,
             block_size=block_size,
             model_type=getattr(config, "model_type", None),
+            max_tokens=max_tokens,
         )
 
 

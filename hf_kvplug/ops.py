@@ -12,7 +12,6 @@ The backend is "auto" (Triton for CUDA tensors when Triton imports, the referenc
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -29,7 +28,7 @@ except ImportError as e:  # pragma: no cover - depends on the platform
 else:
     _KERNELS_IMPORT_ERROR = None
 
-_MUTATED = ("k_cache", "v_cache", "k_scale", "v_scale")
+_MUTATED = ("k_cache", "v_cache", "k_scale", "v_scale", "status")
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
@@ -50,43 +49,54 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 # ---------------------------------------------------------------- reference ops (custom_op, opaque to Inductor)
 
+def _check_writable_on_host(block_table, cache_seqlens, batch: int, q_len: int, block_size: int) -> None:
+    """CPU only (the read is free there): raise, before anything is written, if a new token has no slot."""
+    from .reference import slot_blocks
+
+    _, _, ok = slot_blocks(block_table, cache_seqlens, batch, q_len, block_size)
+    if not bool(ok.all()):
+        row = int((~ok).any(1).nonzero()[0, 0])
+        raise ValueError(f"row {row} has no cache slot for {int((~ok[row]).sum())} of its {q_len} new tokens "
+                         f"(cache_seqlens={int(cache_seqlens[row])}, {block_table.shape[1]} blocks of {block_size} "
+                         "slots, unmapped blocks are -1)")
+
+
 def _attend_ref_bounded(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-                        softmax_scale, window):
-    num_blocks, may_overflow = None, True
+                        cache_valid, status, softmax_scale, window):
+    num_blocks = None
     if cache_seqlens.device.type == "cpu":  # bound the work by the real length: reading it costs nothing here
         longest = int(cache_seqlens[: q.shape[0]].max()) + q.shape[1]
-        num_blocks = math.ceil(longest / k_cache.shape[2])
-        may_overflow = longest > block_table.shape[1] * k_cache.shape[2]
+        num_blocks = -(-longest // k_cache.shape[2])
     return attend_with_kvcache_ref(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
-                                   cache_starts, softmax_scale, window, num_blocks=num_blocks,
-                                   may_overflow=may_overflow)
+                                   cache_starts, cache_valid, status, softmax_scale, window, num_blocks=num_blocks)
 
 
 @torch.library.custom_op("hf_kvplug::attend_with_kvcache_ref", mutates_args=_MUTATED)
 def _attend_ref_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     k_scale: torch.Tensor, v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-    cache_starts: torch.Tensor, softmax_scale: float, window: int,
+    cache_starts: torch.Tensor, cache_valid: torch.Tensor, status: torch.Tensor, softmax_scale: float, window: int,
 ) -> torch.Tensor:
     return _attend_ref_bounded(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-                               softmax_scale, window)
+                               cache_valid, status, softmax_scale, window)
 
 
 @_attend_ref_op.register_fake
-def _(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, softmax_scale, window):
+def _(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid, status,
+      softmax_scale, window):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 @torch.library.custom_op("hf_kvplug::write_kvcache_ref", mutates_args=_MUTATED)
 def _write_ref_op(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
-    v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+    v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor, status: torch.Tensor,
 ) -> None:
-    write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens)
+    write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status)
 
 
 @_write_ref_op.register_fake
-def _(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens):
+def _(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status):
     return None
 
 
@@ -98,71 +108,92 @@ if _kernels is not None:
     def _attend_triton_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         k_scale: torch.Tensor, v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-        cache_starts: torch.Tensor, softmax_scale: float, window: int,
+        cache_starts: torch.Tensor, cache_valid: torch.Tensor, status: torch.Tensor, softmax_scale: float,
+        window: int,
     ) -> torch.Tensor:
         return _kernels.attend_with_kvcache(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table,
-                                            cache_seqlens, cache_starts, softmax_scale, window)
+                                            cache_seqlens, cache_starts, cache_valid, status, softmax_scale, window)
 
     @torch.library.triton_op("hf_kvplug::write_kvcache", mutates_args=_MUTATED)
     def _write_triton_op(
         k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
-        v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+        v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor, status: torch.Tensor,
     ) -> None:
-        _kernels.write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens)
+        _kernels.write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status)
 
 
 # ---------------------------------------------------------------- public functions
 
+_NONE = {}  # device -> a 0-element tensor standing for "no cache_valid" / "no status"
+
+
+def _empty(device, dtype) -> torch.Tensor:
+    key = (device, dtype)
+    if key not in _NONE:
+        _NONE[key] = torch.empty(0, dtype=dtype, device=device)
+    return _NONE[key]
+
+
 def attend_with_kvcache(
     q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-    softmax_scale: float, window: int | None = None, backend: str = "auto",
+    softmax_scale: float, window: int | None = None, cache_valid=None, status=None, backend: str = "auto",
 ) -> torch.Tensor:
-    """Write the new K/V into the paged cache and attend over each row's valid slots, in one call.
+    """Write the new K/V into the paged cache and attend over each row's visible slots, in one call.
 
     Args:
         q: `[batch, q_len, nheads, head_dim]` queries (post-RoPE); any strides with a contiguous last dim.
         k, v: `[batch, q_len, nheads_k, head_dim]` new keys (post-RoPE) and values, in the model dtype.
         k_cache, v_cache: `[num_blocks, nheads_k, block_size, head_dim]`, model dtype or int8. **Written in place.**
         k_scale, v_scale: `[num_blocks, nheads_k, block_size]` float32 for int8 caches, else empty. **Written.**
-        block_table: `[max_batch, max_blocks]` int32.
+        block_table: `[max_batch, max_blocks]` int32 block ids, -1 where no block is mapped.
         cache_seqlens: `[max_batch]` int32, slots filled before this call (not advanced here).
-        cache_starts: `[batch]` int32, first valid slot per row (left padding).
+        cache_starts: `[batch]` int32, first slot each row may attend (leading padding).
         softmax_scale: usually `head_dim ** -0.5`.
         window: sliding window in tokens (HF semantics: the query and the `window - 1` slots before it), or None.
+        cache_valid: optional `[max_batch, max_len]` uint8, 0 where a slot is masked out (padding, holes).
+        status: optional `[1]` int32, set to 1 (**written**) on the device if a new token had no slot.
         backend: "auto", "triton" or "reference" (see module docstring).
 
     Returns:
-        `[batch, q_len, nheads, head_dim]` attention output in the dtype of `q`. No backward.
+        `[batch, q_len, nheads, head_dim]` attention output in the dtype of `q`; 0 for a token that sees no slot.
+        No backward. A token with no slot (past the table or an unmapped block) is not written and its output is
+        NaN; on CPU tensors that raises a ValueError instead, before anything is written.
     """
     window = int(window or 0)
+    cache_valid = _empty(q.device, torch.uint8) if cache_valid is None else cache_valid
+    status = _empty(q.device, torch.int32) if status is None else status
+    args = (q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid,
+            status, softmax_scale, window)
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_writable_on_host(block_table, cache_seqlens, q.shape[0], q.shape[1], k_cache.shape[2])
     if resolve_backend(backend, q.device) == "triton":
         if q.device.type != "cuda":  # the CPU interpreter: launch directly, there is nothing to trace
-            return _kernels.attend_with_kvcache(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table,
-                                                cache_seqlens, cache_starts, softmax_scale, window)
-        return torch.ops.hf_kvplug.attend_with_kvcache(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table,
-                                                       cache_seqlens, cache_starts, softmax_scale, window)
+            return _kernels.attend_with_kvcache(*args)
+        return torch.ops.hf_kvplug.attend_with_kvcache(*args)
     if q.device.type == "cpu":
         if not torch.compiler.is_compiling():  # eager: skip the op dispatcher's overhead, same function
-            return _attend_ref_bounded(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
-                                       cache_starts, softmax_scale, window)
-        return torch.ops.hf_kvplug.attend_with_kvcache_ref(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table,
-                                                           cache_seqlens, cache_starts, softmax_scale, window)
+            return _attend_ref_bounded(*args)
+        return torch.ops.hf_kvplug.attend_with_kvcache_ref(*args)
     # Reference forced on an accelerator: plain torch ops over the whole row with a mask (no host sync).
-    return attend_with_kvcache_ref(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
-                                   cache_starts, softmax_scale, window)
+    return attend_with_kvcache_ref(*args)
 
 
-def write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, backend: str = "auto") -> None:
+def write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status=None,
+                  backend: str = "auto") -> None:
     """Write `k, v [batch, q_len, nheads_k, head_dim]` into slots `cache_seqlens[b] + i`, quantizing for int8 caches.
 
-    Buffers as in `attend_with_kvcache`; `k_cache, v_cache, k_scale, v_scale` are written in place, nothing is
-    returned and `cache_seqlens` is not advanced. Writes past a row's capacity are dropped.
+    Buffers as in `attend_with_kvcache`; `k_cache, v_cache, k_scale, v_scale` (and `status`) are written in place,
+    nothing is returned and `cache_seqlens` is not advanced. A token with no slot is not written and sets status[0];
+    on CPU tensors that raises a ValueError instead, before anything is written.
     """
+    status = _empty(k.device, torch.int32) if status is None else status
+    args = (k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status)
+    if k.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_writable_on_host(block_table, cache_seqlens, k.shape[0], k.shape[1], k_cache.shape[2])
     if resolve_backend(backend, k.device) == "triton":
         if k.device.type != "cuda":
-            return _kernels.write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens)
-        return torch.ops.hf_kvplug.write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens)
+            return _kernels.write_kvcache(*args)
+        return torch.ops.hf_kvplug.write_kvcache(*args)
     if k.device.type == "cpu":
-        return torch.ops.hf_kvplug.write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table,
-                                                     cache_seqlens)
-    return write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens)
+        return torch.ops.hf_kvplug.write_kvcache_ref(*args)
+    write_kvcache_ref(*args)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import types
 from dataclasses import dataclass
+
+import torch
+from transformers.generation.utils import GenerationMixin
 
 from . import compat
 from .attention import plug_attention_forward
@@ -57,9 +61,12 @@ def _forward_attr(module) -> str:
 def patch(model):
     """Swap the attention forward of every Llama/Qwen2/Qwen3/Mistral attention module in `model`. Idempotent.
 
-    The patched forward runs the fused PlugCache path only when `past_key_values` is a `PlugCache`; with a stock
-    cache, or none, the original forward runs unchanged. Also wraps `model.generate` to validate a PlugCache
-    (capacity, batch, `use_cache`, model match) before anything is written. Returns `model`.
+    The patched forward runs the fused PlugCache path only when the cache it is given (`cache=` from transformers
+    5.24, `past_key_values=` before) is a `PlugCache`; with a stock cache, or none, the original forward runs
+    unchanged. Also installs what does the host-side work of a PlugCache before each forward on eager code (forward
+    pre-hooks on the model and its decoder, generate()'s mask preparation and its compiled call), and wraps
+    `model.generate` to validate a PlugCache (capacity, batch, `use_cache`, model match) before anything is written.
+    Returns `model`.
     """
     spec = _spec(model)
     for module in _attention_modules(model, spec):
@@ -70,20 +77,33 @@ def patch(model):
         module.__dict__["_kvplug_attr"] = (attr, module.__dict__.get(attr))
         module._kvplug_qk_norm = spec.qk_norm
         setattr(module, attr, types.MethodType(plug_attention_forward, module))
-    if "_kvplug_generate" not in model.__dict__:
-        model.__dict__["_kvplug_generate"] = model.__dict__.get("generate")
-        current = model.generate  # wrap what is there, an instance-level override included
-        if isinstance(current, types.MethodType) and current.__self__ is model:
-            base = current.__func__
-        else:
-            def base(self, *args, **kwargs):
-                return current(*args, **kwargs)
-        model.generate = types.MethodType(_checked_generate(base), model)
+    if "_kvplug_generate" in model.__dict__:
+        return model
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    hooks = [model.register_forward_pre_hook(_forward_pre_hook(model, top=True), with_kwargs=True)]
+    if decoder is not model:
+        hooks.append(decoder.register_forward_pre_hook(_forward_pre_hook(decoder, top=False), with_kwargs=True))
+    else:
+        hooks[0].remove()
+        hooks = [model.register_forward_pre_hook(_forward_pre_hook(model, top=False), with_kwargs=True)]
+    model.__dict__["_kvplug_hooks"] = hooks
+    for name, wrap in (("create_masks_for_generate", _masks_for_generate),
+                       ("get_compiled_call", _compiled_call_getter)):
+        model.__dict__[f"_kvplug_{name}"] = model.__dict__.get(name)
+        model.__dict__[name] = wrap(getattr(model, name, None))
+    model.__dict__["_kvplug_generate"] = model.__dict__.get("generate")
+    current = model.generate  # wrap what is there, an instance-level override included
+    if isinstance(current, types.MethodType) and current.__self__ is model:
+        base = current.__func__
+    else:
+        def base(self, *args, **kwargs):
+            return current(*args, **kwargs)
+    model.generate = types.MethodType(_checked_generate(base), model)
     return model
 
 
 def unpatch(model):
-    """Restore the original attention forwards and `generate` of `model` exactly. Returns `model`."""
+    """Restore the original attention forwards, hooks and `generate` of `model` exactly. Returns `model`."""
     for module in model.modules():
         if _MARK not in module.__dict__:
             continue
@@ -94,12 +114,15 @@ def unpatch(model):
             module.__dict__.pop(attr, None)
         else:
             module.__dict__[attr] = previous
-    if "_kvplug_generate" in model.__dict__:
-        previous = model.__dict__.pop("_kvplug_generate")
-        if previous is None:
-            model.__dict__.pop("generate", None)
-        else:
-            model.__dict__["generate"] = previous
+    for hook in model.__dict__.pop("_kvplug_hooks", []):
+        hook.remove()
+    for name in ("generate", "create_masks_for_generate", "get_compiled_call"):
+        if f"_kvplug_{name}" in model.__dict__:
+            previous = model.__dict__.pop(f"_kvplug_{name}")
+            if previous is None:
+                model.__dict__.pop(name, None)
+            else:
+                model.__dict__[name] = previous
     return model
 
 
@@ -119,19 +142,128 @@ def patched(model):
             unpatch(model)
 
 
+# ------------------------------------------------------------------ host work before each forward, on eager code
+
+def _call_arguments(module):
+    """(names of the forward's positional parameters after self) to read a call's inputs, mask and cache."""
+    forward = inspect.unwrap(type(module).forward)
+    return [p.name for p in list(inspect.signature(forward).parameters.values())[1:]
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _inputs(names, args, kwargs):
+    """(cache, batch, q_len, attention_mask) of a model / decoder forward call."""
+    def arg(name):
+        if name in kwargs:
+            return kwargs[name]
+        return args[names.index(name)] if name in names and names.index(name) < len(args) else None
+
+    cache = None
+    for name in compat.CACHE_KWARGS:
+        cache = cache if cache is not None else arg(name)
+    inputs = arg("input_ids")
+    if inputs is None:
+        inputs = arg("inputs_embeds")
+    if inputs is None:
+        return cache, None, None, None
+    return cache, inputs.shape[0], inputs.shape[1], arg("attention_mask")
+
+
+def _forward_pre_hook(module, top: bool):
+    """The model's (top=True) or its decoder's pre-hook: begin the cache's forward on eager code unless generate()
+    or the model's own hook already did. The decoder's hook consumes that mark; inside a forward compiled as a
+    whole it can only check that no host work is due (`PlugCache.traced_forward`)."""
+    names = _call_arguments(module)
+
+    def hook(mod, args, kwargs):
+        cache, batch, q_len, mask = _inputs(names, args, kwargs)
+        if not isinstance(cache, PlugCache) or batch is None:
+            return None
+        if torch.compiler.is_compiling():
+            if top:
+                return None
+            if cache._prepared:
+                cache._prepared = False
+            else:
+                cache.traced_forward(batch, q_len, mask)
+            return None
+        if not (cache._prepared and cache._prepared_for == (batch, q_len)):
+            if cache._prepared:  # marked for a forward that never ran (it failed before reaching the decoder)
+                cache._open = True
+            cache.begin_forward(batch, q_len, mask)
+        if not top:
+            cache._prepared = False
+        return None
+
+    return hook
+
+
+def _masks_for_generate(original):
+    """generate() builds the attention mask of every step here for a compileable cache (eagerly, before the
+    step's forward, compiled or not): the one place that still sees its 2D mask. Begin the forward there."""
+    if original is None:
+        from transformers.masking_utils import create_masks_for_generate as original
+
+    def create_masks_for_generate(*args, **kwargs):
+        mask = original(*args, **kwargs)
+        cache = compat.cache_from_kwargs(kwargs)
+        embeds = kwargs.get("inputs_embeds")
+        if isinstance(cache, PlugCache) and embeds is not None:
+            cache.begin_forward(embeds.shape[0], embeds.shape[1], kwargs.get("attention_mask"), from_generate=True)
+        return mask
+
+    return create_masks_for_generate
+
+
+def _compiled_call_getter(original):
+    """generate() runs its compiled decode steps through `get_compiled_call`: begin the forward on eager code
+    before entering the compiled call (the model's own hook runs inside it, where no host work can be done)."""
+
+    def get_compiled_call(compile_config):
+        compiled = original(compile_config)
+
+        @functools.wraps(compiled)
+        def call(*args, **kwargs):
+            cache = compat.cache_from_kwargs(kwargs)
+            inputs = kwargs.get("input_ids")
+            if inputs is None:
+                inputs = kwargs.get("inputs_embeds")
+            if isinstance(cache, PlugCache) and inputs is not None:
+                batch, q_len = inputs.shape[:2]
+                if not (cache._prepared and cache._prepared_for == (batch, q_len)):
+                    cache.begin_forward(batch, q_len, kwargs.get("attention_mask"), from_generate=True)
+            return compiled(*args, **kwargs)
+
+        return call
+
+    return get_compiled_call
+
+
+# ------------------------------------------------------------------ generate()
+
 def _checked_generate(generate):
     @functools.wraps(generate)
     def checked(self, *args, **kwargs):
         cache = compat.cache_from_kwargs(kwargs)
         if not isinstance(cache, PlugCache):
             return generate(self, *args, **kwargs)
-        validate_generate(self, cache, args, kwargs)
-        if kwargs.get("prompt_lookup_num_tokens") or kwargs.get("assistant_model") is not None:
-            # transformers < 5.17 refuses assisted decoding with any compileable cache; assisted decoding never
-            # compiles, so the cache presents itself as eager-only for this call.
-            with _eager_only(cache):
-                return generate(self, *args, **kwargs)
-        return generate(self, *args, **kwargs)
+        reserve, share = validate_generate(self, cache, args, kwargs)
+        cache.generate_begins(reserve, share)
+        failed = True
+        try:
+            if compat.ASSISTED_REFUSES_COMPILEABLE and (
+                    kwargs.get("prompt_lookup_num_tokens") or kwargs.get("assistant_model") is not None):
+                # these releases refuse assisted decoding with any compileable cache; assisted decoding never
+                # compiles, so the cache presents itself as eager-only for this call.
+                with _eager_only(cache):
+                    out = generate(self, *args, **kwargs)
+            else:
+                out = generate(self, *args, **kwargs)
+            failed = False
+        finally:
+            cache.generate_ends(failed)
+        cache.check_status()  # one device read per call: a write that found no slot is never silent
+        return out
 
     return checked
 
@@ -147,47 +279,45 @@ def _eager_only(cache: PlugCache):
             del layer.is_compileable  # back to the class attribute
 
 
-def validate_generate(model, cache: PlugCache, args, kwargs) -> None:
-    """Raise a ValueError, before anything is written, if a generate() call cannot run in `cache`."""
-    config = kwargs.get("generation_config") or model.generation_config
+_GENERATE_PARAMS = [p for p in inspect.signature(GenerationMixin.generate).parameters if p != "self"][:2]
 
-    def opt(name):
-        value = kwargs.get(name)
-        return getattr(config, name, None) if value is None else value
 
-    if opt("use_cache") is False:
-        raise ValueError("generate(use_cache=False) cannot use a PlugCache: drop past_key_values or use_cache=False")
+def validate_generate(model, cache: PlugCache, args, kwargs) -> tuple[int, int]:
+    """Raise a ValueError, before anything is written, if a generate() call cannot run in `cache`. Reads the
+    call as generate() does (inputs and generation_config by keyword or position, kwargs over the config).
+    Returns (tokens per row to map ahead, rows expanded from each prompt)."""
+    call = dict(zip(_GENERATE_PARAMS, args))  # generate(inputs, generation_config, ...)
+    call.update({k: v for k, v in kwargs.items() if k in _GENERATE_PARAMS})
+    extra = {k: v for k, v in kwargs.items() if k not in _GENERATE_PARAMS}
+    config, model_kwargs = model._prepare_generation_config(call.get("generation_config"), **extra)
+    if config.use_cache is False or model_kwargs.get("use_cache") is False:
+        raise ValueError("generate(use_cache=False) cannot use a PlugCache: drop the cache or use_cache=False")
     cache.check_model(model)
-    inputs = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    inputs = call.get("inputs")
+    for name in ("input_ids", "inputs_embeds"):
+        inputs = inputs if inputs is not None else kwargs.get(name)
     if inputs is None:
-        inputs = kwargs.get("inputs_embeds")
-    if inputs is None:
-        return
+        return 0, 1
     batch, prompt = inputs.shape[0], inputs.shape[1]
     # Tokens the cache will hold before generating: the full history when input_ids carry it, the mask's length when
     # only the new turn is passed with a whole-conversation mask, cached + new when neither says more.
     mask = kwargs.get("attention_mask")
     seen = max(prompt, mask.shape[-1] if mask is not None and mask.dim() == 2 else 0)
-    past = int(cache.get_seq_length())  # one read per generate() call, not per step
+    past = cache.get_seq_length()  # the host's count: no device read
     if past and seen <= past:
         seen = past + prompt
-    rows = batch * max(opt("num_beams") or 1, opt("num_return_sequences") or 1)
+    expand = max(config.num_beams or 1, config.num_return_sequences or 1)
+    rows = batch * expand
     if rows > cache.max_batch_size:
         raise ValueError(f"generate() needs {rows} cache rows (batch {batch} x max(num_beams, num_return_sequences)) "
                          f"but the PlugCache has max_batch_size={cache.max_batch_size}; build it with "
                          f"max_batch_size >= {rows}")
-    if mask is not None and mask.dim() == 2 and mask.shape[-1] > 1:
-        ones = mask.bool()
-        holes = (ones[:, :-1] & ~ones[:, 1:]).any(dim=-1)  # a 0 after a 1: right padding or a gap
-        if bool(holes.any()):  # one host read per generate() call
-            row = int(holes.nonzero()[0, 0])
-            raise ValueError(f"attention_mask row {row} has a 0 after a 1 (right padding or a gap); a PlugCache "
-                             "follows left padding only, which is also what decoder-only generation expects: "
-                             "pad on the left (tokenizer.padding_side = 'left'), and for a multi-turn mask mark "
-                             "every earlier token 1, generated and EOS tokens included (a mask built as "
-                             "ids != pad_token_id breaks when the pad token is EOS)")
-    max_new = opt("max_new_tokens")
-    total = seen + max_new if max_new is not None else max(opt("max_length") or 0, seen)
+    if mask is not None and mask.dim() != 2:
+        raise ValueError("a PlugCache follows a 2D attention_mask ([batch, tokens], 1 = attend); generate() was "
+                         f"given one of {mask.dim()} dimensions")
+    max_new = config.max_new_tokens
+    total = seen + max_new if max_new is not None else max(config.max_length or 0, seen)
     if total > cache.max_cache_len:
         raise ValueError(f"prompt ({seen} tokens) + new tokens = {total} exceeds the PlugCache's max_cache_len="
                          f"{cache.max_cache_len}; build it with max_cache_len >= {total}")
+    return total, expand if past == 0 else 1

@@ -4,15 +4,20 @@ Cache layout (per layer), shared by the reference and the kernels:
   k_cache, v_cache  [num_blocks, nheads_k, BLOCK_SIZE, head_dim]   model dtype, or int8
   k_scale, v_scale  [num_blocks, nheads_k, BLOCK_SIZE] float32     per token and head (int8 only; else 0 elements)
   block_table       [max_batch, max_blocks] int32                   row b's slot s lives in block block_table[b, s // BS]
+                                                                    (-1: no block mapped there)
   cache_seqlens     [max_batch] int32                               slots filled in row b before this call
-  cache_starts      [batch] int32                                   first valid slot of row b (left padding)
+  cache_starts      [max_batch] int32                               first slot row b may attend (leading padding)
+  cache_valid       [max_batch, max_len] uint8, or 0 elements       0 marks a slot no query attends (padding, holes)
+  status            [1] int32, or 0 elements                        set to 1 when a write had no slot
 
 Semantics of `attend_with_kvcache` for rows b < batch and new tokens i < q_len, with s_i = cache_seqlens[b] + i:
-  1. K/V of token i are written to slot s_i (quantized when the cache is int8; writes past the row's capacity are
-     dropped);
-  2. out[b, i] attends over slots [lo_i, s_i] of the updated cache, where
-     lo_i = max(cache_starts[b], s_i - window + 1) (window <= 0 means none), and lo_i = s_i if that exceeds s_i
-     (a padding query sees only itself, which keeps it finite).
+  1. K/V of token i are written to slot s_i (quantized when the cache is int8). A slot past the table or in an
+     unmapped block (-1) is not written: status[0] becomes 1 and out[b, i] is NaN, so the loss is never silent.
+  2. out[b, i] attends over the slots t with lo_i <= t <= s_i, lo_i = max(cache_starts[b], s_i - window + 1)
+     (window <= 0 means none), and cache_valid[b, t] != 0 when cache_valid is given. A token that sees no slot gets
+     0 (as PyTorch's SDPA does for a fully masked row).
+  3. Slots no token of the row sees (past its length, before its start, masked) never enter the arithmetic: their
+     K and V are zeroed before the products, so stale NaN/Inf there cannot leak into any output.
 cache_seqlens is not advanced: the caller does that.
 """
 
@@ -42,38 +47,48 @@ def _slots(cache_seqlens: torch.Tensor, batch: int, q_len: int) -> torch.Tensor:
     return cache_seqlens[:batch].long().unsqueeze(1) + torch.arange(q_len, device=cache_seqlens.device)
 
 
-def write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
-                      may_overflow: bool = True) -> None:
+def slot_blocks(block_table, cache_seqlens, batch: int, q_len: int, block_size: int):
+    """For new token i of row b: its slot, its block id (clamped to >= 0) and whether that slot can be written."""
+    slots = _slots(cache_seqlens, batch, q_len).to(block_table.device)
+    max_blocks = block_table.shape[1]
+    col = slots // block_size
+    blocks = block_table[:batch].long().gather(1, col.clamp(max=max_blocks - 1))
+    ok = (col < max_blocks) & (blocks >= 0)
+    return slots, blocks.clamp(min=0), ok
+
+
+def write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status) -> torch.Tensor:
     """Writes `k, v [B, q_len, nheads_k, D]` into slots cache_seqlens[b] + i of rows b < B, in place.
 
-    `may_overflow=False` is a promise (checked by the caller) that every slot fits, which skips the masking.
+    Returns `ok [B, q_len]` bool: whether each token found a slot. Tokens that did not are not written and set
+    `status[0] = 1` (when status has an element). No host read: safe on any device.
     """
     batch, q_len = k.shape[:2]
     bs = k_cache.shape[2]
-    capacity = block_table.shape[1] * bs
-    slots = _slots(cache_seqlens, batch, q_len).to(k.device)
-    valid = slots < capacity
-    # A dropped write re-writes the old value of slot (s % capacity): history this call does not touch as long as
-    # q_len <= capacity, so no two writes of one call collide (index_put_ is undefined for duplicate indices).
-    slots = torch.where(valid, slots, slots % capacity)
-    blocks = block_table[:batch].long().gather(1, slots // bs)  # [B, q_len]
+    slots, blocks, ok = slot_blocks(block_table, cache_seqlens, batch, q_len, bs)
     offs = slots % bs
-    keep = valid.view(batch, q_len, 1, 1)
+    # A token without a slot repeats the first writable token's write (same target, same value), so the indexed
+    # writes never collide with different values; with no writable token at all, every token rewrites one slot's
+    # old value.
+    flat_ok = ok.reshape(-1)
+    pick = torch.where(flat_ok, torch.arange(flat_ok.numel(), device=ok.device), flat_ok.int().argmax())
+    any_ok = flat_ok.any()
+    tb, to = blocks.reshape(-1)[pick], offs.reshape(-1)[pick]
     for new, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        new = new.reshape(-1, *new.shape[2:])[pick.to(new.device)]
         if cache.dtype == torch.int8:
             new, s = quantize_int8(new)
-            if may_overflow:
-                s = torch.where(keep[..., 0], s, scale[blocks, :, offs])
-            scale[blocks, :, offs] = s
-        new = new.to(cache.dtype)
-        if may_overflow:
-            new = torch.where(keep, new, cache[blocks, :, offs])
-        cache[blocks, :, offs] = new
+            scale[tb, :, to] = torch.where(any_ok, s, scale[tb, :, to])
+        cache[tb, :, to] = torch.where(any_ok, new.to(cache.dtype), cache[tb, :, to])
+    if status.numel():
+        status.copy_(torch.maximum(status, (~ok).any().to(status.dtype)))
+    return ok
 
 
 def gather_kv(cache, scale, block_table, batch: int, num_blocks: int, dtype: torch.dtype) -> torch.Tensor:
-    """Row-contiguous view of the first `num_blocks` blocks of rows < batch: [B, nheads_k, num_blocks * BS, D]."""
-    blocks = block_table[:batch, :num_blocks].long()
+    """Row-contiguous copy of the first `num_blocks` blocks of rows < batch: [B, nheads_k, num_blocks * BS, D].
+    Unmapped blocks (-1) read block 0: callers mask those slots."""
+    blocks = block_table[:batch, :num_blocks].long().clamp(min=0)
     x = cache[blocks]  # [B, nb, Hk, BS, D]
     if cache.dtype == torch.int8:
         x = dequantize_int8(x, scale[blocks], dtype)
@@ -82,17 +97,30 @@ def gather_kv(cache, scale, block_table, batch: int, num_blocks: int, dtype: tor
 
 
 def attention_bounds(cache_seqlens, cache_starts, batch: int, q_len: int, window: int):
-    """Per new token: its slot `s` and the first slot `lo` it attends to, both [B, q_len] int64."""
+    """Per new token: its slot `s` and the first slot `lo` it may see, both [B, q_len] int64 (lo > s: none)."""
     s = _slots(cache_seqlens, batch, q_len)
     lo = cache_starts[:batch].long().to(s.device).unsqueeze(1).expand_as(s)
     if window > 0:
         lo = torch.maximum(lo, s - window + 1)
-    return s, torch.minimum(lo, s)
+    return s, lo
+
+
+def visible_slots(cache_seqlens, cache_starts, cache_valid, batch: int, q_len: int, window: int, num_slots: int):
+    """`seen [B, q_len, num_slots]` bool: which slots each new token attends (the semantics in the module doc)."""
+    s, lo = attention_bounds(cache_seqlens, cache_starts, batch, q_len, window)
+    t = torch.arange(num_slots, device=s.device)
+    seen = (t >= lo.unsqueeze(-1)) & (t <= s.unsqueeze(-1))
+    if cache_valid.numel():
+        valid = cache_valid[:batch, :num_slots].to(seen.device).bool()
+        if valid.shape[1] < num_slots:  # slots past the valid map (the tail of the last block) are never seen
+            valid = F.pad(valid, (0, num_slots - valid.shape[1]))
+        seen = seen & valid.unsqueeze(1)
+    return seen
 
 
 def attend_with_kvcache_ref(
-    q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-    softmax_scale: float, window: int = 0, num_blocks: int | None = None, may_overflow: bool = True,
+    q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid, status,
+    softmax_scale: float, window: int = 0, num_blocks: int | None = None,
 ) -> torch.Tensor:
     """Reference of the fused write + attention. `q [B, q_len, nheads, D]` -> out `[B, q_len, nheads, D]`.
 
@@ -100,29 +128,34 @@ def attend_with_kvcache_ref(
     they know it on the host, which keeps the work proportional to the cached tokens.
     """
     batch, q_len, nheads, _ = q.shape
-    write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, may_overflow)
+    ok = write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status)
     nb = block_table.shape[1] if num_blocks is None else max(1, min(num_blocks, block_table.shape[1]))
     keys = gather_kv(k_cache, k_scale, block_table, batch, nb, q.dtype)
     values = gather_kv(v_cache, v_scale, block_table, batch, nb, q.dtype)
-    s, lo = attention_bounds(cache_seqlens, cache_starts, batch, q_len, window)
-    t = torch.arange(keys.shape[2], device=q.device)
-    mask = (t >= lo.unsqueeze(-1)) & (t <= s.unsqueeze(-1))  # [B, q_len, T]
+    seen = visible_slots(cache_seqlens, cache_starts, cache_valid, batch, q_len, window, keys.shape[2])
+    hidden = ~seen.any(1)[:, None, :, None]  # [B, 1, T, 1]: slots no token of the row sees
+    keys = keys.masked_fill(hidden, 0)
+    values = values.masked_fill(hidden, 0)
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys, values, attn_mask=mask.unsqueeze(1), scale=softmax_scale,
+        q.transpose(1, 2), keys, values, attn_mask=seen.unsqueeze(1), scale=softmax_scale,
         enable_gqa=nheads != keys.shape[1],
-    )
-    return out.transpose(1, 2).contiguous()
+    ).transpose(1, 2)
+    out = out.masked_fill(~seen.any(-1)[..., None, None], 0.0)  # a token that sees nothing: 0, whatever the backend
+    out = out.masked_fill(~ok[..., None, None], float("nan"))
+    return out.contiguous()
 
 
-def attend_fp64_ref(q, keys, values, lo, s, softmax_scale):
-    """Oracle for tests: dense fp64 attention of `q [B, L, H, D]` over row-contiguous `keys/values [B, Hk, T, D]`."""
+def attend_fp64_ref(q, keys, values, seen, softmax_scale):
+    """Oracle for tests: dense fp64 attention of `q [B, L, H, D]` over row-contiguous `keys/values [B, Hk, T, D]`,
+    token i of row b seeing the slots where `seen [B, L, T]` is True (`visible_slots`); a token that sees none: 0."""
     b, L, h, d = q.shape
     hk = keys.shape[1]
     qf = q.double().transpose(1, 2)  # [B, H, L, D]
     kf = keys.double().repeat_interleave(h // hk, dim=1)
     vf = values.double().repeat_interleave(h // hk, dim=1)
+    hidden = ~seen.any(1)[:, None, :, None]  # what no token sees may hold anything (NaN included): never read
+    kf, vf = kf.masked_fill(hidden, 0), vf.masked_fill(hidden, 0)
     scores = qf @ kf.transpose(-1, -2) * softmax_scale  # [B, H, L, T]
-    t = torch.arange(keys.shape[2], device=q.device)
-    mask = (t >= lo.unsqueeze(-1)) & (t <= s.unsqueeze(-1))
-    scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-    return (scores.softmax(-1) @ vf).transpose(1, 2)
+    scores = scores.masked_fill(~seen.unsqueeze(1), float("-inf"))
+    probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)  # rows that see nothing: 0
+    return (probs @ vf).transpose(1, 2)

@@ -6,8 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (attention_bounds, cdiv, check_cache, device_guard, kv_tile_scores, launcher, next_pow2,
-                    quantize_int8, scale_strides, sm_count, softmax_tile_update, tile_block_ids, upcast_dot)
+from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_guard, kv_tile_scores, launcher, next_pow2,
+                    quantize_int8, scale_strides, slot_block, sm_count, softmax_tile_update, tile_block_ids,
+                    upcast_dot, visible)
 
 LOG2E = 1.4426950408889634
 WAVES = 8  # programs aimed at, in units of SMs, when a row is full: enough left at half capacity to fill the GPU
@@ -18,14 +19,14 @@ MAX_SPLITS = 256
 @triton.jit
 def _decode_attn_kernel(
     q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr,
-    cache_seqlens_ptr, cache_starts_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-    qk_scale, window, capacity, split_size,
+    cache_seqlens_ptr, cache_starts_ptr, cache_valid_ptr, status_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    qk_scale, window, capacity, split_size, valid_len,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-    stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt,
+    stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt, stride_mb,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, INT8: tl.constexpr, V_SCALE_ON_P: tl.constexpr, SPLIT: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, HAS_HOLES: tl.constexpr, HAS_STATUS: tl.constexpr,
 ):
     # q [B, 1, nheads, D] (all GROUP heads of kv head hk in one program); k, v [B, 1, nheads_k, D]
     # caches [num_blocks, nheads_k, BLOCK_SIZE, D]; this program covers slots [split * split_size, +split_size)
@@ -54,44 +55,48 @@ def _decode_attn_kernel(
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D_PAD], tl.float32)
+    bt_row = block_table_ptr + b64 * stride_bt
 
     if owner:  # write the new token and start the softmax from it, so it never has to be read back
-        phys = tl.load(block_table_ptr + b64 * stride_bt + s // BLOCK_SIZE).to(tl.int64)
-        dst = phys * stride_cb + hk * stride_ch + (s % BLOCK_SIZE) * stride_cs + offs_d
-        k_new = tl.load(k_ptr + b64 * stride_kb + hk * stride_kh + offs_d, mask=mask_d, other=0.0)
-        v_new = tl.load(v_ptr + b64 * stride_vb + hk * stride_vh + offs_d, mask=mask_d, other=0.0)
-        if INT8:
-            kq, ks = quantize_int8(k_new.to(tl.float32))
-            vq, vs = quantize_int8(v_new.to(tl.float32))
-            tl.store(k_cache_ptr + dst, kq, mask=mask_d)
-            tl.store(v_cache_ptr + dst, vq, mask=mask_d)
-            sdst = phys * stride_sb + hk * stride_sh + (s % BLOCK_SIZE) * stride_ss
-            tl.store(k_scale_ptr + sdst, ks)
-            tl.store(v_scale_ptr + sdst, vs)
-            k_att = kq.to(tl.float32)  # the K scale is folded into the scores, as for cached tokens
-            v_att = vq.to(tl.float32) * vs  # exact, as the cached tokens' V (scale on the probabilities)
-            score_scale = ks * qk_scale
-        else:
-            k_new = k_new.to(k_cache_ptr.dtype.element_ty)
-            v_new = v_new.to(v_cache_ptr.dtype.element_ty)
-            tl.store(k_cache_ptr + dst, k_new, mask=mask_d)
-            tl.store(v_cache_ptr + dst, v_new, mask=mask_d)
-            k_att = k_new.to(q.dtype).to(tl.float32)
-            v_att = v_new.to(q.dtype).to(tl.float32)
-            score_scale = qk_scale
-        m = tl.sum(q.to(tl.float32) * k_att[None, :], 1) * score_scale
-        l = tl.full([BLOCK_H], 1.0, tl.float32)
-        acc = acc + v_att[None, :]
+        phys, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)
+        if writable:
+            dst = phys * stride_cb + hk * stride_ch + (s % BLOCK_SIZE) * stride_cs + offs_d
+            k_new = tl.load(k_ptr + b64 * stride_kb + hk * stride_kh + offs_d, mask=mask_d, other=0.0)
+            v_new = tl.load(v_ptr + b64 * stride_vb + hk * stride_vh + offs_d, mask=mask_d, other=0.0)
+            if INT8:
+                kq, ks = quantize_int8(k_new.to(tl.float32))
+                vq, vs = quantize_int8(v_new.to(tl.float32))
+                tl.store(k_cache_ptr + dst, kq, mask=mask_d)
+                tl.store(v_cache_ptr + dst, vq, mask=mask_d)
+                sdst = phys * stride_sb + hk * stride_sh + (s % BLOCK_SIZE) * stride_ss
+                tl.store(k_scale_ptr + sdst, ks)
+                tl.store(v_scale_ptr + sdst, vs)
+                k_att = kq.to(tl.float32)  # the K scale is folded into the scores, as for cached tokens
+                v_att = vq.to(tl.float32) * vs  # exact, as the cached tokens' V (scale on the probabilities)
+                score_scale = ks * qk_scale
+            else:
+                k_new = k_new.to(k_cache_ptr.dtype.element_ty)
+                v_new = v_new.to(v_cache_ptr.dtype.element_ty)
+                tl.store(k_cache_ptr + dst, k_new, mask=mask_d)
+                tl.store(v_cache_ptr + dst, v_new, mask=mask_d)
+                k_att = k_new.to(q.dtype).to(tl.float32)
+                v_att = v_new.to(q.dtype).to(tl.float32)
+                score_scale = qk_scale
+            sees_self = visible(s >= lo, cache_valid_ptr, b64, s, stride_mb, valid_len, HAS_HOLES)
+            if sees_self:
+                m = tl.sum(q.to(tl.float32) * k_att[None, :], 1) * score_scale
+                l = tl.full([BLOCK_H], 1.0, tl.float32)
+                acc = acc + v_att[None, :]
 
-    bt_row = block_table_ptr + b64 * stride_bt
     # tiles start at a multiple of BLOCK_N (split_lo is one), so the first slot n_lo lies in the first tile:
-    # every tile has a valid slot and the running max is finite after it.
+    # without holes every tile has a visible slot and the running max is finite after it.
     tile_lo = n_lo - n_lo % BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     next_phys = tile_block_ids(bt_row, tile_lo + offs_n, n_hi, BLOCK_SIZE)  # one tile ahead
     for start in range(tile_lo, n_hi, BLOCK_N):
         slots = start + offs_n
-        valid = (slots >= n_lo) & (slots < n_hi)
+        valid = visible((slots >= n_lo) & (slots < n_hi), cache_valid_ptr, b64, slots, stride_mb, valid_len,
+                        HAS_HOLES)
         phys = next_phys.to(tl.int64)
         next_phys = tile_block_ids(bt_row, slots + BLOCK_N, n_hi, BLOCK_SIZE)
         qk, v, vs = kv_tile_scores(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, phys, slots, valid, hk,
@@ -99,31 +104,39 @@ def _decode_attn_kernel(
                                    stride_sh, stride_ss, BLOCK_SIZE, INT8, V_SCALE_ON_P)
         # qk [BLOCK_H, BLOCK_N], v [BLOCK_N, D_PAD], vs [BLOCK_N]
         qk = tl.where(valid[None, :], qk, float("-inf"))
-        m, l, acc = softmax_tile_update(m, l, acc, qk, v, vs, V_SCALE_ON_P, False)
+        m, l, acc = softmax_tile_update(m, l, acc, qk, v, vs, V_SCALE_ON_P, HAS_HOLES)
 
     mask_o = mask_h[:, None] & mask_d[None, :]
+    l_safe = tl.where(l > 0.0, l, 1.0)  # a row that saw nothing (masked out) gives 0
     if SPLIT:
         tl.store(part_o_ptr + b64 * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
-                 acc / l[:, None], mask=mask_o)
-        tl.store(part_lse_ptr + b64 * stride_lb + heads * stride_lh + split, m + tl.log2(l), mask=mask_h)
+                 acc / l_safe[:, None], mask=mask_o)
+        tl.store(part_lse_ptr + b64 * stride_lb + heads * stride_lh + split, m + tl.log2(l_safe), mask=mask_h)
     else:
+        # the one program is the owner unless s lies past the table: a token with no slot gets NaN
+        _, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)
+        o = tl.where(writable, acc / l_safe[:, None], float("nan"))
         tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=mask_o)
+                 o.to(out_ptr.dtype.element_ty), mask=mask_o)
+        if HAS_STATUS:
+            if writable == 0:
+                tl.store(status_ptr, 1)
 
 
 @triton.jit
 def _decode_reduce_kernel(
-    part_o_ptr, part_lse_ptr, out_ptr, cache_seqlens_ptr, cache_starts_ptr,
+    part_o_ptr, part_lse_ptr, out_ptr, cache_seqlens_ptr, cache_starts_ptr, block_table_ptr, status_ptr,
     window, capacity, split_size,
-    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_bt,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HAS_STATUS: tl.constexpr,
 ):
     # part_o [B, nheads, splits, D_PAD] fp32 (normalized), part_lse [B, nheads, splits] fp32 (log2) -> out [B, 1, H, D]
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, 0, window, capacity)
     first = lo // split_size
-    last = hi // split_size  # exactly the splits [first, last] did work
+    last = hi // split_size  # exactly the splits [first, last] did work (none when lo > hi)
     offs_d = tl.arange(0, D_PAD)
     mask_d = offs_d < HEAD_DIM
     m = float("-inf")
@@ -135,14 +148,20 @@ def _decode_reduce_kernel(
         lse = tl.load(part_lse_ptr + b * stride_lb + h * stride_lh + js, mask=live, other=float("-inf"))  # [CHUNK]
         o = tl.load(part_o_ptr + b * stride_pb + h * stride_ph + js[:, None] * stride_ps + offs_d[None, :],
                     mask=live[:, None] & mask_d[None, :], other=0.0)  # [CHUNK, D_PAD]
-        m_new = tl.maximum(m, tl.max(lse, 0))  # finite: split c is live
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # splits that saw nothing (masked out) weigh 0
+        alpha = tl.exp2(m - m_use)
+        w = tl.exp2(lse - m_use)
         acc = acc * alpha + tl.sum(o * w[:, None], 0)
         l = l * alpha + tl.sum(w, 0)
         m = m_new
     l = tl.where(l > 0.0, l, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, (acc / l).to(out_ptr.dtype.element_ty), mask=mask_d)
+    _, writable = slot_block(block_table_ptr + b * stride_bt, s, capacity, BLOCK_SIZE)
+    o = tl.where(writable, acc / l, float("nan"))  # a token with no slot gets NaN
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=mask_d)
+    if HAS_STATUS:
+        if writable == 0:
+            tl.store(status_ptr, 1)
 
 
 class DecodeConfig(NamedTuple):
@@ -185,8 +204,8 @@ def split_layout(capacity: int, num_splits: int, block_n: int) -> tuple[int, int
     return split_size, cdiv(capacity, split_size)
 
 
-def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-                softmax_scale, window, num_splits=None, config=None):
+def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid,
+                status, softmax_scale, window, num_splits=None, config=None):
     # num_splits / config (a DecodeConfig, or its first three fields) override the static choices, for tests and
     # tuning
     batch, q_len, nheads, head_dim = q.shape
@@ -197,6 +216,7 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
     int8 = check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, nheads_k, head_dim)
     assert cache_starts.dtype == torch.int32 and cache_starts.shape[0] >= batch and cache_starts.stride(0) == 1
     assert block_table.shape[0] >= batch and cache_seqlens.shape[0] >= batch
+    has_holes = check_valid(cache_valid, batch)
     group = nheads // nheads_k
     block_size = k_cache.shape[2]
     capacity = block_table.shape[1] * block_size
@@ -217,29 +237,29 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
         part_o = part_lse = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
     qk_scale = float(softmax_scale) * LOG2E
     window = int(window)
+    has_status = status.numel() > 0
     with device_guard(q):
         launcher(_decode_attn_kernel)[(num_splits, nheads_k, batch)](
-            q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-            out, part_o, part_lse,
-            qk_scale, window, capacity, split_size,
+            q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid,
+            status, out, part_o, part_lse,
+            qk_scale, window, capacity, split_size, cache_valid.shape[-1] if has_holes else 0,
             q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides(k_scale, int8),
-            block_table.stride(0),
+            block_table.stride(0), cache_valid.stride(0) if has_holes else 0,
             out.stride(0), out.stride(2), part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1),
             GROUP=group, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_SIZE=block_size,
             HEAD_DIM=head_dim, D_PAD=d_pad, INT8=int8, V_SCALE_ON_P=int8 and v_scale_on_p, SPLIT=num_splits > 1,
-            UPCAST=upcast_dot(q.dtype),
+            UPCAST=upcast_dot(q.dtype), HAS_HOLES=has_holes, HAS_STATUS=has_status,
             num_warps=num_warps, num_stages=num_stages,
         )
         if num_splits > 1:
             launcher(_decode_reduce_kernel)[(nheads, batch)](
-                part_o, part_lse, out, cache_seqlens, cache_starts,
+                part_o, part_lse, out, cache_seqlens, cache_starts, block_table, status,
                 window, capacity, split_size,
                 part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-                out.stride(0), out.stride(2),
-                HEAD_DIM=head_dim, D_PAD=d_pad, CHUNK=min(16, next_pow2(num_splits)),
-                num_warps=2 if d_pad <= 128 else 4,
+                out.stride(0), out.stride(2), block_table.stride(0),
+                HEAD_DIM=head_dim, D_PAD=d_pad, CHUNK=min(16, next_pow2(num_splits)), BLOCK_SIZE=block_size,
+                HAS_STATUS=has_status, num_warps=2 if d_pad <= 128 else 4,
             )
     return out
-

@@ -5,21 +5,21 @@ import triton
 import triton.language as tl
 
 from .decode_attn import LOG2E
-from .utils import (attention_bounds, cdiv, check_cache, device_guard, kv_tile_scores, launcher, next_pow2,
-                    scale_strides, softmax_tile_update, tile_block_ids, upcast_dot)
+from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_guard, kv_tile_scores, launcher,
+                    next_pow2, scale_strides, slot_block, softmax_tile_update, tile_block_ids, upcast_dot, visible)
 
 
 @triton.jit
 def _extend_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, cache_seqlens_ptr, cache_starts_ptr,
-    out_ptr,
-    qk_scale, window, capacity, q_len,
+    cache_valid_ptr, out_ptr,
+    qk_scale, window, capacity, q_len, valid_len,
     stride_qb, stride_qt, stride_qh,
-    stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt,
+    stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt, stride_mb,
     stride_ob, stride_ot, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, INT8: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, HAS_HOLES: tl.constexpr,
 ):
     # q [B, q_len, nheads, D] -> out [B, q_len, nheads, D]; a program takes BLOCK_M tokens x the GROUP heads of
     # kv head hk, as BLOCK_M * GROUP_PAD rows (row r: token r // GROUP_PAD, head hk * GROUP + r % GROUP_PAD)
@@ -57,18 +57,21 @@ def _extend_attn_kernel(
     next_phys = tile_block_ids(bt_row, tile_lo + offs_n, n_end, BLOCK_SIZE)  # one tile ahead
     for start in range(tile_lo, n_end, BLOCK_N):
         slots = start + offs_n
-        valid = (slots >= n_lo) & (slots < n_end)
+        valid = visible((slots >= n_lo) & (slots < n_end), cache_valid_ptr, b64, slots, stride_mb, valid_len,
+                        HAS_HOLES)
         phys = next_phys.to(tl.int64)
         next_phys = tile_block_ids(bt_row, slots + BLOCK_N, n_end, BLOCK_SIZE)
         qk, v, vs = kv_tile_scores(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, phys, slots, valid, hk,
                                    offs_d, mask_d, qk_scale, stride_cb, stride_ch, stride_cs, stride_sb,
                                    stride_sh, stride_ss, BLOCK_SIZE, INT8, False)  # [R, BLOCK_N], [BLOCK_N, D_PAD]
-        seen = (slots[None, :] >= lo[:, None]) & (slots[None, :] <= hi[:, None])
+        seen = (slots[None, :] >= lo[:, None]) & (slots[None, :] <= hi[:, None]) & valid[None, :]
         m, l, acc = softmax_tile_update(m, l, acc, tl.where(seen, qk, float("-inf")), v, vs, False, True)
 
-    l = tl.where(l > 0.0, l, 1.0)
+    l = tl.where(l > 0.0, l, 1.0)  # a token that saw nothing (masked out) gives 0
+    _, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)  # the write kernel ran first; it set the status
+    o = tl.where(writable[:, None], acc / l[:, None], float("nan"))  # a token with no slot gets NaN
     tl.store(out_ptr + b64 * stride_ob + tok[:, None].to(tl.int64) * stride_ot + heads64 * stride_oh
-             + offs_d[None, :], (acc / l[:, None]).to(out_ptr.dtype.element_ty),
+             + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=mask_r[:, None] & mask_d[None, :])
 
 
@@ -85,8 +88,8 @@ def extend_config(head_dim: int, elem_size: int = 2):
     return (64, 32, 8, 2)
 
 
-def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, softmax_scale,
-                window):
+def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid,
+                softmax_scale, window):
     batch, q_len, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[1]
     assert q.stride(-1) == 1, "q: contiguous last dim"
@@ -94,6 +97,7 @@ def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlen
     int8 = check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, nheads_k, head_dim)
     assert cache_starts.dtype == torch.int32 and cache_starts.shape[0] >= batch and cache_starts.stride(0) == 1
     assert block_table.shape[0] >= batch and cache_seqlens.shape[0] >= batch
+    has_holes = check_valid(cache_valid, batch)
     group = nheads // nheads_k
     group_pad = next_pow2(group)
     block_r, block_n, num_warps, num_stages = extend_config(head_dim, q.element_size())
@@ -103,14 +107,15 @@ def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlen
         return out
     with device_guard(q):
         launcher(_extend_attn_kernel)[(cdiv(q_len, block_m), nheads_k, batch)](
-            q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, out,
+            q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid, out,
             float(softmax_scale) * LOG2E, int(window), block_table.shape[1] * k_cache.shape[2], q_len,
+            cache_valid.shape[-1] if has_holes else 0,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides(k_scale, int8),
-            block_table.stride(0),
+            block_table.stride(0), cache_valid.stride(0) if has_holes else 0,
             out.stride(0), out.stride(1), out.stride(2),
             GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[2],
             HEAD_DIM=head_dim, D_PAD=next_pow2(head_dim), INT8=int8, UPCAST=upcast_dot(q.dtype),
-            num_warps=num_warps, num_stages=num_stages,
+            HAS_HOLES=has_holes, num_warps=num_warps, num_stages=num_stages,
         )
     return out

@@ -61,6 +61,15 @@ def check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, 
     return k_cache.dtype == torch.int8
 
 
+def check_valid(cache_valid, batch: int) -> bool:
+    """True when a slot mask is given: `[>= batch, max_len]` uint8 with a contiguous last dim."""
+    if cache_valid.numel() == 0:
+        return False
+    assert cache_valid.dtype == torch.uint8 and cache_valid.dim() == 2 and cache_valid.stride(1) == 1
+    assert cache_valid.shape[0] >= batch, cache_valid.shape
+    return True
+
+
 def scale_strides(k_scale, int8: bool):
     return tuple(k_scale.stride()) if int8 else (0, 0, 0)
 
@@ -86,13 +95,29 @@ def quantize_int8(x):
 
 @triton.jit
 def attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, i, window, capacity):
-    # New token i of row b: its slot s, the first slot lo it sees and the last cached slot hi it sees.
+    # New token i of row b: its slot s, the first slot lo it may see (lo > s: none) and the last cached slot hi.
     s = tl.load(cache_seqlens_ptr + b) + i
     lo = tl.load(cache_starts_ptr + b)
     lo = tl.where(window > 0, tl.maximum(lo, s - window + 1), lo)
-    lo = tl.minimum(lo, s)
     hi = tl.minimum(s, capacity - 1)
     return s, lo, hi
+
+
+@triton.jit
+def slot_block(block_table_row, s, capacity, BLOCK_SIZE: tl.constexpr):
+    # Block id of slot s (int64) and whether the slot can be written: inside the table and in a mapped block.
+    inside = s < capacity
+    phys = tl.load(block_table_row + s // BLOCK_SIZE, mask=inside, other=-1).to(tl.int64)
+    return tl.maximum(phys, 0), inside & (phys >= 0)
+
+
+@triton.jit
+def visible(valid, cache_valid_ptr, b64, slots, stride_vb, valid_len, HAS_HOLES: tl.constexpr):
+    # `valid` narrowed to the slots the row's mask leaves visible (HAS_HOLES: cache_valid [B, valid_len] uint8).
+    if HAS_HOLES:
+        bits = tl.load(cache_valid_ptr + b64 * stride_vb + slots, mask=valid & (slots < valid_len), other=0)
+        valid = valid & (bits != 0)
+    return valid
 
 
 @triton.jit

@@ -3,16 +3,18 @@
 import triton
 import triton.language as tl
 
-from .utils import check_cache, device_guard, launcher, next_pow2, quantize_int8, scale_strides
+from .utils import check_cache, device_guard, launcher, next_pow2, quantize_int8, scale_strides, slot_block
 
 
 @triton.jit
 def _write_kvcache_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, cache_seqlens_ptr,
+    status_ptr,
     q_len, capacity,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, INT8: tl.constexpr,
+    HAS_STATUS: tl.constexpr,
 ):
     # k, v [B, q_len, nheads_k, D]; caches [num_blocks, nheads_k, BLOCK_SIZE, D]; scales [num_blocks, nheads_k, BS]
     pid = tl.program_id(0)
@@ -20,9 +22,11 @@ def _write_kvcache_kernel(
     b = (pid // q_len).to(tl.int64)
     i = pid % q_len
     s = tl.load(cache_seqlens_ptr + b) + i
-    if s >= capacity:  # past the row's last block: dropped
+    phys, ok = slot_block(block_table_ptr + b * stride_bt, s, capacity, BLOCK_SIZE)
+    if ok == 0:  # past the table or in an unmapped block: not written, and said so
+        if HAS_STATUS:
+            tl.store(status_ptr, 1)
         return
-    phys = tl.load(block_table_ptr + b * stride_bt + s // BLOCK_SIZE).to(tl.int64)
     slot = s % BLOCK_SIZE
     offs_d = tl.arange(0, D_PAD)
     mask_d = offs_d < HEAD_DIM
@@ -43,7 +47,7 @@ def _write_kvcache_kernel(
         tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask_d)
 
 
-def write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens):
+def write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status):
     batch, q_len, nheads_k, head_dim = k.shape
     assert v.shape == k.shape and k.stride(-1) == 1 and v.stride(-1) == 1, "k, v: [B, q_len, nheads_k, D], last dim 1"
     int8 = check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, nheads_k, head_dim)
@@ -53,11 +57,11 @@ def write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_s
     capacity = block_table.shape[1] * k_cache.shape[2]
     with device_guard(k):
         launcher(_write_kvcache_kernel)[(batch * q_len, nheads_k)](
-            k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
+            k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status,
             q_len, capacity,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides(k_scale, int8),
             block_table.stride(0),
             BLOCK_SIZE=k_cache.shape[2], HEAD_DIM=head_dim, D_PAD=next_pow2(head_dim), INT8=int8,
-            num_warps=1 if head_dim <= 128 else 2,
+            HAS_STATUS=status.numel() > 0, num_warps=1 if head_dim <= 128 else 2,
         )

@@ -1,20 +1,22 @@
-"""PlugCache bookkeeping: layout, fixed addresses, reset / crop / reorder in place, bytes per token."""
+"""PlugCache bookkeeping: layout, fixed addresses, reset / crop / reorder in place, what a stock cache exposes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import hf_kvplug
-from hf_kvplug import cache as cache_mod
 from hf_kvplug import compat
-from models import tiny_model
 from hf_kvplug.compat import cache_kwargs as kv
+from models import tiny_model
 
 
 def _addresses(cache):
-    return [(l.k_cache.data_ptr(), l.v_cache.data_ptr(), l.k_scale.data_ptr(), l.cache_seqlens.data_ptr(),
-             l.block_table.data_ptr()) for l in cache.layers]
+    dev = [(d.block_table.data_ptr(), d.starts.data_ptr(), d.valid.data_ptr(), d.status.data_ptr())
+           for d in cache.device_states.values()]
+    return dev + [(l.k_cache.data_ptr(), l.v_cache.data_ptr(), l.k_scale.data_ptr(), l.cache_seqlens.data_ptr())
+                  for l in cache.layers]
 
 
 @pytest.fixture
@@ -34,9 +36,19 @@ def test_layout_and_placement():
     layer = cache.layers[0]
     assert layer.k_cache.shape == (14, 2, 16, 16) and layer.k_cache.dtype == torch.float32
     assert layer.k_scale.numel() == 0
-    assert layer.block_table.shape == (2, 7) and layer.block_table.dtype == torch.int32
-    assert layer.block_table is cache.layers[1].block_table  # one table per device
+    dev = layer.dev
+    assert dev.block_table.shape == (2, 7) and dev.block_table.dtype == torch.int32
+    assert (dev.block_table == -1).all()  # rows map blocks as they grow
+    assert cache.layers[1].dev is dev  # one table per device
     assert cache.get_max_length() == 100 and cache.get_seq_length() == 0
+    assert cache.stats()["blocks_in_use"] == 0
+
+
+def test_pool_budget():
+    model = tiny_model("llama")
+    cache = hf_kvplug.PlugCache(model, max_batch_size=4, max_cache_len=64, block_size=16, max_tokens=80)
+    assert cache.config.num_blocks == 5 and cache.layers[0].k_cache.shape[0] == 5
+    assert cache.nbytes == 5 * cache.stats()["bytes_per_block"]
 
 
 def test_config_path_with_per_layer_devices():
@@ -45,7 +57,7 @@ def test_config_path_with_per_layer_devices():
                                 device=["cpu", "meta"])
     assert [l.k_cache.device.type for l in cache.layers] == ["cpu", "meta"]
     assert cache.layers[0].k_cache.dtype == torch.bfloat16
-    assert cache.layers[0].block_table is not cache.layers[1].block_table
+    assert cache.layers[0].dev is not cache.layers[1].dev
 
 
 def test_int8_bytes_per_token():
@@ -63,12 +75,13 @@ def test_int8_bytes_per_token():
     assert ratio == pytest.approx(264 / 512)
 
 
-def test_reset_keeps_addresses(filled):
+def test_reset_keeps_addresses_and_returns_blocks(filled):
     _, cache = filled
     before = _addresses(cache)
-    assert cache.get_seq_length() == 21
+    assert cache.get_seq_length() == 21 and cache.stats()["blocks_in_use"] == 3 * 2
     cache.reset()
     assert cache.get_seq_length() == 0 and _addresses(cache) == before
+    assert cache.stats()["blocks_in_use"] == 0 and all(layer.fresh for layer in cache.layers)
 
 
 def test_crop_negative_and_legacy(filled, monkeypatch):
@@ -85,88 +98,87 @@ def test_crop_negative_and_legacy(filled, monkeypatch):
     monkeypatch.setattr(compat, "LEGACY_CROP", True)  # older releases: positive = target length
     cache.crop(10)
     assert cache.get_seq_length() == 10
+    assert all(int(layer.cache_seqlens[0]) == 10 for layer in cache.layers)
     cache.crop(-100)
     assert cache.get_seq_length() == 0 and _addresses(cache) == before
     assert not any(layer.fresh for layer in cache.layers)  # only reset() brings back the prefill path
 
 
-def test_reorder_copies_rows_in_place(filled):
+def test_reorder_moves_block_ids_not_data(filled):
     _, cache = filled
     before = _addresses(cache)
-    layer = cache.layers[1]
-    view = lambda buf: buf.view(3, -1, *buf.shape[1:])  # noqa: E731 - rows own fixed runs of blocks
-    rows_k, rows_s = view(layer.k_cache).clone(), view(layer.k_scale).clone()
+    pools = [(l.k_cache.clone(), l.k_scale.clone()) for l in cache.layers]
+    rows = [list(r) for r in cache.table.rows[:3]]
     cache.reorder_cache(torch.tensor([2, 2, 0]))
-    used = 2  # 21 tokens in blocks of 16
-    assert torch.equal(view(layer.k_cache)[0, :used], rows_k[2, :used])
-    assert torch.equal(view(layer.k_cache)[1, :used], rows_k[2, :used])
-    assert torch.equal(view(layer.k_cache)[2, :used], rows_k[0, :used])
-    assert torch.equal(view(layer.k_scale)[2, :used], rows_s[0, :used])
+    assert cache.table.rows[:3] == [rows[2], rows[2], rows[0]]
+    assert all(torch.equal(l.k_cache, k) and torch.equal(l.k_scale, s) for l, (k, s) in zip(cache.layers, pools))
+    assert cache.stats()["blocks_in_use"] == 4 and cache.stats()["blocks_shared"] == 2
     assert _addresses(cache) == before
+    assert torch.equal(cache.layers[0].dev.block_table[:3, :2], torch.tensor([rows[2], rows[2], rows[0]],
+                                                                             dtype=torch.int32))
 
 
-def test_reorder_then_decode_matches_reordered_prompts():
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_reorder_then_decode_matches_reordered_prompts(kv_dtype):
+    """After a reorder two rows share blocks; each row's next writes go to its own copy of the partly filled block
+    (copy-on-write), and the logits equal a cache filled with the reordered prompts."""
     model = hf_kvplug.patch(tiny_model("qwen2"))
     ids = torch.randint(2, 128, (3, 9))
-    cache = hf_kvplug.PlugCache(model, max_batch_size=3, max_cache_len=32, block_size=4)
+    cache = hf_kvplug.PlugCache(model, max_batch_size=3, max_cache_len=32, block_size=4, kv_dtype=kv_dtype)
     model(ids, **kv(cache))
     cache.reorder_cache(torch.tensor([1, 0, 0]))
-    nxt = torch.randint(2, 128, (3, 1))
-    got = model(nxt, **kv(cache)).logits
-    fresh = hf_kvplug.PlugCache(model, max_batch_size=3, max_cache_len=32, block_size=4)
+    fresh = hf_kvplug.PlugCache(model, max_batch_size=3, max_cache_len=32, block_size=4, kv_dtype=kv_dtype)
     model(ids[[1, 0, 0]], **kv(fresh))
-    want = model(nxt, **kv(fresh)).logits
-    torch.testing.assert_close(got, want)
+    for _ in range(5):
+        nxt = torch.randint(2, 128, (3, 1))
+        torch.testing.assert_close(model(nxt, **kv(cache)).logits, model(nxt, **kv(fresh)).logits)
+    assert cache.stats()["blocks_shared"] == 2  # rows 1 and 2 still share the two full blocks of row 0's prompt
 
 
-def test_row_starts_computed_once_per_forward(monkeypatch):
-    """Eager: the first layer on a device computes the left-padding starts, the others reuse them; every forward
-    (and a repeated call with the same position_ids object) recomputes."""
-    model = hf_kvplug.patch(tiny_model("llama", num_hidden_layers=3))
-    cache = hf_kvplug.PlugCache(model, max_batch_size=2, max_cache_len=32, block_size=4)
-    assert [layer.leads for layer in cache.layers] == [True, False, False]
-    ids = torch.randint(2, 128, (2, 6))
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_keys_and_values_are_per_row_like_a_stock_cache(kv_dtype):
+    """`layers[i].keys / .values`: [batch, kv_heads, seq_len, head_dim] in the model dtype (dequantized for INT8),
+    as DynamicCache gives them; the paged pool keeps its own names."""
+    stock = tiny_model("qwen3")
+    model = hf_kvplug.patch(tiny_model("qwen3"))
+    ids = torch.randint(2, 128, (2, 11))
+    ref = DynamicCache(config=stock.config)
+    stock(ids, **kv(ref))
+    stock(ids[:, :3], **kv(ref))
+    cache = hf_kvplug.PlugCache(model, max_batch_size=4, max_cache_len=40, block_size=4, kv_dtype=kv_dtype)
     model(ids, **kv(cache))
-    puts = []
-    put = cache_mod.StartsMemo.put
-    monkeypatch.setattr(cache_mod.StartsMemo, "put", lambda self, *a: puts.append(a[1]) or put(self, *a))
-    position_ids = torch.tensor([[6], [6]])
-    for step in range(2):
-        model(torch.randint(2, 128, (2, 1)), **kv(cache), position_ids=position_ids)
-        assert len(puts) == step + 1
-    assert cache.get_seq_length() == 8
+    model(ids[:, :3], **kv(cache))
+    for mine, theirs in zip(cache.layers, ref.layers):
+        assert mine.keys.shape == theirs.keys.shape == (2, 2, 14, 16) and mine.keys.dtype == torch.float32
+        if kv_dtype is None:  # layer 0 bit-equal; later layers see hidden states of another attention kernel
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(mine.values, theirs.values, atol=0.02 * theirs.values.abs().max().item(),
+                                       rtol=0)
+    assert cache.layers[0].k_cache.shape[1:] == (2, 4, 16)
 
 
-@pytest.mark.parametrize("compile_first_layer", [False, True])
-def test_row_starts_never_stale(compile_first_layer):
-    """Two requests with different left padding, decoding with one position_ids buffer updated in place, give the
-    same logits whether the first layer runs eagerly or compiled (then it cannot refresh the memo, it clears it)."""
-
-    def decode_logits(compiled):
-        model = hf_kvplug.patch(tiny_model("llama"))
-        if compiled:
-            model.model.layers[0].compile(backend="eager")
-        cache = hf_kvplug.PlugCache(model, max_batch_size=2, max_cache_len=64, block_size=4)
-        position_ids = torch.zeros(2, 1, dtype=torch.long)
-        outs = []
-        for seed, pads in enumerate(([3, 0], [0, 2])):
-            cache.reset()
-            ids = torch.randint(2, 128, (2, 8), generator=torch.Generator().manual_seed(seed))
-            mask = torch.ones_like(ids)
-            for row, n in enumerate(pads):
-                ids[row, :n], mask[row, :n] = 0, 0
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            model(ids, attention_mask=mask, position_ids=pos, **kv(cache))
-            position_ids.copy_(pos[:, -1:] + 1)
-            outs.append(model(torch.tensor([[5], [9]]), position_ids=position_ids, **kv(cache)).logits)
-        return outs
-
-    torch._dynamo.reset()
-    for got, want in zip(decode_logits(compile_first_layer), decode_logits(False)):
-        assert torch.equal(got, want)
+def test_contrastive_search_row_methods():
+    model = hf_kvplug.patch(tiny_model("llama"))
+    cache = hf_kvplug.PlugCache(model, max_batch_size=6, max_cache_len=40, kv_dtype="int8", block_size=16)
+    model(torch.randint(2, 128, (3, 21)), **kv(cache))
+    rows = [list(r) for r in cache.table.rows[:3]]
+    cache.batch_repeat_interleave(2)
+    assert cache.batch == 6 and cache.table.rows[:6] == [rows[0], rows[0], rows[1], rows[1], rows[2], rows[2]]
+    cache.batch_select_indices(torch.tensor([1, 4]))
+    assert cache.batch == 2 and cache.table.rows[:2] == [rows[0], rows[2]]
+    assert cache.stats()["blocks_in_use"] == 4 and cache.get_seq_length() == 21
 
 
-def test_unsupported_contrastive_search_methods(filled):
-    _, cache = filled
-    with pytest.raises(NotImplementedError, match="contrastive"):
-        cache.batch_repeat_interleave(2)
+def test_stats_and_no_leaks_after_reset():
+    model = hf_kvplug.patch(tiny_model("llama"))
+    cache = hf_kvplug.PlugCache(model, max_batch_size=8, max_cache_len=64, block_size=8)
+    ids = torch.randint(2, 128, (2, 19))
+    model.generate(ids, **kv(cache), max_new_tokens=6, do_sample=True, num_return_sequences=4)
+    stats = cache.stats()
+    assert set(stats) >= {"blocks_total", "blocks_in_use", "blocks_shared", "bytes_in_use"}
+    assert stats["blocks_shared"] == 2 * 2  # each prompt's two full blocks, shared by its four rows
+    assert stats["bytes_in_use"] == stats["blocks_in_use"] * stats["bytes_per_block"]
+    cache.reset()
+    assert cache.stats()["blocks_in_use"] == 0 and all(r == 0 for r in cache.pool.refs)

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(not CUOBJDUMP.exists(), reason="Triton's NVIDIA 
 @pytest.fixture(scope="module")
 def rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    runs = [["--shapes", "llama3-8b", "--dtypes", "fp16,bf16"], ["--shapes", "qwen2.5-7b", "--dtypes", "bf16"]]
+    runs = [["--shapes", "llama3-8b", "--dtypes", "fp16,bf16", "--holes"],
+            ["--shapes", "qwen2.5-7b", "--dtypes", "bf16", "--holes"]]
     procs = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "codegen_report.py"), "--json", *args],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in runs]
     out = []
@@ -34,12 +35,13 @@ def rows():
 
 
 def _id(r):
-    return f"{r['kernel']}-{r['nheads']}x{r['nheads_k']}-{r['dtype']}-{r['kv']}"
+    return f"{r['kernel']}-{r['nheads']}x{r['nheads_k']}-{r['dtype']}-{r['kv']}" + ("-holes" if r["holes"] else "")
 
 
 def test_no_spills(rows):
-    """Llama-3-8B (GQA 4) and Qwen2.5-7B (GQA 7) shapes, fp16/bf16 and INT8 caches, decode (split or not), extend."""
-    assert len(rows) == 18
+    """Llama-3-8B (GQA 4) and Qwen2.5-7B (GQA 7) shapes, fp16/bf16 and INT8 caches, decode (split or not), extend,
+    each also in the variant for attention masks with holes."""
+    assert len(rows) == 36
     spilled = [(_id(r), r["regs"], r["spill_bytes"]) for r in rows if r["spill_bytes"]]
     assert not spilled, spilled
 

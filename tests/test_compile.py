@@ -129,11 +129,13 @@ def plugged(family, dtype=torch.float32, kv_dtype=None, max_batch_size=2, max_ca
     ("llama", None, torch.bfloat16), ("qwen3_sliding", "int8", torch.bfloat16),
 ])
 def test_decode_step_is_one_graph(family, kv_dtype, dtype):
-    """model(...) of one decode token under torch.compile(fullgraph=True): 1 graph, 0 breaks, same logits and
+    """model(...) of one decode token under torch.compile(model, fullgraph=True): 1 graph, 0 breaks, same logits and
     same cache contents as eager. No position_ids or mask are passed, so the model derives positions from
-    `get_seq_length()` (a 0-d tensor while tracing) and builds its mask inside the graph."""
+    `get_seq_length()` (a 0-d tensor while tracing) and builds its mask inside the graph. A model compiled as a
+    whole runs no eager code before its forward, so the cache's blocks are mapped ahead with reserve()."""
     model, eager_cache = plugged(family, dtype, kv_dtype, max_cache_len=64)
     compiled_cache = hf_kvplug.PlugCache(model, max_batch_size=2, max_cache_len=64, kv_dtype=kv_dtype)
+    compiled_cache.reserve()
     backend = CountingBackend("aot_eager")
     step = torch.compile(model, fullgraph=True, backend=backend)
     ids, _ = prompt(7, batch=2)

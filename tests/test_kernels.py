@@ -31,7 +31,7 @@ class Case:
     """A batch whose rows cover the lengths of interest, in a paged cache with shuffled blocks."""
 
     def __init__(self, kind, head_dim, heads, block_size, q_len, window=0, seqlens=None, starts=None,
-                 max_blocks=None, spare_blocks=3):
+                 max_blocks=None, spare_blocks=3, holes=False):
         self.dtype, self.int8 = KINDS[kind]
         self.nheads, self.nheads_k = heads
         self.head_dim, self.block_size, self.q_len, self.window = head_dim, block_size, q_len, window
@@ -62,6 +62,13 @@ class Case:
         self.k = torch.randn(self.batch, hk, q_len, d, device=dev).to(self.dtype).transpose(1, 2)
         self.v = torch.randn(self.batch, hk, q_len, d, device=dev).to(self.dtype).transpose(1, 2)
         self.softmax_scale = d ** -0.5
+        self.valid = torch.empty(0, dtype=torch.uint8, device=dev)
+        if holes:  # a mask with holes: every third slot masked out, and row 1's newest token
+            width = max_blocks * bs - 3
+            self.valid = torch.ones(self.batch, width, dtype=torch.uint8, device=dev)
+            self.valid[:, 1::3] = 0
+            self.valid[1 % self.batch, min(width - 1, seqlens[1 % self.batch] + q_len - 1)] = 0
+        self.status = torch.zeros(1, dtype=torch.int32, device=dev)
 
     def buffers(self):
         """A fresh copy of the cache buffers (k_cache, v_cache, k_scale, v_scale)."""
@@ -70,21 +77,26 @@ class Case:
     def tables(self):
         return self.block_table, self.cache_seqlens
 
-    def run_kernel(self, bufs):
+    def run_kernel(self, bufs, status=None):
         return kernels.attend_with_kvcache(self.q, self.k, self.v, *bufs, *self.tables(), self.cache_starts,
+                                           self.valid, self.status if status is None else status,
                                            self.softmax_scale, self.window)
 
-    def run_reference(self, bufs):
+    def run_reference(self, bufs, status=None):
         return R.attend_with_kvcache_ref(self.q, self.k, self.v, *bufs, *self.tables(), self.cache_starts,
+                                         self.valid, self.status.clone() if status is None else status,
                                          self.softmax_scale, self.window)
+
+    def seen(self, num_slots):
+        return R.visible_slots(self.cache_seqlens, self.cache_starts, self.valid, self.batch, self.q_len,
+                               self.window, num_slots)
 
     def oracle(self, bufs):
         """fp64 attention over the cache contents in `bufs` (int8: exactly dequantized)."""
         nb = self.block_table.shape[1]
         keys = R.gather_kv(bufs[0], bufs[2], self.block_table, self.batch, nb, torch.float64)
         values = R.gather_kv(bufs[1], bufs[3], self.block_table, self.batch, nb, torch.float64)
-        s, lo = R.attention_bounds(self.cache_seqlens, self.cache_starts, self.batch, self.q_len, self.window)
-        return R.attend_fp64_ref(self.q, keys, values, lo, s, self.softmax_scale)
+        return R.attend_fp64_ref(self.q, keys, values, self.seen(keys.shape[2]), self.softmax_scale)
 
     def written(self, bufs):
         """(k, v, k_scale, v_scale) at the new tokens' slots: [B, q_len, nheads_k, D] values (dequantized for int8)."""
@@ -175,8 +187,8 @@ def test_decode_splits(kind, num_splits, monkeypatch):
     monkeypatch.setattr(DA, "decode_config", lambda head_dim, int8, elem_size=2: (16, 4, 1))
     case = Case(kind, 64, (8, 2), 16, 1, window=0)
     bufs, ref_bufs = case.buffers(), case.buffers()
-    out = DA.decode_attn(case.q, case.k, case.v, *bufs, *case.tables(), case.cache_starts, case.softmax_scale, 0,
-                         num_splits=num_splits)
+    out = DA.decode_attn(case.q, case.k, case.v, *bufs, *case.tables(), case.cache_starts, case.valid, case.status,
+                         case.softmax_scale, 0, num_splits=num_splits)
     out_pt = case.run_reference(ref_bufs)
     assert_cache_written(case, bufs, ref_bufs)
     assert_attention_close(case, out, out_pt, case.oracle(ref_bufs))
@@ -189,8 +201,8 @@ def test_decode_config_override(kind, config):
     INT8 V scales on the probabilities (the default) or on the V tile."""
     case = Case(kind, 64, (8, 2), 16, 1, window=0)
     bufs, ref_bufs = case.buffers(), case.buffers()
-    out = DA.decode_attn(case.q, case.k, case.v, *bufs, *case.tables(), case.cache_starts, case.softmax_scale, 0,
-                         num_splits=3, config=config)
+    out = DA.decode_attn(case.q, case.k, case.v, *bufs, *case.tables(), case.cache_starts, case.valid, case.status,
+                         case.softmax_scale, 0, num_splits=3, config=config)
     out_pt = case.run_reference(ref_bufs)
     assert_cache_written(case, bufs, ref_bufs)
     assert_attention_close(case, out, out_pt, case.oracle(ref_bufs))
@@ -202,8 +214,8 @@ def test_short_row_in_big_cache(window, monkeypatch):
     monkeypatch.setattr(DA, "decode_config", lambda head_dim, int8, elem_size=2: (16, 4, 1))
     case = Case("fp16", 64, (8, 2), 16, 1, window=window, seqlens=[0, 300, 5], starts=[0, 7, 5], max_blocks=32)
     bufs, ref_bufs = case.buffers(), case.buffers()
-    out = DA.decode_attn(case.q, case.k, case.v, *bufs, *case.tables(), case.cache_starts, case.softmax_scale,
-                         window, num_splits=32)
+    out = DA.decode_attn(case.q, case.k, case.v, *bufs, *case.tables(), case.cache_starts, case.valid, case.status,
+                         case.softmax_scale, window, num_splits=32)
     out_pt = case.run_reference(ref_bufs)
     assert_cache_written(case, bufs, ref_bufs)
     assert_attention_close(case, out, out_pt, case.oracle(ref_bufs))
@@ -218,8 +230,8 @@ def test_decode_and_extend_agree(kind):
     case = Case(kind, 64, (8, 2), 16, 1, window=0)
     a, b, ref_bufs = case.buffers(), case.buffers(), case.buffers()
     out_decode = case.run_kernel(a)
-    kernels.write_kvcache(case.k, case.v, *b, *case.tables())
-    out_extend = EA.extend_attn(case.q, *b, *case.tables(), case.cache_starts, case.softmax_scale, 0)
+    kernels.write_kvcache(case.k, case.v, *b, *case.tables(), case.status)
+    out_extend = EA.extend_attn(case.q, *b, *case.tables(), case.cache_starts, case.valid, case.softmax_scale, 0)
     out_pt = case.run_reference(ref_bufs)
     oracle = case.oracle(ref_bufs)
     for got in (a, b):
@@ -229,13 +241,49 @@ def test_decode_and_extend_agree(kind):
     torch.testing.assert_close(out_decode, out_extend, rtol=0, atol=4e-3)
 
 
+@pytest.mark.parametrize("kind", ["fp16", "int8", "bf16"])
+@pytest.mark.parametrize("q_len, window", [(1, 0), (1, 11), (5, 0), (19, 7)])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_masks_with_holes(kind, q_len, window, num_splits, monkeypatch):
+    """A slot mask with holes (right padding, gaps, a new token masked out): the kernels follow it exactly as the
+    reference, decode split or not and extend; a token whose slots are all masked gets 0."""
+    if num_splits is not None:
+        if q_len > 1:
+            pytest.skip("splits are a decode choice")
+        monkeypatch.setattr(DA, "decode_config", lambda head_dim, int8, elem_size=2: (16, 4, 1))
+        real = DA.num_splits_for
+        monkeypatch.setattr(DA, "num_splits_for", lambda *a, **k: num_splits or real(*a, **k))
+    check(Case(kind, 64, (8, 2), 16, q_len, window, holes=True))
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+@pytest.mark.parametrize("q_len", [1, 6])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_stale_values_in_hidden_slots_never_leak(kind, q_len, poison):
+    """NaN/Inf planted in every slot outside each row's visible range (past its length, before its start, masked
+    out) changes no output: the kernels never bring hidden slots into the arithmetic."""
+    case = Case(kind, 64, (8, 2), 16, q_len, holes=True)
+    clean = case.run_kernel(case.buffers())
+    bufs = case.buffers()
+    seen = case.seen(case.block_table.shape[1] * 16).any(1)  # [B, T]: slots some new token of the row sees
+    new = (case.cache_seqlens.unsqueeze(1) <= torch.arange(seen.shape[1], device=DEVICE)) & (
+        torch.arange(seen.shape[1], device=DEVICE) < (case.cache_seqlens + q_len).unsqueeze(1))
+    for b, t in (~seen & ~new).nonzero().tolist():
+        blk, off = int(case.block_table[b, t // 16]), t % 16
+        for buf in (bufs[2], bufs[3]) if case.int8 else (bufs[0], bufs[1]):
+            buf[blk, :, off] = poison
+    got = case.run_kernel(bufs)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, clean, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("q_len", [1, 3, 40])
 def test_write(kind, q_len):
     case = Case(kind, 80, (4, 2), 16, q_len)
     bufs, ref_bufs = case.buffers(), case.buffers()
-    kernels.write_kvcache(case.k, case.v, *bufs, *case.tables())
-    R.write_kvcache_ref(case.k, case.v, *ref_bufs, *case.tables())
+    kernels.write_kvcache(case.k, case.v, *bufs, *case.tables(), case.status)
+    R.write_kvcache_ref(case.k, case.v, *ref_bufs, *case.tables(), case.status.clone())
     assert_cache_written(case, bufs, ref_bufs)
     assert_untouched(case, bufs, case.buffers())
 
@@ -272,20 +320,44 @@ def assert_untouched(case, got, before):
 @pytest.mark.parametrize("kind", ["fp16", "int8"])
 @pytest.mark.parametrize("q_len", [1, 6])
 def test_write_past_capacity(kind, q_len):
-    """Tokens past a row's last block are dropped; other rows and unused blocks stay untouched."""
+    """Tokens past a row's last block are not written and never silent: status set, their outputs NaN; other rows,
+    other tokens and unused blocks are untouched and right."""
     case = Case(kind, 64, (4, 2), 16, q_len, seqlens=[62, 10, 64], starts=[0, 0, 50], max_blocks=4)
     bufs, ref_bufs = case.buffers(), case.buffers()
     before = case.buffers()
     out = case.run_kernel(bufs)
-    out_pt = case.run_reference(ref_bufs)
+    ref_status = torch.zeros_like(case.status)
+    out_pt = case.run_reference(ref_bufs, ref_status)
+    assert int(case.status) == 1 and int(ref_status) == 1
     if case.int8:
         assert_cache_written_int8_no_oracle(bufs, ref_bufs)
     else:
         assert torch.equal(bufs[0], ref_bufs[0]) and torch.equal(bufs[1], ref_bufs[1])
     assert_untouched(case, bufs, before)  # row 2, full before the call, keeps every block as it was
-    # attention over what fits: rows 0 and 1 against torch (row 2 sees slots [50, 63] only)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.float(), out_pt.float(), rtol=0, atol=2e-2 if case.int8 else 4e-3)
+    slots = case.cache_seqlens.unsqueeze(1) + torch.arange(q_len, device=DEVICE)
+    lost = (slots >= 64)[..., None, None].expand_as(out)
+    assert torch.isnan(out[lost]).all() and torch.isnan(out_pt[lost]).all()
+    torch.testing.assert_close(out.float()[~lost], out_pt.float()[~lost], rtol=0,
+                               atol=2e-2 if case.int8 else 4e-3)
+
+
+@pytest.mark.parametrize("q_len", [1, 4])
+def test_unmapped_block_is_never_written(q_len):
+    """A block id of -1 (no block mapped) takes no write: status set, the token's output NaN, the pool unchanged."""
+    case = Case("fp16", 64, (4, 2), 16, q_len, seqlens=[16, 20], starts=[0, 0], max_blocks=3)
+    case.block_table[0, 1] = -1
+    bufs, before = case.buffers(), case.buffers()
+    out = case.run_kernel(bufs)
+    assert int(case.status) == 1
+    slots = case.cache_seqlens.unsqueeze(1) + torch.arange(q_len, device=DEVICE)
+    lost = ((slots >= 16) & (slots < 32) & (torch.arange(2, device=DEVICE) == 0)[:, None])
+    assert torch.isnan(out[lost]).all() and torch.isfinite(out[~lost]).all()
+    written = torch.zeros(bufs[0].shape[:3], dtype=torch.bool, device=DEVICE)
+    for b in range(2):
+        for s in range(int(case.cache_seqlens[b]), int(case.cache_seqlens[b]) + q_len):
+            if not (b == 0 and 16 <= s < 32):
+                written[case.block_table[b, s // 16].long(), :, s % 16] = True
+    assert torch.equal(bufs[0][~written], before[0][~written])
 
 
 def assert_cache_written_int8_no_oracle(got, want):
@@ -296,7 +368,7 @@ def assert_cache_written_int8_no_oracle(got, want):
 
 
 def test_prefill_empty_cache_left_padding():
-    """Prefill of a left-padded batch into an empty cache: padding queries see themselves only, no NaN."""
+    """Prefill of a left-padded batch into an empty cache: padding queries see nothing (0), no NaN."""
     case = Case("fp16", 128, (8, 2), 32, 37, seqlens=[0, 0], starts=[0, 12])
     check(case)
 
@@ -309,9 +381,9 @@ def test_chunked_prefill_and_verify():
     for lo, hi in ((0, 9), (9, 19), (19, 23)):
         sub = lambda t: t[:, lo:hi]  # noqa: E731
         out = kernels.attend_with_kvcache(sub(case.q), sub(case.k), sub(case.v), *bufs, case.block_table, seqlens,
-                                          case.cache_starts, case.softmax_scale, 0)
+                                          case.cache_starts, case.valid, case.status, case.softmax_scale, 0)
         want = R.attend_with_kvcache_ref(sub(case.q), sub(case.k), sub(case.v), *ref_bufs, case.block_table, seqlens,
-                                         case.cache_starts, case.softmax_scale, 0)
+                                         case.cache_starts, case.valid, case.status.clone(), case.softmax_scale, 0)
         torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=1e-2)
         seqlens += hi - lo
     assert_cache_written_int8_no_oracle(bufs, ref_bufs)
@@ -344,7 +416,7 @@ def test_triton_op_compiled_matches_eager(kind, q_len):
 
     def step(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts):
         return op(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-                  case.softmax_scale, 0)
+                  case.valid, case.status, case.softmax_scale, 0)
 
     eager, compiled = case.buffers(), case.buffers()
     args = (case.q, case.k, case.v)
@@ -364,7 +436,8 @@ def test_decode_cuda_graph_replay_follows_lengths():
     bufs = case.buffers()
     ref_bufs = case.buffers()
     seqlens = case.cache_seqlens.clone()
-    args = (case.q, case.k, case.v, *bufs, case.block_table, seqlens, case.cache_starts, case.softmax_scale, 0)
+    args = (case.q, case.k, case.v, *bufs, case.block_table, seqlens, case.cache_starts, case.valid, case.status,
+            case.softmax_scale, 0)
     kernels.attend_with_kvcache(*args)  # warm up / compile
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -373,5 +446,5 @@ def test_decode_cuda_graph_replay_follows_lengths():
         seqlens.copy_(case.cache_seqlens + 200 * step)
         graph.replay()
         want = R.attend_with_kvcache_ref(case.q, case.k, case.v, *ref_bufs, case.block_table, seqlens,
-                                         case.cache_starts, case.softmax_scale, 0)
+                                         case.cache_starts, case.valid, case.status.clone(), case.softmax_scale, 0)
         torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=4e-3)

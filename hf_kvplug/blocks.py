@@ -1,0 +1,147 @@
+"""The host side of the paged layout: a pool of block ids with reference counts, and the rows that map them.
+
+A block holds `block_size` consecutive tokens of one row in every layer of a cache (the K/V buffers of all layers are
+indexed by the same block id), so one allocator serves all layers. The kernels only ever see the device copy of the
+block table; everything here runs on the host, at points where the lengths are known without a device read
+(a forward's start, beam reorder, crop, fork), never inside a compiled decode step.
+
+Sharing is copy-on-write: a block referenced by several rows (or several forked caches) is read by all of them and
+written by none; a row about to write into a shared block first gets a private copy (`BlockTable.prepare_write`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class PoolExhausted(ValueError):
+    """The pool has fewer free blocks than a request needs; nothing was allocated."""
+
+
+class BlockPool:
+    """A free list of block ids and a reference count per block. Shared by a cache and every cache forked from it."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.refs = [0] * num_blocks
+        self.free = deque(range(num_blocks))
+
+    def allocate(self, n: int) -> list[int]:
+        """`n` fresh block ids, each with one reference; raises PoolExhausted (allocating nothing) if short."""
+        if n > len(self.free):
+            raise PoolExhausted(f"the PlugCache's block pool has {len(self.free)} free blocks of {self.num_blocks} "
+                                f"and {n} more are needed")
+        ids = [self.free.popleft() for _ in range(n)]
+        for i in ids:
+            self.refs[i] = 1
+        return ids
+
+    def incref(self, ids) -> None:
+        for i in ids:
+            assert self.refs[i] > 0, f"block {i} is free"
+            self.refs[i] += 1
+
+    def decref(self, ids) -> None:
+        for i in ids:
+            assert self.refs[i] > 0, f"block {i} released twice"
+            self.refs[i] -= 1
+            if self.refs[i] == 0:
+                self.free.append(i)
+
+    @property
+    def in_use(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    @property
+    def shared(self) -> int:
+        return sum(r > 1 for r in self.refs)
+
+
+class BlockTable:
+    """The host copy of one cache's block table: row b's i-th block id is `rows[b][i]` (rows grow from the front).
+
+    Every mutation returns nothing and leaves `dirty` set; the owner copies the table to its devices once per host
+    operation (`to_dense`). Copy-on-write copies are reported to the owner as (src, dst) pairs, which moves the data.
+    """
+
+    def __init__(self, pool: BlockPool, max_rows: int, max_blocks: int):
+        self.pool = pool
+        self.max_blocks = max_blocks
+        self.rows: list[list[int]] = [[] for _ in range(max_rows)]
+        self.dirty = True
+
+    def to_dense(self) -> list[list[int]]:
+        """`[max_rows][max_blocks]` ids, -1 where a row maps no block (the kernels refuse to write there)."""
+        return [row + [-1] * (self.max_blocks - len(row)) for row in self.rows]
+
+    def blocks_for(self, tokens: int, block_size: int) -> int:
+        return -(-tokens // block_size)
+
+    def prepare_write(self, rows: list[int], start: int, end: int, reserve: int,
+                      block_size: int) -> list[tuple[int, int]]:
+        """Make slots [start, end) of `rows` writable: map missing blocks (so each row covers max(end, reserve)
+        slots) and give each row a private copy of every shared block it will write into. Returns the (src, dst)
+        block pairs whose data the caller must copy. All or nothing: raises PoolExhausted before changing anything."""
+        cover = self.blocks_for(max(end, reserve), block_size)
+        first, last = start // block_size, (end - 1) // block_size
+        new = cow = 0
+        for b in rows:
+            row = self.rows[b]
+            new += max(0, cover - len(row))
+            if end > start:
+                cow += sum(1 for i in range(first, min(last + 1, len(row))) if self.pool.refs[row[i]] > 1)
+        if new == 0 and cow == 0:
+            return []
+        fresh = self.pool.allocate(new + cow)
+        copies = []
+        for b in rows:
+            row = self.rows[b]
+            if end > start:
+                for i in range(first, min(last + 1, len(row))):
+                    if self.pool.refs[row[i]] > 1:
+                        dst = fresh.pop()
+                        copies.append((row[i], dst))
+                        self.pool.decref([row[i]])
+                        row[i] = dst
+            row.extend(fresh.pop() for _ in range(cover - len(row)))
+        # The count above is an upper bound: the last of the rows sharing a block finds it private by then.
+        self.pool.decref(fresh)
+        self.dirty = True
+        return copies
+
+    def share_from(self, leaders: list[int], followers: list[list[int]], nblocks: int) -> None:
+        """Map the first `nblocks` blocks of each follower row to its leader's (blocks it mapped are released)."""
+        for lead, rows in zip(leaders, followers):
+            src = self.rows[lead][:nblocks]
+            self.release(rows)
+            for r in rows:
+                self.pool.incref(src)
+                self.rows[r] = list(src)
+        self.dirty = True
+
+    def select(self, index: list[int]) -> None:
+        """Row b becomes row index[b] for b < len(index) (beam reorder, batch select / repeat): moves ids and
+        reference counts, copies no data. Rows past len(index) are released."""
+        new = [list(self.rows[i]) for i in index]
+        for row in new:
+            self.pool.incref(row)
+        self.release(range(len(self.rows)))
+        self.rows[:len(new)] = new
+        self.dirty = True
+
+    def release(self, rows) -> None:
+        for b in rows:
+            self.pool.decref(self.rows[b])
+            self.rows[b] = []
+        self.dirty = True
+
+    def fork(self) -> "BlockTable":
+        """A second table over the same pool mapping the same blocks (one more reference each)."""
+        other = BlockTable(self.pool, len(self.rows), self.max_blocks)
+        other.rows = [list(row) for row in self.rows]
+        for row in other.rows:
+            self.pool.incref(row)
+        return other
+
+    def mapped(self) -> list[int]:
+        return [len(row) for row in self.rows]
