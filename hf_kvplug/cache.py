@@ -617,6 +617,76 @@ class PlugCache(Cache):
             layer.cache_seqlens[:batch] = layer.cache_seqlens[idx]
         self.batch = batch
 
+    # --- sharing, copies, files ----------------------------------------------------------------------
+
+    def fork(self) -> "PlugCache":
+        """A second cache holding the same rows that shares every block with this one, copying no K/V (a prefix
+        cached once, then continued several ways). Copy-on-write: a row of either cache that writes into a block
+        they share gets its own copy of that block first, so later writes to one never show in the other. Both
+        draw from one pool (`stats()` counts it once)."""
+        self.seq_length_now()
+        if self._open:
+            self.sync_lengths()
+        other = object.__new__(PlugCache)
+        other._build(self.config, self.backend, self.pool,
+                     buffers=[(l.k_cache, l.v_cache, l.k_scale, l.v_scale) for l in self.layers])
+        other.table = self.table.fork()
+        other._copy_state_from(self)
+        return other
+
+    def __deepcopy__(self, memo) -> "PlugCache":
+        """An independent copy with a pool of its own (HF's prompt-reuse recipe deep-copies a prefilled cache per
+        request); `fork()` gives the same without copying any block."""
+        self.seq_length_now()
+        if self._open:
+            self.sync_lengths()
+        other = object.__new__(PlugCache)
+        other._build(self.config, self.backend, BlockPool(self.pool.num_blocks),
+                     buffers=[tuple(t.clone() for t in (l.k_cache, l.v_cache, l.k_scale, l.v_scale))
+                              for l in self.layers])
+        other.table.rows = [list(row) for row in self.table.rows]
+        for row in other.table.rows:  # the same block ids in the copied buffers: the new pool lends exactly those
+            for i in row:
+                if other.pool.refs[i] == 0:
+                    other.pool.free.remove(i)
+                other.pool.refs[i] += 1
+        other._copy_state_from(self)
+        memo[id(self)] = other
+        return other
+
+    def _copy_state_from(self, src: "PlugCache") -> None:
+        for name in ("length", "batch", "holes"):
+            setattr(self, name, getattr(src, name))
+        for layer, theirs in zip(self.layers, src.layers):
+            layer.cache_seqlens.copy_(theirs.cache_seqlens)
+            layer.fresh = theirs.fresh
+        for dev, theirs in zip(self.device_states.values(), src.device_states.values()):
+            dev.starts.copy_(theirs.starts)
+            dev.valid.copy_(theirs.valid)
+        self.table.dirty = True
+        self._sync_tables()
+
+    def save(self, path) -> None:
+        """Write the cached rows to `path` with safetensors (no pickle): each block they use once (shared blocks
+        too), their block tables, lengths, starts and slot mask, and what the cache was built for. `PlugCache.load`
+        reads it back, in another process too."""
+        from .storage import save_cache
+
+        self.seq_length_now()
+        if self._open:
+            self.sync_lengths()
+        save_cache(self, path)
+
+    @classmethod
+    def load(cls, path, model_or_config, **kwargs) -> "PlugCache":
+        """A PlugCache holding what `save` wrote, for `model_or_config` (as the constructor takes it; `kwargs` as
+        the constructor's, `max_batch_size` / `max_cache_len` at least what the file holds). Raises a ValueError,
+        loading nothing, for a file made for another model, dtype, kv_dtype or block size, or one truncated or
+        altered."""
+        from .storage import load_cache
+
+        return load_cache(cls, path, model_or_config, **kwargs)
+
     # --- generate() -------------------------------------------------------------------------------
 
     def check_model(self, model) -> None:

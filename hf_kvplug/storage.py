@@ -1,0 +1,130 @@
+"""PlugCache files: a prefilled cache written with safetensors and read back, in this process or another.
+
+Layout: `layer.{i}.k` / `layer.{i}.v` `[n, nheads_k, block_size, head_dim]` (storage dtype; INT8 adds
+`layer.{i}.k_scale` / `.v_scale`) hold the n blocks the rows use, each once; `table` `[batch, blocks]` int32 names
+them per row (-1: none); `seqlens` `[num_layers, batch]`, `starts` `[batch]` and, when the recorded mask has holes,
+`valid` `[batch, length]`. The metadata says what the cache was built for and carries a SHA-256 of every tensor's
+bytes, so a truncated or altered file is refused instead of read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import torch
+
+FORMAT = "hf_kvplug.PlugCache/1"
+_FINGERPRINT = ("model_type", "num_layers", "nheads", "nheads_k", "head_dim", "kv_dtype", "block_size",
+                "layer_windows")
+
+
+def _fingerprint(config) -> dict:
+    out = {name: getattr(config, name) for name in _FINGERPRINT}
+    out["dtype"] = str(config.dtype).replace("torch.", "")
+    return out
+
+
+def _digest(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_cache(cache, path) -> None:
+    from safetensors.torch import save_file
+
+    cfg = cache.config
+    length, batch = cache.length, cache.batch
+    nblocks = math.ceil(length / cfg.block_size)
+    used, compact, table = [], {}, []
+    for row in cache.table.rows[:batch]:
+        ids = []
+        for i in row[:nblocks]:
+            if i not in compact:
+                compact[i] = len(used)
+                used.append(i)
+            ids.append(compact[i])
+        table.append(ids + [-1] * (nblocks - len(ids)))
+    tensors = {"table": torch.tensor(table, dtype=torch.int32).reshape(batch, nblocks)}
+    for layer in cache.layers:
+        idx = torch.tensor(used, dtype=torch.long, device=layer.device)
+        names = ("k", "v", "k_scale", "v_scale")
+        for name, buf in zip(names, (layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale)):
+            if buf.numel():
+                tensors[f"layer.{layer.layer_idx}.{name}"] = buf[idx].cpu().contiguous()
+    tensors["seqlens"] = torch.stack([layer.cache_seqlens[:batch].cpu() for layer in cache.layers])
+    dev = next(iter(cache.device_states.values()))
+    tensors["starts"] = dev.starts[:batch].cpu().clone()
+    if cache.holes:
+        tensors["valid"] = dev.valid[:batch, :length].cpu().clone()
+    meta = dict(format=FORMAT, config=_fingerprint(cfg), length=length, batch=batch, holes=cache.holes,
+                fresh=cache.layers[0].fresh, sha256=_digest(tensors))
+    save_file(tensors, str(path), metadata={"hf_kvplug": json.dumps(meta)})
+
+
+def _read(path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a short or garbled file
+        raise ValueError(f"{path} is not a readable PlugCache file (truncated or corrupted?): {e}") from None
+    if "hf_kvplug" not in header:
+        raise ValueError(f"{path} is a safetensors file but not a PlugCache file (no hf_kvplug metadata)")
+    meta = json.loads(header["hf_kvplug"])
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} holds a {meta.get('format')!r} cache; this hf_kvplug reads {FORMAT!r}")
+    if _digest(tensors) != meta.get("sha256"):
+        raise ValueError(f"{path} was altered after it was written (its tensors do not match their checksum)")
+    return meta, tensors
+
+
+def load_cache(cls, path, model_or_config, **kwargs):
+    meta, tensors = _read(path)
+    length, batch = meta["length"], meta["batch"]
+    kwargs.setdefault("max_batch_size", batch)
+    kwargs.setdefault("max_cache_len", max(length, 1))
+    if kwargs.get("kv_dtype", meta["config"]["kv_dtype"]) != meta["config"]["kv_dtype"]:
+        raise ValueError(f"{path} holds a kv_dtype={meta['config']['kv_dtype']!r} cache, not {kwargs['kv_dtype']!r}")
+    kwargs["kv_dtype"] = meta["config"]["kv_dtype"]
+    kwargs.setdefault("block_size", meta["config"]["block_size"])
+    cache = cls(model_or_config, **kwargs)
+    mine = _fingerprint(cache.config)
+    diffs = [f"{k}: file {meta['config'][k]!r} vs here {mine[k]!r}" for k in mine if meta["config"].get(k) != mine[k]]
+    if diffs:
+        raise ValueError(f"{path} was saved for another model or cache (" + "; ".join(diffs) + ")")
+    if batch > cache.max_batch_size or length > cache.max_cache_len:
+        raise ValueError(f"{path} holds {batch} rows of {length} tokens; build the cache with max_batch_size >= "
+                         f"{batch} and max_cache_len >= {length}")
+    table = tensors["table"].tolist()
+    nused = 1 + max((i for row in table for i in row), default=-1)
+    ids = cache.pool.allocate(nused)
+    rows = [[ids[i] for i in row if i >= 0] for row in table]
+    for b, row in enumerate(rows):
+        cache.pool.incref(row)
+        cache.table.rows[b] = row
+    cache.pool.decref(ids)  # the allocation's own reference: each block is now held by the rows naming it
+    for layer in cache.layers:
+        dst = torch.tensor(ids, dtype=torch.long, device=layer.device)
+        names = ("k", "v", "k_scale", "v_scale")
+        for name, buf in zip(names, (layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale)):
+            if buf.numel() and nused:
+                buf[dst] = tensors[f"layer.{layer.layer_idx}.{name}"].to(layer.device)
+        layer.cache_seqlens[:batch].copy_(tensors["seqlens"][layer.layer_idx])
+        layer.fresh = meta["fresh"]
+    for dev in cache.device_states.values():
+        dev.starts[:batch].copy_(tensors["starts"])
+        if meta["holes"]:
+            dev.valid[:batch, :length].copy_(tensors["valid"])
+    cache.length, cache.batch, cache.holes = length, batch, meta["holes"]
+    cache.table.dirty = True
+    cache._sync_tables()
+    return cache
