@@ -388,6 +388,7 @@ class PlugCache(Cache):
             raise _inference_mode_error(e, "PlugCache.begin_forward") from e
 
     def _begin(self, batch, q_len, attention_mask, from_generate) -> None:
+        self._writable_here()
         if self._open:
             self.sync_lengths()  # the last forward stopped part-way: go on only if every layer agrees
         length = self.seq_length_now()
@@ -427,6 +428,19 @@ class PlugCache(Cache):
         self._open = True
         self._prepared = True
         self._prepared_for = (batch, q_len)
+
+    def _writable_here(self) -> None:
+        """A cache built inside torch.inference_mode() holds inference tensors, which cannot be written outside it.
+        Used outside, it moves its state into ordinary tensors once (new addresses: a compiled graph re-records),
+        as a stock DynamicCache, which makes new tensors every step, simply works there."""
+        if torch.is_inference_mode_enabled() or not self.layers[0].cache_seqlens.is_inference():
+            return
+        for layer in self.layers:
+            for name in ("k_cache", "v_cache", "k_scale", "v_scale", "cache_seqlens"):
+                setattr(layer, name, getattr(layer, name).clone())
+                _mark_static(getattr(layer, name))
+        for key, dev in self.device_states.items():
+            self.device_states[key] = dev.clone()
 
     def _record_mask(self, mask, batch: int, length: int, q_len: int, from_generate: bool, fresh: bool) -> None:
         """The slots each row may attend, from this forward's 2D attention mask over all `length + q_len` tokens (as
@@ -553,6 +567,7 @@ class PlugCache(Cache):
 
     def reset(self) -> None:
         """Empty every row (buffers keep their addresses); blocks go back to the pool; the next forward prefills."""
+        self._writable_here()
         self.table.release(range(self.max_batch_size))
         self._sync_tables()
         try:
@@ -572,6 +587,7 @@ class PlugCache(Cache):
     def crop(self, n: int) -> None:
         """Drop `-n` tokens (n < 0), or keep the first `n` tokens where transformers crops that way (its older,
         positive convention). Blocks stay mapped; the next write copies a block first if it is shared."""
+        self._writable_here()
         length = self.seq_length_now()
         if n < 0:
             keep = max(0, length + n)
@@ -603,6 +619,7 @@ class PlugCache(Cache):
             raise ValueError(f"{len(index)} rows exceed the PlugCache's max_batch_size={self.max_batch_size}")
         if any(i < 0 or i >= self.max_batch_size for i in index):
             raise ValueError(f"row index out of range in {index}")
+        self._writable_here()
         self.seq_length_now()
         self.table.select(index)
         self._sync_tables()

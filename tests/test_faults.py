@@ -1,0 +1,249 @@
+"""Never silently wrong: faults injected where a user meets them, each against an unpatched twin with a stock cache.
+
+Stale NaN/Inf from an earlier request, a generation config passed by position, a hand-written decode loop,
+a forward interrupted part-way, writes past the cache, a cache built in inference mode: each gives stock's result or
+a clear error, and the cache is usable again after reset().
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, GenerationConfig
+
+import hf_kvplug
+from hf_kvplug.compat import cache_kwargs as kv
+from models import FAMILIES, tiny_model
+
+BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.interpreter)]
+
+
+def _pair(family, **cache_kw):
+    stock = tiny_model(family)
+    plugged = hf_kvplug.patch(tiny_model(family))
+    cache = hf_kvplug.PlugCache(plugged, **{"max_batch_size": 4, "max_cache_len": 48, "block_size": 8, **cache_kw})
+    return stock, plugged, cache
+
+
+def _poison(model, layer=0, what="v_proj", value=float("nan")):
+    module = getattr(model.model.layers[layer].self_attn, what)
+    return module.register_forward_hook(lambda mod, args, out: torch.full_like(out, value))
+
+
+def _left_padded(batch=2, length=9, pads=(0, 3), seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 128, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(pads):
+        ids[row, :n], mask[row, :n] = 0, 0
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------------------------ stale values
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+@pytest.mark.parametrize("what, value", [("v_proj", float("nan")), ("k_proj", float("inf"))])
+def test_nan_from_one_request_does_not_poison_the_next(backend, kv_dtype, what, value):
+    stock, plugged, cache = _pair("llama", kv_dtype=kv_dtype, backend=backend)
+    ids = torch.randint(2, 128, (1, 7))
+    hook = _poison(plugged, what=what, value=value)
+    plugged.generate(torch.randint(2, 128, (1, 11)), **kv(cache), max_new_tokens=12, do_sample=False)
+    hook.remove()
+    cache.reset()
+    kw = dict(max_new_tokens=10, do_sample=False)
+    assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_nan_in_cropped_tokens_does_not_poison_what_follows(backend, kv_dtype):
+    """Tokens written by a poisoned forward and then cropped away (as assisted decoding drops rejected drafts)."""
+    stock, plugged, cache = _pair("qwen2", kv_dtype=kv_dtype, backend=backend)
+    ids = torch.randint(2, 128, (1, 9))
+    plugged(ids, **kv(cache))
+    hook = _poison(plugged, layer=1)
+    plugged(torch.randint(2, 128, (1, 4)), **kv(cache))
+    hook.remove()
+    cache.crop(-4)
+    ref = DynamicCache(config=stock.config)
+    stock(ids, **kv(ref))
+    for _ in range(3):
+        step = torch.randint(2, 128, (1, 2))
+        got, want = plugged(step, **kv(cache)).logits, stock(step, **kv(ref)).logits
+        assert torch.isfinite(got).all()
+        atol = 1e-5 if kv_dtype is None else 0.02 * want.abs().max().item()  # INT8: within its quantization error
+        torch.testing.assert_close(got, want, atol=atol, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- generate() entries
+
+def test_positional_generation_config_is_validated():
+    _, plugged, cache = _pair("llama")
+    config = GenerationConfig(max_new_tokens=60, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match="max_cache_len=48"):
+        plugged.generate(torch.randint(2, 128, (1, 7)), config, **kv(cache))
+    assert cache.get_seq_length() == 0 and cache.stats()["blocks_in_use"] == 0
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_both_cache_names_are_validated(name):
+    import warnings
+
+    _, plugged, cache = _pair("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old name is deprecated from transformers 5.24
+        with pytest.raises(ValueError, match="max_batch_size=4"):
+            plugged.generate(torch.randint(2, 128, (1, 5)), max_new_tokens=4, num_beams=5, **{name: cache})
+    assert cache.get_seq_length() == 0
+
+
+def test_inputs_embeds_are_validated():
+    stock, plugged, cache = _pair("qwen3")
+    embeds = plugged.get_input_embeddings()(torch.randint(2, 128, (1, 40)))
+    with pytest.raises(ValueError, match="max_cache_len=48"):
+        plugged.generate(inputs_embeds=embeds, **kv(cache), max_new_tokens=20)
+    assert cache.get_seq_length() == 0
+    with torch.no_grad():
+        kw = dict(inputs_embeds=embeds[:, :9], max_new_tokens=6, do_sample=False)
+        assert torch.equal(plugged.generate(**kv(cache), **kw), stock.generate(**kw))
+
+
+# -------------------------------------------------------------------------------------------- hand-written loops
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pads", [(0, 3), (2, 0)])
+def test_manual_decode_loop_follows_the_mask(family, pads):
+    """model(t, attention_mask=growing_mask, cache=...) without position_ids: stock gives every row the shared
+    positions and masks the pads; the plugged model follows the same mask."""
+    stock, plugged, cache = _pair(family)
+    ref = DynamicCache(config=stock.config)
+    ids, mask = _left_padded(pads=pads)
+    a = stock(ids, attention_mask=mask, **kv(ref)).logits[:, -1:].argmax(-1)
+    b = plugged(ids, attention_mask=mask, **kv(cache)).logits[:, -1:].argmax(-1)
+    for _ in range(5):
+        assert torch.equal(a, b)
+        mask = torch.cat([mask, torch.ones_like(a)], dim=1)
+        a = stock(a, attention_mask=mask, **kv(ref)).logits[:, -1:].argmax(-1)
+        b = plugged(b, attention_mask=mask, **kv(cache)).logits[:, -1:].argmax(-1)
+    assert torch.equal(a, b)
+
+
+def test_manual_loop_with_a_mask_that_changes_history():
+    """Each forward's 2D mask rules over the whole history, as for stock: masking an earlier token later hides it."""
+    stock, plugged, cache = _pair("llama")
+    ref = DynamicCache(config=stock.config)
+    ids = torch.randint(2, 128, (1, 8))
+    stock(ids, **kv(ref))
+    plugged(ids, **kv(cache))
+    mask = torch.ones(1, 9, dtype=torch.long)
+    mask[0, 2:4] = 0
+    step = torch.randint(2, 128, (1, 1))
+    torch.testing.assert_close(plugged(step, attention_mask=mask, **kv(cache)).logits,
+                               stock(step, attention_mask=mask, **kv(ref)).logits)
+
+
+def test_manual_loop_past_max_cache_len_raises_before_writing():
+    _, plugged, cache = _pair("llama", max_cache_len=16)
+    plugged(torch.randint(2, 128, (1, 15)), **kv(cache))
+    plugged(torch.randint(2, 128, (1, 1)), **kv(cache))
+    snap = [layer.k_cache.clone() for layer in cache.layers]
+    with pytest.raises(ValueError, match="max_cache_len=16"):
+        plugged(torch.randint(2, 128, (1, 1)), **kv(cache))
+    assert all(torch.equal(a, layer.k_cache) for a, layer in zip(snap, cache.layers))
+    assert cache.get_seq_length() == 16
+
+
+def test_compiled_loop_past_max_cache_len_is_never_silent():
+    """A model compiled as a whole cannot check on the host: the write finds no slot, the token's output is NaN and
+    the next host read of the cache raises."""
+    _, plugged, cache = _pair("llama", max_cache_len=16)
+    cache.reserve()
+    step = torch.compile(plugged, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        step(torch.randint(2, 128, (1, 16)), **kv(cache))
+        out = step(torch.randint(2, 128, (1, 1)), **kv(cache)).logits
+    assert torch.isnan(out).all()
+    with pytest.raises(RuntimeError, match="found no slot"):
+        cache.get_seq_length()
+    cache.reset()
+    assert cache.get_seq_length() == 0
+
+
+# ------------------------------------------------------------------------------------------ interrupted forwards
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("exc", [_Interrupt, KeyboardInterrupt])
+@pytest.mark.parametrize("where", ["prefill", "decode"])
+def test_interrupted_forward_is_detected(exc, where):
+    """An exception inside layer 1 leaves layer 0 a token ahead: the next use raises (stock raises a size mismatch)
+    before producing output; after reset() the cache gives stock's tokens."""
+    stock, plugged, cache = _pair("llama")
+    ids = torch.randint(2, 128, (1, 7))
+    if where == "decode":
+        plugged(ids, **kv(cache))
+
+    def boom(*args):
+        raise exc("injected")
+
+    hook = plugged.model.layers[1].self_attn.register_forward_pre_hook(boom)
+    with pytest.raises(exc):
+        plugged(torch.randint(2, 128, (1, 1 if where == "decode" else 7)), **kv(cache))
+    hook.remove()
+    with pytest.raises(ValueError, match="forward stopped part-way"):
+        plugged(torch.randint(2, 128, (1, 1)), **kv(cache))
+    with pytest.raises(ValueError, match="forward stopped part-way"):
+        plugged.generate(ids, **kv(cache), max_new_tokens=3)
+    cache.reset()
+    kw = dict(max_new_tokens=8, do_sample=False)
+    assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
+
+
+def test_exception_after_the_last_layer_keeps_the_cache_consistent():
+    """Raised after every layer ran (in the LM head): the cache holds the tokens, as a stock cache would."""
+    stock, plugged, cache = _pair("qwen3")
+    ids = torch.randint(2, 128, (1, 7))
+    hook = plugged.lm_head.register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(_Interrupt("late")))
+    with pytest.raises(_Interrupt):
+        plugged(ids, **kv(cache))
+    hook.remove()
+    ref = DynamicCache(config=stock.config)
+    stock(ids, **kv(ref))
+    step = torch.randint(2, 128, (1, 1))
+    torch.testing.assert_close(plugged(step, **kv(cache)).logits, stock(step, **kv(ref)).logits)
+
+
+def test_interrupted_generate_then_reset():
+    stock, plugged, cache = _pair("llama")
+    ids = torch.randint(2, 128, (2, 6))
+    calls = []
+
+    def third_call(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    hook = plugged.model.layers[1].register_forward_pre_hook(third_call)
+    with pytest.raises(KeyboardInterrupt):
+        plugged.generate(ids, **kv(cache), max_new_tokens=8, do_sample=False)
+    hook.remove()
+    cache.reset()
+    kw = dict(max_new_tokens=8, do_sample=False)
+    assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
+
+
+# ------------------------------------------------------------------------------------------------ inference mode
+
+def test_cache_built_in_inference_mode_works_outside():
+    stock, plugged, _ = _pair("llama")
+    with torch.inference_mode():
+        cache = hf_kvplug.PlugCache(plugged, max_batch_size=1, max_cache_len=32, block_size=8)
+    ids = torch.randint(2, 128, (1, 6))
+    kw = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
+    cache.reset()
+    with torch.inference_mode():  # and inside again
+        assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
