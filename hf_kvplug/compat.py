@@ -23,13 +23,24 @@ CACHE_KWARG = "cache" if "cache" in inspect.signature(modeling_llama.LlamaAttent
     else "past_key_values"
 CACHE_KWARGS = ("cache", "past_key_values")  # every name a cache may arrive under, the preferred one first
 
-# 5.18: `Cache.crop(tokens_to_remove)` takes a negative count of tokens to drop (a positive count raises). Before,
+# 5.15: `Cache.crop(tokens_to_remove)` takes a negative count of tokens to drop (a positive count raises). Before,
 # `crop(max_length)` kept the first `max_length` tokens (and a negative one dropped that many from the end).
 LEGACY_CROP = "tokens_to_remove" not in inspect.signature(DynamicLayer.crop).parameters
 
-# 5.17: assisted / prompt-lookup decoding accepts a compileable cache that is not exactly `StaticCache`. Before, it
-# refused every cache whose `is_compileable` is True.
-ASSISTED_REFUSES_COMPILEABLE = TRANSFORMERS_VERSION < Version("5.17.0")
+# 5.5: assisted / prompt-lookup decoding refuses only an exact `StaticCache`. In 5.4 it refused every cache with a
+# compileable layer, so the generate wrapper presents a PlugCache as eager-only for assisted calls there.
+ASSISTED_REFUSES_COMPILEABLE = TRANSFORMERS_VERSION < Version("5.5.0")
+
+# 5.13: the maximum cache length is asked with `get_max_length()`; 5.4-5.12 ask `get_max_cache_shape()` (kept,
+# deprecated, afterwards). A PlugCache answers both names: MAX_LENGTH_METHODS lists them for the tests.
+MAX_LENGTH_METHODS = ("get_max_length", "get_max_cache_shape")
+
+# 5.24: attention forwards call `cache.update(key_states, value_states, layer_idx, kwargs=kwargs)` (before: no
+# `kwargs=`). A patched forward never calls update on a PlugCache; PlugLayer.update takes any arguments and explains.
+
+# 5.4 only: generate() pre-builds a compileable cache's 4D mask (through `create_masks_for_generate`) only when a 2D
+# attention mask is given; later releases also without one. Either way the patched model's forward pre-hooks and
+# generate()'s compiled call see every forward, so nothing depends on it.
 
 
 def cache_from_call(args: tuple, kwargs: dict, position: int):

@@ -44,6 +44,12 @@ def test_layout_and_placement():
     assert cache.stats()["blocks_in_use"] == 0
 
 
+def test_both_max_length_names():
+    cache = hf_kvplug.PlugCache(tiny_model("llama"), max_batch_size=1, max_cache_len=40, block_size=16)
+    assert all(getattr(cache, name)() == 40 for name in compat.MAX_LENGTH_METHODS)
+    assert all(getattr(cache.layers[0], name)() == 40 for name in compat.MAX_LENGTH_METHODS)
+
+
 def test_pool_budget():
     model = tiny_model("llama")
     cache = hf_kvplug.PlugCache(model, max_batch_size=4, max_cache_len=64, block_size=16, max_tokens=80)
