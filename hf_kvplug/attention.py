@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import compat
@@ -31,18 +32,23 @@ def _wants_weights(module, kwargs) -> bool:
 
 def _plugged_forward(self, cache, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
     # attention_mask serves only the prefill; after it the cache bounds each row by its lengths and the mask it
-    # recorded (HF builds a q x q mask for a PlugCache, see PlugLayer.get_mask_sizes).
-    if kwargs.get("use_cache", True) is False:
-        raise ValueError("use_cache=False cannot be combined with a PlugCache: drop the cache or use_cache=False")
+    # recorded (HF builds a q x q mask for a PlugCache, see PlugLayer.get_mask_sizes). A cache passed together with
+    # use_cache=False is used all the same, as stock models use it.
     if len(cache.layers) != self.config.num_hidden_layers:
         raise ValueError(f"PlugCache has {len(cache.layers)} layers but the model has "
                          f"{self.config.num_hidden_layers}: it was built for another model")
+    family = self._kvplug_family
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    q = self.q_proj(hidden_states).view(hidden_shape)
+    gate = None
+    if family.output_gate:  # Qwen3-Next / Qwen3.5: per head, the query then its output gate
+        q, gate = torch.chunk(self.q_proj(hidden_states).view(*input_shape, -1, 2 * self.head_dim), 2, dim=-1)
+        gate = gate.reshape(*input_shape, -1)
+    else:
+        q = self.q_proj(hidden_states).view(hidden_shape)
     k = self.k_proj(hidden_states).view(hidden_shape)
     v = self.v_proj(hidden_states).view(hidden_shape)
-    if self._kvplug_qk_norm:  # Qwen3: per-head RMSNorm before RoPE
+    if family.qk_norm:  # Qwen3 and descendants: per-head RMSNorm before RoPE
         q, k = self.q_norm(q), self.k_norm(k)
     cos, sin = position_embeddings
     # Looked up at call time so a RoPE (or eager attention) swapped into the modeling module is honoured.
@@ -57,11 +63,16 @@ def _plugged_forward(self, cache, hidden_states, position_embeddings=None, atten
         layer.check_states(k.transpose(1, 2))
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                        modeling.eager_attention_forward)
+        if family.passes_window:
+            kwargs["sliding_window"] = layer.window
         out, weights = attend(self, q, k, v.transpose(1, 2), attention_mask, dropout=0.0, scaling=self.scaling,
-                              sliding_window=layer.window, **kwargs)
+                              **kwargs)
         layer.write(k.transpose(1, 2), v)
     elif _wants_weights(self, kwargs):  # output_attentions: the model's eager attention over the gathered K/V
         out, weights = layer.attend_dense(self, q, k.transpose(1, 2), v, modeling.eager_attention_forward)
     else:
         out = layer.attend(q.transpose(1, 2), k.transpose(1, 2), v, self.scaling)
-    return self.o_proj(out.reshape(*input_shape, -1)), weights
+    out = out.reshape(*input_shape, -1)
+    if gate is not None:
+        out = out * torch.sigmoid(gate)
+    return self.o_proj(out), weights

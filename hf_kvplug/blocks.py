@@ -84,12 +84,17 @@ class BlockTable:
         block pairs whose data the caller must copy. All or nothing: raises PoolExhausted before changing anything."""
         cover = self.blocks_for(max(end, reserve), block_size)
         first, last = start // block_size, (end - 1) // block_size
-        new = cow = 0
+        writers: dict[int, int] = {}  # shared block -> rows of this write that will write into it
+        new = 0
         for b in rows:
             row = self.rows[b]
             new += max(0, cover - len(row))
             if end > start:
-                cow += sum(1 for i in range(first, min(last + 1, len(row))) if self.pool.refs[row[i]] > 1)
+                for i in range(first, min(last + 1, len(row))):
+                    if self.pool.refs[row[i]] > 1:
+                        writers[row[i]] = writers.get(row[i], 0) + 1
+        # A block every holder of which writes into it: the last writer keeps it, the others copy it.
+        cow = sum(n if self.pool.refs[blk] > n else n - 1 for blk, n in writers.items())
         if new == 0 and cow == 0:
             return []
         fresh = self.pool.allocate(new + cow)
@@ -104,8 +109,7 @@ class BlockTable:
                         self.pool.decref([row[i]])
                         row[i] = dst
             row.extend(fresh.pop() for _ in range(cover - len(row)))
-        # The count above is an upper bound: the last of the rows sharing a block finds it private by then.
-        self.pool.decref(fresh)
+        assert not fresh, "copy-on-write count and copies disagree"
         self.dirty = True
         return copies
 

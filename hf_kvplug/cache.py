@@ -17,7 +17,7 @@ import copy
 import math
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from . import compat, ops
 from .blocks import BlockPool, BlockTable, PoolExhausted
@@ -101,7 +101,7 @@ class PlugLayer(CacheLayerMixin):
         self.cache_seqlens = torch.zeros(config.max_batch_size, dtype=torch.int32, device=dev)
         _mark_static(self.k_cache, self.v_cache, self.k_scale, self.v_scale, self.cache_seqlens)
         self.is_initialized = True
-        self.is_last = layer_idx == config.num_layers - 1  # its forward ends the cache's forward
+        self.is_last = layer_idx == config.attention_layers[-1]  # its forward ends the cache's forward
         # Host-side: True until the first forward after construction or reset(), so that forward can attend with
         # the model's own attention over the fresh K/V (as stock does) with no device read.
         self.fresh = True
@@ -256,8 +256,12 @@ class PlugLayer(CacheLayerMixin):
         return out, weights
 
 
-class PlugCache(Cache):
+class PlugCache(DynamicCache):
     """A drop-in `transformers.Cache` with paged K/V buffers, optionally INT8, for patched models.
+
+    It is a `DynamicCache` (what generate() builds by default, code checking for one keeps working) whose layers
+    hold preallocated paged buffers instead of growing tensors; generate() still compiles with it, as it compiles
+    every compileable cache that is not exactly a `DynamicCache`.
 
     Args:
         model_or_config: the model to generate with (buffers follow each layer's device and the model's dtype), or
@@ -292,14 +296,17 @@ class PlugCache(Cache):
                                            dtype=dtype, device=device, kv_dtype=kv_dtype, block_size=block_size,
                                            max_tokens=max_tokens)
         ops.resolve_backend(backend, config.layer_devices[0])  # a bad backend fails here, before any allocation
-        self._build(config, backend, BlockPool(config.num_blocks), buffers=None)
+        self._hf_config = getattr(hf_config, "text_config", None) or hf_config
+        self._build(config, backend, BlockPool(config.num_blocks), buffers=None,
+                    linear=compat.linear_attention_layers(self._hf_config, config.layer_kinds))
 
-    def _build(self, config: PlugConfig, backend: str, pool: BlockPool, buffers) -> None:
+    def _build(self, config: PlugConfig, backend: str, pool: BlockPool, buffers, linear: dict) -> None:
         self.config = config
         self.backend = backend
         self.pool = pool
         self.table = BlockTable(pool, config.max_batch_size, config.max_blocks_per_row)
-        self.device_states = {dev: DeviceState(config, dev) for dev in dict.fromkeys(config.layer_devices)}
+        self.device_states = {config.layer_devices[i]: None for i in config.attention_layers}
+        self.device_states = {dev: DeviceState(config, dev) for dev in self.device_states}
         self.length: int | None = 0  # tokens every active row holds (host); None: only the device knows
         self.batch = 0  # active rows
         self.holes = False  # the recorded mask has a 0 after a 1 somewhere: the kernels read `valid`
@@ -310,8 +317,13 @@ class PlugCache(Cache):
         self._leaders: list[int] | None = None  # prefill rows whose K/V are stored for their whole group
         self._full_rows = 0  # leading rows mapped to max_cache_len with private blocks (a compiled forward's need)
         self._generate: dict | None = None  # hints of the generate() call under way: reserve, share
-        layers = [PlugLayer(self, i, None if buffers is None else buffers[i]) for i in range(config.num_layers)]
-        super().__init__(layers=layers)
+        self._linear_batch: int | None = None  # rows the linear-attention layers' states were built for
+        attn = iter(config.attention_layers if buffers is None else buffers)
+        layers = [linear[i] if kind == "linear" else PlugLayer(self, i, None if buffers is None else next(attn))
+                  for i, kind in enumerate(config.layer_kinds)]
+        Cache.__init__(self, layers=layers)  # DynamicCache's own __init__ would build growing layers
+        self.attn_layers = [layer for layer in layers if isinstance(layer, PlugLayer)]
+        self.linear_layers = [i for i, kind in enumerate(config.layer_kinds) if kind == "linear"]
 
     # --- sizes ----------------------------------------------------------------------------------
 
@@ -330,7 +342,7 @@ class PlugCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes held by all K/V buffers and scales (the pool, shared with forks)."""
-        return sum(t.numel() * t.element_size() for layer in self.layers
+        return sum(t.numel() * t.element_size() for layer in self.attn_layers
                    for t in (layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale))
 
     def bytes_per_token(self) -> int:
@@ -359,7 +371,7 @@ class PlugCache(Cache):
         """Tokens cached per row. An int, from the host's own count (no device read); while torch.compile traces, a
         0-d device tensor (a traced int would be baked into the graph)."""
         if _compiling():
-            return self.layers[layer_idx].cache_seqlens[0]
+            return self._attn_layer(layer_idx).cache_seqlens[0]
         n = self.seq_length_now()
         return n - self._pending if self._open else n
 
@@ -369,6 +381,10 @@ class PlugCache(Cache):
         if self.length is None:
             self.sync_lengths()
         return self.length
+
+    def _attn_layer(self, layer_idx: int) -> PlugLayer:
+        layer = self.layers[layer_idx]
+        return layer if isinstance(layer, PlugLayer) else self.attn_layers[0]  # a linear layer: the first attention one
 
     def layer(self, layer_idx: int) -> PlugLayer:
         if layer_idx >= len(self.layers):
@@ -401,7 +417,12 @@ class PlugCache(Cache):
         if length + q_len > self.max_cache_len:
             raise ValueError(f"{length + q_len} tokens would exceed the PlugCache's max_cache_len="
                              f"{self.max_cache_len}; build it larger or call cache.reset()")
-        fresh = self.layers[0].fresh
+        fresh = self.attn_layers[0].fresh
+        if fresh and self.linear_layers and batch != self._linear_batch:
+            if self._linear_batch is not None:  # their states keep the batch they were built for: start new ones
+                for i, layer in compat.linear_attention_layers(self._hf_config, self.config.layer_kinds).items():
+                    self.layers[i] = layer
+            self._linear_batch = batch
         if attention_mask is not KEEP_MASK:
             self._record_mask(attention_mask, batch, length, q_len, from_generate, fresh)
         hints = self._generate or {}
@@ -433,9 +454,9 @@ class PlugCache(Cache):
         """A cache built inside torch.inference_mode() holds inference tensors, which cannot be written outside it.
         Used outside, it moves its state into ordinary tensors once (new addresses: a compiled graph re-records),
         as a stock DynamicCache, which makes new tensors every step, simply works there."""
-        if torch.is_inference_mode_enabled() or not self.layers[0].cache_seqlens.is_inference():
+        if torch.is_inference_mode_enabled() or not self.attn_layers[0].cache_seqlens.is_inference():
             return
-        for layer in self.layers:
+        for layer in self.attn_layers:
             for name in ("k_cache", "v_cache", "k_scale", "v_scale", "cache_seqlens"):
                 setattr(layer, name, getattr(layer, name).clone())
                 _mark_static(getattr(layer, name))
@@ -505,9 +526,9 @@ class PlugCache(Cache):
         """Read every layer's row lengths (one device read) and take them as the host's count. Raises if the layers
         disagree (a forward stopped part-way: the cache must be reset) or if a write found no slot."""
         per_layer = torch.stack([layer.cache_seqlens[:max(self.batch, 1)].to("cpu", non_blocking=False)
-                                 for layer in self.layers])
+                                 for layer in self.attn_layers])
         status = [int(dev.status[0]) for dev in self.device_states.values()]
-        fresh = {layer.fresh for layer in self.layers}
+        fresh = {layer.fresh for layer in self.attn_layers}
         if any(status):
             raise RuntimeError("a PlugCache write found no slot (past max_cache_len, or a block a forward compiled "
                                "as a whole could not map): the outputs of that step are NaN. Call cache.reset(); "
@@ -529,7 +550,7 @@ class PlugCache(Cache):
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        for layer in self.layers:
+        for layer in self.attn_layers:
             src = torch.tensor([c[0] for c in copies], device=layer.device)
             dst = torch.tensor([c[1] for c in copies], device=layer.device)
             for buf in (layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale):
@@ -572,7 +593,7 @@ class PlugCache(Cache):
         self._sync_tables()
         try:
             for layer in self.layers:
-                layer.reset()
+                layer.reset()  # linear-attention layers too: transformers zeroes their states
             for dev in self.device_states.values():
                 dev.starts.zero_()
                 dev.valid.fill_(1)
@@ -597,7 +618,9 @@ class PlugCache(Cache):
             raise ValueError(f"crop({n}): this transformers release crops with a negative number of tokens to remove")
         else:
             keep = length
-        for layer in self.layers:
+        for i in self.linear_layers:  # transformers' rule: only a layer recording its past can go back
+            self.layers[i].crop(keep - length)
+        for layer in self.attn_layers:
             layer.cache_seqlens[:self.batch].fill_(keep)
         self.length = keep
 
@@ -629,9 +652,11 @@ class PlugCache(Cache):
             dev.starts[:batch] = dev.starts[idx]
             if self.holes:
                 dev.valid[:batch] = dev.valid[idx]
-        for layer in self.layers:
+        for layer in self.attn_layers:
             idx = torch.tensor(index, device=layer.device)
             layer.cache_seqlens[:batch] = layer.cache_seqlens[idx]
+        for i in self.linear_layers:  # their states are per row: index_select, as transformers reorders beams
+            self.layers[i].reorder_cache(torch.tensor(index))
         self.batch = batch
 
     # --- sharing, copies, files ----------------------------------------------------------------------
@@ -646,7 +671,8 @@ class PlugCache(Cache):
             self.sync_lengths()
         other = object.__new__(PlugCache)
         other._build(self.config, self.backend, self.pool,
-                     buffers=[(l.k_cache, l.v_cache, l.k_scale, l.v_scale) for l in self.layers])
+                     buffers=[(l.k_cache, l.v_cache, l.k_scale, l.v_scale) for l in self.attn_layers],
+                     linear={i: copy.deepcopy(self.layers[i]) for i in self.linear_layers})
         other.table = self.table.fork()
         other._copy_state_from(self)
         return other
@@ -660,7 +686,8 @@ class PlugCache(Cache):
         other = object.__new__(PlugCache)
         other._build(self.config, self.backend, BlockPool(self.pool.num_blocks),
                      buffers=[tuple(t.clone() for t in (l.k_cache, l.v_cache, l.k_scale, l.v_scale))
-                              for l in self.layers])
+                              for l in self.attn_layers],
+                     linear={i: copy.deepcopy(self.layers[i]) for i in self.linear_layers})
         other.table.rows = [list(row) for row in self.table.rows]
         for row in other.table.rows:  # the same block ids in the copied buffers: the new pool lends exactly those
             for i in row:
@@ -672,9 +699,9 @@ class PlugCache(Cache):
         return other
 
     def _copy_state_from(self, src: "PlugCache") -> None:
-        for name in ("length", "batch", "holes"):
+        for name in ("length", "batch", "holes", "_hf_config", "_linear_batch"):
             setattr(self, name, getattr(src, name))
-        for layer, theirs in zip(self.layers, src.layers):
+        for layer, theirs in zip(self.attn_layers, src.attn_layers):
             layer.cache_seqlens.copy_(theirs.cache_seqlens)
             layer.fresh = theirs.fresh
         for dev, theirs in zip(self.device_states.values(), src.device_states.values()):
@@ -713,7 +740,8 @@ class PlugCache(Cache):
                                              device=_layer_devices(model), kv_dtype=self.kv_dtype,
                                              block_size=self.config.block_size)
         diffs = [f"{name}: cache {getattr(self.config, name)} vs model {getattr(expected, name)}"
-                 for name in ("num_layers", "nheads", "nheads_k", "head_dim", "dtype", "layer_devices", "layer_windows")
+                 for name in ("num_layers", "nheads", "nheads_k", "head_dim", "dtype", "layer_devices", "layer_windows",
+                              "layer_kinds")
                  if getattr(self.config, name) != getattr(expected, name)]
         if diffs:
             raise ValueError("This PlugCache was built for another model (" + "; ".join(diffs)
@@ -747,8 +775,9 @@ def _layer_devices(model) -> list[torch.device]:
     if layers is None:
         raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
     devices = []
-    for layer in layers:
-        weight = layer.self_attn.k_proj.weight
+    for layer in layers:  # a hybrid model's linear-attention layers have no self_attn: any weight of theirs
+        attn = getattr(layer, "self_attn", None)
+        weight = attn.k_proj.weight if attn is not None else next(layer.parameters())
         if weight.device.type == "meta":
             raise ValueError("layer weights are on the meta device (offloaded?); PlugCache needs them on a real device")
         devices.append(weight.device)

@@ -11,6 +11,7 @@ import inspect
 
 import transformers
 from packaging.version import Version
+from transformers import cache_utils
 from transformers.cache_utils import DynamicLayer
 from transformers.models.llama import modeling_llama
 
@@ -72,3 +73,21 @@ def output_cache(outputs):
 def cache_kwargs(cache) -> dict:
     """`{name: cache}` under the name the installed release prefers, for generate() and model forwards."""
     return {CACHE_KWARG: cache}
+
+
+# 5.5: hybrid models (Qwen3-Next, Qwen3.5) keep their linear-attention state in generic cache layers
+# (`cache_utils.LinearAttentionLayer`) of any `Cache`. In 5.4 each model had its own cache class, which a PlugCache
+# cannot stand in for.
+HYBRID_CACHE_LAYERS = hasattr(cache_utils, "LinearAttentionLayer")
+
+
+def linear_attention_layers(config, kinds: list[str]) -> dict:
+    """transformers' own cache layers for a hybrid model's linear-attention layers, by layer index: the ones its
+    `DynamicCache(config=...)` builds, so that their state stays in the classes transformers maintains."""
+    if "linear" not in kinds:
+        return {}
+    if not HYBRID_CACHE_LAYERS:
+        raise ValueError(f"hf_kvplug supports hybrid linear-attention models ({config.model_type}) from transformers "
+                         f"5.5, where their state lives in generic cache layers; this is {transformers.__version__}")
+    stock = cache_utils.DynamicCache(config=config)
+    return {i: stock.layers[i] for i, kind in enumerate(kinds) if kind == "linear"}

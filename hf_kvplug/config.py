@@ -16,7 +16,8 @@ class PlugConfig:
 
     Built by `PlugConfig.from_model` / `PlugConfig.from_hf_config`; users normally pass a model to `PlugCache`.
     `layer_devices[i]` is where layer i's buffers live (so `device_map` splits work), `layer_windows[i]` is the
-    sliding window of layer i (None for full attention).
+    sliding window of layer i (None for full attention), `layer_kinds[i]` is "attention" (paged K/V here) or
+    "linear" (a linear-attention layer of a hybrid model: its state stays in transformers' own cache layer).
     """
 
     num_layers: int
@@ -32,6 +33,8 @@ class PlugConfig:
     block_size: int = 64
     model_type: str | None = None
     max_tokens: int | None = None  # the block pool's size in tokens (all rows); None: max_batch_size x max_cache_len
+    layer_kinds: list[str] = field(default_factory=list)
+    linear_state_bytes: int = 0  # per row, all linear-attention layers together (conv + recurrent state)
 
     def __post_init__(self):
         if self.kv_dtype not in KV_DTYPES:
@@ -49,6 +52,10 @@ class PlugConfig:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
         if not self.layer_windows:
             self.layer_windows = [None] * self.num_layers
+        if not self.layer_kinds:
+            self.layer_kinds = ["attention"] * self.num_layers
+        if len(self.layer_kinds) != self.num_layers or set(self.layer_kinds) - {"attention", "linear"}:
+            raise ValueError(f"layer_kinds must hold 'attention' or 'linear' per layer, got {self.layer_kinds}")
         self.layer_devices = [_indexed(torch.device(d)) for d in self.layer_devices]
 
     @property
@@ -66,9 +73,15 @@ class PlugConfig:
     def storage_dtype(self) -> torch.dtype:
         return torch.int8 if self.kv_dtype == "int8" else self.dtype
 
+    @property
+    def attention_layers(self) -> list[int]:
+        """Indices of the layers with paged K/V (all but a hybrid model's linear-attention layers)."""
+        return [i for i, kind in enumerate(self.layer_kinds) if kind == "attention"]
+
     def bytes_per_token(self, layer_count: int | None = None) -> int:
-        """Bytes one cached token costs over `layer_count` layers (all by default), K, V and scales together."""
-        layers = self.num_layers if layer_count is None else layer_count
+        """Bytes one cached token costs over `layer_count` layers (all attention layers by default), K, V and
+        scales together."""
+        layers = len(self.attention_layers) if layer_count is None else layer_count
         elem = torch.empty((), dtype=self.storage_dtype).element_size()
         per_head = 2 * self.head_dim * elem + (2 * 4 if self.kv_dtype == "int8" else 0)
         return layers * self.nheads_k * per_head
@@ -83,6 +96,7 @@ class PlugConfig:
         nheads_k = getattr(config, "num_key_value_heads", None) or nheads
         num_layers = config.num_hidden_layers
         devices = list(device) if isinstance(device, (list, tuple)) else [device] * num_layers
+        kinds = layer_kinds(config)
         return cls(
             num_layers=num_layers,
             nheads=nheads,
@@ -97,6 +111,8 @@ class PlugConfig:
             block_size=block_size,
             model_type=getattr(config, "model_type", None),
             max_tokens=max_tokens,
+            layer_kinds=kinds,
+            linear_state_bytes=kinds.count("linear") * linear_state_bytes(config, dtype),
         )
 
 
@@ -107,13 +123,33 @@ def _indexed(device: torch.device) -> torch.device:
     return device
 
 
+def layer_kinds(config) -> list[str]:
+    """'linear' for a hybrid model's linear-attention layers (`layer_types`), 'attention' for the others."""
+    types = getattr(config, "layer_types", None) or [None] * config.num_hidden_layers
+    return ["linear" if t == "linear_attention" else "attention" for t in types]
+
+
 def layer_windows(config) -> list[int | None]:
-    """Per-layer sliding window as HF's masks apply it (None = full attention)."""
+    """Per-layer sliding window as HF's masks apply it (None = full attention or a linear-attention layer)."""
+    from .families import family_of
+
     n = config.num_hidden_layers
-    window = getattr(config, "sliding_window", None)
+    window = getattr(config, "sliding_window", None) or None  # Qwen2-MoE writes 0 for "none"
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         return [window if t == "sliding_attention" else None for t in layer_types]
-    if getattr(config, "model_type", None) == "mistral":
+    family = family_of(config)
+    if family is not None and family.window_all_layers:
         return [window] * n
     return [None] * n
+
+
+def linear_state_bytes(config, dtype: torch.dtype) -> int:
+    """State one row holds in one gated-DeltaNet layer: the conv state (model dtype) and the recurrent state (fp32,
+    as transformers keeps it on its PyTorch path)."""
+    if "linear_attention" not in (getattr(config, "layer_types", None) or []):
+        return 0
+    hk, dk = config.linear_num_key_heads, config.linear_key_head_dim
+    hv, dv = config.linear_num_value_heads, config.linear_value_head_dim
+    conv = (2 * hk * dk + hv * dv) * config.linear_conv_kernel_dim * torch.empty((), dtype=dtype).element_size()
+    return conv + hv * dk * dv * 4

@@ -7,37 +7,21 @@ import functools
 import importlib
 import inspect
 import types
-from dataclasses import dataclass
-
 import torch
 from transformers.generation.utils import GenerationMixin
 
 from . import compat
 from .attention import plug_attention_forward
 from .cache import PlugCache
+from .families import FAMILIES, Family
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to find a model family's attention class; `qk_norm` marks Qwen3's per-head q/k RMSNorm."""
-
-    module: str
-    attention: str
-    qk_norm: bool = False
-    accelerated: str = "fused K/V write + paged attention (fp16/bf16/fp32, INT8)"
-
-
-SUPPORTED: dict[str, ModelSpec] = {
-    "llama": ModelSpec("transformers.models.llama.modeling_llama", "LlamaAttention"),
-    "qwen2": ModelSpec("transformers.models.qwen2.modeling_qwen2", "Qwen2Attention"),
-    "qwen3": ModelSpec("transformers.models.qwen3.modeling_qwen3", "Qwen3Attention", qk_norm=True),
-    "mistral": ModelSpec("transformers.models.mistral.modeling_mistral", "MistralAttention"),
-}
+SUPPORTED: dict[str, Family] = FAMILIES  # model_type -> its row (hf_kvplug/families.py)
 
 _MARK = "_kvplug_original_forward"
 
 
-def _spec(model) -> ModelSpec:
+def _spec(model) -> Family:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED:
         raise ValueError(f"hf_kvplug does not support model type {model_type!r}; supported: "
@@ -45,7 +29,7 @@ def _spec(model) -> ModelSpec:
     return SUPPORTED[model_type]
 
 
-def _attention_modules(model, spec: ModelSpec):
+def _attention_modules(model, spec: Family):
     cls = getattr(importlib.import_module(spec.module), spec.attention)
     found = [m for m in model.modules() if isinstance(m, cls)]
     if not found:
@@ -59,7 +43,8 @@ def _forward_attr(module) -> str:
 
 
 def patch(model):
-    """Swap the attention forward of every Llama/Qwen2/Qwen3/Mistral attention module in `model`. Idempotent.
+    """Swap the attention forward of every attention module of a supported family in `model` (`SUPPORTED`: Llama,
+    Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Qwen3-Next, Qwen3.5 and Qwen3.5-MoE). Idempotent.
 
     The patched forward runs the fused PlugCache path only when the cache it is given (`cache=` from transformers
     5.24, `past_key_values=` before) is a `PlugCache`; with a stock cache, or none, the original forward runs
@@ -75,7 +60,7 @@ def patch(model):
         attr = _forward_attr(module)
         module.__dict__[_MARK] = getattr(module, attr)
         module.__dict__["_kvplug_attr"] = (attr, module.__dict__.get(attr))
-        module._kvplug_qk_norm = spec.qk_norm
+        module._kvplug_family = spec
         setattr(module, attr, types.MethodType(plug_attention_forward, module))
     if "_kvplug_generate" in model.__dict__:
         return model
@@ -109,7 +94,7 @@ def unpatch(model):
             continue
         attr, previous = module.__dict__.pop("_kvplug_attr")
         del module.__dict__[_MARK]
-        del module.__dict__["_kvplug_qk_norm"]
+        del module.__dict__["_kvplug_family"]
         if previous is None:
             module.__dict__.pop(attr, None)
         else:
@@ -247,6 +232,10 @@ def _checked_generate(generate):
         cache = compat.cache_from_kwargs(kwargs)
         if not isinstance(cache, PlugCache):
             return generate(self, *args, **kwargs)
+        if not _uses_cache(self, args, kwargs):
+            # generate(use_cache=False): stock would re-feed the whole sequence every step into the cache it was
+            # given; the PlugCache is left untouched and generate() runs without a cache, as asked.
+            return generate(self, *args, **{k: v for k, v in kwargs.items() if k not in compat.CACHE_KWARGS})
         reserve, share = validate_generate(self, cache, args, kwargs)
         cache.generate_begins(reserve, share)
         failed = True
@@ -270,28 +259,37 @@ def _checked_generate(generate):
 
 @contextlib.contextmanager
 def _eager_only(cache: PlugCache):
-    for layer in cache.layers:
+    for layer in cache.attn_layers:
         layer.is_compileable = False
     try:
         yield
     finally:
-        for layer in cache.layers:
+        for layer in cache.attn_layers:
             del layer.is_compileable  # back to the class attribute
 
 
 _GENERATE_PARAMS = [p for p in inspect.signature(GenerationMixin.generate).parameters if p != "self"][:2]
 
 
-def validate_generate(model, cache: PlugCache, args, kwargs) -> tuple[int, int]:
-    """Raise a ValueError, before anything is written, if a generate() call cannot run in `cache`. Reads the
-    call as generate() does (inputs and generation_config by keyword or position, kwargs over the config).
-    Returns (tokens per row to map ahead, rows expanded from each prompt)."""
+def _generation_call(model, args, kwargs):
+    """(inputs and generation_config as generate() reads them, by keyword or position; the merged config)."""
     call = dict(zip(_GENERATE_PARAMS, args))  # generate(inputs, generation_config, ...)
     call.update({k: v for k, v in kwargs.items() if k in _GENERATE_PARAMS})
     extra = {k: v for k, v in kwargs.items() if k not in _GENERATE_PARAMS}
     config, model_kwargs = model._prepare_generation_config(call.get("generation_config"), **extra)
-    if config.use_cache is False or model_kwargs.get("use_cache") is False:
-        raise ValueError("generate(use_cache=False) cannot use a PlugCache: drop the cache or use_cache=False")
+    return call, config, model_kwargs
+
+
+def _uses_cache(model, args, kwargs) -> bool:
+    _, config, model_kwargs = _generation_call(model, args, kwargs)
+    return config.use_cache is not False and model_kwargs.get("use_cache") is not False
+
+
+def validate_generate(model, cache: PlugCache, args, kwargs) -> tuple[int, int]:
+    """Raise a ValueError, before anything is written, if a generate() call cannot run in `cache`. Reads the
+    call as generate() does (inputs and generation_config by keyword or position, kwargs over the config).
+    Returns (tokens per row to map ahead, rows expanded from each prompt)."""
+    call, config, _ = _generation_call(model, args, kwargs)
     cache.check_model(model)
     inputs = call.get("inputs")
     for name in ("input_ids", "inputs_embeds"):

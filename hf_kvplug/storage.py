@@ -40,6 +40,9 @@ def save_cache(cache, path) -> None:
     from safetensors.torch import save_file
 
     cfg = cache.config
+    if cache.linear_layers:
+        raise ValueError("saving a hybrid model's cache is not supported: its linear-attention states live in "
+                         "transformers' own cache layers; keep the cache in memory (fork() or copy.deepcopy)")
     length, batch = cache.length, cache.batch
     nblocks = math.ceil(length / cfg.block_size)
     used, compact, table = [], {}, []
@@ -52,19 +55,19 @@ def save_cache(cache, path) -> None:
             ids.append(compact[i])
         table.append(ids + [-1] * (nblocks - len(ids)))
     tensors = {"table": torch.tensor(table, dtype=torch.int32).reshape(batch, nblocks)}
-    for layer in cache.layers:
+    for layer in cache.attn_layers:
         idx = torch.tensor(used, dtype=torch.long, device=layer.device)
         names = ("k", "v", "k_scale", "v_scale")
         for name, buf in zip(names, (layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale)):
             if buf.numel():
                 tensors[f"layer.{layer.layer_idx}.{name}"] = buf[idx].cpu().contiguous()
-    tensors["seqlens"] = torch.stack([layer.cache_seqlens[:batch].cpu() for layer in cache.layers])
+    tensors["seqlens"] = torch.stack([layer.cache_seqlens[:batch].cpu() for layer in cache.attn_layers])
     dev = next(iter(cache.device_states.values()))
     tensors["starts"] = dev.starts[:batch].cpu().clone()
     if cache.holes:
         tensors["valid"] = dev.valid[:batch, :length].cpu().clone()
     meta = dict(format=FORMAT, config=_fingerprint(cfg), length=length, batch=batch, holes=cache.holes,
-                fresh=cache.layers[0].fresh, sha256=_digest(tensors))
+                fresh=cache.attn_layers[0].fresh, sha256=_digest(tensors))
     save_file(tensors, str(path), metadata={"hf_kvplug": json.dumps(meta)})
 
 
@@ -112,13 +115,13 @@ def load_cache(cls, path, model_or_config, **kwargs):
         cache.pool.incref(row)
         cache.table.rows[b] = row
     cache.pool.decref(ids)  # the allocation's own reference: each block is now held by the rows naming it
-    for layer in cache.layers:
+    for n, layer in enumerate(cache.attn_layers):
         dst = torch.tensor(ids, dtype=torch.long, device=layer.device)
         names = ("k", "v", "k_scale", "v_scale")
         for name, buf in zip(names, (layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale)):
             if buf.numel() and nused:
                 buf[dst] = tensors[f"layer.{layer.layer_idx}.{name}"].to(layer.device)
-        layer.cache_seqlens[:batch].copy_(tensors["seqlens"][layer.layer_idx])
+        layer.cache_seqlens[:batch].copy_(tensors["seqlens"][n])
         layer.fresh = meta["fresh"]
     for dev in cache.device_states.values():
         dev.starts[:batch].copy_(tensors["starts"])

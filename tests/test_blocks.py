@@ -141,3 +141,15 @@ def test_random_operations_keep_counts_consistent():
         table.release(range(4))
     _check(pool, *tables)
     assert pool.in_use == 0
+
+
+def test_exact_copy_on_write_count_fits_an_exact_pool():
+    """Two pairs of rows share a partly filled block each; when all four write, two copies are enough, and a pool
+    with exactly two free blocks serves them (an upper-bound count would ask for four)."""
+    pool = BlockPool(4)
+    table = BlockTable(pool, 4, 1)
+    table.prepare_write([0, 2], 0, 3, 3, BS)
+    table.share_from([0, 2], [[1], [3]], 1)
+    copies = table.prepare_write([0, 1, 2, 3], 3, 4, 4, BS)
+    assert len(copies) == 2 and pool.in_use == 4
+    _check(pool, table)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config
 
 import hf_kvplug
 from models import FAMILIES, tiny_model
@@ -117,19 +117,24 @@ def test_batch_over_max_batch_size(warm):
 
 
 def test_use_cache_false(warm):
+    """generate(use_cache=False) with a PlugCache runs without a cache and leaves it untouched (stock would re-feed
+    the whole sequence into the cache every step); a direct forward uses the cache it is given, as stock does."""
     model, cache, out = warm
+    stock = tiny_model(model.config.model_type)
     snap = _snapshot(cache)
-    with pytest.raises(ValueError, match="use_cache=False"):
-        model.generate(out, **kv(cache), max_new_tokens=3, use_cache=False)
-    with pytest.raises(ValueError, match="use_cache=False"):
-        model(out, **kv(cache), use_cache=False)
+    kw = dict(max_new_tokens=3, use_cache=False, do_sample=False)
+    assert torch.equal(model.generate(out, **kv(cache), **kw), stock.generate(out, **kw))
     assert _unchanged(cache, snap)
+    ref = DynamicCache(config=stock.config)
+    stock(out[:, :-1], **kv(ref))  # the cache holds those 9 tokens: the last one was never fed back
+    got = model(out[:, -1:], **kv(cache), use_cache=False).logits
+    torch.testing.assert_close(got, stock(out[:, -1:], **kv(ref), use_cache=False).logits)
 
 
 def test_unsupported_model_type():
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     forwards = [m.forward for m in model.modules()]
-    with pytest.raises(ValueError, match="supported: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ValueError, match="supported: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3"):
         hf_kvplug.patch(model)
     assert [m.forward for m in model.modules()] == forwards
     assert not hf_kvplug.is_patched(model)

@@ -176,3 +176,17 @@ def test_pool_budget_smaller_than_the_rectangle():
         plugged.generate(big, **kv(cache), max_new_tokens=10)
     assert cache.stats()["blocks_in_use"] == 0 and cache.get_seq_length() == 0
     assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_beam_search_in_an_exactly_sized_cache(block_size):
+    """Rows = batch x beams, length = prompt + new tokens, nothing more: copy-on-write never asks the pool for more
+    blocks than the rows can hold."""
+    stock = tiny_model("llama")
+    plugged = hf_kvplug.patch(tiny_model("llama"))
+    ids = torch.randint(2, 128, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    cache = hf_kvplug.PlugCache(plugged, max_batch_size=4, max_cache_len=12, block_size=block_size)
+    kw = dict(attention_mask=mask, num_beams=2, do_sample=False, max_new_tokens=5, min_new_tokens=5)
+    assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))

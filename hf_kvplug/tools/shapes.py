@@ -42,6 +42,65 @@ def qwen3_8b() -> Qwen3Config:
                        use_sliding_window=False, bos_token_id=151643, eos_token_id=151645)
 
 
+def llama31_8b() -> LlamaConfig:
+    """Llama-3.1-8B: Llama-3-8B's shape with llama3 RoPE scaling (factor 8, original context 8192) to 128k."""
+    config = llama3_8b()
+    config.rope_parameters = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    return config
+
+
+def qwen3_30b_a3b():
+    """Qwen3-30B-A3B: hidden 2048, 48 layers, 32/4 heads, head_dim 128, 128 experts (top 8, expert width 768)."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                          num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, vocab_size=151936, rms_norm_eps=1e-6, rope_parameters=_rope(1e6),
+                          max_position_embeddings=131072, tie_word_embeddings=False, use_sliding_window=False,
+                          bos_token_id=151643, eos_token_id=151645)
+
+
+def _qwen3_5_rope(theta: float) -> dict:
+    return {"rope_type": "default", "rope_theta": float(theta), "partial_rotary_factor": 0.25}
+
+
+def qwen35_9b():
+    """Qwen3.5-9B (dense, hybrid): hidden 4096, 32 layers of which 8 full attention (every 4th; the rest gated
+    DeltaNet), 16/4 heads, head_dim 256, a quarter of it rotary; DeltaNet 16 key / 32 value heads of 128."""
+    from transformers.models.qwen3_5 import Qwen3_5TextConfig
+
+    return Qwen3_5TextConfig(hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16,
+                             num_key_value_heads=4, head_dim=256, vocab_size=248320, rms_norm_eps=1e-6,
+                             rope_parameters=_qwen3_5_rope(1e7), max_position_embeddings=262144,
+                             linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+                             linear_num_key_heads=16, linear_num_value_heads=32, tie_word_embeddings=False)
+
+
+def qwen3_next_80b_a3b():
+    """Qwen3-Next-80B-A3B: hidden 2048, 48 layers of which 12 full attention, 16/2 heads, head_dim 256, 512 experts
+    (top 10, expert width 512) and a shared expert; DeltaNet 16 key / 32 value heads of 128."""
+    from transformers import Qwen3NextConfig
+
+    return Qwen3NextConfig(hidden_size=2048, intermediate_size=5120, moe_intermediate_size=512,
+                           shared_expert_intermediate_size=512, num_experts=512, num_experts_per_tok=10,
+                           num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+                           vocab_size=151936, rms_norm_eps=1e-6, rope_parameters=_qwen3_5_rope(1e7),
+                           max_position_embeddings=262144, linear_conv_kernel_dim=4, linear_key_head_dim=128,
+                           linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
+                           tie_word_embeddings=False)
+
+
+def mixtral_8x7b():
+    """Mixtral-8x7B: hidden 4096, 32 layers, 32/8 heads, head_dim 128, 8 experts (top 2, width 14336)."""
+    from transformers import MixtralConfig
+
+    return MixtralConfig(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                         rms_norm_eps=1e-5, rope_parameters=_rope(1e6), max_position_embeddings=131072,
+                         sliding_window=None, tie_word_embeddings=False)
+
+
 def tiny() -> LlamaConfig:
     """A 2-layer Llama for tests (hidden 64, 4/2 heads, head_dim 16)."""
     return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -51,8 +110,13 @@ def tiny() -> LlamaConfig:
 
 SHAPES: dict[str, Callable[[], object]] = {
     "llama3-8b": llama3_8b,
+    "llama3.1-8b": llama31_8b,
     "qwen2.5-7b": qwen25_7b,
     "qwen3-8b": qwen3_8b,
+    "qwen3-30b-a3b": qwen3_30b_a3b,
+    "qwen3.5-9b": qwen35_9b,
+    "qwen3-next-80b-a3b": qwen3_next_80b_a3b,
+    "mixtral-8x7b": mixtral_8x7b,
     "tiny": tiny,
 }
 
