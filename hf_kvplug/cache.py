@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from . import compat, ops
 from .blocks import BlockPool, BlockTable, PoolExhausted
-from .config import PlugConfig
+from .config import PlugConfig, RankLayout
 from .reference import gather_kv, visible_slots
 
 KEEP_MASK = object()  # begin_forward: leave the recorded mask as it is (a layer called without the model around it)
@@ -256,6 +256,41 @@ class PlugLayer(CacheLayerMixin):
         return out, weights
 
 
+class RemoteLayer(CacheLayerMixin):
+    """Stands in for a decoder layer another pipeline stage runs: no buffers; length queries answer from the cache
+    (every layer on every rank holds the same number of tokens), everything else does nothing."""
+
+    is_compileable = True
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, cache: "PlugCache", layer_idx: int):
+        super().__init__()
+        self.cache, self.layer_idx, self.is_initialized = cache, layer_idx, True
+
+    def __repr__(self):
+        return f"RemoteLayer({self.layer_idx})"
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        pass
+
+    def update(self, *args, **kwargs):
+        raise RuntimeError(f"layer {self.layer_idx} runs on another pipeline stage: this rank's PlugCache holds none "
+                           "of its K/V")
+
+    def get_seq_length(self):
+        return self.cache.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return self.cache.max_cache_len
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        return query_length, 0
+
+    def reset(self) -> None:
+        pass
+
+
 class PlugCache(DynamicCache):
     """A drop-in `transformers.Cache` with paged K/V buffers, optionally INT8, for patched models.
 
@@ -275,6 +310,9 @@ class PlugCache(DynamicCache):
             take blocks as they grow and rows that `generate()` expands from one prompt share its blocks, so a
             ragged batch or shared prompts fit in less than the rectangle.
         backend: "auto" (Triton kernels on CUDA, the PyTorch reference elsewhere), "triton" or "reference".
+        layout: the `RankLayout` of this process under transformers' tensor / pipeline parallelism: read from the
+            model when one is given, stated here with a config (default: one process). Each rank's cache holds its
+            own heads of the layers it runs.
 
     Buffers are allocated once here and never re-assigned: `reset()`, `crop()` and `reorder_cache()` work in place,
     so their addresses stay fixed for torch.compile / CUDA graphs.
@@ -282,19 +320,23 @@ class PlugCache(DynamicCache):
 
     def __init__(self, model_or_config, max_batch_size: int = 4, max_cache_len: int = 2048, kv_dtype: str | None = None,
                  *, dtype: torch.dtype | None = None, device=None, block_size: int = 64, max_tokens: int | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", layout: RankLayout | None = None):
+        model, tp_plan = None, None
         if hasattr(model_or_config, "config") and hasattr(model_or_config, "parameters"):
             model = model_or_config
+            layout = layout or RankLayout.from_model(model)
             dtype = dtype or model.dtype
-            device = device if device is not None else _layer_devices(model)
-            hf_config = model.config
+            device = device if device is not None else _layer_devices(model, layout)
+            hf_config, tp_plan = model.config, getattr(model, "tp_plan", None)
         else:
             hf_config = model_or_config
             if dtype is None or device is None:
                 raise ValueError("PlugCache(config, ...) needs dtype= and device= (or pass the model instead)")
         config = PlugConfig.from_hf_config(hf_config, max_batch_size=max_batch_size, max_cache_len=max_cache_len,
                                            dtype=dtype, device=device, kv_dtype=kv_dtype, block_size=block_size,
-                                           max_tokens=max_tokens)
+                                           max_tokens=max_tokens, layout=layout, tp_plan=tp_plan)
+        if model is not None:
+            _check_local_heads(model, config)
         ops.resolve_backend(backend, config.layer_devices[0])  # a bad backend fails here, before any allocation
         self._hf_config = getattr(hf_config, "text_config", None) or hf_config
         self._build(config, backend, BlockPool(config.num_blocks), buffers=None,
@@ -319,7 +361,8 @@ class PlugCache(DynamicCache):
         self._generate: dict | None = None  # hints of the generate() call under way: reserve, share
         self._linear_batch: int | None = None  # rows the linear-attention layers' states were built for
         attn = iter(config.attention_layers if buffers is None else buffers)
-        layers = [linear[i] if kind == "linear" else PlugLayer(self, i, None if buffers is None else next(attn))
+        layers = [linear[i] if kind == "linear" else RemoteLayer(self, i) if kind == "remote"
+                  else PlugLayer(self, i, None if buffers is None else next(attn))
                   for i, kind in enumerate(config.layer_kinds)]
         Cache.__init__(self, layers=layers)  # DynamicCache's own __init__ would build growing layers
         self.attn_layers = [layer for layer in layers if isinstance(layer, PlugLayer)]
@@ -734,11 +777,14 @@ class PlugCache(DynamicCache):
     # --- generate() -------------------------------------------------------------------------------
 
     def check_model(self, model) -> None:
-        """Raise a ValueError naming every difference between this cache and `model` (layers, heads, dtype, device)."""
+        """Raise a ValueError naming every difference between this cache and `model` (layers, heads, dtype, device,
+        the layers and heads this rank holds)."""
+        layout = RankLayout.from_model(model)
         expected = PlugConfig.from_hf_config(model.config, max_batch_size=self.max_batch_size,
                                              max_cache_len=self.max_cache_len, dtype=model.dtype,
-                                             device=_layer_devices(model), kv_dtype=self.kv_dtype,
-                                             block_size=self.config.block_size)
+                                             device=_layer_devices(model, layout), kv_dtype=self.kv_dtype,
+                                             block_size=self.config.block_size, layout=layout,
+                                             tp_plan=getattr(model, "tp_plan", None))
         diffs = [f"{name}: cache {getattr(self.config, name)} vs model {getattr(expected, name)}"
                  for name in ("num_layers", "nheads", "nheads_k", "head_dim", "dtype", "layer_devices", "layer_windows",
                               "layer_kinds")
@@ -768,14 +814,32 @@ def _supported_names():
     return SUPPORTED
 
 
-def _layer_devices(model) -> list[torch.device]:
-    """Device of each decoder layer's attention weights (follows `device_map`)."""
+def _check_local_heads(model, config: PlugConfig) -> None:
+    """The module weights are the truth: the first attention layer this rank runs must hold the K/V heads the
+    config says (tensor parallelism splits k_proj; on 5.23+ its weight is a DTensor of the global shape)."""
+    i = config.attention_layers[0]
+    weight = model.get_decoder().layers[i].self_attn.k_proj.weight
+    rows = (weight.to_local() if hasattr(weight, "to_local") else weight).shape[0]
+    if rows != config.nheads_k * config.head_dim:
+        raise ValueError(f"layer {i}'s k_proj holds {rows} output rows on this process; the cache expected "
+                         f"{config.nheads_k} KV heads x head_dim {config.head_dim} (tensor-parallel size "
+                         f"{config.tp_size}): pass the model as loaded, or layout= with its tp_size")
+
+
+def _layer_devices(model, layout: RankLayout | None = None) -> list[torch.device | None]:
+    """Device of each decoder layer's attention weights (follows `device_map`); None for the layers another
+    pipeline stage runs."""
+    layout = layout or RankLayout()
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = getattr(decoder, "layers", None)
     if layers is None:
         raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
     devices = []
-    for layer in layers:  # a hybrid model's linear-attention layers have no self_attn: any weight of theirs
+    for i, layer in enumerate(layers):
+        if not layout.runs(i):
+            devices.append(None)
+            continue
+        # a hybrid model's linear-attention layers have no self_attn: any weight of theirs
         attn = getattr(layer, "self_attn", None)
         weight = attn.k_proj.weight if attn is not None else next(layer.parameters())
         if weight.device.type == "meta":

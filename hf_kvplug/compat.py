@@ -91,3 +91,22 @@ def linear_attention_layers(config, kinds: list[str]) -> dict:
                          f"5.5, where their state lives in generic cache layers; this is {transformers.__version__}")
     stock = cache_utils.DynamicCache(config=config)
     return {i: stock.layers[i] for i, kind in enumerate(kinds) if kind == "linear"}
+
+
+# 5.23: `transformers.distributed.tensor_parallel.get_kv_heads_per_rank`, the rule generate() uses to size a static
+# cache under tensor parallelism. 5.4 has no such helper (nor pipeline parallelism); the same rule is written out.
+def kv_heads_per_rank(tp_plan: dict | None, nheads_k: int, tp_size: int) -> int:
+    """KV heads one rank holds: split over `tp_size` when the plan splits k_proj by output features (transformers'
+    default plans do; None stands for them), all of them otherwise."""
+    plan = tp_plan if tp_plan is not None else {"model.layers.*.self_attn.k_proj": "colwise"}
+    try:
+        from transformers.distributed.tensor_parallel import get_kv_heads_per_rank
+    except ImportError:
+        split = any(key.rsplit(".", 1)[-1] in ("k_proj", "qkv_proj", "query_key_value") and style == "colwise"
+                    for key, style in plan.items())
+        local = (nheads_k // tp_size if nheads_k % tp_size == 0 else None) if split else nheads_k
+    else:
+        local = get_kv_heads_per_rank(plan, nheads_k, tp_size)
+    if local is None:
+        raise ValueError(f"{nheads_k} KV heads do not split over {tp_size} tensor-parallel ranks")
+    return local

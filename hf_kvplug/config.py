@@ -10,14 +10,40 @@ import torch
 KV_DTYPES = (None, "int8")
 
 
+@dataclass(frozen=True)
+class RankLayout:
+    """What one process of a distributed model holds: heads split over `tp_size` ranks (transformers' tensor
+    parallelism) and the decoder layers `layers` it runs (global indices; pipeline parallelism; None: all)."""
+
+    tp_size: int = 1
+    layers: tuple[int, ...] | None = None
+
+    def runs(self, i: int) -> bool:
+        return self.layers is None or i in self.layers
+
+    @classmethod
+    def from_model(cls, model) -> "RankLayout":
+        """From a loaded model: `model._tp_size` (set by transformers when TP is on) and which decoder layers are real
+        (transformers replaces the others with `PipelineIdentityLayer`s under PP; its split rule changed in 5.24, so
+        it is read, never recomputed)."""
+        tp = int(getattr(model, "_tp_size", None) or 1)
+        layers = model.get_decoder().layers if hasattr(model, "get_decoder") else model.layers
+        real = tuple(i for i, layer in enumerate(layers) if any(True for _ in layer.parameters()))
+        if not real:
+            raise ValueError("this pipeline stage runs no decoder layer (more pipeline stages than layers?)")
+        return cls(tp, real if len(real) < len(layers) else None)
+
+
 @dataclass
 class PlugConfig:
     """Shape, dtype and placement of a PlugCache.
 
     Built by `PlugConfig.from_model` / `PlugConfig.from_hf_config`; users normally pass a model to `PlugCache`.
     `layer_devices[i]` is where layer i's buffers live (so `device_map` splits work), `layer_windows[i]` is the
-    sliding window of layer i (None for full attention), `layer_kinds[i]` is "attention" (paged K/V here) or
-    "linear" (a linear-attention layer of a hybrid model: its state stays in transformers' own cache layer).
+    sliding window of layer i (None for full attention), `layer_kinds[i]` is "attention" (paged K/V here),
+    "linear" (a linear-attention layer of a hybrid model: its state stays in transformers' own cache layer) or
+    "remote" (a layer another pipeline stage runs: nothing here). `nheads` / `nheads_k` are this rank's heads
+    (`tp_size` splits them: `from_hf_config` is the one place that derives them).
     """
 
     num_layers: int
@@ -35,6 +61,7 @@ class PlugConfig:
     max_tokens: int | None = None  # the block pool's size in tokens (all rows); None: max_batch_size x max_cache_len
     layer_kinds: list[str] = field(default_factory=list)
     linear_state_bytes: int = 0  # per row, all linear-attention layers together (conv + recurrent state)
+    tp_size: int = 1
 
     def __post_init__(self):
         if self.kv_dtype not in KV_DTYPES:
@@ -54,8 +81,11 @@ class PlugConfig:
             self.layer_windows = [None] * self.num_layers
         if not self.layer_kinds:
             self.layer_kinds = ["attention"] * self.num_layers
-        if len(self.layer_kinds) != self.num_layers or set(self.layer_kinds) - {"attention", "linear"}:
-            raise ValueError(f"layer_kinds must hold 'attention' or 'linear' per layer, got {self.layer_kinds}")
+        if len(self.layer_kinds) != self.num_layers or set(self.layer_kinds) - {"attention", "linear", "remote"}:
+            raise ValueError(f"layer_kinds must hold 'attention', 'linear' or 'remote' per layer, got "
+                             f"{self.layer_kinds}")
+        if "attention" not in self.layer_kinds:
+            raise ValueError("no attention layer to cache here (this pipeline stage runs only other kinds?)")
         self.layer_devices = [_indexed(torch.device(d)) for d in self.layer_devices]
 
     @property
@@ -88,15 +118,34 @@ class PlugConfig:
 
     @classmethod
     def from_hf_config(cls, config, *, max_batch_size, max_cache_len, dtype, device, kv_dtype=None, block_size=64,
-                       max_tokens=None):
-        """Geometry from a transformers config; `device` is one device or a list with one per layer."""
+                       max_tokens=None, layout: RankLayout | None = None, tp_plan: dict | None = None):
+        """Geometry from a transformers config, for the rank `layout` describes (default: one process); `device` is
+        one device or a list with one per layer (None for layers another pipeline stage runs); `tp_plan` is the
+        model's (`model.tp_plan`; None: transformers' default plan, q/k/v split by heads)."""
+        from . import compat
+
+        layout = layout or RankLayout()
         config = getattr(config, "text_config", None) or config
         nheads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // nheads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // nheads  # from the global head count
         nheads_k = getattr(config, "num_key_value_heads", None) or nheads
+        tp = layout.tp_size
+        if tp > 1:
+            if nheads % tp or nheads_k % tp:
+                raise ValueError(
+                    f"tensor parallelism over {tp} ranks needs num_attention_heads ({nheads}) and num_key_value_heads "
+                    f"({nheads_k}) divisible by {tp}: transformers splits q/k/v_proj by output features, so a rank "
+                    f"would hold part of a head, and its attention fails in the first forward (`view(..., -1, "
+                    f"{head_dim})`: shape ... is invalid). Use a tensor-parallel size that divides "
+                    f"{math.gcd(nheads, nheads_k)}.")
+            local_k = compat.kv_heads_per_rank(tp_plan, nheads_k, tp)
+            nheads = nheads // tp if local_k != nheads_k else nheads  # q is split with k, or neither is
+            nheads_k = local_k
         num_layers = config.num_hidden_layers
         devices = list(device) if isinstance(device, (list, tuple)) else [device] * num_layers
-        kinds = layer_kinds(config)
+        kinds = [kind if layout.runs(i) else "remote" for i, kind in enumerate(layer_kinds(config))]
+        here = next(d for i, d in enumerate(devices) if kinds[i] != "remote" and d is not None)
+        devices = [d if d is not None else here for d in devices]
         return cls(
             num_layers=num_layers,
             nheads=nheads,
@@ -113,6 +162,7 @@ class PlugConfig:
             max_tokens=max_tokens,
             layer_kinds=kinds,
             linear_state_bytes=kinds.count("linear") * linear_state_bytes(config, dtype),
+            tp_size=tp,
         )
 
 

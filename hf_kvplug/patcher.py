@@ -13,6 +13,7 @@ from transformers.generation.utils import GenerationMixin
 from . import compat
 from .attention import plug_attention_forward
 from .cache import PlugCache
+from .config import PlugConfig, RankLayout
 from .families import FAMILIES, Family
 
 
@@ -33,8 +34,18 @@ def _attention_modules(model, spec: Family):
     cls = getattr(importlib.import_module(spec.module), spec.attention)
     found = [m for m in model.modules() if isinstance(m, cls)]
     if not found:
-        raise ValueError(f"no {spec.attention} modules found in {type(model).__name__}; the model was left unchanged")
+        raise ValueError(f"no {spec.attention} modules found in {type(model).__name__} (a pipeline stage that runs "
+                         "no attention layer?); the model was left unchanged")
     return found
+
+
+def _check_rank_layout(model) -> None:
+    """Under tensor parallelism, heads that do not split evenly: transformers loads such a model and fails only in
+    its first forward; say so now (the cache's geometry derivation raises the explanation)."""
+    layout = RankLayout.from_model(model)
+    if layout.tp_size > 1:
+        PlugConfig.from_hf_config(model.config, max_batch_size=1, max_cache_len=1, dtype=model.dtype, device="meta",
+                                  layout=layout, tp_plan=getattr(model, "tp_plan", None))
 
 
 def _forward_attr(module) -> str:
@@ -54,6 +65,7 @@ def patch(model):
     Returns `model`.
     """
     spec = _spec(model)
+    _check_rank_layout(model)
     for module in _attention_modules(model, spec):
         if _MARK in module.__dict__:
             continue
