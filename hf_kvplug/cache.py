@@ -437,16 +437,18 @@ class PlugCache(DynamicCache):
 
     # --- the host side of a forward ---------------------------------------------------------------
 
-    def begin_forward(self, batch: int, q_len: int, attention_mask=None, *, from_generate: bool = False) -> None:
+    def begin_forward(self, batch: int, q_len: int, attention_mask=None, *, from_generate: bool = False,
+                      first_step: bool = True) -> None:
         """Host work before a forward of `batch` rows x `q_len` new tokens, on eager code: checks (the previous
         forward completed, sizes), records `attention_mask` (2D, None, or `KEEP_MASK`), maps blocks and makes
-        shared blocks private where this forward writes. Raises before anything is written."""
+        shared blocks private where this forward writes. `from_generate` / `first_step`: called by generate()'s
+        mask preparation, for its first forward or a later one. Raises before anything is written."""
         try:
-            self._begin(batch, q_len, attention_mask, from_generate)
+            self._begin(batch, q_len, attention_mask, from_generate, first_step)
         except RuntimeError as e:
             raise _inference_mode_error(e, "PlugCache.begin_forward") from e
 
-    def _begin(self, batch, q_len, attention_mask, from_generate) -> None:
+    def _begin(self, batch, q_len, attention_mask, from_generate, first_step) -> None:
         self._writable_here()
         if self._open:
             self.sync_lengths()  # the last forward stopped part-way: go on only if every layer agrees
@@ -467,7 +469,7 @@ class PlugCache(DynamicCache):
                     self.layers[i] = layer
             self._linear_batch = batch
         if attention_mask is not KEEP_MASK:
-            self._record_mask(attention_mask, batch, length, q_len, from_generate, fresh)
+            self._record_mask(attention_mask, batch, length, q_len, from_generate, first_step, fresh)
         hints = self._generate or {}
         reserve = max(length + q_len, hints.get("reserve", 0))
         share = hints.get("share", 1)
@@ -506,11 +508,14 @@ class PlugCache(DynamicCache):
         for key, dev in self.device_states.items():
             self.device_states[key] = dev.clone()
 
-    def _record_mask(self, mask, batch: int, length: int, q_len: int, from_generate: bool, fresh: bool) -> None:
+    def _record_mask(self, mask, batch: int, length: int, q_len: int, from_generate: bool, first_step: bool,
+                     fresh: bool) -> None:
         """The slots each row may attend, from this forward's 2D attention mask over all `length + q_len` tokens (as
-        a stock cache reads it: columns past the mask count as 0, extra columns are ignored). Later tokens are
-        visible until a mask says otherwise (generate() appends ones)."""
+        a stock cache reads it: columns past the mask count as 0, extra columns are ignored). Work is O(tokens
+        cached), except on a multi-token forward (a prefill, a new turn), which also marks every later slot visible
+        for the decode steps of generate(), whose new mask columns are always 1 and are not read again."""
         total = length + q_len
+        generate_step = from_generate and not first_step  # a later step of generate(): its new columns are ones
         if mask is None:
             self.holes = False
             for dev in self.device_states.values():
@@ -521,7 +526,7 @@ class PlugCache(DynamicCache):
                 return  # generate() recorded its 2D mask when it built this one; a prefill uses it as is
             raise ValueError("a PlugCache follows 2D attention masks ([batch, tokens], 1 = attend); after the "
                              "first forward it cannot follow a 4D mask or a BlockMask: pass the 2D mask")
-        if from_generate and q_len == 1 and mask.shape[-1] == total:
+        if generate_step and q_len == 1 and mask.shape[-1] == total:
             return  # a decode step of generate(): the new column is 1, already visible
         if mask.shape[0] != batch:
             raise ValueError(f"attention_mask has {mask.shape[0]} rows for a batch of {batch}")
@@ -538,7 +543,8 @@ class PlugCache(DynamicCache):
             dev.starts[:batch].copy_(lead)
             if holes:
                 dev.valid[:batch, :total].copy_(m)
-                dev.valid[:batch, total:].fill_(1)
+                if q_len > 1 or from_generate:  # generate()'s later decode steps returned above
+                    dev.valid[:batch, total:].fill_(1)
         self.holes = holes
 
     def traced_forward(self, batch: int, q_len: int, attention_mask) -> None:

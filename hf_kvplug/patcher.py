@@ -206,7 +206,8 @@ def _masks_for_generate(original):
         cache = compat.cache_from_kwargs(kwargs)
         embeds = kwargs.get("inputs_embeds")
         if isinstance(cache, PlugCache) and embeds is not None:
-            cache.begin_forward(embeds.shape[0], embeds.shape[1], kwargs.get("attention_mask"), from_generate=True)
+            cache.begin_forward(embeds.shape[0], embeds.shape[1], kwargs.get("attention_mask"), from_generate=True,
+                                first_step=bool(kwargs.get("is_first_iteration", True)))
         return mask
 
     return create_masks_for_generate
