@@ -77,12 +77,9 @@ def patch(model):
     if "_kvplug_generate" in model.__dict__:
         return model
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    hooks = [model.register_forward_pre_hook(_forward_pre_hook(model, top=True), with_kwargs=True)]
-    if decoder is not model:
-        hooks.append(decoder.register_forward_pre_hook(_forward_pre_hook(decoder, top=False), with_kwargs=True))
-    else:
-        hooks[0].remove()
-        hooks = [model.register_forward_pre_hook(_forward_pre_hook(model, top=False), with_kwargs=True)]
+    hooks = [] if decoder is model else [
+        model.register_forward_pre_hook(_forward_pre_hook(model, top=True), with_kwargs=True)]
+    hooks.append(decoder.register_forward_pre_hook(_forward_pre_hook(decoder, top=False), with_kwargs=True))
     model.__dict__["_kvplug_hooks"] = hooks
     for name, wrap in (("create_masks_for_generate", _masks_for_generate),
                        ("get_compiled_call", _compiled_call_getter)):
