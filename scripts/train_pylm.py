@@ -269,6 +269,7 @@ def export(model, tokenizer, cfg: TrainConfig, out: str, windows, data: dict, hi
 def model_card(s: dict, config) -> str:
     """The checkpoint's README: data, size, steps, held-out loss against a unigram model, the rebuilding command."""
     d, c = s["data"], s["config"]
+    seen = c["steps"] * c["batch"] * c["seq_len"]
     curve = "\n".join(f"| {h['step']} | {h['heldout']:.4f} | {h['time'] / 60:.1f} |" for h in s["history"])
     command = "OMP_NUM_THREADS=1 python scripts/train_pylm.py " + " ".join(sys.argv[1:])
     return f"""# pylm: a {s['params'] / 1e6:.1f}M-parameter Llama trained on the Python standard library
@@ -288,9 +289,8 @@ suites and site-packages left out), one document per file. Held out by file: crc
 {c['heldout_modulus']} == 0 → {d['heldout_files']} files, {d['heldout_tokens']:,} tokens; training: \
 {d['train_files']} files, {d['train_bytes'] / 1e6:.1f} MB, {d['train_tokens']:,} tokens \
 ({d['bytes_per_token']:.2f} bytes/token).
-- **Training**: {c['steps']} steps x {c['batch']} windows x {c['seq_len']} tokens = \
-{c['steps'] * c['batch'] * c['seq_len'] / 1e6:.1f}M tokens ({c['steps'] * c['batch'] * c['seq_len'] / d['train_tokens']:.1f} \
-epochs), AdamW (lr {c['lr']:g}, betas 0.9/0.95, weight decay {c['weight_decay']:g}, {c['warmup']} warm-up steps, \
+- **Training**: {c['steps']} steps x {c['batch']} windows x {c['seq_len']} tokens = {seen / 1e6:.1f}M tokens \
+({seen / d['train_tokens']:.1f} epochs), AdamW (lr {c['lr']:g}, betas 0.9/0.95, weight decay {c['weight_decay']:g}, {c['warmup']} warm-up steps, \
 cosine to {c['min_lr_ratio']:g} x), grad clip {c['grad_clip']:g}, bf16 autocast = {c['bf16_autocast']}, seed \
 {c['seed']}; one CPU thread, {s['wall_s'] / 3600:.2f} h wall, torch {s['torch']}.
 - **Held-out loss** ({d['eval_tokens']:,} tokens: {c['eval_windows']} windows of {c['seq_len']}): \
