@@ -1,4 +1,4 @@
-"""The `hf-kvplug` command (also `python -m hf_kvplug`): demo, plan and bench subcommands."""
+"""The `hf-kvplug` command (also `python -m hf_kvplug`): demo, plan, bench and quality subcommands."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from .tools import bench, cases, demo, shapes
+from .tools import bench, cases, demo, quality, shapes
 from .tools import models as bm
 from .config import PlugConfig
 
@@ -17,9 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-kvplug",
         description="A paged (optionally INT8) KV cache with fused decode attention for HF generate().")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,plan,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,plan,bench,quality}")
     demo.add_arguments(sub.add_parser(
-        "demo", help="stock vs plugged generate on a tiny model (or a local checkpoint): tokens and timings",
+        "demo", help="stock vs plugged generate on pylm, a small Llama trained on the Python stdlib (or a local "
+                     "checkpoint): completions and timings",
         description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     add_plan_arguments(sub.add_parser(
         "plan", help="KV bytes per token and in total (fp16 vs INT8), weights, and how many tokens fit",
@@ -29,16 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sweep providers x batch x context with generate() and write CSV / JSON / markdown / PNG.\n"
                     + (cases.__doc__ or "").split("\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter))
+    quality.add_arguments(sub.add_parser(
+        "quality", help="accuracy of each KV format against the model-dtype cache on held-out text: NLL, top-1, "
+                        "logit error, greedy agreement; CSV / markdown / PNG",
+        description=quality.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = list(argv)
     try:
         if args.command == "demo":
             return demo.run(args)
         if args.command == "plan":
             return run_plan(args)
+        if args.command == "quality":
+            quality.run(args)
+            return 0
         bench.run(args)
     except shapes.UnknownModelError as e:
         raise SystemExit(f"error: {e}") from None
