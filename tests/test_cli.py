@@ -50,14 +50,50 @@ def test_plan_unknown_model_is_a_clear_error():
         main(["plan", "--model", "no-such-model", "--device", "cpu"])
 
 
-def test_demo_default_model_reports_identical_tokens(capsys):
+def test_demo_default_model_completes_python(capsys):
     assert main(["demo", "--max-new-tokens", "8", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "embedded tiny random llama" in out
+    assert "pylm, a 4.2M-parameter Llama trained on the Python standard library" in out
+    assert "  │ def copyfile(src, dst):" in out  # the prompt, as text
     assert "kvplug (fp32) vs stock (DynamicCache): identical tokens (8/8)" in out
     assert "kvplug (int8) vs stock (DynamicCache)" in out
-    assert re.search(r"stock \(DynamicCache\)\s+prefill\s+[\d.]+ ms \| decode [\d.]+ ms/token", out)
+    assert re.search(r"stock \(DynamicCache\)\s+prefill\s+[\d.]+ ms \| decode\s+[\d.]+ ms/token", out)
     assert "On cpu the plugged runs use the PyTorch reference" in out
+
+
+def test_demo_random_model_and_marked_difference(capsys):
+    assert main(["demo", "--model", "random", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "embedded tiny random llama" in out
+    assert "kvplug (fp32) vs stock (DynamicCache): identical tokens (4/4)" in out
+    assert main(["demo", "--family", "qwen3", "--max-new-tokens", "4", "--device", "cpu", "--kv-dtype", "none"]) == 0
+    assert "embedded tiny random qwen3" in capsys.readouterr().out
+
+
+def test_demo_marks_the_first_differing_token():
+    from hf_kvplug.tools.demo import DemoRun, compare, completion
+
+    ref = DemoRun("stock", torch.tensor([5, 6, 7, 8]), 1.0, 1.0, 1.0)
+    run = DemoRun("int8", torch.tensor([5, 6, 9, 8]), 1.0, 1.0, 1.0)
+    assert completion(run, None, 2) == "[5, 6, ⟦9⟧, 8]"
+    assert compare(run, ref) == "int8 vs stock: tokens differ (3/4 equal, first divergence at new token 2)"
+
+    class Chars:  # a tokenizer whose token i decodes to chr(ord('a') + i)
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(97 + i) for i in ids)
+    assert completion(run, Chars(), 2) == "fg⟦j⟧i"
+    assert completion(ref, Chars(), None) == "fghi"
+
+
+def test_demo_stock_margin_is_the_gap_of_the_two_best_logits():
+    from hf_kvplug.tools.demo import DemoRun, build_demo_model, stock_margin
+
+    model = build_demo_model("llama", torch.float32, torch.device("cpu"))
+    prompt = torch.tensor([[1, 5, 9]])
+    ref = DemoRun("stock", torch.tensor([7, 8, 9]), 1.0, 1.0, 1.0)
+    with torch.inference_mode():
+        top = model(torch.tensor([[1, 5, 9, 7, 8]])).logits[0, -1].topk(2).values
+    assert stock_margin(model, prompt, ref, 2) == pytest.approx(float(top[0] - top[1]), abs=1e-5)
 
 
 def test_demo_model_is_deterministic_and_leaves_the_rng_alone():

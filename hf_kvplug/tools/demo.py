@@ -1,8 +1,10 @@
 """`hf-kvplug demo`: the same greedy generate with HF's DynamicCache and with PlugCache (model dtype and INT8).
 
-Default model: a tiny random Llama / Qwen2 / Qwen3 built in code from a seeded config (no download, no tokenizer:
-the prompt becomes byte ids and outputs print as token ids). `--model PATH` loads a local checkpoint and its
-tokenizer and prints text.
+Default model: pylm, a 4-layer Llama (GQA) trained on the Python standard library that ships inside hf_kvplug
+(`hf_kvplug.tools.pylm`; no download): it completes a Python prompt, and the demo prints the three completions with
+the first token that differs from stock marked. `--model PATH` loads a local checkpoint and its tokenizer instead;
+`--model random` (or `--family`) builds a tiny random Llama / Qwen2 / Qwen3 in code from a seeded config (no
+tokenizer: the prompt becomes byte ids and outputs print as token ids).
 """
 
 from __future__ import annotations
@@ -15,28 +17,33 @@ import torch
 from transformers import LogitsProcessorList
 
 from . import models as bm
-from . import shapes
+from . import pylm, shapes
 from .cases import StepTimer, median_p20_p80
 from ..cache import PlugCache
 from ..patcher import patched
 from ..compat import cache_kwargs as kv
 
-DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog."
+DEFAULT_PROMPT = 'def copyfile(src, dst):\n    """Copy data from src to dst."""\n    with open(src, \'rb\') as fsrc:'
+RANDOM_PROMPT = "The quick brown fox jumps over the lazy dog."
+MARK = ("⟦", "⟧")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="a local checkpoint directory (default: embedded tiny random model)")
-    p.add_argument("--family", default="llama", choices=shapes.DEMO_FAMILIES,
-                   help="architecture of the embedded model (default llama)")
-    p.add_argument("--prompt", default=None, help=f"prompt text (default {DEFAULT_PROMPT!r})")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--model", default=None,
+                   help="a local checkpoint directory, or 'random' for the embedded tiny random model (default: "
+                        "pylm, the Llama trained on the Python stdlib that ships with hf_kvplug)")
+    p.add_argument("--family", default=None, choices=shapes.DEMO_FAMILIES,
+                   help="architecture of the embedded random model (implies --model random; default llama)")
+    p.add_argument("--prompt", default=None,
+                   help=f"prompt text (default: a Python function header; random model: {RANDOM_PROMPT!r})")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default 48)")
     p.add_argument("--kv-dtype", default="int8", choices=("int8", "none"),
                    help="quantized PlugCache to run besides the model-dtype one ('none' skips it; default int8)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto",
                    help="bf16 | fp16 | fp32 (default: the checkpoint's dtype; embedded model: fp32 on CPU, "
                         "bf16 on CUDA)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the embedded model's weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of the embedded random model's weights")
 
 
 @dataclass
@@ -61,23 +68,34 @@ def build_demo_model(family: str, dtype: torch.dtype, device: torch.device, seed
 
 def load_model(args, device: torch.device):
     """(model, tokenizer or None, description)."""
-    if args.model is None:
+    if args.model == "random" or (args.model is None and args.family is not None):
+        family = args.family or "llama"
         dtype = bm.resolve_dtype(args.dtype, device)
-        model = build_demo_model(args.family, dtype, device, args.seed)
+        model = build_demo_model(family, dtype, device, args.seed)
         c = model.config
-        desc = (f"embedded tiny random {args.family} (hidden {c.hidden_size}, {c.num_hidden_layers} layers, "
+        desc = (f"embedded tiny random {family} (hidden {c.hidden_size}, {c.num_hidden_layers} layers, "
                 f"{c.num_attention_heads}/{c.num_key_value_heads} heads, seed {args.seed})")
         return model, None, desc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = "auto" if args.dtype in (None, "auto") else bm.resolve_dtype(args.dtype, device)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
+    path = args.model or pylm.path()
+    # pylm stores fp16 weights and computes in fp32 on the CPU (bf16 on CUDA); a checkpoint keeps its own dtype.
+    dtype = bm.resolve_dtype(args.dtype, device) if args.model is None or args.dtype not in (None, "auto") \
+        else "auto"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     model = model.to(device).eval()
     model.generation_config.cache_implementation = None  # generate() refuses a user cache alongside one
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id or 0
-    return model, tokenizer, args.model
+    if args.model is not None:
+        return model, tokenizer, args.model
+    c = model.config
+    params = sum(p.numel() for p in model.parameters())
+    return model, tokenizer, (f"pylm, a {params / 1e6:.1f}M-parameter Llama trained on the Python standard library "
+                              f"({c.num_hidden_layers} layers, {c.num_attention_heads} query / "
+                              f"{c.num_key_value_heads} KV heads; small enough that its Python is plausible-looking, "
+                              f"not correct; {pylm.path()})")
 
 
 def encode(text: str, tokenizer, vocab_size: int, device) -> torch.Tensor:
@@ -118,22 +136,56 @@ def _plug_factory(model, max_cache_len: int, kv_dtype):
     return fresh
 
 
+def first_difference(run: DemoRun, ref: DemoRun) -> int | None:
+    """Index of the first new token where `run` differs from `ref` (None when the two are identical)."""
+    n = min(len(run.tokens), len(ref.tokens))
+    diff = (run.tokens[:n] != ref.tokens[:n]).nonzero()
+    if len(diff):
+        return int(diff[0])
+    return None if len(run.tokens) == len(ref.tokens) else n
+
+
 def compare(run: DemoRun, ref: DemoRun) -> str:
     n = min(len(run.tokens), len(ref.tokens))
-    same = run.tokens[:n] == ref.tokens[:n]
-    if bool(same.all()) and len(run.tokens) == len(ref.tokens):
+    first = first_difference(run, ref)
+    if first is None:
         return f"{run.name} vs {ref.name}: identical tokens ({n}/{n})"
-    first = int((~same).nonzero()[0]) if not bool(same.all()) else n
-    return (f"{run.name} vs {ref.name}: tokens differ ({int(same.sum())}/{n} equal, first divergence at "
-            f"new token {first})")
+    same = int((run.tokens[:n] == ref.tokens[:n]).sum())
+    return f"{run.name} vs {ref.name}: tokens differ ({same}/{n} equal, first divergence at new token {first})"
 
 
-def show(run: DemoRun, tokenizer) -> str:
-    text = tokenizer.decode(run.tokens, skip_special_tokens=True) if tokenizer is not None else run.tokens.tolist()
-    decode = "n/a" if run.decode_ms is None else f"{run.decode_ms:.2f} ms/token"
-    shown = repr(text) if tokenizer is not None else str(text)
-    return (f"{run.name:<22} prefill {run.prefill_ms:7.1f} ms | decode {decode} | total {run.total_ms:7.1f} ms\n"
-            f"{'':<22} {shown}")
+def completion(run: DemoRun, tokenizer, first: int | None) -> str:
+    """The new tokens as text (token ids without a tokenizer), the one at index `first` wrapped in ⟦ ⟧."""
+    ids = run.tokens.tolist()
+    if tokenizer is None:
+        parts = [str(i) for i in ids]
+        if first is not None and first < len(parts):
+            parts[first] = MARK[0] + parts[first] + MARK[1]
+        return "[" + ", ".join(parts) + "]"
+
+    def text(x):
+        return tokenizer.decode(x, skip_special_tokens=True)
+    if first is None or first >= len(ids):
+        return text(ids)
+    return text(ids[:first]) + MARK[0] + text(ids[first:first + 1]) + MARK[1] + text(ids[first + 1:])
+
+
+def stock_margin(model, prompt: torch.Tensor, ref: DemoRun, first: int) -> float:
+    """Gap between the two best logits of the (unpatched) model before new token `first` of `ref`: one forward
+    over the prompt and the `first` tokens before it."""
+    ids = torch.cat([prompt, ref.tokens[:first].to(prompt.device)[None]], dim=1)
+    with torch.inference_mode():
+        top = model(ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float().topk(2).values
+    return float(top[0] - top[1])
+
+
+def timing(run: DemoRun) -> str:
+    decode = "n/a" if run.decode_ms is None else f"{run.decode_ms:6.2f} ms/token"
+    return f"{run.name:<22} prefill {run.prefill_ms:7.1f} ms | decode {decode} | total {run.total_ms:7.1f} ms"
+
+
+def block(text: str) -> str:
+    return "\n".join("  │ " + line for line in text.rstrip("\n").split("\n"))
 
 
 def run(args) -> int:
@@ -142,11 +194,14 @@ def run(args) -> int:
     device = bm.resolve_device(args.device)
     model, tokenizer, desc = load_model(args, device)
     vocab = model.config.get_text_config().vocab_size
-    prompt = encode(args.prompt or DEFAULT_PROMPT, tokenizer, vocab, device)
+    text = args.prompt or (DEFAULT_PROMPT if tokenizer is not None else RANDOM_PROMPT)
+    prompt = encode(text, tokenizer, vocab, device)
     dname = bm.dtype_name(model.dtype)
     print(f"model:  {desc}, {dname} on {device}")
-    print(f"prompt: {args.prompt or DEFAULT_PROMPT!r} → {prompt.shape[1]} tokens"
-          + ("" if tokenizer is not None else f" {prompt[0].tolist()}"))
+    if tokenizer is not None:
+        print(f"prompt ({prompt.shape[1]} tokens):\n{block(text)}")
+    else:
+        print(f"prompt: {text!r} → {prompt.shape[1]} tokens {prompt[0].tolist()}")
     n = args.max_new_tokens
     max_len = prompt.shape[1] + n
     runs = [generate_once(model, prompt, n, lambda: None, "stock (DynamicCache)")]
@@ -154,14 +209,28 @@ def run(args) -> int:
         runs.append(generate_once(model, prompt, n, _plug_factory(model, max_len, None), f"kvplug ({dname})"))
         if args.kv_dtype == "int8":
             runs.append(generate_once(model, prompt, n, _plug_factory(model, max_len, "int8"), "kvplug (int8)"))
+    print(f"\n{n} greedy new tokens from each (EOS ignored); the first token that differs from stock is marked "
+          f"{MARK[0]}like this{MARK[1]}:")
+    for r in runs:
+        first = None if r is runs[0] else first_difference(r, runs[0])
+        print(f"\n{r.name}" + ("" if r is runs[0] else f": {compare(r, runs[0]).split(': ', 1)[1]}"))
+        print(block(completion(r, tokenizer, first)))
     print()
     for r in runs:
-        print(show(r, tokenizer))
+        print(timing(r))
     print()
     for r in runs[1:]:
         print(compare(r, runs[0]))
+    for r in runs[1:]:
+        first = first_difference(r, runs[0])
+        if first is not None and first < len(runs[0].tokens):
+            margin = stock_margin(model, prompt, runs[0], first)
+            print(f"  {r.name}: before new token {first}, stock's two best candidates were {margin:.3f} apart (in "
+                  "logits), so a small change in the logits picks the other one, and the texts part from there "
+                  "(`hf-kvplug quality` measures how often that happens over many positions)")
     if device.type != "cuda":
-        print(f"\nOn {device.type} the plugged runs use the PyTorch reference (hf_kvplug/reference.py): the correctness "
-              "path, which does more work per step than stock. The speed comes from the Triton kernels on a CUDA GPU "
-              "(`hf-kvplug bench` there).")
+        print(f"\nOn {device.type} the plugged runs use the PyTorch reference (hf_kvplug/reference.py): the path for "
+              "correctness and portability, which gathers and (for INT8) dequantizes the whole cache in plain PyTorch "
+              "every step, so it is no faster than stock here and is not meant to be. The speed comes from the Triton "
+              "kernels on a CUDA GPU (`hf-kvplug bench` there).")
     return 0
