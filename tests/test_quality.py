@@ -88,12 +88,13 @@ def test_round_trip_emulation_matches_the_int8_cache(model_and_stream):
 
 def test_quality_command_writes_its_files(tmp_path):
     assert main(["quality", "--contexts", "48,64", "--tokens", "48", "--gen-prompts", "1", "--gen-prompt-len",
-                 "16", "--gen-tokens", "4", "--split-kv", "--device", "cpu", "--out", str(tmp_path)]) == 0
+                 "16", "--gen-tokens", "4", "--split-kv", "--half-baselines", "--device", "cpu", "--out",
+                 str(tmp_path)]) == 0
     with open(tmp_path / "quality.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["context"], r["format"]) for r in rows[:3]] == [("48", "stock-dynamic"), ("48", "plug-fp32"),
                                                                ("48", "plug-int8")]
-    assert {r["format"] for r in rows} >= {"emul-int8-k-only", "emul-int8-v-only"}
+    assert {r["format"] for r in rows} >= {"emul-int8-k-only", "emul-int8-v-only", "emul-bf16", "emul-fp16"}
     with open(tmp_path / "greedy.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows) // 2
     meta = json.loads((tmp_path / "quality.json").read_text())["meta"]

@@ -19,7 +19,8 @@ positions).
 
 `--split-kv` adds, for each quantized format with a known round trip (INT8), a stock DynamicCache that stores only
 K, or only V, through that round trip (a benchmark-only diagnosis of which one costs accuracy; its prefill also sees
-the exact K/V, as hf_kvplug's does).
+the exact K/V, as hf_kvplug's does). `--half-baselines` adds, for an fp32 model, caches that store K and V rounded to
+bf16 and to fp16: how much any 16-bit cache moves the same figures (greedy flips at near-ties included).
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ from ..reference import dequantize_int8, quantize_int8
 ROUND_TRIPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "int8": lambda x: dequantize_int8(*quantize_int8(x), x.dtype),
 }
+# What a 16-bit cache would change in an fp32 model: the yardstick for how often greedy flips at near-ties anyway.
+HALF_ROUND_TRIPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "bf16": lambda x: x.to(torch.bfloat16).to(x.dtype),
+    "fp16": lambda x: x.to(torch.float16).to(x.dtype),
+}
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class Settings:
     gen_prompt_len: int = 256
     gen_tokens: int = 256
     split_kv: bool = False
+    half_baselines: bool = False
 
 
 @dataclass
@@ -149,6 +156,7 @@ class GreedyRow:
     prefix_agreement: float
     positionwise_agreement: float
     first_divergence: list[int | None] = field(default_factory=list)  # per prompt, new-token index (None: none)
+    divergence_margin: list[float | None] = field(default_factory=list)  # reference's top-2 score gap there
 
 
 class RoundTripCache(DynamicCache):
@@ -189,6 +197,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"greedy new tokens per prompt (default {Settings.gen_tokens})")
     p.add_argument("--split-kv", action="store_true",
                    help="also measure K-only and V-only round trips of each quantized format (diagnosis)")
+    p.add_argument("--half-baselines", action="store_true",
+                   help="fp32 models: also measure K/V rounded to bf16 and to fp16 (what a 16-bit cache changes)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="bf16 | fp16 | fp32 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--out", default=None,
@@ -214,9 +224,10 @@ def windows(stream: torch.Tensor, count: int, length: int, offset: float = 0.0) 
 
 # ------------------------------------------------------------------------------------------------ formats
 
-def formats(model, max_cache_len: int, split_kv: bool) -> list[Format]:
-    """Stock DynamicCache, a PlugCache per format of KV_DTYPES (the model-dtype one is the reference) and, with
-    `split_kv`, K-only / V-only round trips of each quantized format that has one."""
+def formats(model, max_cache_len: int, split_kv: bool, half_baselines: bool = False) -> list[Format]:
+    """Stock DynamicCache, a PlugCache per format of KV_DTYPES (the model-dtype one is the reference); with
+    `split_kv`, K-only / V-only round trips of each quantized format that has one; with `half_baselines` (fp32 models
+    only), K and V rounded to bf16 and to fp16."""
     def plug(kv_dtype):
         cache = PlugCache(model, max_batch_size=1, max_cache_len=max_cache_len, kv_dtype=kv_dtype)
 
@@ -237,6 +248,10 @@ def formats(model, max_cache_len: int, split_kv: bool) -> list[Format]:
                                   lambda rt=rt: RoundTripCache(model.config, rt, keys=True, values=False)))
                 out.append(Format(f"emul-{kv_dtype}-v-only", kv_dtype,
                                   lambda rt=rt: RoundTripCache(model.config, rt, keys=False, values=True)))
+    if half_baselines and model.dtype == torch.float32:
+        for name, rt in HALF_ROUND_TRIPS.items():
+            out.append(Format(f"emul-{name}", None,
+                              lambda rt=rt: RoundTripCache(model.config, rt, keys=True, values=True)))
     return out
 
 
@@ -261,11 +276,14 @@ def teacher_forced(model, ids: torch.Tensor, fmts: list[Format], prefill: int, c
 
 
 @torch.inference_mode()
-def greedy(model, prompt: torch.Tensor, fmt: Format, new_tokens: int) -> torch.Tensor:
-    """[new_tokens] greedy ids after `prompt [1, P]` (EOS ignored)."""
+def greedy(model, prompt: torch.Tensor, fmt: Format, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ids [new_tokens] after `prompt [1, P]` (EOS ignored), and the gap between the two best scores at each
+    step [new_tokens]."""
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, disable_compile=True, **kv(fmt.fresh()))
-    return out[0, prompt.shape[1]:].cpu()
+                         min_new_tokens=new_tokens, disable_compile=True, return_dict_in_generate=True,
+                         output_scores=True, **kv(fmt.fresh()))
+    top2 = torch.stack([sc[0].float().topk(2).values for sc in out.scores]).cpu()
+    return out.sequences[0, prompt.shape[1]:].cpu(), top2[:, 0] - top2[:, 1]
 
 
 def agreement(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, int | None]:
@@ -282,7 +300,7 @@ def measure(model, stream: torch.Tensor, label: str, s: Settings, log=print) -> 
     format order per context."""
     device = next(model.parameters()).device
     max_len = max(max(s.contexts), s.gen_prompt_len + s.gen_tokens if s.gen_prompts else 0)
-    fmts = formats(model, max_len, s.split_kv)
+    fmts = formats(model, max_len, s.split_kv, s.half_baselines)
     dname = bm.dtype_name(model.dtype)
     common = dict(model=label, dtype=dname, device=str(device))
     rows: list[QualityRow] = []
@@ -311,19 +329,21 @@ def measure(model, stream: torch.Tensor, label: str, s: Settings, log=print) -> 
         t0 = time.perf_counter()
         prompts = windows(stream, s.gen_prompts, s.gen_prompt_len, offset=0.5)
         ref_fmt = next(f for f in fmts if f.is_reference)
-        refs = [greedy(model, p[None].to(device), ref_fmt, s.gen_tokens) for p in prompts]
+        refs, margins = zip(*[greedy(model, p[None].to(device), ref_fmt, s.gen_tokens) for p in prompts])
         for f in fmts:
-            got = refs if f.is_reference else [greedy(model, p[None].to(device), f, s.gen_tokens) for p in prompts]
+            got = refs if f.is_reference else [greedy(model, p[None].to(device), f, s.gen_tokens)[0] for p in prompts]
             agree = [agreement(g, r) for g, r in zip(got, refs)]
             greedy_rows.append(GreedyRow(
                 **common, format=f.name, prompts=len(prompts), prompt_len=s.gen_prompt_len, new_tokens=s.gen_tokens,
                 prefix_agreement=sum(a[0] for a in agree) / len(agree),
                 positionwise_agreement=sum(a[1] for a in agree) / len(agree),
-                first_divergence=[a[2] for a in agree]))
+                first_divergence=[a[2] for a in agree],
+                divergence_margin=[None if a[2] is None else float(m[a[2]]) for a, m in zip(agree, margins)]))
         log(f"greedy: {len(prompts)} prompts x {s.gen_tokens} new tokens ({time.perf_counter() - t0:.0f} s)")
         for g in greedy_rows:
             log(f"  {g.format:<18} prefix {g.prefix_agreement:.2%}  position-wise {g.positionwise_agreement:.2%}  "
-                f"first divergence {g.first_divergence}")
+                f"first divergence {g.first_divergence}, reference margin there "
+                f"{[None if m is None else round(m, 4) for m in g.divergence_margin]}")
     return rows, greedy_rows
 
 
@@ -385,9 +405,11 @@ def markdown(rows: list[QualityRow], greedy_rows: list[GreedyRow], meta: dict) -
     if greedy_rows:
         lines += ["## Greedy", "", "Prefix agreement: new tokens before the first divergence from the reference, over "
                   "all new tokens, averaged over prompts. Position-wise: equal tokens at equal positions.", "", gr]
-        lines += ["First divergence per prompt (new-token index; – = none): " + "; ".join(
-            f"{g.format}: {', '.join('–' if d is None else str(d) for d in g.first_divergence)}"
-            for g in greedy_rows if not g.format.startswith("plug-" + meta["dtype"])), ""]
+        lines += ["First divergence per prompt (new-token index, and the gap between the reference's two best "
+                  "logits at that step; – = none): " + "; ".join(
+                      f"{g.format}: " + ", ".join("–" if d is None else f"{d} ({m:.3f})"
+                                                  for d, m in zip(g.first_divergence, g.divergence_margin))
+                      for g in greedy_rows if g.format != "plug-" + meta["dtype"]), ""]
     if meta["verdicts"]:
         lines += ["## Targets", ""] + [f"- {v}" for v in meta["verdicts"]] + [""]
     lines += ["Command: `" + meta["command"] + "`", ""]
@@ -480,7 +502,7 @@ def run(args) -> list[QualityRow]:
                          "--prefill")
     s = Settings(contexts=contexts, tokens=args.tokens, prefill=args.prefill, chunk=args.chunk,
                  gen_prompts=args.gen_prompts, gen_prompt_len=args.gen_prompt_len, gen_tokens=args.gen_tokens,
-                 split_kv=args.split_kv)
+                 split_kv=args.split_kv, half_baselines=args.half_baselines)
     dname = bm.dtype_name(model.dtype)
     print(f"model {label}: {dname} on {bm.device_name(device)}; reference: the {dname} PlugCache; formats from "
           f"KV_DTYPES {KV_DTYPES}")
