@@ -91,12 +91,11 @@ class PlugLayer(CacheLayerMixin):
         self.is_sliding = self.window is not None
         self.backend = ops.resolve_backend(cache.backend, dev)
         if buffers is None:
-            shape = (config.num_blocks, config.nheads_k, config.block_size, config.head_dim)
-            scale_shape = shape[:3] if config.kv_dtype == "int8" else (0,)
+            shape, scale_shape, scale_dtype = config.storage_shapes
             buffers = (torch.zeros(shape, dtype=config.storage_dtype, device=dev),
                        torch.zeros(shape, dtype=config.storage_dtype, device=dev),
-                       torch.zeros(scale_shape, dtype=torch.float32, device=dev),
-                       torch.zeros(scale_shape, dtype=torch.float32, device=dev))
+                       torch.zeros(scale_shape, dtype=scale_dtype, device=dev),
+                       torch.zeros(scale_shape, dtype=scale_dtype, device=dev))
         self.k_cache, self.v_cache, self.k_scale, self.v_scale = buffers
         self.cache_seqlens = torch.zeros(config.max_batch_size, dtype=torch.int32, device=dev)
         _mark_static(self.k_cache, self.v_cache, self.k_scale, self.v_scale, self.cache_seqlens)
@@ -284,6 +283,8 @@ class RemoteLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.cache.max_cache_len
 
+    get_max_cache_shape = get_max_length  # the name transformers 5.4-5.12 asks (compat.MAX_LENGTH_METHODS)
+
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
         return query_length, 0
 
@@ -303,7 +304,9 @@ class PlugCache(DynamicCache):
             its `PretrainedConfig` (then `dtype=` and `device=` are required).
         max_batch_size: rows the cache holds; with beam search or `num_return_sequences` count the expanded batch.
         max_cache_len: tokens per row (prompt + generated); rounded up to a whole number of blocks internally.
-        kv_dtype: None (store K/V in the model dtype) or "int8" (per token and head scales, no calibration).
+        kv_dtype: None (store K/V in the model dtype), "int8" (symmetric, a scale per token and head) or "int4"
+            (asymmetric, a scale and minimum per token, head and half of head_dim); quantized when written, no
+            calibration.
         dtype, device: required with a config; `device` may be a list with one device per layer.
         block_size: tokens per paged block.
         max_tokens: the pool's size in tokens (all rows together); default `max_batch_size x max_cache_len`. Rows
