@@ -2,14 +2,14 @@
 
 For Llama-3-8B (32 q / 8 kv heads) and Qwen2.5-7B (28 / 4) shapes, head_dim 128, over batch x context, it reports per
 provider the median time (triton.testing.do_bench, quantiles 0.5/0.2/0.8, L2 flushed, each call replayed from a CUDA
-graph so that Python launch overhead is not timed), the bytes of K, V (and int8 scales) a decode step must read
+graph so that Python launch overhead is not timed), the bytes of K, V (and int8 / int4 scales) a decode step must read
 (`kv_bytes`, the live tokens only), the achieved GB/s over those bytes and its share of the device-to-device copy
 bandwidth measured in the same run. Providers:
   kvplug        hf_kvplug.kernels.attend_with_kvcache (writes the new token and attends; paged cache of 2 x context
                 slots per row, or the context rounded up to a block where that does not fit: column `capacity`)
   sdpa_static   HF's static-cache path: repeat_kv + SDPA with a mask over a dense [B, Hk, 2 x context, D] cache
   sdpa_exact    SDPA (enable_gqa) over exactly the valid length: the dense lower bound PyTorch reaches
-`max_abs_diff` is the kvplug output against SDPA over the same values (int8: the dequantized ones).
+`max_abs_diff` is the kvplug output against SDPA over the same values (int8 / int4: the dequantized ones).
 
     python benchmarks/bench_decode_kernel.py                 # full sweep, files in benchmarks/results/
     python benchmarks/bench_decode_kernel.py --quick         # a few cases
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 MODELS = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}  # nheads, nheads_k, head_dim
 BATCHES = (1, 8, 32)
 CONTEXTS = (1024, 4096, 16384, 32768)
-DTYPES = ("fp16", "int8")
+DTYPES = ("fp16", "int8", "int4")
 QUICK = dict(models=["llama3-8b"], batch=[1, 8], context=[4096, 32768])
 FIELDS = ["model", "nheads", "nheads_k", "head_dim", "batch", "context", "capacity", "kv_dtype", "provider", "status",
           "median_us", "p20_us", "p80_us", "kv_bytes", "gbps", "pct_copy_bw", "copy_gbps", "max_abs_diff",
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--batch", default=",".join(map(str, BATCHES)), help="comma list of batch sizes")
     p.add_argument("--context", default=",".join(map(str, CONTEXTS)), help="comma list of context lengths (tokens)")
-    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of kv dtypes: fp16, int8")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of kv dtypes: fp16, int8, int4")
     p.add_argument("--block-size", type=int, default=64, help="paged-cache block size (tokens)")
     p.add_argument("--quick", action="store_true", help="llama3-8b, batch 1 and 8, context 4k and 32k")
     p.add_argument("--no-baselines", action="store_true", help="time only the kvplug kernel")
@@ -114,66 +114,71 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def paged_cache(keys, values, block_size: int, capacity: int, int8: bool):
-    """Paged cache (shuffled blocks) holding `keys/values [B, Hk, L, D]` in slots [0, L) of each row; filled a row at
-    a time so that the only large allocations are the cache buffers themselves."""
-    from hf_kvplug.reference import quantize_int8
+def paged_cache(keys, values, block_size: int, capacity: int, kv: str):
+    """Paged cache (shuffled blocks) holding `keys/values [B, Hk, L, D]` in slots [0, L) of each row, in format `kv`
+    ("fp16" keeps the model dtype, "int8", "int4"); filled a row at a time so that the only large allocations are
+    the cache buffers themselves."""
+    from hf_kvplug.config import PlugConfig
+    from hf_kvplug.reference import quantize
 
     batch, nheads_k, length, d = keys.shape
     max_blocks = -(-capacity // block_size)
     used = -(-length // block_size)
     num_blocks = batch * max_blocks
     table = torch.randperm(num_blocks, device=keys.device).view(batch, max_blocks).to(torch.int32)
+    cfg = PlugConfig(num_layers=1, nheads=nheads_k, nheads_k=nheads_k, head_dim=d, max_batch_size=batch,
+                     max_cache_len=max_blocks * block_size, dtype=keys.dtype, layer_devices=[keys.device],
+                     kv_dtype=None if kv == "fp16" else kv, block_size=block_size)
+    shape, scale_shape, scale_dtype = cfg.storage_shapes
     bufs = []
     for x in (keys, values):
-        cache = torch.zeros((num_blocks, nheads_k, block_size, d), dtype=torch.int8 if int8 else x.dtype,
-                            device=x.device)
-        scale = torch.zeros(cache.shape[:3] if int8 else (0,), dtype=torch.float32, device=x.device)
+        cache = torch.zeros(shape, dtype=cfg.storage_dtype, device=x.device)
+        scale = torch.zeros(scale_shape, dtype=scale_dtype, device=x.device)
         for b in range(batch):
             row = F.pad(x[b], (0, 0, 0, used * block_size - length)).view(nheads_k, used, block_size, d).transpose(0, 1)
             idx = table[b, :used].long()
-            if int8:
-                q, s = quantize_int8(row)
-                cache[idx], scale[idx] = q, s
-            else:
-                cache[idx] = row
+            stored, s = quantize(row, cfg.storage_dtype)
+            cache[idx] = stored
+            if s is not None:
+                scale[idx] = s
         bufs += [cache, scale]
     k_cache, k_scale, v_cache, v_scale = bufs
     return k_cache, v_cache, k_scale, v_scale, table
 
 
-def kvplug_capacity(batch, nheads_k, context, d, block_size: int, int8: bool, free: int) -> int | None:
+def kvplug_capacity(batch, nheads_k, context, d, block_size: int, kv: str, free: int) -> int | None:
     """Slots per row of the paged cache: 2 x the context (a half-full cache, as HF's static cache is benchmarked)
     when it fits beside the dense K/V, else the context rounded up to a block; None when neither fits."""
-    dense = kv_bytes(batch, nheads_k, context, d, False)
+    dense = kv_bytes(batch, nheads_k, context, d, "fp16")
     for cap in (2 * context, context):
         cap = -(-cap // block_size) * block_size
-        if dense + kv_bytes(batch, nheads_k, cap, d, int8) < 0.85 * free:
+        if dense + kv_bytes(batch, nheads_k, cap, d, kv) < 0.85 * free:
             return cap
     return None
 
 
-def expected_output(q, keys, values, scale, int8: bool):
-    """SDPA over the K/V a decode step sees (int8: the dequantized values), a row at a time to bound memory."""
-    from hf_kvplug.reference import dequantize_int8, quantize_int8
+def expected_output(q, keys, values, scale, kv: str):
+    """SDPA over the K/V a decode step sees (int8 / int4: the dequantized values), a row at a time to bound memory."""
+    from hf_kvplug.reference import dequantize, quantize
 
+    storage = {"int8": torch.int8, "int4": torch.uint8}.get(kv)
     outs = []
     for b in range(keys.shape[0]):
         k, v = keys[b:b + 1], values[b:b + 1]
-        if int8:
-            k, v = (dequantize_int8(*quantize_int8(x), x.dtype) for x in (k, v))
+        if storage is not None:
+            k, v = (dequantize(*quantize(x, storage), x.dtype) for x in (k, v))
         outs.append(F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), k, v, scale=scale,
                                                    enable_gqa=True).transpose(1, 2))
     return torch.cat(outs)
 
 
-def kvplug_call(q, keys, values, scale, block_size: int, capacity: int, int8: bool):
+def kvplug_call(q, keys, values, scale, block_size: int, capacity: int, kv: str):
     """A no-argument call of the fused decode for the last token of `keys/values [B, Hk, L, D]` over a paged copy of
     the others (slots [0, L-1) cached, slot L-1 written by the call)."""
     from hf_kvplug import kernels
 
     batch, _, context, _ = keys.shape
-    k_cache, v_cache, k_scale, v_scale, table = paged_cache(keys, values, block_size, capacity, int8)
+    k_cache, v_cache, k_scale, v_scale, table = paged_cache(keys, values, block_size, capacity, kv)
     k_new, v_new = keys[:, :, -1:].transpose(1, 2), values[:, :, -1:].transpose(1, 2)  # [B, 1, Hk, D] views
     seqlens = torch.full((batch,), context - 1, dtype=torch.int32, device=keys.device)
     starts = torch.zeros((batch,), dtype=torch.int32, device=keys.device)
@@ -187,14 +192,16 @@ def kvplug_call(q, keys, values, scale, block_size: int, capacity: int, int8: bo
     return call
 
 
-def kv_bytes(batch, nheads_k, length, d, int8: bool) -> int:
-    per_token = nheads_k * (d * (1 if int8 else 2) + (4 if int8 else 0))
-    return 2 * batch * length * per_token
+def kv_bytes(batch, nheads_k, length, d, kv: str) -> int:
+    """K and V bytes (scales included) of `length` tokens: fp16 2d per head, int8 d + a 4-byte scale, int4 d/2 +
+    2 halves x (scale, minimum) in fp16."""
+    per_head = {"int8": d + 4, "int4": d // 2 + 8}.get(kv, 2 * d)
+    return 2 * batch * length * nheads_k * per_head
 
 
-def time_kvplug(q, keys, values, scale, block_size, capacity, int8, want) -> dict:
+def time_kvplug(q, keys, values, scale, block_size, capacity, kv, want) -> dict:
     """The fused decode's error against `want` and its times."""
-    call = kvplug_call(q, keys, values, scale, block_size, capacity, int8)
+    call = kvplug_call(q, keys, values, scale, block_size, capacity, kv)
     diff = (call().float() - want.float()).abs().max().item()
     return dict(zip(("median_us", "p20_us", "p80_us"), timed(call)), max_abs_diff=diff)
 
@@ -223,8 +230,9 @@ def run_case(model, batch, context, args, copy_gbps, meta, rows: list[dict]) -> 
     base = dict(model=model, nheads=nheads, nheads_k=nheads_k, head_dim=d, batch=batch, context=context,
                 block_size=args.block_size, copy_gbps=round(copy_gbps, 1), **meta)
     free = torch.cuda.mem_get_info()[0]
-    dense_bytes = kv_bytes(batch, nheads_k, context, d, False)
-    if kvplug_capacity(batch, nheads_k, context, d, args.block_size, "fp16" not in args.dtypes, free) is None:
+    dense_bytes = kv_bytes(batch, nheads_k, context, d, "fp16")
+    smallest = "int4" if "int4" in args.dtypes else "int8" if "int8" in args.dtypes else "fp16"
+    if kvplug_capacity(batch, nheads_k, context, d, args.block_size, smallest, free) is None:
         rows += [dict(base, kv_dtype=t, provider="kvplug", status="skipped: memory") for t in args.dtypes]
         return
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -237,24 +245,23 @@ def run_case(model, batch, context, args, copy_gbps, meta, rows: list[dict]) -> 
         return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, scale=scale, enable_gqa=True).transpose(1, 2)
 
     for kv in args.dtypes:
-        int8 = kv == "int8"
         free = torch.cuda.mem_get_info()[0] + dense_bytes  # the dense K/V are already allocated
-        capacity = kvplug_capacity(batch, nheads_k, context, d, args.block_size, int8, free)
-        row = dict(base, kv_dtype=kv, provider="kvplug", kv_bytes=kv_bytes(batch, nheads_k, context, d, int8),
+        capacity = kvplug_capacity(batch, nheads_k, context, d, args.block_size, kv, free)
+        row = dict(base, kv_dtype=kv, provider="kvplug", kv_bytes=kv_bytes(batch, nheads_k, context, d, kv),
                    capacity=capacity)
         if capacity is None:
             rows.append(dict(row, status="skipped: memory"))
             continue
         try:
-            want = expected_output(q, keys, values, scale, int8)
-            row.update(time_kvplug(q, keys, values, scale, args.block_size, capacity, int8, want), status="ok")
+            want = expected_output(q, keys, values, scale, kv)
+            row.update(time_kvplug(q, keys, values, scale, args.block_size, capacity, kv, want), status="ok")
         except torch.cuda.OutOfMemoryError:
             row["status"] = "oom"
         torch.cuda.empty_cache()
         rows.append(row)
 
     if "fp16" in args.dtypes and not args.no_baselines:
-        useful = kv_bytes(batch, nheads_k, context, d, False)
+        useful = kv_bytes(batch, nheads_k, context, d, "fp16")
         row = dict(base, kv_dtype="fp16", provider="sdpa_exact", kv_bytes=useful, capacity=context)
         try:
             row.update(zip(("median_us", "p20_us", "p80_us"), timed(lambda: sdpa_exact(keys, values))), status="ok")
@@ -303,11 +310,12 @@ TUNE_CASES = [("llama3-8b", 1, 32768), ("qwen2.5-7b", 1, 32768), ("llama3-8b", 8
               ("llama3-8b", 32, 32768)]
 
 
-def tune_configs(int8: bool):
+def tune_configs(kv: str):
     """Candidate DecodeConfigs for head_dim 128 (int8: V's scales on the probabilities or on the V tile, too)."""
     from hf_kvplug.kernels.decode_attn import DecodeConfig
 
-    for block_n in ((64, 128) if int8 else (32, 64, 128)):
+    int8 = kv == "int8"
+    for block_n in ((64, 128) if kv != "fp16" else (32, 64, 128)):
         for num_warps in (4, 8):
             for num_stages in (2, 3, 4):
                 for v_scale_on_p in ((True, False) if int8 else (True,)):
@@ -319,29 +327,28 @@ def tune_case(q, keys, values, kv: str, block_size: int, copy_gbps: float) -> li
     from hf_kvplug.kernels import decode_attn as DA
 
     batch, nheads_k, context, d = keys.shape
-    int8 = kv == "int8"
-    capacity = kvplug_capacity(batch, nheads_k, context, d, block_size, int8,
-                               free_memory() + kv_bytes(batch, nheads_k, context, d, False))
+    capacity = kvplug_capacity(batch, nheads_k, context, d, block_size, kv,
+                               free_memory() + kv_bytes(batch, nheads_k, context, d, "fp16"))
     if capacity is None:
         return []
-    k_cache, v_cache, k_scale, v_scale, table = paged_cache(keys, values, block_size, capacity, int8)
+    k_cache, v_cache, k_scale, v_scale, table = paged_cache(keys, values, block_size, capacity, kv)
     k_new, v_new = keys[:, :, -1:].transpose(1, 2), values[:, :, -1:].transpose(1, 2)
     seqlens = torch.full((batch,), context - 1, dtype=torch.int32, device=DEVICE)
     starts = torch.zeros((batch,), dtype=torch.int32, device=DEVICE)
     no_holes = torch.empty(0, dtype=torch.uint8, device=DEVICE)
     status = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    nbytes = kv_bytes(batch, nheads_k, context, d, int8)
-    want = expected_output(q, keys, values, d ** -0.5, int8).float()
+    nbytes = kv_bytes(batch, nheads_k, context, d, kv)
+    want = expected_output(q, keys, values, d ** -0.5, kv).float()
     tolerance = 1e-2 * want.abs().max().item()
 
     def launched(config, waves):  # the split count decode_attn really launches for this request
         asked = DA.num_splits_for(batch, nheads_k, capacity, config[0], q.device, waves)
         return DA.split_layout(capacity, asked, config[0])[1]
 
-    shipped = DA.decode_config(d, int8)
+    shipped = DA.decode_config(d, "fp" if kv == "fp16" else kv)
     default = (shipped, launched(shipped, DA.WAVES))
     rows, seen = [], set()
-    for config in tune_configs(int8):
+    for config in tune_configs(kv):
         for waves in (2, 4, 8, 16):
             splits = launched(config, waves)
             if (config, splits) in seen:  # another waves value gives the same launch
@@ -426,13 +433,14 @@ def target_lines(rows: list[dict]) -> list[str]:
         if kv == "fp16" and b == 1 and c == 32768:
             lines.append(f"- single request at 32k, {m}: {r['pct_copy_bw']:.1f}% of copy bandwidth (target >= 75%: "
                          f"{'met' if r['pct_copy_bw'] >= 75 else 'missed'})")
-    speedups = [(ok[(m, b, c, "fp16")]["median_us"] / r["median_us"], m, b, c) for (m, b, c, kv), r in ok.items()
-                if kv == "int8" and b * c >= 256 * 1024 and (m, b, c, "fp16") in ok]
-    if speedups:
-        low = min(speedups)
-        lines.append(f"- INT8 vs fp16 time at batch x context >= 256k: {low[0]:.2f}x-{max(speedups)[0]:.2f}x faster over "
-                     f"{len(speedups)} cases (target >= 1.8x: {'met' if low[0] >= 1.8 else 'missed'}; lowest {low[1]} "
-                     f"B={low[2]} ctx={low[3]})")
+    for fmt, target in (("int8", 1.8), ("int4", 2.5)):
+        speedups = [(ok[(m, b, c, "fp16")]["median_us"] / r["median_us"], m, b, c) for (m, b, c, kv), r in ok.items()
+                    if kv == fmt and b * c >= 256 * 1024 and (m, b, c, "fp16") in ok]
+        if speedups:
+            low = min(speedups)
+            lines.append(f"- {fmt.upper()} vs fp16 time at batch x context >= 256k: {low[0]:.2f}x-"
+                         f"{max(speedups)[0]:.2f}x faster over {len(speedups)} cases (target >= {target}x: "
+                         f"{'met' if low[0] >= target else 'missed'}; lowest {low[1]} B={low[2]} ctx={low[3]})")
     return lines
 
 

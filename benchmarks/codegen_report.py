@@ -92,14 +92,16 @@ def loop_mix(sass: str) -> collections.Counter:
     return collections.Counter(op for addr, op, _ in ins if best[0] <= addr <= best[1])
 
 
-def _pointer_types(jit, dtype: str, int8: bool) -> dict:
-    cache = "i8" if int8 else dtype
+def _pointer_types(jit, dtype: str, kv: str) -> dict:
+    cache = {"int8": "i8", "int4": "u8"}.get(kv, dtype)
     types = {}
     for name in jit.arg_names:
         if name.endswith("_ptr"):
             if name in ("k_cache_ptr", "v_cache_ptr"):
                 types[name] = cache
-            elif "scale" in name or name.startswith("part_"):
+            elif "scale" in name:
+                types[name] = "fp16" if kv == "int4" else "fp32"
+            elif name.startswith("part_"):
                 types[name] = "fp32"
             elif name in ("block_table_ptr", "cache_seqlens_ptr", "cache_starts_ptr", "status_ptr"):
                 types[name] = "i32"
@@ -110,26 +112,30 @@ def _pointer_types(jit, dtype: str, int8: bool) -> dict:
     return types
 
 
-def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, int8: bool, block_size: int = 64,
+def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, kv: str | bool, block_size: int = 64,
            holes: bool = False) -> list[dict]:
     """The decode kernel (split and unsplit) and the extend kernel of one shape, as their launchers configure them
-    for a PlugCache (overflow status on; `holes`: the variant for attention masks with holes)."""
+    for a PlugCache (overflow status on; `holes`: the variant for attention masks with holes). `kv`: "fp", "int8"
+    or "int4" (True / False: int8 / fp)."""
     from hf_kvplug.kernels import decode_attn as DA
     from hf_kvplug.kernels import extend_attn as EA
     from hf_kvplug.kernels.utils import next_pow2
 
+    kv = {True: "int8", False: "fp"}.get(kv, kv)
+    int8, int4 = kv == "int8", kv == "int4"
     group, d_pad = nheads // nheads_k, next_pow2(head_dim)
     elem = 4 if dtype == "fp32" else 2
-    base = dict(dtype=dtype, kv="int8" if int8 else dtype, nheads=nheads, nheads_k=nheads_k, head_dim=head_dim,
+    base = dict(dtype=dtype, kv=kv if kv != "fp" else dtype, nheads=nheads, nheads_k=nheads_k, head_dim=head_dim,
                 holes=holes)
     rows = []
-    cfg = DA.decode_config(head_dim, int8, elem)
+    cfg = DA.decode_config(head_dim, kv, elem)
+    decode = DA._decode_attn_int4_kernel if int4 else DA._decode_attn_kernel
     for split in (True, False):
         consts = dict(GROUP=group, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=cfg.block_n, BLOCK_SIZE=block_size,
-                      HEAD_DIM=head_dim, D_PAD=d_pad, INT8=int8, V_SCALE_ON_P=int8 and cfg.v_scale_on_p, SPLIT=split,
-                      UPCAST=False, HAS_HOLES=holes, HAS_STATUS=True)
-        k = compile_kernel(DA._decode_attn_kernel, _pointer_types(DA._decode_attn_kernel, dtype, int8), consts,
-                           cfg.num_warps, cfg.num_stages)
+                      HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT=split, UPCAST=False, HAS_HOLES=holes, HAS_STATUS=True)
+        if not int4:
+            consts.update(INT8=int8, V_SCALE_ON_P=int8 and cfg.v_scale_on_p)
+        k = compile_kernel(decode, _pointer_types(decode, dtype, kv), consts, cfg.num_warps, cfg.num_stages)
         sass = _dump(k, "-sass")
         mix = loop_mix(sass)
         regs, stack = resources(k)
@@ -138,12 +144,14 @@ def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, int8: bool, bl
                          spill_bytes=stack, smem=k.metadata.shared, loop_instructions=sum(mix.values()),
                          loop_i2f=mix["I2F"], i2f_total=len(re.findall(r"\bI2F\b", sass)),
                          loop_top=dict(mix.most_common(8))))
-    block_r, block_n, num_warps, num_stages = EA.extend_config(head_dim, elem)
+    block_r, block_n, num_warps, num_stages = EA.extend_config(head_dim, elem, kv)
     group_pad = next_pow2(group)
     consts = dict(GROUP=group, GROUP_PAD=group_pad, BLOCK_M=max(1, block_r // group_pad), BLOCK_N=block_n,
-                  BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad, INT8=int8, UPCAST=False, HAS_HOLES=holes)
-    k = compile_kernel(EA._extend_attn_kernel, _pointer_types(EA._extend_attn_kernel, dtype, int8), consts,
-                       num_warps, num_stages)
+                  BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad, UPCAST=False, HAS_HOLES=holes)
+    extend = EA._extend_attn_int4_kernel if int4 else EA._extend_attn_kernel
+    if not int4:
+        consts["INT8"] = int8
+    k = compile_kernel(extend, _pointer_types(extend, dtype, kv), consts, num_warps, num_stages)
     regs, stack = resources(k)
     rows.append(dict(base, kernel="extend", config=[block_r, block_n, num_warps, num_stages], regs=regs,
                      spill_bytes=stack, smem=k.metadata.shared))
@@ -159,9 +167,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args(argv)
     triton = _triton()
-    rows = [r for shape in args.shapes.split(",") for dtype in args.dtypes.split(",") for int8 in (False, True)
+    rows = [r for shape in args.shapes.split(",") for dtype in args.dtypes.split(",") for kv in ("fp", "int8", "int4")
             for holes in ((False, True) if args.holes else (False,))
-            if not (int8 and dtype == "fp32") for r in report(*SHAPES[shape], dtype, int8, holes=holes)]
+            if not (kv != "fp" and dtype == "fp32") for r in report(*SHAPES[shape], dtype, kv, holes=holes)]
     if args.json:
         print(json.dumps(dict(triton=triton.__version__, arch=ARCH, rows=rows)))
         return rows

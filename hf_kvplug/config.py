@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-KV_DTYPES = (None, "int8")
+KV_DTYPES = (None, "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,8 @@ class PlugConfig:
         if len(self.layer_kinds) != self.num_layers or set(self.layer_kinds) - {"attention", "linear", "remote"}:
             raise ValueError(f"layer_kinds must hold 'attention', 'linear' or 'remote' per layer, got "
                              f"{self.layer_kinds}")
+        if self.kv_dtype == "int4" and self.head_dim % 2:
+            raise ValueError(f"kv_dtype='int4' packs two values a byte: head_dim must be even, got {self.head_dim}")
         if "attention" not in self.layer_kinds:
             raise ValueError("no attention layer to cache here (this pipeline stage runs only other kinds?)")
         self.layer_devices = [_indexed(torch.device(d)) for d in self.layer_devices]
@@ -101,7 +103,18 @@ class PlugConfig:
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        return torch.int8 if self.kv_dtype == "int8" else self.dtype
+        return {"int8": torch.int8, "int4": torch.uint8}.get(self.kv_dtype, self.dtype)
+
+    @property
+    def storage_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], torch.dtype]:
+        """(K or V buffer shape, scale buffer shape, scale dtype) of one layer: head_dim values a token and head
+        (int8: plus an fp32 scale; int4: head_dim / 2 bytes plus a scale and minimum per half, fp16)."""
+        base = (self.num_blocks, self.nheads_k, self.block_size)
+        if self.kv_dtype == "int4":
+            return (*base, self.head_dim // 2), (*base, 4), torch.float16
+        if self.kv_dtype == "int8":
+            return (*base, self.head_dim), base, torch.float32
+        return (*base, self.head_dim), (0,), torch.float32
 
     @property
     def attention_layers(self) -> list[int]:
@@ -112,8 +125,8 @@ class PlugConfig:
         """Bytes one cached token costs over `layer_count` layers (all attention layers by default), K, V and
         scales together."""
         layers = len(self.attention_layers) if layer_count is None else layer_count
-        elem = torch.empty((), dtype=self.storage_dtype).element_size()
-        per_head = 2 * self.head_dim * elem + (2 * 4 if self.kv_dtype == "int8" else 0)
+        per_head = {"int8": 2 * (self.head_dim + 4), "int4": 2 * (self.head_dim // 2 + 4 * 2)}.get(
+            self.kv_dtype, 2 * self.head_dim * torch.empty((), dtype=self.dtype).element_size())
         return layers * self.nheads_k * per_head
 
     @classmethod

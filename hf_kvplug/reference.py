@@ -2,7 +2,10 @@
 
 Cache layout (per layer), shared by the reference and the kernels:
   k_cache, v_cache  [num_blocks, nheads_k, BLOCK_SIZE, head_dim]   model dtype, or int8
-  k_scale, v_scale  [num_blocks, nheads_k, BLOCK_SIZE] float32     per token and head (int8 only; else 0 elements)
+                    [num_blocks, nheads_k, BLOCK_SIZE, head_dim/2]  uint8 for int4 (two values a byte, see below)
+  k_scale, v_scale  [num_blocks, nheads_k, BLOCK_SIZE] float32     int8: per token and head (else 0 elements)
+                    [num_blocks, nheads_k, BLOCK_SIZE, 4] float16  int4: per token and head, scale and minimum of each
+                                                                    half of head_dim
   block_table       [max_batch, max_blocks] int32                   row b's slot s lives in block block_table[b, s // BS]
                                                                     (-1: no block mapped there)
   cache_seqlens     [max_batch] int32                               slots filled in row b before this call
@@ -11,7 +14,7 @@ Cache layout (per layer), shared by the reference and the kernels:
   status            [1] int32, or 0 elements                        set to 1 when a write had no slot
 
 Semantics of `attend_with_kvcache` for rows b < batch and new tokens i < q_len, with s_i = cache_seqlens[b] + i:
-  1. K/V of token i are written to slot s_i (quantized when the cache is int8). A slot past the table or in an
+  1. K/V of token i are written to slot s_i (quantized when the cache is int8 or int4). A slot past the table or in an
      unmapped block (-1) is not written: status[0] becomes 1 and out[b, i] is NaN, so the loss is never silent.
   2. out[b, i] attends over the slots t with lo_i <= t <= s_i, lo_i = max(cache_starts[b], s_i - window + 1)
      (window <= 0 means none), and cache_valid[b, t] != 0 when cache_valid is given. A token that sees no slot gets
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 INT8_MAX = 127.0
+INT4_MAX = 15.0
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +45,49 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per vector half: `x [..., D]` -> (`packed [..., D/2]` uint8, `params [..., 4]` float16).
+
+    Each half of the vector (dims [0, D/2) and [D/2, D)) gets a scale s = (max - min) / 15 and its minimum m, kept in
+    fp16 (the stored values are the ones used to quantize, so the kernels reproduce it); x ~= n * s + m with
+    n = round((x - m) / s) in [0, 15]. Byte j holds dim j in its low nibble and dim j + D/2 in its high nibble, so a
+    kernel unpacks a tile into two half-width tiles with one scale each. params = (s_lo, m_lo, s_hi, m_hi).
+    """
+    halves = x.float().unflatten(-1, (2, x.shape[-1] // 2))  # [..., 2, D/2]
+    lo, hi = halves.amin(-1), halves.amax(-1)
+    scale, minimum = ((hi - lo) / INT4_MAX).half(), lo.half()
+    s, m = scale.float(), minimum.float()
+    inv = torch.where(s > 0, s.clamp_min(1e-30).reciprocal(), torch.zeros_like(s))
+    n = torch.round((halves - m.unsqueeze(-1)) * inv.unsqueeze(-1)).clamp_(0, INT4_MAX).to(torch.uint8)
+    packed = n[..., 0, :] | (n[..., 1, :] << 4)
+    params = torch.stack([scale[..., 0], minimum[..., 0], scale[..., 1], minimum[..., 1]], dim=-1)
+    return packed, params
+
+
+def dequantize_int4(packed: torch.Tensor, params: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    p = params.float()
+    lo = (packed & 15).float() * p[..., 0:1] + p[..., 1:2]
+    hi = (packed >> 4).float() * p[..., 2:3] + p[..., 3:4]
+    return torch.cat([lo, hi], dim=-1).to(dtype)
+
+
+def quantize(x: torch.Tensor, storage: torch.dtype):
+    """(values as the cache stores them, their scales or None) for a cache of `storage` dtype."""
+    if storage == torch.int8:
+        return quantize_int8(x)
+    if storage == torch.uint8:
+        return quantize_int4(x)
+    return x.to(storage), None
+
+
+def dequantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if x.dtype == torch.int8:
+        return dequantize_int8(x, scale, dtype)
+    if x.dtype == torch.uint8:
+        return dequantize_int4(x, scale, dtype)
+    return x.to(dtype)
 
 
 def _slots(cache_seqlens: torch.Tensor, batch: int, q_len: int) -> torch.Tensor:
@@ -75,11 +122,10 @@ def write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cac
     any_ok = flat_ok.any()
     tb, to = blocks.reshape(-1)[pick], offs.reshape(-1)[pick]
     for new, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
-        new = new.reshape(-1, *new.shape[2:])[pick.to(new.device)]
-        if cache.dtype == torch.int8:
-            new, s = quantize_int8(new)
+        new, s = quantize(new.reshape(-1, *new.shape[2:])[pick.to(new.device)], cache.dtype)
+        if s is not None:
             scale[tb, :, to] = torch.where(any_ok, s, scale[tb, :, to])
-        cache[tb, :, to] = torch.where(any_ok, new.to(cache.dtype), cache[tb, :, to])
+        cache[tb, :, to] = torch.where(any_ok, new, cache[tb, :, to])
     if status.numel():
         status.copy_(torch.maximum(status, (~ok).any().to(status.dtype)))
     return ok
@@ -89,9 +135,7 @@ def gather_kv(cache, scale, block_table, batch: int, num_blocks: int, dtype: tor
     """Row-contiguous copy of the first `num_blocks` blocks of rows < batch: [B, nheads_k, num_blocks * BS, D].
     Unmapped blocks (-1) read block 0: callers mask those slots."""
     blocks = block_table[:batch, :num_blocks].long().clamp(min=0)
-    x = cache[blocks]  # [B, nb, Hk, BS, D]
-    if cache.dtype == torch.int8:
-        x = dequantize_int8(x, scale[blocks], dtype)
+    x = dequantize(cache[blocks], scale[blocks] if scale.numel() else None, dtype)  # [B, nb, Hk, BS, D]
     b, nb, hk, bs, d = x.shape
     return x.to(dtype).permute(0, 2, 1, 3, 4).reshape(b, hk, nb * bs, d)
 

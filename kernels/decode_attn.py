@@ -6,9 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_guard, kv_tile_scores, launcher, next_pow2,
-                    quantize_int8, scale_strides, slot_block, sm_count, softmax_tile_update, tile_block_ids,
-                    upcast_dot, visible)
+from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_guard, int4_tile_update, kv_tile_scores,
+                    launcher, next_pow2, quantize_int8, scale_strides, slot_block, sm_count, softmax_tile_update,
+                    store_int4, tile_block_ids, upcast_dot, visible)
 
 LOG2E = 1.4426950408889634
 WAVES = 8  # programs aimed at, in units of SMs, when a row is full: enough left at half capacity to fill the GPU
@@ -124,6 +124,105 @@ def _decode_attn_kernel(
 
 
 @triton.jit
+def _decode_attn_int4_kernel(
+    q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr,
+    cache_seqlens_ptr, cache_starts_ptr, cache_valid_ptr, status_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    qk_scale, window, capacity, split_size, valid_len,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+    stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt, stride_mb,
+    stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_HOLES: tl.constexpr, HAS_STATUS: tl.constexpr,
+):
+    # The int4 twin of _decode_attn_kernel (same grid, bounds, splits and epilogue): caches hold two values a byte
+    # [num_blocks, nheads_k, BLOCK_SIZE, HEAD_DIM / 2] with (scale, minimum) per half; q and the output are handled
+    # as their two halves, so no tile is ever dequantized element by element (utils.int4_tile_update).
+    split = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass fp64 scalars
+    s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, 0, window, capacity)
+    split_lo = split * split_size
+    n_lo = tl.maximum(lo, split_lo)
+    n_hi = tl.minimum(tl.minimum(s, capacity), split_lo + split_size)
+    owner = (s < capacity) & (s >= split_lo) & (s < split_lo + split_size)
+    if (n_hi <= n_lo) & (owner == 0):
+        return
+
+    HALF: tl.constexpr = HEAD_DIM // 2
+    b64 = b.to(tl.int64)
+    offs_g = tl.arange(0, BLOCK_H)
+    mask_g = offs_g < GROUP
+    heads = hk * GROUP + offs_g
+    offs_h = tl.arange(0, D_PAD // 2)
+    mask_h = offs_h < HALF
+    q_row = q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_h[None, :]
+    q_mask = mask_g[:, None] & mask_h[None, :]
+    q_lo = tl.load(q_row, mask=q_mask, other=0.0)
+    q_hi = tl.load(q_row + HALF, mask=q_mask, other=0.0)
+    if UPCAST:
+        q_lo, q_hi = q_lo.to(tl.float32), q_hi.to(tl.float32)
+    qsum_lo = tl.sum(q_lo.to(tl.float32), 1)
+    qsum_hi = tl.sum(q_hi.to(tl.float32), 1)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc_lo = tl.zeros([BLOCK_H, D_PAD // 2], tl.float32)
+    acc_hi = tl.zeros([BLOCK_H, D_PAD // 2], tl.float32)
+    bt_row = block_table_ptr + b64 * stride_bt
+
+    if owner:  # quantize and write the new token; start the softmax from its dequantized values
+        phys, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)
+        if writable:
+            dst = phys * stride_cb + hk * stride_ch + (s % BLOCK_SIZE) * stride_cs
+            sdst = phys * stride_sb + hk * stride_sh + (s % BLOCK_SIZE) * stride_ss
+            k_lo, k_hi = store_int4(k_ptr + b64 * stride_kb + hk * stride_kh, k_cache_ptr, k_scale_ptr, dst, sdst,
+                                    offs_h, mask_h, HALF)
+            v_lo, v_hi = store_int4(v_ptr + b64 * stride_vb + hk * stride_vh, v_cache_ptr, v_scale_ptr, dst, sdst,
+                                    offs_h, mask_h, HALF)
+            sees_self = visible(s >= lo, cache_valid_ptr, b64, s, stride_mb, valid_len, HAS_HOLES)
+            if sees_self:
+                m = (tl.sum(q_lo.to(tl.float32) * k_lo[None, :], 1)
+                     + tl.sum(q_hi.to(tl.float32) * k_hi[None, :], 1)) * qk_scale
+                l = tl.full([BLOCK_H], 1.0, tl.float32)
+                acc_lo = acc_lo + v_lo[None, :]
+                acc_hi = acc_hi + v_hi[None, :]
+
+    tile_lo = n_lo - n_lo % BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    next_phys = tile_block_ids(bt_row, tile_lo + offs_n, n_hi, BLOCK_SIZE)  # one tile ahead
+    for start in range(tile_lo, n_hi, BLOCK_N):
+        slots = start + offs_n
+        valid = visible((slots >= n_lo) & (slots < n_hi), cache_valid_ptr, b64, slots, stride_mb, valid_len,
+                        HAS_HOLES)
+        phys = next_phys.to(tl.int64)
+        next_phys = tile_block_ids(bt_row, slots + BLOCK_N, n_hi, BLOCK_SIZE)
+        row = phys * stride_cb + hk * stride_ch + (slots % BLOCK_SIZE) * stride_cs
+        srow = phys * stride_sb + hk * stride_sh + (slots % BLOCK_SIZE) * stride_ss
+        m, l, acc_lo, acc_hi = int4_tile_update(m, l, acc_lo, acc_hi, q_lo, q_hi, qsum_lo, qsum_hi, k_cache_ptr,
+                                                v_cache_ptr, k_scale_ptr, v_scale_ptr, row, srow, offs_h, mask_h,
+                                                valid, valid[None, :], qk_scale, HAS_HOLES)
+
+    mask_o = mask_g[:, None] & mask_h[None, :]
+    l_safe = tl.where(l > 0.0, l, 1.0)
+    if SPLIT:
+        dst = part_o_ptr + b64 * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_h[None, :]
+        tl.store(dst, acc_lo / l_safe[:, None], mask=mask_o)
+        tl.store(dst + HALF, acc_hi / l_safe[:, None], mask=mask_o)
+        tl.store(part_lse_ptr + b64 * stride_lb + heads * stride_lh + split, m + tl.log2(l_safe), mask=mask_g)
+    else:
+        _, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)
+        dst = out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_h[None, :]
+        tl.store(dst, tl.where(writable, acc_lo / l_safe[:, None], float("nan")).to(out_ptr.dtype.element_ty),
+                 mask=mask_o)
+        tl.store(dst + HALF, tl.where(writable, acc_hi / l_safe[:, None], float("nan")).to(out_ptr.dtype.element_ty),
+                 mask=mask_o)
+        if HAS_STATUS:
+            if writable == 0:
+                tl.store(status_ptr, 1)
+
+
+@triton.jit
 def _decode_reduce_kernel(
     part_o_ptr, part_lse_ptr, out_ptr, cache_seqlens_ptr, cache_starts_ptr, block_table_ptr, status_ptr,
     window, capacity, split_size,
@@ -175,14 +274,16 @@ class DecodeConfig(NamedTuple):
     v_scale_on_p: bool = True
 
 
-def decode_config(head_dim: int, int8: bool, elem_size: int = 2) -> DecodeConfig:
+def decode_config(head_dim: int, kind: str | bool, elem_size: int = 2) -> DecodeConfig:
     """K and V tiles of ~16 KiB each (32 KiB for int8 up to d128), 3 stages.
 
     Compiled for sm_90 offline (ptxas): fp16 d128 (64, 4, 3) 104 regs / 70 KiB smem; int8 d128 (128, 4, 3) 178 regs
     (Triton 3.9) or 198 (3.6) / 74 KiB; int8 d256 needs tiles of 32 and fp32 tiles of 16 to stay clear of spills.
     """
     d_pad = next_pow2(head_dim)
-    if int8:
+    if kind == "int4":  # a 128-token tile of d128 is 8 KiB of K and of V
+        return DecodeConfig(128 if d_pad <= 128 else 64, 4, 3)
+    if kind in (True, "int8"):
         return DecodeConfig(128 if d_pad <= 128 else 32, 4, 3)
     if elem_size == 4:  # fp32 runs its dots on CUDA cores (ieee): small tiles, or registers spill
         return DecodeConfig(16, 4, 2)
@@ -213,7 +314,8 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
     assert q_len == 1 and k.shape == (batch, 1, nheads_k, head_dim) and v.shape == k.shape, (q.shape, k.shape)
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "q, k, v: contiguous last dim"
     assert nheads % nheads_k == 0, (nheads, nheads_k)
-    int8 = check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, nheads_k, head_dim)
+    kind = check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, nheads_k, head_dim)
+    int8 = kind == "int8"
     assert cache_starts.dtype == torch.int32 and cache_starts.shape[0] >= batch and cache_starts.stride(0) == 1
     assert block_table.shape[0] >= batch and cache_seqlens.shape[0] >= batch
     has_holes = check_valid(cache_valid, batch)
@@ -221,7 +323,7 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
     block_size = k_cache.shape[2]
     capacity = block_table.shape[1] * block_size
     d_pad = next_pow2(head_dim)
-    config = config or decode_config(head_dim, int8, q.element_size())
+    config = config or decode_config(head_dim, kind, q.element_size())
     block_n, num_warps, num_stages = config[:3]
     v_scale_on_p = config[3] if len(config) > 3 else True  # a plain 3-tuple: DecodeConfig's default
     if num_splits is None:
@@ -239,20 +341,22 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
     window = int(window)
     has_status = status.numel() > 0
     with device_guard(q):
-        launcher(_decode_attn_kernel)[(num_splits, nheads_k, batch)](
-            q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid,
-            status, out, part_o, part_lse,
-            qk_scale, window, capacity, split_size, cache_valid.shape[-1] if has_holes else 0,
-            q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides(k_scale, int8),
-            block_table.stride(0), cache_valid.stride(0) if has_holes else 0,
-            out.stride(0), out.stride(2), part_o.stride(0), part_o.stride(1), part_o.stride(2),
-            part_lse.stride(0), part_lse.stride(1),
-            GROUP=group, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_SIZE=block_size,
-            HEAD_DIM=head_dim, D_PAD=d_pad, INT8=int8, V_SCALE_ON_P=int8 and v_scale_on_p, SPLIT=num_splits > 1,
-            UPCAST=upcast_dot(q.dtype), HAS_HOLES=has_holes, HAS_STATUS=has_status,
-            num_warps=num_warps, num_stages=num_stages,
-        )
+        args = (q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid,
+                status, out, part_o, part_lse,
+                qk_scale, window, capacity, split_size, cache_valid.shape[-1] if has_holes else 0,
+                q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
+                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides(k_scale, kind != "fp"),
+                block_table.stride(0), cache_valid.stride(0) if has_holes else 0,
+                out.stride(0), out.stride(2), part_o.stride(0), part_o.stride(1), part_o.stride(2),
+                part_lse.stride(0), part_lse.stride(1))
+        common = dict(GROUP=group, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_SIZE=block_size,
+                      HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT=num_splits > 1, UPCAST=upcast_dot(q.dtype),
+                      HAS_HOLES=has_holes, HAS_STATUS=has_status, num_warps=num_warps, num_stages=num_stages)
+        if kind == "int4":
+            launcher(_decode_attn_int4_kernel)[(num_splits, nheads_k, batch)](*args, **common)
+        else:
+            launcher(_decode_attn_kernel)[(num_splits, nheads_k, batch)](
+                *args, INT8=int8, V_SCALE_ON_P=int8 and v_scale_on_p, **common)
         if num_splits > 1:
             launcher(_decode_reduce_kernel)[(nheads, batch)](
                 part_o, part_lse, out, cache_seqlens, cache_starts, block_table, status,

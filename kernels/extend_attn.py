@@ -5,8 +5,9 @@ import triton
 import triton.language as tl
 
 from .decode_attn import LOG2E
-from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_guard, kv_tile_scores, launcher,
-                    next_pow2, scale_strides, slot_block, softmax_tile_update, tile_block_ids, upcast_dot, visible)
+from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_guard, int4_tile_update, kv_tile_scores,
+                    launcher, next_pow2, scale_strides, slot_block, softmax_tile_update, tile_block_ids, upcast_dot,
+                    visible)
 
 
 @triton.jit
@@ -75,12 +76,88 @@ def _extend_attn_kernel(
              mask=mask_r[:, None] & mask_d[None, :])
 
 
-def extend_config(head_dim: int, elem_size: int = 2):
+@triton.jit
+def _extend_attn_int4_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, cache_seqlens_ptr, cache_starts_ptr,
+    cache_valid_ptr, out_ptr,
+    qk_scale, window, capacity, q_len, valid_len,
+    stride_qb, stride_qt, stride_qh,
+    stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt, stride_mb,
+    stride_ob, stride_ot, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_HOLES: tl.constexpr,
+):
+    # The int4 twin of _extend_attn_kernel: rows and tiles as there, q and the output in their two halves
+    # (utils.int4_tile_update reads each packed tile without dequantizing it).
+    pid_m = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    rows = tl.arange(0, BLOCK_M * GROUP_PAD)
+    tok = pid_m * BLOCK_M + rows // GROUP_PAD
+    g = rows % GROUP_PAD
+    mask_r = (tok < q_len) & (g < GROUP)
+    heads = hk * GROUP + g
+    s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, tok, window, capacity)  # [R] each
+    _, n_lo, _ = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, pid_m * BLOCK_M, window, capacity)
+    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1
+    _, _, n_hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, last, window, capacity)
+
+    b64 = b.to(tl.int64)
+    offs_h = tl.arange(0, D_PAD // 2)
+    mask_h = offs_h < HALF
+    heads64 = heads[:, None].to(tl.int64)
+    q_row = q_ptr + b64 * stride_qb + tok[:, None].to(tl.int64) * stride_qt + heads64 * stride_qh + offs_h[None, :]
+    q_mask = mask_r[:, None] & mask_h[None, :]
+    q_lo = tl.load(q_row, mask=q_mask, other=0.0)
+    q_hi = tl.load(q_row + HALF, mask=q_mask, other=0.0)
+    if UPCAST:
+        q_lo, q_hi = q_lo.to(tl.float32), q_hi.to(tl.float32)
+    qsum_lo = tl.sum(q_lo.to(tl.float32), 1)
+    qsum_hi = tl.sum(q_hi.to(tl.float32), 1)
+    m = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
+    acc_lo = tl.zeros([BLOCK_M * GROUP_PAD, D_PAD // 2], tl.float32)
+    acc_hi = tl.zeros([BLOCK_M * GROUP_PAD, D_PAD // 2], tl.float32)
+
+    bt_row = block_table_ptr + b64 * stride_bt
+    tile_lo = n_lo - n_lo % BLOCK_N
+    n_end = n_hi + 1
+    offs_n = tl.arange(0, BLOCK_N)
+    next_phys = tile_block_ids(bt_row, tile_lo + offs_n, n_end, BLOCK_SIZE)
+    for start in range(tile_lo, n_end, BLOCK_N):
+        slots = start + offs_n
+        valid = visible((slots >= n_lo) & (slots < n_end), cache_valid_ptr, b64, slots, stride_mb, valid_len,
+                        HAS_HOLES)
+        phys = next_phys.to(tl.int64)
+        next_phys = tile_block_ids(bt_row, slots + BLOCK_N, n_end, BLOCK_SIZE)
+        row = phys * stride_cb + hk * stride_ch + (slots % BLOCK_SIZE) * stride_cs
+        srow = phys * stride_sb + hk * stride_sh + (slots % BLOCK_SIZE) * stride_ss
+        seen = (slots[None, :] >= lo[:, None]) & (slots[None, :] <= hi[:, None]) & valid[None, :]
+        m, l, acc_lo, acc_hi = int4_tile_update(m, l, acc_lo, acc_hi, q_lo, q_hi, qsum_lo, qsum_hi, k_cache_ptr,
+                                                v_cache_ptr, k_scale_ptr, v_scale_ptr, row, srow, offs_h, mask_h,
+                                                valid, seen, qk_scale, True)
+
+    l = tl.where(l > 0.0, l, 1.0)
+    _, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)
+    dst = out_ptr + b64 * stride_ob + tok[:, None].to(tl.int64) * stride_ot + heads64 * stride_oh + offs_h[None, :]
+    o_mask = mask_r[:, None] & mask_h[None, :]
+    tl.store(dst, tl.where(writable[:, None], acc_lo / l[:, None], float("nan")).to(out_ptr.dtype.element_ty),
+             mask=o_mask)
+    tl.store(dst + HALF, tl.where(writable[:, None], acc_hi / l[:, None], float("nan")).to(out_ptr.dtype.element_ty),
+             mask=o_mask)
+
+
+def extend_config(head_dim: int, elem_size: int = 2, kind: str = "fp"):
     """(rows per program, BLOCK_N, num_warps, num_stages): no register spills on sm_90 (ptxas) for fp16/bf16/int8
-    up to d256, nor for fp32 (CUDA-core dots, small tiles)."""
+    up to d256, nor for fp32 (CUDA-core dots, small tiles); int4 keeps two half-width accumulators: fewer rows."""
     d_pad = next_pow2(head_dim)
     if elem_size == 4:
         return (32 if d_pad <= 128 else 16, 16, 4, 2)
+    if kind == "int4":
+        return {64: (64, 32, 4, 2), 128: (32, 64, 8, 3)}.get(max(64, d_pad), (32, 32, 8, 2))
     if d_pad <= 64:
         return (64, 64, 4, 3)
     if d_pad <= 128:
@@ -94,28 +171,31 @@ def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlen
     nheads_k = k_cache.shape[1]
     assert q.stride(-1) == 1, "q: contiguous last dim"
     assert nheads % nheads_k == 0, (nheads, nheads_k)
-    int8 = check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, nheads_k, head_dim)
+    kind = check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, nheads_k, head_dim)
     assert cache_starts.dtype == torch.int32 and cache_starts.shape[0] >= batch and cache_starts.stride(0) == 1
     assert block_table.shape[0] >= batch and cache_seqlens.shape[0] >= batch
     has_holes = check_valid(cache_valid, batch)
     group = nheads // nheads_k
     group_pad = next_pow2(group)
-    block_r, block_n, num_warps, num_stages = extend_config(head_dim, q.element_size())
+    block_r, block_n, num_warps, num_stages = extend_config(head_dim, q.element_size(), kind)
     block_m = max(1, block_r // group_pad)
     out = torch.empty((batch, q_len, nheads, head_dim), dtype=q.dtype, device=q.device)
     if batch * q_len == 0:
         return out
     with device_guard(q):
-        launcher(_extend_attn_kernel)[(cdiv(q_len, block_m), nheads_k, batch)](
-            q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid, out,
-            float(softmax_scale) * LOG2E, int(window), block_table.shape[1] * k_cache.shape[2], q_len,
-            cache_valid.shape[-1] if has_holes else 0,
-            q.stride(0), q.stride(1), q.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides(k_scale, int8),
-            block_table.stride(0), cache_valid.stride(0) if has_holes else 0,
-            out.stride(0), out.stride(1), out.stride(2),
-            GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[2],
-            HEAD_DIM=head_dim, D_PAD=next_pow2(head_dim), INT8=int8, UPCAST=upcast_dot(q.dtype),
-            HAS_HOLES=has_holes, num_warps=num_warps, num_stages=num_stages,
-        )
+        args = (q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid, out,
+                float(softmax_scale) * LOG2E, int(window), block_table.shape[1] * k_cache.shape[2], q_len,
+                cache_valid.shape[-1] if has_holes else 0,
+                q.stride(0), q.stride(1), q.stride(2),
+                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides(k_scale, kind != "fp"),
+                block_table.stride(0), cache_valid.stride(0) if has_holes else 0,
+                out.stride(0), out.stride(1), out.stride(2))
+        common = dict(GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, BLOCK_N=block_n,
+                      BLOCK_SIZE=k_cache.shape[2], HEAD_DIM=head_dim, D_PAD=next_pow2(head_dim),
+                      UPCAST=upcast_dot(q.dtype), HAS_HOLES=has_holes, num_warps=num_warps, num_stages=num_stages)
+        grid = (cdiv(q_len, block_m), nheads_k, batch)
+        if kind == "int4":
+            launcher(_extend_attn_int4_kernel)[grid](*args, **common)
+        else:
+            launcher(_extend_attn_kernel)[grid](*args, INT8=kind == "int8", **common)
     return out

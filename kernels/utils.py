@@ -50,15 +50,22 @@ def upcast_dot(dtype: torch.dtype) -> bool:
 
 
 def check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, nheads_k, head_dim):
-    assert k_cache.dim() == 4 and k_cache.shape[1] == nheads_k and k_cache.shape[3] == head_dim, k_cache.shape
+    """Asserts the paged layout (hf_kvplug/reference.py); returns the format: "fp", "int8" or "int4"."""
+    kind = {torch.int8: "int8", torch.uint8: "int4"}.get(k_cache.dtype, "fp")
+    width = head_dim // 2 if kind == "int4" else head_dim
+    assert k_cache.dim() == 4 and k_cache.shape[1] == nheads_k and k_cache.shape[3] == width, k_cache.shape
     assert v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype
     assert k_cache.stride(-1) == 1 and v_cache.stride() == k_cache.stride(), "caches: contiguous last dim, same strides"
     assert block_table.dtype == torch.int32 and block_table.dim() == 2 and block_table.stride(1) == 1
     assert cache_seqlens.dtype == torch.int32 and cache_seqlens.dim() == 1 and cache_seqlens.stride(0) == 1
-    if k_cache.dtype == torch.int8:
+    if kind == "int8":
         assert k_scale.dtype == torch.float32 and k_scale.shape == k_cache.shape[:3], k_scale.shape
+    if kind == "int4":
+        assert k_scale.dtype == torch.float16 and k_scale.shape == (*k_cache.shape[:3], 4), k_scale.shape
+        assert k_scale.stride(-1) == 1
+    if kind != "fp":
         assert v_scale.shape == k_scale.shape and v_scale.stride() == k_scale.stride()
-    return k_cache.dtype == torch.int8
+    return kind
 
 
 def check_valid(cache_valid, batch: int) -> bool:
@@ -70,8 +77,8 @@ def check_valid(cache_valid, batch: int) -> bool:
     return True
 
 
-def scale_strides(k_scale, int8: bool):
-    return tuple(k_scale.stride()) if int8 else (0, 0, 0)
+def scale_strides(k_scale, quantized: bool):
+    return tuple(k_scale.stride()[:3]) if quantized else (0, 0, 0)
 
 
 @triton.jit
@@ -194,3 +201,97 @@ def softmax_tile_update(m, l, acc, qk, v, vs, V_SCALE_ON_P: tl.constexpr, EMPTY_
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return m_new, l, acc
+
+
+# ------------------------------------------------------------------------------------------------ int4
+# Layout (hf_kvplug/reference.py): byte j of a token's head holds dim j (low nibble) and dim j + D/2 (high nibble);
+# params [4] fp16 = (scale, minimum) of the low half, then of the high half; x ~= n * scale + minimum.
+
+
+@triton.jit
+def quantize_int4_half(x, mask):
+    # x [DH] fp32, mask [DH] its real lanes -> (n [DH] fp32 in 0..15, scale, minimum), scale and minimum rounded to
+    # fp16 as stored (the reference quantizes with the stored values too).
+    lo = tl.min(tl.where(mask, x, float("inf")), axis=0)
+    hi = tl.max(tl.where(mask, x, float("-inf")), axis=0)
+    scale = tl.math.div_rn(hi - lo, 15.0).to(tl.float16).to(tl.float32)
+    minimum = lo.to(tl.float16).to(tl.float32)
+    inv = tl.where(scale > 0.0, tl.math.div_rn(1.0, tl.maximum(scale, 1e-30)), 0.0)
+    n = tl.minimum(tl.maximum(round_half_even((x - minimum) * inv), 0.0), 15.0)
+    return n, scale, minimum
+
+
+@triton.jit
+def nibbles_to_float(n, DTYPE: tl.constexpr):
+    # Exact uint8 values 0..15 -> DTYPE without I2F: OR-ed into the mantissa of a power of two, which is subtracted
+    # (it must be: leaving it in and correcting afterwards multiplies the rounding of the other dot operand by it).
+    if DTYPE == tl.float16:
+        y = (n.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    elif DTYPE == tl.bfloat16:
+        y = (n.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+    else:
+        y = (n.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return y
+
+
+@triton.jit
+def int4_tile(cache_ptr, scale_ptr, row, srow, offs_h, kv_mask, valid, DTYPE: tl.constexpr):
+    # One packed tile [BLOCK_N, DH] -> (low values, high values) [BLOCK_N, DH] as exact integers in DTYPE, and the
+    # four params [BLOCK_N] fp32 (0 where not valid).
+    packed = tl.load(cache_ptr + row[:, None] + offs_h[None, :], mask=kv_mask, other=0)
+    lo = nibbles_to_float(packed & 0xF, DTYPE)
+    hi = nibbles_to_float(packed >> 4, DTYPE)
+    s_lo = tl.load(scale_ptr + srow, mask=valid, other=0.0).to(tl.float32)
+    m_lo = tl.load(scale_ptr + srow + 1, mask=valid, other=0.0).to(tl.float32)
+    s_hi = tl.load(scale_ptr + srow + 2, mask=valid, other=0.0).to(tl.float32)
+    m_hi = tl.load(scale_ptr + srow + 3, mask=valid, other=0.0).to(tl.float32)
+    return lo, hi, s_lo, m_lo, s_hi, m_hi
+
+
+@triton.jit
+def int4_tile_update(m, l, acc_lo, acc_hi, q_lo, q_hi, qsum_lo, qsum_hi, k_cache_ptr, v_cache_ptr, k_scale_ptr,
+                     v_scale_ptr, row, srow, offs_h, mask_h, valid, seen, qk_scale, EMPTY_ROWS: tl.constexpr):
+    # One int4 K/V tile folded into the online softmax of q [rows, DH] halves, without dequantizing the tile:
+    # q . k = s_lo (q_lo . n_lo) + m_lo sum(q_lo) + (same for the high half); p . v per half is
+    # max(s) * ((p s / max(s)) . n) + p . m. `seen` [rows, BLOCK_N] marks what each row attends.
+    dt = q_lo.dtype
+    kv_mask = valid[:, None] & mask_h[None, :]
+    k_lo, k_hi, ks_lo, km_lo, ks_hi, km_hi = int4_tile(k_cache_ptr, k_scale_ptr, row, srow, offs_h, kv_mask, valid,
+                                                       dt)
+    qk = tl.dot(q_lo, tl.trans(k_lo), input_precision="ieee") * ks_lo[None, :]
+    qk += tl.dot(q_hi, tl.trans(k_hi), input_precision="ieee") * ks_hi[None, :]
+    qk += qsum_lo[:, None] * km_lo[None, :] + qsum_hi[:, None] * km_hi[None, :]
+    qk = tl.where(seen, qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new) if EMPTY_ROWS else m_new
+    alpha = tl.exp2(m - m_use)
+    p = tl.exp2(qk - m_use[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    v_lo, v_hi, vs_lo, vm_lo, vs_hi, vm_hi = int4_tile(v_cache_ptr, v_scale_ptr, row, srow, offs_h, kv_mask, valid,
+                                                       dt)
+    top_lo = tl.maximum(tl.max(vs_lo, 0), 1e-30)
+    top_hi = tl.maximum(tl.max(vs_hi, 0), 1e-30)
+    acc_lo = acc_lo * alpha[:, None] + top_lo * tl.dot((p * (vs_lo / top_lo)[None, :]).to(dt), v_lo,
+                                                       input_precision="ieee")
+    acc_hi = acc_hi * alpha[:, None] + top_hi * tl.dot((p * (vs_hi / top_hi)[None, :]).to(dt), v_hi,
+                                                       input_precision="ieee")
+    acc_lo += tl.sum(p * vm_lo[None, :], 1)[:, None]
+    acc_hi += tl.sum(p * vm_hi[None, :], 1)[:, None]
+    return m_new, l, acc_lo, acc_hi
+
+
+@triton.jit
+def store_int4(x_ptr, cache_ptr, scale_ptr, dst, sdst, offs_h, mask_h, HALF: tl.constexpr):
+    # Quantize one token's head x [2 * HALF] (model dtype at x_ptr) to int4 and store it: packed [HALF] bytes at
+    # cache_ptr + dst + offs_h, params [4] fp16 at scale_ptr + sdst. Returns the dequantized halves [HALF] fp32 (what
+    # a later read gives back).
+    x_lo = tl.load(x_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    x_hi = tl.load(x_ptr + HALF + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    n_lo, s_lo, m_lo = quantize_int4_half(x_lo, mask_h)
+    n_hi, s_hi, m_hi = quantize_int4_half(x_hi, mask_h)
+    tl.store(cache_ptr + dst + offs_h, n_lo.to(tl.uint8) | (n_hi.to(tl.uint8) << 4), mask=mask_h)
+    tl.store(scale_ptr + sdst, s_lo.to(tl.float16))
+    tl.store(scale_ptr + sdst + 1, m_lo.to(tl.float16))
+    tl.store(scale_ptr + sdst + 2, s_hi.to(tl.float16))
+    tl.store(scale_ptr + sdst + 3, m_hi.to(tl.float16))
+    return n_lo * s_lo + m_lo, n_hi * s_hi + m_hi

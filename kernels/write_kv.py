@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .utils import check_cache, device_guard, launcher, next_pow2, quantize_int8, scale_strides, slot_block
+from .utils import check_cache, device_guard, launcher, next_pow2, quantize_int8, scale_strides, slot_block, store_int4
 
 
 @triton.jit
@@ -14,7 +14,7 @@ def _write_kvcache_kernel(
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, INT8: tl.constexpr,
-    HAS_STATUS: tl.constexpr,
+    INT4: tl.constexpr, HAS_STATUS: tl.constexpr,
 ):
     # k, v [B, q_len, nheads_k, D]; caches [num_blocks, nheads_k, BLOCK_SIZE, D]; scales [num_blocks, nheads_k, BS]
     pid = tl.program_id(0)
@@ -28,18 +28,27 @@ def _write_kvcache_kernel(
             tl.store(status_ptr, 1)
         return
     slot = s % BLOCK_SIZE
+    i64, hk64 = i.to(tl.int64), hk.to(tl.int64)  # k, v are transposed views: stride_kh = q_len * D
+    k_src = k_ptr + b * stride_kb + i64 * stride_kt + hk64 * stride_kh
+    v_src = v_ptr + b * stride_vb + i64 * stride_vt + hk64 * stride_vh
+    sdst = phys * stride_sb + hk * stride_sh + slot * stride_ss
+    if INT4:  # two values a byte: dims j and j + HEAD_DIM / 2
+        offs_h = tl.arange(0, D_PAD // 2)
+        mask_h = offs_h < HEAD_DIM // 2
+        dst = phys * stride_cb + hk * stride_ch + slot * stride_cs
+        store_int4(k_src, k_cache_ptr, k_scale_ptr, dst, sdst, offs_h, mask_h, HEAD_DIM // 2)
+        store_int4(v_src, v_cache_ptr, v_scale_ptr, dst, sdst, offs_h, mask_h, HEAD_DIM // 2)
+        return
     offs_d = tl.arange(0, D_PAD)
     mask_d = offs_d < HEAD_DIM
-    i64, hk64 = i.to(tl.int64), hk.to(tl.int64)  # k, v are transposed views: stride_kh = q_len * D
-    k = tl.load(k_ptr + b * stride_kb + i64 * stride_kt + hk64 * stride_kh + offs_d, mask=mask_d, other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + i64 * stride_vt + hk64 * stride_vh + offs_d, mask=mask_d, other=0.0)
+    k = tl.load(k_src + offs_d, mask=mask_d, other=0.0)
+    v = tl.load(v_src + offs_d, mask=mask_d, other=0.0)
     dst = phys * stride_cb + hk * stride_ch + slot * stride_cs + offs_d
     if INT8:
         kq, ks = quantize_int8(k.to(tl.float32))
         vq, vs = quantize_int8(v.to(tl.float32))
         tl.store(k_cache_ptr + dst, kq, mask=mask_d)
         tl.store(v_cache_ptr + dst, vq, mask=mask_d)
-        sdst = phys * stride_sb + hk * stride_sh + slot * stride_ss
         tl.store(k_scale_ptr + sdst, ks)
         tl.store(v_scale_ptr + sdst, vs)
     else:
@@ -50,7 +59,7 @@ def _write_kvcache_kernel(
 def write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status):
     batch, q_len, nheads_k, head_dim = k.shape
     assert v.shape == k.shape and k.stride(-1) == 1 and v.stride(-1) == 1, "k, v: [B, q_len, nheads_k, D], last dim 1"
-    int8 = check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, nheads_k, head_dim)
+    kind = check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, nheads_k, head_dim)
     assert block_table.shape[0] >= batch and cache_seqlens.shape[0] >= batch
     if batch * q_len == 0:
         return
@@ -60,8 +69,8 @@ def write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_s
             k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status,
             q_len, capacity,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides(k_scale, int8),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides(k_scale, kind != "fp"),
             block_table.stride(0),
-            BLOCK_SIZE=k_cache.shape[2], HEAD_DIM=head_dim, D_PAD=next_pow2(head_dim), INT8=int8,
-            HAS_STATUS=status.numel() > 0, num_warps=1 if head_dim <= 128 else 2,
+            BLOCK_SIZE=k_cache.shape[2], HEAD_DIM=head_dim, D_PAD=next_pow2(head_dim), INT8=kind == "int8",
+            INT4=kind == "int4", HAS_STATUS=status.numel() > 0, num_warps=1 if head_dim <= 128 else 2,
         )

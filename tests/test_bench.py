@@ -155,8 +155,8 @@ def _decode_kernel_bench():
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("int8", [False, True])
-def test_decode_kernel_bench_case_is_correct(int8):
+@pytest.mark.parametrize("kv", ["fp16", "int8", "int4"])
+def test_decode_kernel_bench_case_is_correct(kv):
     """The GPU-only kernel benchmark's paged copy, decode call and expected output agree (here on the interpreter),
     at both capacities it may pick."""
     bdk = _decode_kernel_bench()
@@ -164,14 +164,15 @@ def test_decode_kernel_bench_case_is_correct(int8):
     batch, nheads, nheads_k, d, context, bs = 2, 8, 2, 64, 45, 16
     keys, values = (torch.randn(batch, nheads_k, context, d, generator=gen, dtype=torch.float16) for _ in range(2))
     q = torch.randn(batch, 1, nheads, d, generator=gen, dtype=torch.float16)
-    want = bdk.expected_output(q, keys, values, d ** -0.5, int8)
+    want = bdk.expected_output(q, keys, values, d ** -0.5, kv)
     for capacity in (2 * context, 48):
-        got = bdk.kvplug_call(q, keys, values, d ** -0.5, bs, capacity, int8)()
+        got = bdk.kvplug_call(q, keys, values, d ** -0.5, bs, capacity, kv)()
         torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
-    free = 10 * bdk.kv_bytes(batch, nheads_k, context, d, False)
-    assert bdk.kvplug_capacity(batch, nheads_k, context, d, bs, int8, free) == 96  # 2 x 45, rounded up to blocks
-    assert bdk.kvplug_capacity(batch, nheads_k, context, d, bs, int8, free // 4) == 48
-    assert bdk.kvplug_capacity(batch, nheads_k, context, d, bs, int8, free // 10) is None
+    free = 10 * bdk.kv_bytes(batch, nheads_k, context, d, "fp16")
+    assert bdk.kvplug_capacity(batch, nheads_k, context, d, bs, kv, free) == 96  # 2 x 45, rounded up to blocks
+    if kv != "int4":  # a quarter of the bytes still fits 2 x the context there
+        assert bdk.kvplug_capacity(batch, nheads_k, context, d, bs, kv, free // 4) == 48
+    assert bdk.kvplug_capacity(batch, nheads_k, context, d, bs, kv, free // 10) is None
 
 
 def test_decode_kernel_bench_judges_the_targets():
@@ -180,12 +181,14 @@ def test_decode_kernel_bench_judges_the_targets():
     rows = [dict(row, batch=8, context=16384, kv_dtype="fp16", pct_copy_bw=91.0, median_us=100.0),
             dict(row, batch=8, context=32768, kv_dtype="fp16", pct_copy_bw=88.5, median_us=200.0),
             dict(row, batch=8, context=32768, kv_dtype="int8", pct_copy_bw=80.0, median_us=105.0),
+            dict(row, batch=8, context=32768, kv_dtype="int4", pct_copy_bw=70.0, median_us=100.0),
             dict(row, batch=1, context=32768, kv_dtype="fp16", pct_copy_bw=76.0, median_us=30.0),
             dict(row, batch=1, context=1024, kv_dtype="fp16", status="oom")]
     text = "\n".join(bdk.target_lines(rows))
     assert "88.5%-91.0% of copy bandwidth over 2 cases (target >= 90%: missed; lowest llama3-8b B=8 ctx=32768)" in text
     assert "single request at 32k, llama3-8b: 76.0% of copy bandwidth (target >= 75%: met)" in text
-    assert "1.90x-1.90x faster over 1 cases (target >= 1.8x: met" in text
+    assert "INT8 vs fp16 time at batch x context >= 256k: 1.90x-1.90x faster over 1 cases (target >= 1.8x: met" in text
+    assert "INT4 vs fp16 time at batch x context >= 256k: 2.00x-2.00x faster over 1 cases (target >= 2.5x: missed" in text
 
 
 @pytest.mark.interpreter
@@ -202,7 +205,7 @@ def test_decode_kernel_tune_plumbing(tmp_path, monkeypatch):
 
     def paged_cache(*args):
         calls.append(1)
-        if len(calls) == 3:  # the second case's first dtype
+        if len(calls) == 1 + len(bdk.DTYPES):  # the second case's first dtype
             raise torch.OutOfMemoryError("simulated")
         return real(*args)
 
@@ -215,7 +218,7 @@ def test_decode_kernel_tune_plumbing(tmp_path, monkeypatch):
     for r in rows:
         by_case.setdefault((r["model"], r["kv_dtype"]), []).append(r)
     assert [r["status"] for r in by_case[("qwen2.5-7b", "fp16")]] == ["error: OutOfMemoryError: simulated"]
-    for key in [("llama3-8b", "fp16"), ("llama3-8b", "int8"), ("qwen2.5-7b", "int8")]:
+    for key in [("llama3-8b", "fp16"), ("llama3-8b", "int8"), ("qwen2.5-7b", "int8"), ("llama3-8b", "int4")]:
         case = by_case[key]
         assert all(r["status"] == "ok" for r in case), [r["status"] for r in case]
         launches = [(r["block_n"], r["num_warps"], r["num_stages"], r["v_scale_on_p"], r["num_splits"]) for r in case]

@@ -79,6 +79,9 @@ def test_int8_bytes_per_token():
                dtype=torch.float16, layer_devices=["cpu"] * 32)
     ratio = PlugConfig(kv_dtype="int8", **big).bytes_per_token() / PlugConfig(**big).bytes_per_token()
     assert ratio == pytest.approx(264 / 512)
+    # int4: head_dim / 2 bytes + a scale and a minimum (fp16) per half, for K and V: 0.281 x fp16 (target <= 0.30)
+    ratio = PlugConfig(kv_dtype="int4", **big).bytes_per_token() / PlugConfig(**big).bytes_per_token()
+    assert ratio == pytest.approx(144 / 512) and ratio <= 0.30
 
 
 def test_reset_keeps_addresses_and_returns_blocks(filled):
@@ -124,7 +127,7 @@ def test_reorder_moves_block_ids_not_data(filled):
                                                                              dtype=torch.int32))
 
 
-@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "int4"])
 def test_reorder_then_decode_matches_reordered_prompts(kv_dtype):
     """After a reorder two rows share blocks; each row's next writes go to its own copy of the partly filled block
     (copy-on-write), and the logits equal a cache filled with the reordered prompts."""
@@ -141,9 +144,9 @@ def test_reorder_then_decode_matches_reordered_prompts(kv_dtype):
     assert cache.stats()["blocks_shared"] == 2  # rows 1 and 2 still share the two full blocks of row 0's prompt
 
 
-@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "int4"])
 def test_keys_and_values_are_per_row_like_a_stock_cache(kv_dtype):
-    """`layers[i].keys / .values`: [batch, kv_heads, seq_len, head_dim] in the model dtype (dequantized for INT8),
+    """`layers[i].keys / .values`: [batch, kv_heads, seq_len, head_dim] in the model dtype (dequantized for INT8 / INT4),
     as DynamicCache gives them; the paged pool keeps its own names."""
     stock = tiny_model("qwen3")
     model = hf_kvplug.patch(tiny_model("qwen3"))
@@ -160,9 +163,10 @@ def test_keys_and_values_are_per_row_like_a_stock_cache(kv_dtype):
             torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-6)
         else:
-            torch.testing.assert_close(mine.values, theirs.values, atol=0.02 * theirs.values.abs().max().item(),
+            bound = 0.02 if kv_dtype == "int8" else 0.1  # INT4: range / 30 per half of head_dim at most
+            torch.testing.assert_close(mine.values, theirs.values, atol=bound * theirs.values.abs().max().item(),
                                        rtol=0)
-    assert cache.layers[0].k_cache.shape[1:] == (2, 4, 16)
+    assert cache.layers[0].k_cache.shape[1:] == (2, 4, 8 if kv_dtype == "int4" else 16)  # INT4: two values a byte
 
 
 def test_contrastive_search_row_methods():

@@ -39,16 +39,16 @@ def _id(r):
 
 
 def test_no_spills(rows):
-    """Llama-3-8B (GQA 4) and Qwen2.5-7B (GQA 7) shapes, fp16/bf16 and INT8 caches, decode (split or not), extend,
-    each also in the variant for attention masks with holes."""
-    assert len(rows) == 36
+    """Llama-3-8B (GQA 4) and Qwen2.5-7B (GQA 7) shapes, fp16/bf16, INT8 and INT4 caches, decode (split or not),
+    extend, each also in the variant for attention masks with holes."""
+    assert len(rows) == 54
     spilled = [(_id(r), r["regs"], r["spill_bytes"]) for r in rows if r["spill_bytes"]]
     assert not spilled, spilled
 
 
 def test_decode_loop_has_no_i2f(rows):
-    """INT8 dequantization by integer ops: I2F (16 per SM and clock) in the K/V loop would bound it (the new token's
-    conversion, outside the loop, may use it)."""
+    """INT8 and INT4 dequantization by integer ops: I2F (16 per SM and clock) in the K/V loop would bound it (the
+    new token's conversion, outside the loop, may use it)."""
     decode = [r for r in rows if r["kernel"].startswith("decode")]
     assert decode and all(r["loop_instructions"] > 100 for r in decode), [(_id(r), r["loop_instructions"])
                                                                          for r in decode]

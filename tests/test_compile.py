@@ -123,7 +123,7 @@ def plugged(family, dtype=torch.float32, kv_dtype=None, max_batch_size=2, max_ca
 # ---------------------------------------------------------------------------------------------------- one decode step
 
 @pytest.mark.parametrize("family,kv_dtype,dtype", [
-    ("llama", None, torch.float32), ("llama", "int8", torch.float32),
+    ("llama", None, torch.float32), ("llama", "int8", torch.float32), ("llama", "int4", torch.float32),
     ("qwen3", None, torch.float32),
     ("qwen3_sliding", None, torch.float32), ("qwen3_sliding", "int8", torch.float32),
     ("llama", None, torch.bfloat16), ("qwen3_sliding", "int8", torch.bfloat16),

@@ -19,9 +19,10 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 pytestmark = pytest.mark.interpreter
 
-# cache dtype name -> (model dtype, int8 cache)
-KINDS = {"fp16": (torch.float16, False), "bf16": (torch.bfloat16, False), "fp32": (torch.float32, False),
-         "int8": (torch.float16, True), "int8-bf16": (torch.bfloat16, True)}
+# cache dtype name -> (model dtype, cache format)
+KINDS = {"fp16": (torch.float16, None), "bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
+         "int8": (torch.float16, "int8"), "int8-bf16": (torch.bfloat16, "int8"),
+         "int4": (torch.float16, "int4"), "int4-bf16": (torch.bfloat16, "int4")}
 EPS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HEADS = [(4, 4), (8, 2), (7, 1), (4, 1)]  # MHA, GQA 4:1, 7:1, MQA
@@ -32,7 +33,8 @@ class Case:
 
     def __init__(self, kind, head_dim, heads, block_size, q_len, window=0, seqlens=None, starts=None,
                  max_blocks=None, spare_blocks=3, holes=False):
-        self.dtype, self.int8 = KINDS[kind]
+        self.dtype, self.fmt = KINDS[kind]
+        self.int8 = self.fmt is not None  # a quantized cache (int8 or int4)
         self.nheads, self.nheads_k = heads
         self.head_dim, self.block_size, self.q_len, self.window = head_dim, block_size, q_len, window
         bs = block_size
@@ -50,9 +52,10 @@ class Case:
         self.cache_seqlens = torch.tensor(seqlens, dtype=torch.int32, device=dev)
         self.cache_starts = torch.tensor(starts, dtype=torch.int32, device=dev)
         shape = (num_blocks, hk, bs, d)
-        if self.int8:
-            self.k_cache, self.k_scale = R.quantize_int8(torch.randn(shape, device=dev))
-            self.v_cache, self.v_scale = R.quantize_int8(torch.randn(shape, device=dev))
+        if self.fmt is not None:
+            quantize = R.quantize_int8 if self.fmt == "int8" else R.quantize_int4
+            self.k_cache, self.k_scale = quantize(torch.randn(shape, device=dev))
+            self.v_cache, self.v_scale = quantize(torch.randn(shape, device=dev))
         else:
             self.k_cache = torch.randn(shape, device=dev).to(self.dtype)
             self.v_cache = torch.randn(shape, device=dev).to(self.dtype)
@@ -99,15 +102,22 @@ class Case:
         return R.attend_fp64_ref(self.q, keys, values, self.seen(keys.shape[2]), self.softmax_scale)
 
     def written(self, bufs):
-        """(k, v, k_scale, v_scale) at the new tokens' slots: [B, q_len, nheads_k, D] values (dequantized for int8)."""
+        """(k, v, k step, v step) at the new tokens' slots: [B, q_len, nheads_k, D] values (dequantized when
+        quantized) and the quantization step per value (None for model-dtype caches)."""
         slots = self.cache_seqlens[: self.batch].long().unsqueeze(1) + torch.arange(self.q_len, device=DEVICE)
         blocks = self.block_table.long().gather(1, slots // self.block_size)
         offs = slots % self.block_size
-        if not self.int8:
+        if self.fmt is None:
             return bufs[0][blocks, :, offs], bufs[1][blocks, :, offs], None, None
         ks, vs = bufs[2][blocks, :, offs], bufs[3][blocks, :, offs]
-        return (bufs[0][blocks, :, offs].float() * ks[..., None], bufs[1][blocks, :, offs].float() * vs[..., None],
-                ks, vs)
+        k = R.dequantize(bufs[0][blocks, :, offs], ks, torch.float32)
+        v = R.dequantize(bufs[1][blocks, :, offs], vs, torch.float32)
+        if self.fmt == "int8":
+            return k, v, ks[..., None], vs[..., None]
+        half = self.head_dim // 2
+        step = lambda p: torch.cat([p[..., 0:1].float().expand(*p.shape[:-1], half),  # noqa: E731
+                                    p[..., 2:3].float().expand(*p.shape[:-1], half)], -1)
+        return k, v, step(ks), step(vs)
 
 
 def assert_cache_written(case, got, want):
@@ -115,13 +125,11 @@ def assert_cache_written(case, got, want):
     if not case.int8:
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         return
-    for a, b in zip(got[:2], want[:2]):  # a near-tie may round the other way (fp contraction on GPU): 1 level
-        assert (a.int() - b.int()).abs().max().item() <= 1
-    for a, b in zip(got[2:], want[2:]):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
-    k_deq, v_deq, ks, vs = case.written(got)  # within half a quantization step of what was written
-    assert ((k_deq - case.k.float()).abs() <= 0.5 * ks[..., None] * (1 + 1e-5) + 1e-7).all()
-    assert ((v_deq - case.v.float()).abs() <= 0.5 * vs[..., None] * (1 + 1e-5) + 1e-7).all()
+    assert_quantized_close(got, want)
+    k_deq, v_deq, k_step, v_step = case.written(got)  # within half a quantization step of what was written
+    slack = 1e-3 if case.fmt == "int4" else 1e-7  # int4: the fp16 minimum adds its own rounding
+    assert ((k_deq - case.k.float()).abs() <= 0.5 * k_step * (1 + 1e-5) + slack).all()
+    assert ((v_deq - case.v.float()).abs() <= 0.5 * v_step * (1 + 1e-5) + slack).all()
 
 
 def assert_attention_close(case, out, out_pt, oracle, mult=2.0):
@@ -180,11 +188,11 @@ def test_extend(case):
     check(Case(kind, d, heads, bs, q_len, window))
 
 
-@pytest.mark.parametrize("kind", ["fp16", "int8"])
+@pytest.mark.parametrize("kind", ["fp16", "int8", "int4"])
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 64])
 def test_decode_splits(kind, num_splits, monkeypatch):
     """Any split count gives the same answer: tiles of 16 make many small splits over 5 rows of different lengths."""
-    monkeypatch.setattr(DA, "decode_config", lambda head_dim, int8, elem_size=2: (16, 4, 1))
+    monkeypatch.setattr(DA, "decode_config", lambda head_dim, kind, elem_size=2: (16, 4, 1))
     case = Case(kind, 64, (8, 2), 16, 1, window=0)
     bufs, ref_bufs = case.buffers(), case.buffers()
     out = DA.decode_attn(case.q, case.k, case.v, *bufs, *case.tables(), case.cache_starts, case.valid, case.status,
@@ -224,7 +232,7 @@ def test_short_row_in_big_cache(window, monkeypatch):
         torch.testing.assert_close(out[row], case.v[row].repeat_interleave(4, dim=1), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["fp16", "int8"])
+@pytest.mark.parametrize("kind", ["fp16", "int8", "int4"])
 def test_decode_and_extend_agree(kind):
     """The fused decode and write + extend paths, on the same cache state and token, match each other and torch."""
     case = Case(kind, 64, (8, 2), 16, 1, window=0)
@@ -241,7 +249,7 @@ def test_decode_and_extend_agree(kind):
     torch.testing.assert_close(out_decode, out_extend, rtol=0, atol=4e-3)
 
 
-@pytest.mark.parametrize("kind", ["fp16", "int8", "bf16"])
+@pytest.mark.parametrize("kind", ["fp16", "int8", "bf16", "int4"])
 @pytest.mark.parametrize("q_len, window", [(1, 0), (1, 11), (5, 0), (19, 7)])
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 def test_masks_with_holes(kind, q_len, window, num_splits, monkeypatch):
@@ -256,7 +264,7 @@ def test_masks_with_holes(kind, q_len, window, num_splits, monkeypatch):
     check(Case(kind, 64, (8, 2), 16, q_len, window, holes=True))
 
 
-@pytest.mark.parametrize("kind", ["fp16", "int8"])
+@pytest.mark.parametrize("kind", ["fp16", "int8", "int4"])
 @pytest.mark.parametrize("q_len", [1, 6])
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_stale_values_in_hidden_slots_never_leak(kind, q_len, poison):
@@ -277,7 +285,7 @@ def test_stale_values_in_hidden_slots_never_leak(kind, q_len, poison):
     torch.testing.assert_close(got, clean, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("q_len", [1, 3, 40])
 def test_write(kind, q_len):
     case = Case(kind, 80, (4, 2), 16, q_len)
@@ -317,7 +325,7 @@ def assert_untouched(case, got, before):
             assert torch.equal(a[keep], b[keep])
 
 
-@pytest.mark.parametrize("kind", ["fp16", "int8"])
+@pytest.mark.parametrize("kind", ["fp16", "int8", "int4"])
 @pytest.mark.parametrize("q_len", [1, 6])
 def test_write_past_capacity(kind, q_len):
     """Tokens past a row's last block are not written and never silent: status set, their outputs NaN; other rows,
@@ -360,11 +368,18 @@ def test_unmapped_block_is_never_written(q_len):
     assert torch.equal(bufs[0][~written], before[0][~written])
 
 
-def assert_cache_written_int8_no_oracle(got, want):
+def assert_quantized_close(got, want):
+    """Quantized caches after the kernel write vs the reference write: a near-tie may round the other way (fp
+    contraction on GPU): one level at most; the scales (int4: scale and minimum, fp16) equal."""
     for a, b in zip(got[:2], want[:2]):
+        if a.dtype == torch.uint8:  # int4: both nibbles
+            a, b = torch.stack([a & 15, a >> 4]), torch.stack([b & 15, b >> 4])
         assert (a.int() - b.int()).abs().max().item() <= 1
     for a, b in zip(got[2:], want[2:]):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-6 if a.dtype == torch.float32 else 1e-3, atol=0)
+
+
+assert_cache_written_int8_no_oracle = assert_quantized_close
 
 
 def test_prefill_empty_cache_left_padding():

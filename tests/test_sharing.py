@@ -65,7 +65,7 @@ def test_return_sequences_memory_target(prompt, new):
     assert used <= unshared / 5, (used, unshared)
 
 
-@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "int4"])
 def test_beam_search_moves_ids_and_copies_at_most_a_block_per_row(kv_dtype, monkeypatch):
     stock, plugged, cache = _pair("qwen2", kv_dtype=kv_dtype)
     copies = _copies(cache, monkeypatch)
@@ -121,7 +121,7 @@ def test_deepcopy_prompt_reuse_recipe():
     assert cache.get_seq_length() == 17
 
 
-@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "int4"])
 def test_save_and_load_round_trip(tmp_path, kv_dtype):
     stock, plugged, cache = _pair("llama", kv_dtype=kv_dtype)
     ids = torch.randint(2, 128, (3, 19))
