@@ -51,16 +51,22 @@ def test_formats_follow_kv_dtypes(model_and_stream):
     assert names == ["stock-dynamic"] + [f"plug-{k or 'fp32'}" for k in KV_DTYPES]
 
 
-def test_int8_quality_bounds_on_pylm(model_and_stream):
+@pytest.fixture(scope="module")
+def measured(model_and_stream):
     """Teacher-forced over 496 held-out positions at context 512 (4-token forwards through the cache) and greedy
-    over 64 tokens. Measured with these settings: NLL +0.0001 nats/token, top-1 agreement 99.6% (2 flips, both
-    with the reference's two best logits 0.025 apart or less), max |logit error| 0.085, mean 0.0036, greedy
-    identical; docs/quality.md has the full run. The bounds: the issue's NLL target, top-1 loosened from 99.5% to
-    99% for the small sample, logit errors at about 5x the measured ones, flips only at near-ties."""
+    over 64 tokens, every format in KV_DTYPES at once."""
     model, stream = model_and_stream
     s = quality.Settings(contexts=[512], tokens=512, chunk=4, gen_prompts=1, gen_prompt_len=128, gen_tokens=64)
     rows, greedy = quality.measure(model, stream, "pylm", s, log=lambda *_: None)
-    by = {r.format: r for r in rows}
+    return s, {r.format: r for r in rows}, {r.format: r for r in greedy}
+
+
+def test_int8_quality_bounds_on_pylm(measured):
+    """Measured with these settings: NLL +0.0001 nats/token, top-1 agreement 99.6% (2 flips, both with the
+    reference's two best logits 0.025 apart or less), max |logit error| 0.085, mean 0.0036, greedy identical;
+    docs/quality.md has the full run. The bounds: the issue's NLL target, top-1 loosened from 99.5% to 99% for the
+    small sample, logit errors at about 5x the measured ones, flips only at near-ties."""
+    s, by, g = measured
     assert by["stock-dynamic"].max_logit_err < 1e-3 and by["stock-dynamic"].top1 == 1.0
     int8 = by["plug-int8"]
     assert int8.positions == 512 - s.prefill
@@ -68,8 +74,18 @@ def test_int8_quality_bounds_on_pylm(model_and_stream):
     assert int8.top1 >= 0.99
     assert 0 < int8.max_logit_err < 0.5 and int8.mean_logit_err < 0.02  # not 0: INT8 K/V are really read back
     assert int8.flipped_margin < 0.25
-    g = {r.format: r for r in greedy}
     assert g["plug-int8"].prefix_agreement >= 0.95
+
+
+def test_int4_quality_bounds_on_pylm(measured):
+    """INT4 with the same settings. Measured: NLL -0.0013 nats/token, top-1 agreement 96.6%, max |logit error|
+    0.72, mean 0.048; greedy prefix agreement over 64 tokens 14% (a near-tie model: INT8 itself reaches 86% over
+    256 tokens; docs/int4.md). The bounds: the issue's NLL target (0.05) and about 2x the measured errors."""
+    _, by, _ = measured
+    int4 = by["plug-int4"]
+    assert abs(int4.nll_delta) <= 0.05
+    assert int4.top1 >= 0.93
+    assert 0 < int4.max_logit_err < 1.5 and int4.mean_logit_err < 0.1
 
 
 def test_round_trip_emulation_matches_the_int8_cache(model_and_stream):

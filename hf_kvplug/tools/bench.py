@@ -104,7 +104,7 @@ def describe_agreement(name: str, ref: str, a, b, dtype: torch.dtype) -> str:
     if first is None:
         return f"{name} vs {ref}: identical greedy tokens ({a.shape[0]} x {a.shape[1]})"
     text = f"{name} vs {ref}: {100 * frac:.1f}% of tokens agree, first divergence at row {first[0]} step {first[1]}"
-    if dtype == torch.float32 and "int8" not in name:
+    if dtype == torch.float32 and "int8" not in name and "int4" not in name:
         text += " — MISMATCH (fp32 should agree exactly)"
     return text
 
@@ -114,7 +114,8 @@ def greedy_check(model, settings: Settings, batch: int, context: int, new_tokens
     vocab = model.config.get_text_config().vocab_size
     prompt = random_prompt(batch, context, vocab, settings.seed, settings.device)
     outputs = {}
-    names = ["hf_dynamic", "kvplug"] + (["kvplug_int8"] if any("int8" in p for p in providers) else [])
+    names = ["hf_dynamic", "kvplug"] + [q for q in ("kvplug_int8", "kvplug_int4")
+                                        if any(q.split("_")[1] in p for p in providers)]
     for name in names:
         prov = PROVIDERS[name]
         try:

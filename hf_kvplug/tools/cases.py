@@ -63,6 +63,9 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("kvplug_int8", "plug", kv_dtype="int8", description="PlugCache INT8, eager"),
     Provider("kvplug_int8_compile", "plug", kv_dtype="int8", compile=True,
              description="PlugCache INT8 + generate's auto-compile"),
+    Provider("kvplug_int4", "plug", kv_dtype="int4", description="PlugCache INT4, eager"),
+    Provider("kvplug_int4_compile", "plug", kv_dtype="int4", compile=True,
+             description="PlugCache INT4 + generate's auto-compile"),
 )}
 
 

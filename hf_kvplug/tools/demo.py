@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None,
                    help=f"prompt text (default: a Python function header; random model: {RANDOM_PROMPT!r})")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default 48)")
-    p.add_argument("--kv-dtype", default="int8", choices=("int8", "none"),
+    p.add_argument("--kv-dtype", default="int8", choices=("int8", "int4", "none"),
                    help="quantized PlugCache to run besides the model-dtype one ('none' skips it; default int8)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto",
@@ -207,8 +207,9 @@ def run(args) -> int:
     runs = [generate_once(model, prompt, n, lambda: None, "stock (DynamicCache)")]
     with patched(model):
         runs.append(generate_once(model, prompt, n, _plug_factory(model, max_len, None), f"kvplug ({dname})"))
-        if args.kv_dtype == "int8":
-            runs.append(generate_once(model, prompt, n, _plug_factory(model, max_len, "int8"), "kvplug (int8)"))
+        if args.kv_dtype != "none":
+            runs.append(generate_once(model, prompt, n, _plug_factory(model, max_len, args.kv_dtype),
+                                      f"kvplug ({args.kv_dtype})"))
     print(f"\n{n} greedy new tokens from each (EOS ignored); the first token that differs from stock is marked "
           f"{MARK[0]}like this{MARK[1]}:")
     for r in runs:

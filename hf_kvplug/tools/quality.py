@@ -17,7 +17,7 @@ ignored), compared with the reference's tokens as prefix agreement (new tokens b
 new tokens, averaged over prompts: the figure the targets judge) and position-wise agreement (equal tokens at equal
 positions).
 
-`--split-kv` adds, for each quantized format with a known round trip (INT8), a stock DynamicCache that stores only
+`--split-kv` adds, for each quantized format with a known round trip (INT8, INT4), a stock DynamicCache that stores only
 K, or only V, through that round trip (a benchmark-only diagnosis of which one costs accuracy; its prefill also sees
 the exact K/V, as hf_kvplug's does). `--half-baselines` adds, for an fp32 model, caches that store K and V rounded to
 bf16 and to fp16: how much any 16-bit cache moves the same figures (greedy flips at near-ties included).
@@ -45,10 +45,11 @@ from ..cache import PlugCache
 from ..compat import cache_kwargs as kv
 from ..config import KV_DTYPES
 from ..patcher import patched
-from ..reference import dequantize_int8, quantize_int8
+from ..reference import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
 ROUND_TRIPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "int8": lambda x: dequantize_int8(*quantize_int8(x), x.dtype),
+    "int4": lambda x: dequantize_int4(*quantize_int4(x), x.dtype),
 }
 # What a 16-bit cache would change in an fp32 model: the yardstick for how often greedy flips at near-ties anyway.
 HALF_ROUND_TRIPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -66,7 +67,7 @@ class Targets:
     greedy: float = 0.99  # prefix agreement over the generated tokens, at least
 
 
-TARGETS = {"int8": Targets()}
+TARGETS = {"int8": Targets(), "int4": Targets(nll_delta=0.05, top1=0.0, greedy=0.95)}  # issue 16: no top-1 target
 
 
 @dataclass

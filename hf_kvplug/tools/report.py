@@ -174,11 +174,11 @@ def speedup_lines(rows: list[BenchRow]) -> list[str]:
                          "tokens/s kvplug_compile / hf_static_compile")
     lines += _ratio_lines(idx, "kvplug", "hf_dynamic", "tokens_per_s", "tokens/s kvplug / hf_dynamic",
                           where=lambda b, c: b == 1)
-    lines += _ratio_lines(idx, "kvplug_int8", "kvplug", "decode_ms_p50", "decode ms/step kvplug_int8 / kvplug")
-    lines += _ratio_lines(idx, "kvplug_int8_compile", "kvplug_compile", "decode_ms_p50",
-                          "decode ms/step kvplug_int8_compile / kvplug_compile")
-    kv = _ratio_lines(idx, "kvplug_int8", "kvplug", "kv_bytes", "KV bytes int8 / fp")
-    lines += kv[:1]  # the same at every size
+    for q in ("int8", "int4"):
+        lines += _ratio_lines(idx, f"kvplug_{q}", "kvplug", "decode_ms_p50", f"decode ms/step kvplug_{q} / kvplug")
+        lines += _ratio_lines(idx, f"kvplug_{q}_compile", "kvplug_compile", "decode_ms_p50",
+                              f"decode ms/step kvplug_{q}_compile / kvplug_compile")
+        lines += _ratio_lines(idx, f"kvplug_{q}", "kvplug", "kv_bytes", f"KV bytes {q} / fp")[:1]  # same everywhere
     return lines
 
 
