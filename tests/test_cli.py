@@ -22,8 +22,9 @@ def _number(text: str, label: str) -> list[int]:
 def test_plan_llama3_8b_bytes_per_token(capsys):
     assert main(["plan", "--model", "llama3-8b", "--batch", "2", "--context", "4k", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    # fp16: 32 layers x 8 KV heads x 128 x 2 (K, V) x 2 bytes; int8: 32 x 8 x (2 x 128 x 1 + 2 x 4 scale bytes)
-    assert _number(out, "KV bytes / token") == [131072, 67584]
+    # fp16: 32 layers x 8 KV heads x 128 x 2 (K, V) x 2 bytes; int8: 32 x 8 x (2 x 128 x 1 + 2 x 4 scale bytes);
+    # int4: 32 x 8 x 2 x (64 + 2 halves x 2 fp16 params x 2 bytes) = 0.281 x fp16
+    assert _number(out, "KV bytes / token") == [131072, 67584, 36864]
     assert "8.03 B parameters" in out
     assert "16.06 GB" in out  # bf16 weights
     assert "tokens that fit" in out
@@ -40,9 +41,27 @@ def test_plan_numbers_totals_and_fit():
 
 def test_plan_other_shapes(capsys):
     assert main(["plan", "--model", "qwen2.5-7b", "--device", "cpu"]) == 0
-    assert _number(capsys.readouterr().out, "KV bytes / token") == [28 * 4 * 128 * 2 * 2, 28 * 4 * (256 + 8)]
+    assert _number(capsys.readouterr().out, "KV bytes / token") == [28 * 4 * 128 * 2 * 2, 28 * 4 * (256 + 8),
+                                                                    28 * 4 * (128 + 16)]
     assert main(["plan", "--model", "qwen3-8b", "--device", "cpu"]) == 0
-    assert _number(capsys.readouterr().out, "KV bytes / token") == [36 * 8 * 128 * 2 * 2, 36 * 8 * (256 + 8)]
+    assert _number(capsys.readouterr().out, "KV bytes / token") == [36 * 8 * 128 * 2 * 2, 36 * 8 * (256 + 8),
+                                                                    36 * 8 * (128 + 16)]
+
+
+def test_plan_per_rank_hybrid_and_shared_prompts(capsys):
+    """--tp / --pp: a rank's heads and layers; a hybrid model counts its attention layers and its linear-attention
+    state; --share / --prompt: rows expanded from one prompt store it once."""
+    assert main(["plan", "--model", "llama3-8b", "--tp", "2", "--pp", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "16 attention layers of 32, 16 query / 4 KV heads" in out
+    assert _number(out, "KV bytes / token") == [131072 // 4, 67584 // 4, 36864 // 4]
+    n = plan_numbers(shapes.qwen35_9b(), batch=8, context=32768, dtype=torch.bfloat16, block_size=64, free=None,
+                     share=4, prompt=16384)
+    assert n["layers"] == 8 and n["bpt_fp"] == 8 * 4 * 256 * 2 * 2
+    assert n["linear_state"] == 8 * 24 * ((2 * 16 * 128 + 32 * 128) * 4 * 2 + 32 * 128 * 128 * 4)
+    assert n["shared_tokens"] == (2 * 256 + 8 * 256) * 64  # 2 prompts of 256 blocks once, 256 own blocks a row
+    with pytest.raises(SystemExit, match="divisible by 3"):
+        main(["plan", "--model", "llama3-8b", "--tp", "3", "--device", "cpu"])
 
 
 def test_plan_unknown_model_is_a_clear_error():

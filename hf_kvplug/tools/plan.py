@@ -1,0 +1,136 @@
+"""`hf-kvplug plan`: the memory a PlugCache needs for a model shape, without loading weights (pure arithmetic).
+
+Per KV format (the model dtype, INT8, INT4): bytes per cached token over the attention layers (K, V, scales), the
+total for batch x context and what a PlugCache allocates by default (rows in whole blocks), the linear-attention
+state of hybrid models, and how many tokens fit in the device's free memory beside the weights. Per rank under
+tensor / pipeline parallelism (`--tp`, `--pp`: heads split over tp, layers over pp; the largest stage is shown), and
+with `--share N --prompt P`, what groups of N rows expanded from one P-token prompt (beams, return sequences) hold
+when they store it once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from . import models as bm
+from . import shapes
+from .bench import parse_sizes
+from ..config import KV_DTYPES, PlugConfig, RankLayout
+
+FORMATS = [kv or "fp" for kv in KV_DTYPES]  # column keys: "fp", "int8", "int4"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="llama3-8b",
+                   help=f"a known shape ({', '.join(shapes.SHAPES)}) or a local checkpoint dir (config only)")
+    p.add_argument("--batch", type=int, default=1, help="rows (default 1)")
+    p.add_argument("--context", type=lambda s: parse_sizes(s)[0], default=4096,
+                   help="tokens per row, prompt + new (k = 1024; default 4k)")
+    p.add_argument("--device", default="auto", help="whose free memory to plan for: auto | cpu | cuda | cuda:N")
+    p.add_argument("--weights-dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                   help="dtype of the weights and of the model-dtype cache (default bf16)")
+    p.add_argument("--block-size", type=int, default=64, help="PlugCache block size (default 64)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: heads split over them (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages: layers split over them (default 1)")
+    p.add_argument("--share", type=int, default=1,
+                   help="rows expanded from each prompt (num_return_sequences or beams; default 1: no sharing)")
+    p.add_argument("--prompt", type=lambda s: parse_sizes(s)[0], default=0,
+                   help="prompt tokens the --share rows have in common (default 0)")
+
+
+def _rank_layout(config, tp: int, pp: int) -> RankLayout:
+    n = (getattr(config, "text_config", None) or config).num_hidden_layers
+    if pp > n:
+        raise SystemExit(f"error: --pp {pp} exceeds the model's {n} layers")
+    first = -(-n // pp)  # the largest stage
+    return RankLayout(tp, tuple(range(first)) if pp > 1 else None)
+
+
+def plan_numbers(config, batch: int, context: int, dtype: torch.dtype, block_size: int, free: int | None, *,
+                 tp: int = 1, pp: int = 1, share: int = 1, prompt: int = 0) -> dict:
+    """Bytes per token, totals, weights and fitting tokens for one config, per rank (keys `<what>_<format>`)."""
+    layout = _rank_layout(config, tp, pp)
+    per = {fmt: PlugConfig.from_hf_config(config, max_batch_size=batch, max_cache_len=context, dtype=dtype,
+                                          device="cpu", kv_dtype=None if fmt == "fp" else fmt,
+                                          block_size=block_size, layout=layout)
+           for fmt in FORMATS}
+    params, _ = shapes.param_count(config)
+    weights = params * shapes.dtype_bytes(dtype) // (tp * pp)  # an even share: embeddings and heads are close enough
+    blocks_row = math.ceil(context / block_size)
+    out = dict(params=params, weights=weights, free=free, alloc_tokens=batch * blocks_row * block_size,
+               linear_state=batch * per["fp"].linear_state_bytes, tp=tp, pp=pp)
+    if share > 1:  # shared prompts: its full blocks once per group, the rest (and a copy of a partial block) per row
+        groups, full = math.ceil(batch / share), prompt // block_size
+        out["shared_tokens"] = (groups * full + batch * (blocks_row - full)) * block_size
+    for fmt, cfg in per.items():
+        bpt = cfg.bytes_per_token()
+        out[f"bpt_{fmt}"] = bpt
+        out[f"total_{fmt}"] = batch * context * bpt
+        out[f"alloc_{fmt}"] = out["alloc_tokens"] * bpt + out["linear_state"]
+        if share > 1:
+            out[f"shared_{fmt}"] = out["shared_tokens"] * bpt + out["linear_state"]
+        out[f"fit_{fmt}"] = None if free is None else max(0, (free - weights - out["linear_state"]) // bpt)
+    cfg = per["fp"]
+    out.update(layers=len(cfg.attention_layers), all_layers=cfg.num_layers, nheads_k=cfg.nheads_k,
+               head_dim=cfg.head_dim, nheads=cfg.nheads)
+    return out
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def run(args) -> int:
+    if min(args.batch, args.context, args.tp, args.pp, args.share) <= 0 or args.prompt < 0:
+        raise SystemExit("error: --batch, --context, --tp, --pp and --share must be positive")
+    config = shapes.load_config(args.model)
+    device = bm.resolve_device(args.device)
+    dtype = bm.DTYPES[args.weights_dtype]
+    free = bm.free_memory_bytes(device)
+    try:
+        n = plan_numbers(config, args.batch, args.context, dtype, args.block_size, free, tp=args.tp, pp=args.pp,
+                         share=args.share, prompt=min(args.prompt, args.context))
+    except ValueError as e:  # heads that do not split over --tp
+        raise SystemExit(f"error: {e}") from None
+    fp = bm.dtype_name(dtype)
+    params = f"{n['params'] / 1e9:.2f} B" if n["params"] >= 1e9 else f"{n['params'] / 1e6:.2f} M"
+    rank = f" (per rank: tp {n['tp']}, pp {n['pp']}, the largest stage)" if n["tp"] * n["pp"] > 1 else ""
+    layers = (f"{n['layers']} attention layers of {n['all_layers']}" if n["layers"] != n["all_layers"]
+              else f"{n['layers']} layers")
+    print(f"model {args.model}: {layers}, {n['nheads']} query / {n['nheads_k']} KV heads x head_dim "
+          f"{n['head_dim']}{rank}, {params} parameters")
+    print(f"batch {args.batch} x context {args.context} tokens (a PlugCache allocates rows in {args.block_size}-token "
+          f"blocks: {n['alloc_tokens']} slots)\n")
+    w, c = 34, 18
+    names = [fp + " cache"] + [f"{f} cache" for f in FORMATS[1:]]
+
+    def row(label, values):
+        print(f"{label:<{w}}" + "".join(f"{v:>{c}}" for v in values))
+
+    row("", names)
+    row("KV bytes / token", [f"{n['bpt_' + f]:,}" for f in FORMATS])
+    row("  (K, V, scales)", [f"{n['bpt_' + f] / 1024:.1f} KiB" for f in FORMATS])
+    row("KV total (batch x context)", [_gb(n["total_" + f]) for f in FORMATS])
+    if n["linear_state"]:
+        row("linear-attention state (batch)", [_gb(n["linear_state"])] * len(FORMATS))
+    row("allocated by PlugCache", [_gb(n["alloc_" + f]) for f in FORMATS])
+    if "shared_tokens" in n:
+        row(f"  rows sharing {args.share} x {args.prompt}-token prompts", [_gb(n["shared_" + f]) for f in FORMATS])
+    row(f"weights ({fp})", [_gb(n["weights"])])
+    where = f"free memory ({device})"
+    if free is None:
+        row(where, ["n/a"])
+        row("tokens that fit", ["n/a"] * len(FORMATS))
+        return 0
+    source = "torch.cuda.mem_get_info" if device.type == "cuda" else "/proc/meminfo MemAvailable"
+    print(f"{where:<{w}}{_gb(free):>{c}}   ({source})")
+    row("tokens that fit after weights", [f"{n['fit_' + f]:,}" for f in FORMATS])
+    row(f"  per row at batch {args.batch}", [f"{n['fit_' + f] // args.batch:,}" for f in FORMATS])
+    need = "shared" if "shared_tokens" in n else "alloc"
+    row("this batch x context", ["fits" if n[f"{need}_{f}"] + n["weights"] <= free else "does NOT fit"
+                                 for f in FORMATS])
+    print("\n(activations, the CUDA context and allocator slack also need memory: keep a margin)")
+    return 0
