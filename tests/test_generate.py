@@ -238,24 +238,30 @@ def test_quantized_logits_close(family, kv_dtype, bound):
     assert agree >= (0.9 if kv_dtype == "int8" else 0.75), f"{kv_dtype} greedy agreement {agree:.2f}"
 
 
-def test_int8_bound_catches_a_broken_scale():
-    stock, plugged, cache = _pair("llama", kv_dtype="int8")
+@pytest.mark.parametrize("kv_dtype, bound", [("int8", INT8_REL_BOUND), ("int4", INT4_REL_BOUND)])
+def test_quantized_bound_catches_a_broken_scale(kv_dtype, bound):
+    stock, plugged, cache = _pair("llama", kv_dtype=kv_dtype)
     ids = stock.generate(_prompt(1, 12), max_new_tokens=8, do_sample=False)
     ref = _teacher_forced_logits(stock, ids, DynamicCache(config=stock.config), 8)
     layer = cache.layers[0]
-    original = hf_kvplug.reference.quantize_int8
+    name = f"quantize_{kv_dtype}"
+    original = getattr(hf_kvplug.reference, name)
 
     def off_by_two(x):  # a plausible bug: scale computed with the wrong range
         q, s = original(x)
+        if kv_dtype == "int4":
+            s = s.clone()
+            s[..., 0::2] *= 2  # (scale, minimum) per half: the scales only
+            return q, s
         return q, s * 2
 
     try:
-        hf_kvplug.reference.quantize_int8 = off_by_two
+        setattr(hf_kvplug.reference, name, off_by_two)
         got = _teacher_forced_logits(plugged, ids, cache, 8)
     finally:
-        hf_kvplug.reference.quantize_int8 = original
+        setattr(hf_kvplug.reference, name, original)
     assert layer.k_scale.abs().sum() > 0
-    assert ((got - ref).abs().max() / ref.abs().max()).item() > INT8_REL_BOUND
+    assert ((got - ref).abs().max() / ref.abs().max()).item() > bound
 
 
 @pytest.mark.interpreter

@@ -12,8 +12,10 @@ from hf_kvplug import ops
 from hf_kvplug.reference import (
     attend_fp64_ref,
     attend_with_kvcache_ref,
+    dequantize_int4,
     dequantize_int8,
     gather_kv,
+    quantize_int4,
     quantize_int8,
     visible_slots,
     write_kvcache_ref,
@@ -128,6 +130,30 @@ def test_int8_round_trip_within_half_step():
     back = dequantize_int8(q, scale, torch.float32)
     assert ((back - x).abs() <= 0.5 * scale.unsqueeze(-1) + 1e-6).all()
     assert torch.equal(back[0, 0], torch.zeros(64))
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_int4_round_trip_and_layout(head_dim):
+    """Per half of head_dim: codes in [0, 15], error within half a step (plus the fp16 minimum's rounding); byte j
+    holds dim j in its low nibble and dim j + D/2 in its high one; a constant half is exact."""
+    half = head_dim // 2
+    x = torch.randn(5, 3, head_dim) * torch.linspace(0.01, 10, 5).view(5, 1, 1)
+    x[..., half:] = x[..., half:] * 3 + 1  # the halves get different ranges and offsets
+    x[0, 0, :half] = 0.25
+    packed, params = quantize_int4(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 3, half)
+    assert params.dtype == torch.float16 and params.shape == (5, 3, 4)
+    back = dequantize_int4(packed, params, torch.float32)
+    p = params.float()
+    for h, (s, m) in enumerate([(p[..., 0], p[..., 1]), (p[..., 2], p[..., 3])]):
+        xs, bs = x[..., h * half:(h + 1) * half], back[..., h * half:(h + 1) * half]
+        slack = 1e-3 * xs.abs().amax(-1, keepdim=True) + 1e-6  # the minimum is stored in fp16
+        assert ((bs - xs).abs() <= 0.5 * s.unsqueeze(-1) + slack).all()
+        codes = (packed & 15) if h == 0 else (packed >> 4)
+        want = torch.round((xs - m.unsqueeze(-1)) / s.unsqueeze(-1)).clamp(0, 15).nan_to_num(0)  # s = 0: code 0
+        torch.testing.assert_close(codes.float(), want, atol=1, rtol=0)  # off by one where fp16 rounding moved a tie
+    assert torch.equal(back[0, 0, :half], torch.full((half,), 0.25))
+    assert params[0, 0, 0] == 0
 
 
 def test_tokens_without_a_slot_are_never_silent():
