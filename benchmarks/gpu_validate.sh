@@ -18,11 +18,11 @@ export PYTHONUNBUFFERED=1
 # in 9): every step runs under its own timeout and writes its files as it goes, so a slow step costs only itself.
 #   ~0.5 min  environment, GPU name, editable install
 #   <= 3 min  GPU tests that matter most: every kernel against the reference on silicon (the covering subset of
-#             tests/test_kernels.py: fp16/bf16/fp32/INT8, d64/80/128, MHA/GQA/MQA, windows, holes, overflow status,
+#             tests/test_kernels.py: fp16/bf16/fp32/INT8/INT4, d64/80/128, MHA/GQA/MQA, windows, holes, overflow status,
 #             NaN in hidden slots), real-shape generate() vs stock (tests/test_gpu_e2e.py: Llama-3-8B, Qwen2.5-7B,
 #             Qwen3-8B attention shapes, fp32 tokens identical, bf16 agreement), Inductor + CUDA graphs for one
 #             model (tests/test_compile.py, 128 decode steps: one graph, no re-records)
-#   <= 1.5 min decode kernel, Llama-3-8B shape, batch 1 and 8 x context 4k and 32k, fp16 and INT8, beside SDPA
+#   <= 1.5 min decode kernel, Llama-3-8B shape, batch 1 and 8 x context 4k and 32k, fp16, INT8 and INT4, beside SDPA
 #             (HF's static layout and the exact length) and the copy bandwidth measured in the same run
 #   <= 3.5 min end to end, Llama-3-8B (random weights) bf16, batch 1, 1k prompt, 128 new tokens: kvplug + compile
 #             and HF StaticCache + compile (each compiles once, ~1-1.5 min), kvplug eager
