@@ -7,6 +7,11 @@ block table; everything here runs on the host, at points where the lengths are k
 
 Sharing is copy-on-write: a block referenced by several rows (or several forked caches) is read by all of them and
 written by none; a row about to write into a shared block first gets a private copy (`BlockTable.prepare_write`).
+
+Sliding-window layers keep only their window: their table is a ring of `ring` blocks per row. Logical block i of
+a row lives in ring position i % ring, and the device table repeats the ring along the row (`to_dense`), so the
+kernels index it by slot as any other table and need no notion of a ring. Slot t and slot t + ring * block_size
+share a place: the cache writes a row's slots in order and never lets a write land on a slot still visible.
 """
 
 from __future__ import annotations
@@ -59,23 +64,39 @@ class BlockPool:
 
 class BlockTable:
     """The host copy of one cache's block table: row b's i-th block id is `rows[b][i]` (rows grow from the front).
+    With `ring` (a sliding-window group), a row holds at most `ring` blocks and logical block i is `rows[b][i % ring]`.
 
     Every mutation returns nothing and leaves `dirty` set; the owner copies the table to its devices once per host
     operation (`to_dense`). Copy-on-write copies are reported to the owner as (src, dst) pairs, which moves the data.
     """
 
-    def __init__(self, pool: BlockPool, max_rows: int, max_blocks: int):
+    def __init__(self, pool: BlockPool, max_rows: int, max_blocks: int, ring: int | None = None):
         self.pool = pool
         self.max_blocks = max_blocks
+        self.ring = ring
+        self.width = max_blocks if ring is None else ring  # blocks a row can hold
         self.rows: list[list[int]] = [[] for _ in range(max_rows)]
         self.dirty = True
 
     def to_dense(self) -> list[list[int]]:
-        """`[max_rows][max_blocks]` ids, -1 where a row maps no block (the kernels refuse to write there)."""
-        return [row + [-1] * (self.max_blocks - len(row)) for row in self.rows]
+        """`[max_rows][max_blocks]` ids by logical block, -1 where a row maps no block (the kernels refuse to write
+        there); a ring repeats along the row."""
+        if self.ring is None:
+            return [row + [-1] * (self.max_blocks - len(row)) for row in self.rows]
+        reps = -(-self.max_blocks // self.ring)
+        return [((row + [-1] * (self.ring - len(row))) * reps)[:self.max_blocks] for row in self.rows]
 
     def blocks_for(self, tokens: int, block_size: int) -> int:
-        return -(-tokens // block_size)
+        return min(-(-tokens // block_size), self.width)
+
+    def _written(self, start: int, end: int, block_size: int) -> list[int]:
+        """Positions in a row of the blocks that slots [start, end) write into (each once)."""
+        if end <= start:
+            return []
+        first, last = start // block_size, (end - 1) // block_size
+        if self.ring is None:
+            return list(range(first, last + 1))
+        return sorted({i % self.ring for i in range(first, min(last, first + self.ring - 1) + 1)})
 
     def prepare_write(self, rows: list[int], start: int, end: int, reserve: int,
                       block_size: int) -> list[tuple[int, int]]:
@@ -83,16 +104,15 @@ class BlockTable:
         slots) and give each row a private copy of every shared block it will write into. Returns the (src, dst)
         block pairs whose data the caller must copy. All or nothing: raises PoolExhausted before changing anything."""
         cover = self.blocks_for(max(end, reserve), block_size)
-        first, last = start // block_size, (end - 1) // block_size
+        written = self._written(start, end, block_size)
         writers: dict[int, int] = {}  # shared block -> rows of this write that will write into it
         new = 0
         for b in rows:
             row = self.rows[b]
             new += max(0, cover - len(row))
-            if end > start:
-                for i in range(first, min(last + 1, len(row))):
-                    if self.pool.refs[row[i]] > 1:
-                        writers[row[i]] = writers.get(row[i], 0) + 1
+            for i in written:
+                if i < len(row) and self.pool.refs[row[i]] > 1:
+                    writers[row[i]] = writers.get(row[i], 0) + 1
         # A block every holder of which writes into it: the last writer keeps it, the others copy it.
         cow = sum(n if self.pool.refs[blk] > n else n - 1 for blk, n in writers.items())
         if new == 0 and cow == 0:
@@ -101,13 +121,12 @@ class BlockTable:
         copies = []
         for b in rows:
             row = self.rows[b]
-            if end > start:
-                for i in range(first, min(last + 1, len(row))):
-                    if self.pool.refs[row[i]] > 1:
-                        dst = fresh.pop()
-                        copies.append((row[i], dst))
-                        self.pool.decref([row[i]])
-                        row[i] = dst
+            for i in written:
+                if i < len(row) and self.pool.refs[row[i]] > 1:
+                    dst = fresh.pop()
+                    copies.append((row[i], dst))
+                    self.pool.decref([row[i]])
+                    row[i] = dst
             row.extend(fresh.pop() for _ in range(cover - len(row)))
         assert not fresh, "copy-on-write count and copies disagree"
         self.dirty = True
@@ -115,6 +134,7 @@ class BlockTable:
 
     def share_from(self, leaders: list[int], followers: list[list[int]], nblocks: int) -> None:
         """Map the first `nblocks` blocks of each follower row to its leader's (blocks it mapped are released)."""
+        nblocks = min(nblocks, self.width)
         for lead, rows in zip(leaders, followers):
             src = self.rows[lead][:nblocks]
             self.release(rows)
@@ -141,7 +161,7 @@ class BlockTable:
 
     def fork(self) -> "BlockTable":
         """A second table over the same pool mapping the same blocks (one more reference each)."""
-        other = BlockTable(self.pool, len(self.rows), self.max_blocks)
+        other = BlockTable(self.pool, len(self.rows), self.max_blocks, self.ring)
         other.rows = [list(row) for row in self.rows]
         for row in other.rows:
             self.pool.incref(row)

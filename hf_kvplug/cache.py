@@ -1,10 +1,13 @@
 """PlugCache: a transformers `Cache` whose K/V live in preallocated paged GPU (or CPU) buffers, fp or INT8.
 
 Three kinds of state, kept apart:
-  * the buffers: per layer a pool of blocks `[num_blocks, nheads_k, block_size, head_dim]` for K and V (INT8 adds
-    fp32 scales), allocated once, never re-assigned, shared with forks;
-  * per device, what the kernels read besides them: the block table, each row's first visible slot (`starts`), the
-    slot mask for masks with holes (`valid`) and an overflow flag (`status`); per layer, the row lengths;
+  * the buffers: per layer a pool of blocks `[num_blocks, nheads_k, block_size, head_dim]` for K and V (INT8 and
+    INT4 add scales), allocated once, never re-assigned, shared with forks. Layers that keep up to max_cache_len
+    share one pool of block ids; sliding-window layers keep a ring of blocks about twice their window, in a pool
+    (and table) per ring size (`PlugConfig.groups`);
+  * per device, what the kernels read besides them: the block table of each group, each row's first visible slot
+    (`starts`), the slot mask for masks with holes (`valid`) and an overflow flag (`status`); per layer, the row
+    lengths;
   * on the host: which blocks each row maps (`blocks.BlockTable`), how many tokens the rows hold, and whether a
     forward is under way. Host work (mapping blocks, copy-on-write, recording the attention mask, checks) happens
     in `begin_forward`, called on eager code before every forward: generate()'s mask preparation, or the patched
@@ -22,7 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from . import compat, ops
 from .blocks import BlockPool, BlockTable, PoolExhausted
 from .config import PlugConfig, RankLayout
-from .reference import gather_kv, visible_slots
+from .reference import dequantize, gather_kv, quantize, visible_slots
 
 KEEP_MASK = object()  # begin_forward: leave the recorded mask as it is (a layer called without the model around it)
 
@@ -54,17 +57,25 @@ class DeviceState:
     def __init__(self, config: PlugConfig, device: torch.device):
         rows, width = config.max_batch_size, config.max_blocks_per_row
         self.device = device
-        self.block_table = torch.full((rows, width), -1, dtype=torch.int32, device=device)
+        # per group (None: layers keeping max_cache_len; a ring size: sliding-window layers), by logical block
+        self.block_tables = {ring: torch.full((rows, width), -1, dtype=torch.int32, device=device)
+                             for ring in config.groups}
         self.starts = torch.zeros(rows, dtype=torch.int32, device=device)
         self.valid = torch.ones((rows, config.max_cache_len), dtype=torch.uint8, device=device)
         self.status = torch.zeros(1, dtype=torch.int32, device=device)
-        _mark_static(self.block_table, self.starts, self.valid, self.status)
+        _mark_static(*self.block_tables.values(), self.starts, self.valid, self.status)
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        """The first group's table (the main one when the model has layers that keep max_cache_len)."""
+        return next(iter(self.block_tables.values()))
 
     def clone(self) -> "DeviceState":
         other = copy.copy(self)
-        for name in ("block_table", "starts", "valid", "status"):
+        other.block_tables = {ring: t.clone() for ring, t in self.block_tables.items()}
+        for name in ("starts", "valid", "status"):
             setattr(other, name, getattr(self, name).clone())
-        _mark_static(other.block_table, other.starts, other.valid, other.status)
+        _mark_static(*other.block_tables.values(), other.starts, other.valid, other.status)
         return other
 
 
@@ -89,9 +100,14 @@ class PlugLayer(CacheLayerMixin):
         self.device = dev
         self.window = config.layer_windows[layer_idx]
         self.is_sliding = self.window is not None
+        # A ring of blocks (sliding window): it holds the last `ring_slots` slots of a row; a forward writes at most
+        # `chunk` tokens per kernel call so that no write lands on a slot one of its queries still sees.
+        self.ring = config.layer_rings[layer_idx]
+        self.ring_slots = self.ring * config.block_size if self.ring else None
+        self.chunk = self.ring_slots - self.window + 1 if self.ring else None
         self.backend = ops.resolve_backend(cache.backend, dev)
         if buffers is None:
-            shape, scale_shape, scale_dtype = config.storage_shapes
+            shape, scale_shape, scale_dtype = config.storage_shapes(self.ring)
             buffers = (torch.zeros(shape, dtype=config.storage_dtype, device=dev),
                        torch.zeros(shape, dtype=config.storage_dtype, device=dev),
                        torch.zeros(scale_shape, dtype=scale_dtype, device=dev),
@@ -106,17 +122,24 @@ class PlugLayer(CacheLayerMixin):
         self.fresh = True
 
     def __repr__(self):
-        return f"PlugLayer(layer={self.layer_idx}, device={self.device}, window={self.window})"
+        ring = f", ring={self.ring_slots}" if self.ring else ""
+        return f"PlugLayer(layer={self.layer_idx}, device={self.device}, window={self.window}{ring})"
 
     @property
     def dev(self) -> DeviceState:
         return self.cache.device_states[self.device]
 
+    @property
+    def block_table(self) -> torch.Tensor:
+        """This layer's group's device table `[max_batch, max_blocks]` by logical block (a ring repeats)."""
+        return self.dev.block_tables[self.ring]
+
     # --- what a stock cache layer offers ------------------------------------------------------------
 
     @property
     def keys(self) -> torch.Tensor:
-        """`[batch, nheads_k, seq_len, head_dim]` in the model dtype: a copy gathered from the paged pool."""
+        """`[batch, nheads_k, seq_len, head_dim]` in the model dtype: a copy gathered from the paged pool. A
+        sliding-window layer gives its last `window - 1` tokens, as transformers' sliding layers keep."""
         return self.gather(self.k_cache, self.k_scale)
 
     @keys.setter
@@ -136,13 +159,21 @@ class PlugLayer(CacheLayerMixin):
 
     def gather(self, buf: torch.Tensor, scale: torch.Tensor, length: int | None = None,
                batch: int | None = None) -> torch.Tensor:
+        """Slots [0, length) of rows < batch (a sliding-window layer: its last `window - 1` of them)."""
         batch = self.cache.batch if batch is None else batch
         length = self.cache.seq_length_now() if length is None else length
-        if length == 0 or batch == 0:
+        lo = max(0, length - self.window + 1) if self.window else 0
+        return self.gather_slots(buf, scale, lo, length, batch)
+
+    def gather_slots(self, buf: torch.Tensor, scale: torch.Tensor, lo: int, hi: int, batch: int) -> torch.Tensor:
+        """Slots [lo, hi) of rows < batch, `[batch, nheads_k, hi - lo, head_dim]` in the model dtype."""
+        if hi <= lo or batch == 0:
             return torch.zeros((batch, self.config.nheads_k, 0, self.config.head_dim), dtype=self.config.dtype,
                                device=self.device)
-        nb = math.ceil(length / self.config.block_size)
-        return gather_kv(buf, scale, self.dev.block_table, batch, nb, self.config.dtype)[:, :, :length]
+        bs = self.config.block_size
+        first, end = lo // bs, math.ceil(hi / bs)
+        x = gather_kv(buf, scale, self.block_table[:, first:end], batch, end - first, self.config.dtype)
+        return x[:, :, lo - first * bs:hi - first * bs]
 
     def lazy_initialization(self, key_states, value_states=None) -> None:
         """Buffers are allocated at construction; this only checks that the model fits them."""
@@ -213,42 +244,64 @@ class PlugLayer(CacheLayerMixin):
         that share a leader's prompt blocks (generate()'s expanded rows) are not written: the leader's K/V serve."""
         self._enter(k)
         batch, q_len = k.shape[:2]
-        dev = self.dev
         leaders = self.cache._leaders
-        table, seqlens = dev.block_table, self.cache_seqlens
+        table, seqlens = self.block_table, self.cache_seqlens
         if leaders is not None:
             rows = torch.tensor(leaders, device=self.device)
             k, v, table, seqlens = k[rows], v[rows], table[rows], seqlens[rows]
-        ops.write_kvcache(k, v, self.k_cache, self.v_cache, self.k_scale, self.v_scale, table, seqlens,
-                          status=dev.status, backend=self.backend)
+        self._store(k, v, table, seqlens)
         self._leave(batch, q_len)
+
+    def _store(self, k, v, table, seqlens) -> None:
+        """Write `k, v [B, L, nheads_k, D]` at slots seqlens[b] + i. A ring keeps the last `ring_slots` of them
+        only (an earlier token would share its place with a later one of the same write)."""
+        q_len = k.shape[1]
+        if self.ring and q_len > self.ring_slots:
+            drop = q_len - self.ring_slots
+            k, v, seqlens = k[:, drop:], v[:, drop:], seqlens + drop
+        ops.write_kvcache(k, v, self.k_cache, self.v_cache, self.k_scale, self.v_scale, table, seqlens,
+                          status=self.dev.status, backend=self.backend)
 
     def attend(self, q, k, v, softmax_scale: float) -> torch.Tensor:
         """Fused write + attention for `q [B, L, nheads, D]`, `k, v [B, L, nheads_k, D]`; advances the lengths."""
         self._enter(k)
         batch, q_len = q.shape[:2]
         dev = self.dev
-        out = ops.attend_with_kvcache(q, k, v, self.k_cache, self.v_cache, self.k_scale, self.v_scale,
-                                      dev.block_table, self.cache_seqlens, dev.starts, softmax_scale, self.window,
-                                      cache_valid=dev.valid if self.cache.holes else None, status=dev.status,
-                                      backend=self.backend)
+        valid = dev.valid if self.cache.holes else None
+        # A ring takes at most `chunk` new tokens per call: their queries' windows stay clear of their own writes.
+        step = self.chunk if self.ring else q_len
+        outs = [ops.attend_with_kvcache(q[:, i:i + step], k[:, i:i + step], v[:, i:i + step], self.k_cache,
+                                        self.v_cache, self.k_scale, self.v_scale, self.block_table,
+                                        self.cache_seqlens + i if i else self.cache_seqlens, dev.starts,
+                                        softmax_scale, self.window, cache_valid=valid, status=dev.status,
+                                        backend=self.backend)
+                for i in range(0, q_len, step)]
         self._leave(batch, q_len)
-        return out
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     def attend_dense(self, module, q, k, v, attention_fn):
-        """The slow path for `output_attentions=True`: write the new K/V, gather this layer's whole K/V and run the
-        model's own (eager) attention over it with a mask built from the cache's bounds, as a stock cache would.
-        q `[B, nheads, L, D]`, k `[B, L, nheads_k, D]`, v likewise. Returns `(out [B, L, nheads, D], weights)`."""
+        """The slow path for `output_attentions=True`: write the new K/V, gather this layer's K/V and run the
+        model's own (eager) attention over it with a mask built from the cache's bounds, as a stock cache would
+        (a sliding-window layer over its last `window - 1` cached tokens and the new ones, as transformers' sliding
+        layers give it). q `[B, nheads, L, D]`, k `[B, L, nheads_k, D]`, v likewise. Returns
+        `(out [B, L, nheads, D], weights)`."""
         self._enter(k)
         batch, q_len = k.shape[:2]
         dev = self.dev
-        ops.write_kvcache(k, v, self.k_cache, self.v_cache, self.k_scale, self.v_scale, dev.block_table,
-                          self.cache_seqlens, status=dev.status, backend=self.backend)
         total = self.cache.length  # known on the host: begin_forward ran (eagerly) for this forward
-        keys = self.gather(self.k_cache, self.k_scale, total, batch)
-        values = self.gather(self.v_cache, self.v_scale, total, batch)
+        before = total - q_len
+        lo = max(0, before - self.window + 1) if self.window else 0
+        past = [self.gather_slots(buf, scale, lo, before, batch)  # read before the write: a ring reuses places
+                for buf, scale in ((self.k_cache, self.k_scale), (self.v_cache, self.v_scale))]
+        self._store(k, v, self.block_table, self.cache_seqlens)
+        if self.ring and q_len > self.ring_slots:  # not all kept: the new K/V as the cache stores them
+            new = [dequantize(*quantize(x.transpose(1, 2), self.k_cache.dtype), self.config.dtype) for x in (k, v)]
+        else:
+            new = [self.gather_slots(buf, scale, before, total, batch)
+                   for buf, scale in ((self.k_cache, self.k_scale), (self.v_cache, self.v_scale))]
+        keys, values = (torch.cat([a, b], 2) for a, b in zip(past, new))
         seen = visible_slots(self.cache_seqlens, dev.starts, dev.valid if self.cache.holes else dev.valid[:0],
-                             batch, q_len, self.window or 0, total)
+                             batch, q_len, self.window or 0, total)[..., lo:]
         mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, torch.finfo(q.dtype).min)
         out, weights = attention_fn(module, q, keys, values, mask.unsqueeze(1), dropout=0.0, scaling=module.scaling)
         self._leave(batch, q_len)
@@ -316,6 +369,10 @@ class PlugCache(DynamicCache):
         layout: the `RankLayout` of this process under transformers' tensor / pipeline parallelism: read from the
             model when one is given, stated here with a config (default: one process). Each rank's cache holds its
             own heads of the layers it runs.
+        trim_windows: sliding-window layers keep a ring of about twice their window per row instead of
+            `max_cache_len` (default True). Tokens the window has passed are overwritten, so a `crop` may go back
+            at most `ring - window + 1` tokens at a time (assisted decoding's rejected drafts, well within it);
+            False keeps every token, as for full-attention layers.
 
     Buffers are allocated once here and never re-assigned: `reset()`, `crop()` and `reorder_cache()` work in place,
     so their addresses stay fixed for torch.compile / CUDA graphs.
@@ -323,7 +380,7 @@ class PlugCache(DynamicCache):
 
     def __init__(self, model_or_config, max_batch_size: int = 4, max_cache_len: int = 2048, kv_dtype: str | None = None,
                  *, dtype: torch.dtype | None = None, device=None, block_size: int = 64, max_tokens: int | None = None,
-                 backend: str = "auto", layout: RankLayout | None = None):
+                 backend: str = "auto", layout: RankLayout | None = None, trim_windows: bool = True):
         model, tp_plan = None, None
         if hasattr(model_or_config, "config") and hasattr(model_or_config, "parameters"):
             model = model_or_config
@@ -337,19 +394,23 @@ class PlugCache(DynamicCache):
                 raise ValueError("PlugCache(config, ...) needs dtype= and device= (or pass the model instead)")
         config = PlugConfig.from_hf_config(hf_config, max_batch_size=max_batch_size, max_cache_len=max_cache_len,
                                            dtype=dtype, device=device, kv_dtype=kv_dtype, block_size=block_size,
-                                           max_tokens=max_tokens, layout=layout, tp_plan=tp_plan)
+                                           max_tokens=max_tokens, layout=layout, tp_plan=tp_plan,
+                                           trim_windows=trim_windows)
         if model is not None:
             _check_local_heads(model, config)
         ops.resolve_backend(backend, config.layer_devices[0])  # a bad backend fails here, before any allocation
         self._hf_config = getattr(hf_config, "text_config", None) or hf_config
-        self._build(config, backend, BlockPool(config.num_blocks), buffers=None,
-                    linear=compat.linear_attention_layers(self._hf_config, config.layer_kinds))
+        self._build(config, backend, {ring: BlockPool(config.group_blocks(ring)) for ring in config.groups},
+                    buffers=None, linear=compat.linear_attention_layers(self._hf_config, config.layer_kinds))
 
-    def _build(self, config: PlugConfig, backend: str, pool: BlockPool, buffers, linear: dict) -> None:
+    def _build(self, config: PlugConfig, backend: str, pools: dict, buffers, linear: dict) -> None:
         self.config = config
         self.backend = backend
-        self.pool = pool
-        self.table = BlockTable(pool, config.max_batch_size, config.max_blocks_per_row)
+        # One pool and table per group of layers (PlugConfig.groups): None for the layers keeping max_cache_len,
+        # a ring size for sliding-window layers. Every row operation goes through all of them.
+        self.pools = pools
+        self.tables = {ring: BlockTable(pools[ring], config.max_batch_size, config.max_blocks_per_row, ring)
+                       for ring in config.groups}
         self.device_states = {config.layer_devices[i]: None for i in config.attention_layers}
         self.device_states = {dev: DeviceState(config, dev) for dev in self.device_states}
         self.length: int | None = 0  # tokens every active row holds (host); None: only the device knows
@@ -374,6 +435,15 @@ class PlugCache(DynamicCache):
     # --- sizes ----------------------------------------------------------------------------------
 
     @property
+    def table(self) -> BlockTable:
+        """The first group's block table (the main one when the model has layers that keep max_cache_len)."""
+        return next(iter(self.tables.values()))
+
+    @property
+    def pool(self) -> BlockPool:
+        return self.table.pool
+
+    @property
     def max_batch_size(self) -> int:
         return self.config.max_batch_size
 
@@ -392,17 +462,32 @@ class PlugCache(DynamicCache):
                    for t in (layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale))
 
     def bytes_per_token(self) -> int:
-        """Bytes one cached token costs over all layers (K, V and INT8 scales)."""
+        """Bytes one more cached token costs over all layers that keep max_cache_len (K, V and scales); the
+        sliding-window layers' rings are a fixed cost (`config.ring_bytes_per_row`)."""
         return self.config.bytes_per_token()
 
     def stats(self) -> dict:
-        """Memory in use, as a plain dict: blocks of the pool (each spans every layer) in use and shared (by rows
-        or forked caches), bytes they hold, and the rows / tokens of this cache."""
-        per_block = self.nbytes // self.pool.num_blocks
-        return {"blocks_total": self.pool.num_blocks, "blocks_in_use": self.pool.in_use,
-                "blocks_shared": self.pool.shared, "block_size": self.config.block_size,
-                "bytes_per_block": per_block, "bytes_in_use": self.pool.in_use * per_block,
-                "bytes_total": self.nbytes, "rows": self.batch, "tokens": self.seq_length_now()}
+        """Memory in use, as a plain dict: blocks of the main pool (each spans every layer that keeps max_cache_len)
+        in use and shared (by rows or forked caches), bytes all pools hold in use and in total, and the rows /
+        tokens of this cache. With sliding-window rings, `window_blocks_*` count the ring pools' blocks."""
+        groups = {ring: (self.pools[ring], self.nbytes_of(ring) // self.pools[ring].num_blocks)
+                  for ring in self.tables}
+        main = groups.get(None, (BlockPool(0), 0))
+        out = {"blocks_total": main[0].num_blocks, "blocks_in_use": main[0].in_use, "blocks_shared": main[0].shared,
+               "block_size": self.config.block_size, "bytes_per_block": main[1],
+               "bytes_in_use": sum(pool.in_use * per for pool, per in groups.values()),
+               "bytes_total": self.nbytes, "rows": self.batch, "tokens": self.seq_length_now()}
+        rings = [g for ring, g in groups.items() if ring is not None]
+        if rings:
+            out.update(window_blocks_total=sum(p.num_blocks for p, _ in rings),
+                       window_blocks_in_use=sum(p.in_use for p, _ in rings),
+                       window_blocks_shared=sum(p.shared for p, _ in rings))
+        return out
+
+    def nbytes_of(self, ring: int | None) -> int:
+        """Bytes held by the buffers of group `ring`'s layers."""
+        return sum(t.numel() * t.element_size() for layer in self.attn_layers if layer.ring == ring
+                   for t in (layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale))
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.config.max_cache_len
@@ -477,19 +562,19 @@ class PlugCache(DynamicCache):
         reserve = max(length + q_len, hints.get("reserve", 0))
         share = hints.get("share", 1)
         self._leaders = None
-        copies = []
-        if fresh and share > 1 and batch % share == 0 and q_len > 0:
-            leaders = list(range(0, batch, share))
-            followers = [list(range(b + 1, b + share)) for b in leaders]
-            copies = self.table.prepare_write(leaders, 0, q_len, reserve, self.config.block_size)
-            self.table.share_from(leaders, followers, math.ceil(q_len / self.config.block_size))
-            rest = [r for group in followers for r in group]
-            copies += self.table.prepare_write(rest, q_len, q_len, reserve, self.config.block_size)
-            self._leaders = leaders
-        else:
-            copies = self.table.prepare_write(list(range(batch)), length, length + q_len, reserve,
-                                              self.config.block_size)
-        self._copy_blocks(copies)
+        bs = self.config.block_size
+        for ring, table in self.tables.items():
+            if fresh and share > 1 and batch % share == 0 and q_len > 0:
+                leaders = list(range(0, batch, share))
+                followers = [list(range(b + 1, b + share)) for b in leaders]
+                copies = table.prepare_write(leaders, 0, q_len, reserve, bs)
+                table.share_from(leaders, followers, math.ceil(q_len / bs))
+                rest = [r for group in followers for r in group]
+                copies += table.prepare_write(rest, q_len, q_len, reserve, bs)
+                self._leaders = leaders
+            else:
+                copies = table.prepare_write(list(range(batch)), length, length + q_len, reserve, bs)
+            self._copy_blocks(ring, copies)
         self._sync_tables()
         self.batch = batch
         self.length = length + q_len
@@ -599,10 +684,13 @@ class PlugCache(DynamicCache):
         if any(int(dev.status[0]) for dev in self.device_states.values()):
             self.sync_lengths()  # raises with the explanation
 
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+    def _copy_blocks(self, ring: int | None, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: block src's data into block dst, in every layer of group `ring`."""
         if not copies:
             return
         for layer in self.attn_layers:
+            if layer.ring != ring:
+                continue
             src = torch.tensor([c[0] for c in copies], device=layer.device)
             dst = torch.tensor([c[1] for c in copies], device=layer.device)
             for buf in (layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale):
@@ -610,13 +698,14 @@ class PlugCache(DynamicCache):
                     buf[dst] = buf[src]
 
     def _sync_tables(self) -> None:
-        if not self.table.dirty:
-            return
-        dense = torch.tensor(self.table.to_dense(), dtype=torch.int32)
-        for dev in self.device_states.values():
-            dev.block_table.copy_(dense.to(dev.device))
-        self._full_rows = 0  # reserve() says again which rows a compiled forward may use
-        self.table.dirty = False
+        for ring, table in self.tables.items():
+            if not table.dirty:
+                continue
+            dense = torch.tensor(table.to_dense(), dtype=torch.int32)
+            for dev in self.device_states.values():
+                dev.block_tables[ring].copy_(dense.to(dev.device))
+            self._full_rows = 0  # reserve() says again which rows a compiled forward may use
+            table.dirty = False
 
     def reserve(self, tokens: int | None = None, rows: int | None = None) -> None:
         """Map private blocks for `tokens` slots (default max_cache_len) of the first `rows` rows (default all), so
@@ -624,14 +713,14 @@ class PlugCache(DynamicCache):
         rows = self.max_batch_size if rows is None else rows
         tokens = self.max_cache_len if tokens is None else tokens
         start = self.seq_length_now()
-        copies = self.table.prepare_write(list(range(rows)), start, max(tokens, start), tokens,
-                                          self.config.block_size)
-        self._copy_blocks(copies)
+        for ring, table in self.tables.items():  # a ring maps all its blocks: it serves any length
+            copies = table.prepare_write(list(range(rows)), start, max(tokens, start), tokens, self.config.block_size)
+            self._copy_blocks(ring, copies)
         self._sync_tables()
-        width = self.config.max_blocks_per_row
         full = 0
-        for row in self.table.rows[:rows]:
-            if len(row) < width or any(self.pool.refs[i] > 1 for i in row):
+        for b in range(rows):
+            if any(len(t.rows[b]) < t.width or any(t.pool.refs[i] > 1 for i in t.rows[b])
+                   for t in self.tables.values()):
                 break
             full += 1
         self._full_rows = full
@@ -641,7 +730,8 @@ class PlugCache(DynamicCache):
     def reset(self) -> None:
         """Empty every row (buffers keep their addresses); blocks go back to the pool; the next forward prefills."""
         self._writable_here()
-        self.table.release(range(self.max_batch_size))
+        for table in self.tables.values():
+            table.release(range(self.max_batch_size))
         self._sync_tables()
         try:
             for layer in self.layers:
@@ -670,6 +760,14 @@ class PlugCache(DynamicCache):
             raise ValueError(f"crop({n}): this transformers release crops with a negative number of tokens to remove")
         else:
             keep = length
+        for layer in self.attn_layers:  # a ring holds the last ring_slots tokens: the next forward's window must be
+            need = max(0, keep - layer.window + 1) if layer.ring else length  # among them
+            if layer.ring and need < length - layer.ring_slots:
+                raise ValueError(
+                    f"crop to {keep} of {length} tokens: sliding-window layer {layer.layer_idx} (window "
+                    f"{layer.window}) keeps only its last {layer.ring_slots} tokens, and the next forward would need "
+                    f"tokens from {need}. Crop at most {layer.ring_slots - layer.window + 1} tokens at a time, or "
+                    "build the cache with trim_windows=False (sliding-window layers then keep max_cache_len).")
         for i in self.linear_layers:  # transformers' rule: only a layer recording its past can go back
             self.layers[i].crop(keep - length)
         for layer in self.attn_layers:
@@ -696,7 +794,8 @@ class PlugCache(DynamicCache):
             raise ValueError(f"row index out of range in {index}")
         self._writable_here()
         self.seq_length_now()
-        self.table.select(index)
+        for table in self.tables.values():
+            table.select(index)
         self._sync_tables()
         batch = len(index)
         for dev in self.device_states.values():
@@ -722,10 +821,10 @@ class PlugCache(DynamicCache):
         if self._open:
             self.sync_lengths()
         other = object.__new__(PlugCache)
-        other._build(self.config, self.backend, self.pool,
+        other._build(self.config, self.backend, self.pools,
                      buffers=[(l.k_cache, l.v_cache, l.k_scale, l.v_scale) for l in self.attn_layers],
                      linear={i: copy.deepcopy(self.layers[i]) for i in self.linear_layers})
-        other.table = self.table.fork()
+        other.tables = {ring: table.fork() for ring, table in self.tables.items()}
         other._copy_state_from(self)
         return other
 
@@ -736,16 +835,17 @@ class PlugCache(DynamicCache):
         if self._open:
             self.sync_lengths()
         other = object.__new__(PlugCache)
-        other._build(self.config, self.backend, BlockPool(self.pool.num_blocks),
+        other._build(self.config, self.backend, {ring: BlockPool(pool.num_blocks) for ring, pool in self.pools.items()},
                      buffers=[tuple(t.clone() for t in (l.k_cache, l.v_cache, l.k_scale, l.v_scale))
                               for l in self.attn_layers],
                      linear={i: copy.deepcopy(self.layers[i]) for i in self.linear_layers})
-        other.table.rows = [list(row) for row in self.table.rows]
-        for row in other.table.rows:  # the same block ids in the copied buffers: the new pool lends exactly those
-            for i in row:
-                if other.pool.refs[i] == 0:
-                    other.pool.free.remove(i)
-                other.pool.refs[i] += 1
+        for ring, table in other.tables.items():
+            table.rows = [list(row) for row in self.tables[ring].rows]
+            for row in table.rows:  # the same block ids in the copied buffers: the new pool lends exactly those
+                for i in row:
+                    if table.pool.refs[i] == 0:
+                        table.pool.free.remove(i)
+                    table.pool.refs[i] += 1
         other._copy_state_from(self)
         memo[id(self)] = other
         return other
@@ -759,7 +859,8 @@ class PlugCache(DynamicCache):
         for dev, theirs in zip(self.device_states.values(), src.device_states.values()):
             dev.starts.copy_(theirs.starts)
             dev.valid.copy_(theirs.valid)
-        self.table.dirty = True
+        for table in self.tables.values():
+            table.dirty = True
         self._sync_tables()
 
     def save(self, path) -> None:

@@ -43,7 +43,9 @@ class PlugConfig:
     sliding window of layer i (None for full attention), `layer_kinds[i]` is "attention" (paged K/V here),
     "linear" (a linear-attention layer of a hybrid model: its state stays in transformers' own cache layer) or
     "remote" (a layer another pipeline stage runs: nothing here). `nheads` / `nheads_k` are this rank's heads
-    (`tp_size` splits them: `from_hf_config` is the one place that derives them).
+    (`tp_size` splits them: `from_hf_config` is the one place that derives them). With `trim_windows` (the
+    default) a sliding-window layer keeps a ring of `layer_rings[i]` blocks per row, about twice its window,
+    instead of `max_cache_len` (see `layer_rings`).
     """
 
     num_layers: int
@@ -62,6 +64,7 @@ class PlugConfig:
     layer_kinds: list[str] = field(default_factory=list)
     linear_state_bytes: int = 0  # per row, all linear-attention layers together (conv + recurrent state)
     tp_size: int = 1
+    trim_windows: bool = True
 
     def __post_init__(self):
         if self.kv_dtype not in KV_DTYPES:
@@ -96,20 +99,50 @@ class PlugConfig:
 
     @property
     def num_blocks(self) -> int:
-        """Blocks in the pool (each holds `block_size` tokens of one row in every layer)."""
+        """Blocks in the main pool (each holds `block_size` tokens of one row in every layer that keeps
+        `max_cache_len`)."""
         if self.max_tokens is None:
             return self.max_batch_size * self.max_blocks_per_row
         return math.ceil(self.max_tokens / self.block_size)
 
     @property
+    def layer_rings(self) -> list[int | None]:
+        """Per layer, the blocks per row a sliding-window layer keeps (a ring), or None where the layer keeps up to
+        `max_cache_len` tokens (full attention, `trim_windows=False`, or a window so wide no ring would be smaller).
+        A ring holds at least `2 * window - 1` slots: the window, and one forward of up to `window` new tokens
+        (longer forwards go through it in pieces)."""
+        rings = []
+        for window, kind in zip(self.layer_windows, self.layer_kinds):
+            ring = math.ceil((2 * window - 1) / self.block_size) if window and self.trim_windows else None
+            rings.append(ring if kind == "attention" and ring is not None and ring < self.max_blocks_per_row
+                         else None)
+        return rings
+
+    @property
+    def groups(self) -> dict[int | None, list[int]]:
+        """The attention layers by the block table they use: None (up to max_cache_len; first when present), then
+        one group per ring size. Each group has its own pool and table; a block spans every layer of its group."""
+        out: dict[int | None, list[int]] = {}
+        rings = self.layer_rings
+        for ring in [None] + sorted({r for r in rings if r is not None}):
+            layers = [i for i in self.attention_layers if rings[i] == ring]
+            if layers:
+                out[ring] = layers
+        return out
+
+    def group_blocks(self, ring: int | None) -> int:
+        """Blocks in the pool of group `ring`: `num_blocks` for the main one, a full ring per row for a window."""
+        return self.num_blocks if ring is None else self.max_batch_size * ring
+
+    @property
     def storage_dtype(self) -> torch.dtype:
         return {"int8": torch.int8, "int4": torch.uint8}.get(self.kv_dtype, self.dtype)
 
-    @property
-    def storage_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], torch.dtype]:
-        """(K or V buffer shape, scale buffer shape, scale dtype) of one layer: head_dim values a token and head
-        (int8: plus an fp32 scale; int4: head_dim / 2 bytes plus a scale and minimum per half, fp16)."""
-        base = (self.num_blocks, self.nheads_k, self.block_size)
+    def storage_shapes(self, ring: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...], torch.dtype]:
+        """(K or V buffer shape, scale buffer shape, scale dtype) of one layer of group `ring`: head_dim values a
+        token and head (int8: plus an fp32 scale; int4: head_dim / 2 bytes plus a scale and minimum per half,
+        fp16)."""
+        base = (self.group_blocks(ring), self.nheads_k, self.block_size)
         if self.kv_dtype == "int4":
             return (*base, self.head_dim // 2), (*base, 4), torch.float16
         if self.kv_dtype == "int8":
@@ -122,16 +155,28 @@ class PlugConfig:
         return [i for i, kind in enumerate(self.layer_kinds) if kind == "attention"]
 
     def bytes_per_token(self, layer_count: int | None = None) -> int:
-        """Bytes one cached token costs over `layer_count` layers (all attention layers by default), K, V and
-        scales together."""
-        layers = len(self.attention_layers) if layer_count is None else layer_count
+        """Bytes one more cached token costs over `layer_count` layers (by default the attention layers that keep
+        up to max_cache_len: a sliding-window layer's ring is a fixed cost, `ring_bytes_per_row`), K, V and scales
+        together."""
+        layers = len(self.groups.get(None, [])) if layer_count is None else layer_count
+        return layers * self.layer_token_bytes
+
+    @property
+    def layer_token_bytes(self) -> int:
+        """Bytes of one token in one layer: K, V and scales of every KV head."""
         per_head = {"int8": 2 * (self.head_dim + 4), "int4": 2 * (self.head_dim // 2 + 4 * 2)}.get(
             self.kv_dtype, 2 * self.head_dim * torch.empty((), dtype=self.dtype).element_size())
-        return layers * self.nheads_k * per_head
+        return self.nheads_k * per_head
+
+    @property
+    def ring_bytes_per_row(self) -> int:
+        """Bytes the sliding-window layers' rings hold per row, whatever the row's length."""
+        return sum(ring * self.block_size * self.layer_token_bytes for ring in self.layer_rings if ring)
 
     @classmethod
     def from_hf_config(cls, config, *, max_batch_size, max_cache_len, dtype, device, kv_dtype=None, block_size=64,
-                       max_tokens=None, layout: RankLayout | None = None, tp_plan: dict | None = None):
+                       max_tokens=None, layout: RankLayout | None = None, tp_plan: dict | None = None,
+                       trim_windows: bool = True):
         """Geometry from a transformers config, for the rank `layout` describes (default: one process); `device` is
         one device or a list with one per layer (None for layers another pipeline stage runs); `tp_plan` is the
         model's (`model.tp_plan`; None: transformers' default plan, q/k/v split by heads)."""
@@ -176,6 +221,7 @@ class PlugConfig:
             layer_kinds=kinds,
             linear_state_bytes=kinds.count("linear") * linear_state_bytes(config, dtype),
             tp_size=tp,
+            trim_windows=trim_windows,
         )
 
 

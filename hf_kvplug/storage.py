@@ -1,8 +1,9 @@
 """PlugCache files: a prefilled cache written with safetensors and read back, in this process or another.
 
-Layout: `layer.{i}.k` / `layer.{i}.v` `[n, nheads_k, block_size, head_dim]` (storage dtype; INT8 adds
+Layout: `layer.{i}.k` / `layer.{i}.v` `[n, nheads_k, block_size, head_dim]` (storage dtype; INT8 and INT4 add
 `layer.{i}.k_scale` / `.v_scale`) hold the n blocks the rows use, each once; `table` `[batch, blocks]` int32 names
-them per row (-1: none); `seqlens` `[num_layers, batch]`, `starts` `[batch]` and, when the recorded mask has holes,
+them per row (-1: none), and `table.ring{r}` does the same for the sliding-window layers kept in rings of r blocks
+(numbered apart: each group of layers has its own blocks); `seqlens` `[num_layers, batch]`, `starts` `[batch]` and, when the recorded mask has holes,
 `valid` `[batch, length]`. The metadata says what the cache was built for and carries a SHA-256 of every tensor's
 bytes, so a truncated or altered file is refused instead of read.
 """
@@ -23,7 +24,13 @@ _FINGERPRINT = ("model_type", "num_layers", "nheads", "nheads_k", "head_dim", "k
 def _fingerprint(config) -> dict:
     out = {name: getattr(config, name) for name in _FINGERPRINT}
     out["dtype"] = str(config.dtype).replace("torch.", "")
+    if any(config.layer_rings):  # (absent from files without rings, which stay readable)
+        out["layer_rings"] = config.layer_rings
     return out
+
+
+def _table_name(ring) -> str:
+    return "table" if ring is None else f"table.ring{ring}"
 
 
 def _digest(tensors: dict) -> str:
@@ -44,19 +51,21 @@ def save_cache(cache, path) -> None:
         raise ValueError("saving a hybrid model's cache is not supported: its linear-attention states live in "
                          "transformers' own cache layers; keep the cache in memory (fork() or copy.deepcopy)")
     length, batch = cache.length, cache.batch
-    nblocks = math.ceil(length / cfg.block_size)
-    used, compact, table = [], {}, []
-    for row in cache.table.rows[:batch]:
-        ids = []
-        for i in row[:nblocks]:
-            if i not in compact:
-                compact[i] = len(used)
-                used.append(i)
-            ids.append(compact[i])
-        table.append(ids + [-1] * (nblocks - len(ids)))
-    tensors = {"table": torch.tensor(table, dtype=torch.int32).reshape(batch, nblocks)}
+    tensors, used = {}, {}
+    for ring, rows in cache.tables.items():
+        nblocks = min(math.ceil(length / cfg.block_size), rows.width)
+        used[ring], compact, table = [], {}, []
+        for row in rows.rows[:batch]:
+            ids = []
+            for i in row[:nblocks]:
+                if i not in compact:
+                    compact[i] = len(used[ring])
+                    used[ring].append(i)
+                ids.append(compact[i])
+            table.append(ids + [-1] * (nblocks - len(ids)))
+        tensors[_table_name(ring)] = torch.tensor(table, dtype=torch.int32).reshape(batch, nblocks)
     for layer in cache.attn_layers:
-        idx = torch.tensor(used, dtype=torch.long, device=layer.device)
+        idx = torch.tensor(used[layer.ring], dtype=torch.long, device=layer.device)
         names = ("k", "v", "k_scale", "v_scale")
         for name, buf in zip(names, (layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale)):
             if buf.numel():
@@ -67,6 +76,7 @@ def save_cache(cache, path) -> None:
     if cache.holes:
         tensors["valid"] = dev.valid[:batch, :length].cpu().clone()
     meta = dict(format=FORMAT, config=_fingerprint(cfg), length=length, batch=batch, holes=cache.holes,
+                max_cache_len=cfg.max_cache_len,
                 fresh=cache.attn_layers[0].fresh, sha256=_digest(tensors))
     save_file(tensors, str(path), metadata={"hf_kvplug": json.dumps(meta)})
 
@@ -94,32 +104,40 @@ def load_cache(cls, path, model_or_config, **kwargs):
     meta, tensors = _read(path)
     length, batch = meta["length"], meta["batch"]
     kwargs.setdefault("max_batch_size", batch)
-    kwargs.setdefault("max_cache_len", max(length, 1))
+    # a cache with sliding-window rings is rebuilt at its own size by default (a ring exists only where it is
+    # smaller than max_cache_len); without rings, the tokens held are enough
+    kwargs.setdefault("max_cache_len", meta["max_cache_len"] if "layer_rings" in meta["config"] else max(length, 1))
     if kwargs.get("kv_dtype", meta["config"]["kv_dtype"]) != meta["config"]["kv_dtype"]:
         raise ValueError(f"{path} holds a kv_dtype={meta['config']['kv_dtype']!r} cache, not {kwargs['kv_dtype']!r}")
     kwargs["kv_dtype"] = meta["config"]["kv_dtype"]
     kwargs.setdefault("block_size", meta["config"]["block_size"])
     cache = cls(model_or_config, **kwargs)
     mine = _fingerprint(cache.config)
-    diffs = [f"{k}: file {meta['config'][k]!r} vs here {mine[k]!r}" for k in mine if meta["config"].get(k) != mine[k]]
+    diffs = [f"{k}: file {meta['config'].get(k)!r} vs here {mine.get(k)!r}"
+             for k in {**meta["config"], **mine} if meta["config"].get(k) != mine.get(k)]
     if diffs:
         raise ValueError(f"{path} was saved for another model or cache (" + "; ".join(diffs) + ")")
     if batch > cache.max_batch_size or length > cache.max_cache_len:
         raise ValueError(f"{path} holds {batch} rows of {length} tokens; build the cache with max_batch_size >= "
                          f"{batch} and max_cache_len >= {length}")
-    table = tensors["table"].tolist()
-    nused = 1 + max((i for row in table for i in row), default=-1)
-    ids = cache.pool.allocate(nused)
-    rows = [[ids[i] for i in row if i >= 0] for row in table]
-    for b, row in enumerate(rows):
-        cache.pool.incref(row)
-        cache.table.rows[b] = row
-    cache.pool.decref(ids)  # the allocation's own reference: each block is now held by the rows naming it
+    placed = {}
+    for ring, rows in cache.tables.items():
+        table = tensors[_table_name(ring)].tolist()
+        nused = 1 + max((i for row in table for i in row), default=-1)
+        ids = rows.pool.allocate(nused)
+        for b, row in enumerate(table):
+            row = [ids[i] for i in row if i >= 0]
+            rows.pool.incref(row)
+            rows.rows[b] = row
+        rows.pool.decref(ids)  # the allocation's own reference: each block is now held by the rows naming it
+        rows.dirty = True
+        placed[ring] = ids
     for n, layer in enumerate(cache.attn_layers):
+        ids = placed[layer.ring]
         dst = torch.tensor(ids, dtype=torch.long, device=layer.device)
         names = ("k", "v", "k_scale", "v_scale")
         for name, buf in zip(names, (layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale)):
-            if buf.numel() and nused:
+            if buf.numel() and ids:
                 buf[dst] = tensors[f"layer.{layer.layer_idx}.{name}"].to(layer.device)
         layer.cache_seqlens[:batch].copy_(tensors["seqlens"][n])
         layer.fresh = meta["fresh"]
@@ -128,6 +146,5 @@ def load_cache(cls, path, model_or_config, **kwargs):
         if meta["holes"]:
             dev.valid[:batch, :length].copy_(tensors["valid"])
     cache.length, cache.batch, cache.holes = length, batch, meta["holes"]
-    cache.table.dirty = True
     cache._sync_tables()
     return cache

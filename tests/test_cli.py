@@ -64,6 +64,19 @@ def test_plan_per_rank_hybrid_and_shared_prompts(capsys):
         main(["plan", "--model", "llama3-8b", "--tp", "3", "--device", "cpu"])
 
 
+def test_plan_sliding_windows_are_a_fixed_cost(capsys):
+    """Mistral-7B's layers all slide over 4096 tokens: each keeps a ring of 8192 slots per row (2 x window - 1,
+    rounded up to blocks), whatever the context, so no token count bounds the batch."""
+    n = plan_numbers(shapes.mistral_7b(), batch=8, context=32768, dtype=torch.bfloat16, block_size=64, free=10**11)
+    assert n["window_layers"] == 32 and n["ring_slots"] == 8192 and n["bpt_fp"] == 0
+    assert n["ring_fp"] == n["total_fp"] == n["alloc_fp"] == 8 * 8192 * 32 * 8 * 128 * 2 * 2
+    assert n["fit_fp"] is None and n["fits_any_fp"]
+    assert main(["plan", "--model", "mistral-7b", "--batch", "8", "--context", "32k", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "32 sliding-window layers (window 4096) keep a ring of 8192 slots per row" in out
+    assert "sliding-window rings (batch)" in out
+
+
 def test_plan_unknown_model_is_a_clear_error():
     with pytest.raises(SystemExit, match="error: --model 'no-such-model' is neither a known shape"):
         main(["plan", "--model", "no-such-model", "--device", "cpu"])

@@ -28,7 +28,8 @@ def _copies(cache, monkeypatch):
     """Spy on the cache's block copies: a list of the (src, dst) pairs of each call."""
     calls = []
     real = cache._copy_blocks
-    monkeypatch.setattr(cache, "_copy_blocks", lambda pairs: (calls.append(list(pairs)), real(pairs))[1])
+    monkeypatch.setattr(cache, "_copy_blocks",
+                        lambda ring, pairs: (calls.append(list(pairs)) if pairs else None, real(ring, pairs))[1])
     return calls
 
 

@@ -66,16 +66,25 @@ def plan_numbers(config, batch: int, context: int, dtype: torch.dtype, block_siz
         groups, full = math.ceil(batch / share), prompt // block_size
         out["shared_tokens"] = (groups * full + batch * (blocks_row - full)) * block_size
     for fmt, cfg in per.items():
-        bpt = cfg.bytes_per_token()
+        bpt = cfg.bytes_per_token()  # the layers that keep every token; sliding-window rings are a fixed cost
+        ring = batch * cfg.ring_bytes_per_row
+        fixed = out["linear_state"] + ring
         out[f"bpt_{fmt}"] = bpt
-        out[f"total_{fmt}"] = batch * context * bpt
-        out[f"alloc_{fmt}"] = out["alloc_tokens"] * bpt + out["linear_state"]
+        out[f"ring_{fmt}"] = ring
+        out[f"total_{fmt}"] = batch * context * bpt + ring
+        out[f"alloc_{fmt}"] = out["alloc_tokens"] * bpt + fixed
         if share > 1:
-            out[f"shared_{fmt}"] = out["shared_tokens"] * bpt + out["linear_state"]
-        out[f"fit_{fmt}"] = None if free is None else max(0, (free - weights - out["linear_state"]) // bpt)
+            out[f"shared_{fmt}"] = out["shared_tokens"] * bpt + fixed
+        room = None if free is None else max(0, free - weights - fixed)
+        # tokens that fit: unbounded (None) where every layer keeps only its window
+        out[f"fit_{fmt}"] = None if room is None or bpt == 0 else room // bpt
+        out[f"fits_any_{fmt}"] = room is not None and bpt == 0 and free - weights - fixed >= 0
     cfg = per["fp"]
+    windowed = [w for w, r in zip(cfg.layer_windows, cfg.layer_rings) if r]
     out.update(layers=len(cfg.attention_layers), all_layers=cfg.num_layers, nheads_k=cfg.nheads_k,
-               head_dim=cfg.head_dim, nheads=cfg.nheads)
+               head_dim=cfg.head_dim, nheads=cfg.nheads, window_layers=len(windowed),
+               ring_slots=max((r for r in cfg.layer_rings if r), default=0) * block_size,
+               windows=sorted(set(windowed)))
     return out
 
 
@@ -110,9 +119,14 @@ def run(args) -> int:
     def row(label, values):
         print(f"{label:<{w}}" + "".join(f"{v:>{c}}" for v in values))
 
+    if n["window_layers"]:
+        print(f"{n['window_layers']} sliding-window layers (window {', '.join(map(str, n['windows']))}) keep a ring of "
+              f"{n['ring_slots']} slots per row, whatever the context; the bytes per token count the other layers\n")
     row("", names)
     row("KV bytes / token", [f"{n['bpt_' + f]:,}" for f in FORMATS])
     row("  (K, V, scales)", [f"{n['bpt_' + f] / 1024:.1f} KiB" for f in FORMATS])
+    if n["window_layers"]:
+        row("sliding-window rings (batch)", [_gb(n["ring_" + f]) for f in FORMATS])
     row("KV total (batch x context)", [_gb(n["total_" + f]) for f in FORMATS])
     if n["linear_state"]:
         row("linear-attention state (batch)", [_gb(n["linear_state"])] * len(FORMATS))
@@ -127,8 +141,13 @@ def run(args) -> int:
         return 0
     source = "torch.cuda.mem_get_info" if device.type == "cuda" else "/proc/meminfo MemAvailable"
     print(f"{where:<{w}}{_gb(free):>{c}}   ({source})")
-    row("tokens that fit after weights", [f"{n['fit_' + f]:,}" for f in FORMATS])
-    row(f"  per row at batch {args.batch}", [f"{n['fit_' + f] // args.batch:,}" for f in FORMATS])
+    def fit(f, per_row=1):
+        if n["fit_" + f] is None:
+            return "any (windows)" if n["fits_any_" + f] else "0"
+        return f"{n['fit_' + f] // per_row:,}"
+
+    row("tokens that fit after weights", [fit(f) for f in FORMATS])
+    row(f"  per row at batch {args.batch}", [fit(f, args.batch) for f in FORMATS])
     need = "shared" if "shared_tokens" in n else "alloc"
     row("this batch x context", ["fits" if n[f"{need}_{f}"] + n["weights"] <= free else "does NOT fit"
                                  for f in FORMATS])

@@ -101,6 +101,16 @@ def mixtral_8x7b():
                          sliding_window=None, tie_word_embeddings=False)
 
 
+def mistral_7b() -> object:
+    """Mistral-7B-v0.1: hidden 4096, 32 layers, 32/8 heads, head_dim 128, every layer on a 4096-token sliding
+    window."""
+    from transformers import MistralConfig
+
+    return MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=32000, rms_norm_eps=1e-5, rope_parameters=_rope(1e4),
+                         max_position_embeddings=32768, sliding_window=4096, tie_word_embeddings=False)
+
+
 def tiny() -> LlamaConfig:
     """A 2-layer Llama for tests (hidden 64, 4/2 heads, head_dim 16)."""
     return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -117,6 +127,7 @@ SHAPES: dict[str, Callable[[], object]] = {
     "qwen3.5-9b": qwen35_9b,
     "qwen3-next-80b-a3b": qwen3_next_80b_a3b,
     "mixtral-8x7b": mixtral_8x7b,
+    "mistral-7b": mistral_7b,
     "tiny": tiny,
 }
 
