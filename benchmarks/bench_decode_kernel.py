@@ -129,7 +129,7 @@ def paged_cache(keys, values, block_size: int, capacity: int, kv: str):
     cfg = PlugConfig(num_layers=1, nheads=nheads_k, nheads_k=nheads_k, head_dim=d, max_batch_size=batch,
                      max_cache_len=max_blocks * block_size, dtype=keys.dtype, layer_devices=[keys.device],
                      kv_dtype=None if kv == "fp16" else kv, block_size=block_size)
-    shape, scale_shape, scale_dtype = cfg.storage_shapes
+    shape, scale_shape, scale_dtype = cfg.storage_shapes()
     bufs = []
     for x in (keys, values):
         cache = torch.zeros(shape, dtype=cfg.storage_dtype, device=x.device)
