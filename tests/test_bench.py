@@ -15,7 +15,7 @@ from hf_kvplug.cli import main
 
 TINY = ["bench", "--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--new-tokens", "4"]
 EXPECTED_COLUMNS = {"provider", "model", "batch", "context", "max_cache_len", "prefill_ms", "decode_ms_p50",
-                    "decode_ms_p20", "decode_ms_p80", "tokens_per_s", "peak_mem_gb", "kv_bytes", "bw_floor_fraction",
+                    "decode_ms_p20", "decode_ms_p80", "tokens_per_s", "peak_mem_gb", "kv_bytes", "kv_in_use_bytes", "bw_floor_fraction",
                     "status", "note", "gpu_name", "torch", "triton", "transformers", "git_commit", "date"}
 
 
@@ -65,6 +65,23 @@ def test_bench_values_are_sane(tiny_run):
             dyn = by["hf_dynamic", batch, ctx]
             assert int(dyn["max_cache_len"]) == ctx + 4
             assert int(dyn["kv_bytes"]) == batch * (ctx + 3) * 2 * 2 * (2 * 16 * 4)
+
+
+def test_return_sequences_show_what_sharing_saves(tmp_path):
+    """--return-sequences 4: sampled rows expanded from each prompt; the PlugCache stores each prompt once, so the
+    blocks its rows map hold less than the DynamicCache's four copies."""
+    assert main(TINY + ["--batch", "2", "--context", "64", "--providers", "hf_dynamic,kvplug", "--block-size", "16",
+                        "--return-sequences", "4", "--check-tokens", "0", "--no-plots", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "results.csv") as f:
+        by = {r["provider"]: r for r in csv.DictReader(f)}
+    per_token = 2 * 2 * (2 * 16 * 4)  # tiny fp32: layers x KV heads x K+V x head_dim x 4 bytes
+    dyn, plug = by["hf_dynamic"], by["kvplug"]
+    assert int(dyn["kv_in_use_bytes"]) == int(dyn["kv_bytes"]) == 8 * (64 + 3) * per_token
+    # 2 prompts of 4 full blocks once, then each of the 8 rows its own block for the 4 new tokens
+    assert int(plug["kv_in_use_bytes"]) == (2 * 4 + 8 * 1) * 16 * per_token
+    assert int(plug["kv_bytes"]) == 8 * 80 * per_token  # the preallocated pool: 8 rows x 80 slots
+    assert plug["return_sequences"] == "4" and float(plug["tokens_per_s"]) > 0
+    assert "Sampling (top-k 50, 4 sequences per prompt" in (tmp_path / "results.md").read_text()
 
 
 def test_oom_is_recorded_not_raised(tmp_path, monkeypatch):

@@ -72,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plug-backend", default="auto", choices=("auto", "triton", "reference"),
                    help="PlugCache backend (default auto: Triton on CUDA)")
     p.add_argument("--block-size", type=int, default=64, help="PlugCache block size (default 64)")
+    p.add_argument("--return-sequences", type=int, default=1,
+                   help="sample this many sequences from each prompt (num_return_sequences; default 1: greedy); "
+                        "the `kv_in_use_bytes` column then shows what storing each prompt once saves")
     p.add_argument("--full-warmup", action="store_true",
                    help="warm up with the full prompt (default: a 32-token prompt, which compiles the same decode "
                         "graphs at a fraction of the cost)")
@@ -169,8 +172,8 @@ def load_previous(out: Path, meta: dict) -> list[BenchRow]:
     if not path.exists():
         return []
     data = json.loads(path.read_text())
-    for key in ("model", "dtype", "device", "new_tokens"):
-        if data.get("meta", {}).get(key) != meta[key]:
+    for key in ("model", "dtype", "device", "new_tokens", "return_sequences"):
+        if data.get("meta", {}).get(key, 1 if key == "return_sequences" else None) != meta[key]:
             raise SystemExit(f"error: --resume: {path} was written with {key}={data['meta'].get(key)!r}, "
                              f"this run has {meta[key]!r}; use another --out")
     return [BenchRow(**{k: v for k, v in r.items() if k in FIELDS}) for r in data.get("rows", [])]
@@ -221,7 +224,8 @@ def _precheck(case, model, settings, args, ooms) -> BenchRow | None:
                                                             f"{smaller[1]} already")
     if args.no_predict_oom:
         return None
-    need, avail = predicted_kv_bytes(PROVIDERS[case.provider], case, model, args.block_size), \
+    need, avail = predicted_kv_bytes(PROVIDERS[case.provider], case, model, args.block_size,
+                                     args.return_sequences), \
         _available_bytes(settings.device)
     if need is not None and avail is not None and need > avail:
         return empty_row(case, settings, status="OOM", note=f"not run (predicted): KV cache {need / 1e9:.1f} GB > "
@@ -235,6 +239,8 @@ def run(args) -> list[BenchRow]:
     """The `bench` command: build the model, check, sweep, write and print. Returns the rows."""
     if args.new_tokens < 2:
         raise SystemExit("error: --new-tokens must be at least 2 (one prefill token + decode steps)")
+    if args.return_sequences < 1:
+        raise SystemExit("error: --return-sequences must be at least 1")
     if args.resume and not args.out:
         raise SystemExit("error: --resume needs the --out directory of the run to continue")
     device = bm.resolve_device(args.device)
@@ -246,13 +252,15 @@ def run(args) -> list[BenchRow]:
     env = environment(bm.device_name(device))
     settings = Settings(model_label=label, device=device, dtype=dtype, weights_read_bytes=read_w, copy_bw=copy_bw,
                         env=env, seed=args.seed, compile_on_cpu=args.compile_on_cpu, plug_backend=args.plug_backend,
-                        block_size=args.block_size, full_warmup=args.full_warmup)
+                        block_size=args.block_size, full_warmup=args.full_warmup,
+                        return_sequences=args.return_sequences)
     out = Path(args.out) if args.out else default_out_dir(env["gpu_name"], label)
     meta = dict(env, model=label, device=str(device), dtype=bm.dtype_name(dtype), new_tokens=args.new_tokens,
                 weights_gb=total_w / 1e9, weights_read_gb=read_w / 1e9, copy_bw_gbps=copy_bw / 1e9,
                 weights_note="random weights, known shape" if shapes.is_known(args.model) else "checkpoint",
                 warmup="full prompt" if args.full_warmup else f"{settings.warmup_prompt}-token prompt",
                 batch=args.batch, context=args.context, providers=args.providers,
+                return_sequences=args.return_sequences,
                 providers_described={p: PROVIDERS[p].description for p in args.providers}, check=[])
     print(f"weights {total_w / 1e9:.2f} GB ({read_w / 1e9:.2f} GB read per decode step); "
           f"copy bandwidth {copy_bw / 1e9:.0f} GB/s; output → {rel(out)}", flush=True)

@@ -9,12 +9,15 @@ How a case is measured (`run_case`):
   * a `LogitsProcessor` (`StepTimer`) synchronises the device and records `time.perf_counter()` each time logits
     arrive: prefill ms = first record - the time `generate` was called (includes generate's own setup, a few ms);
     decode step i = record i - record i-1 (one decode forward + sampling + the sync), over `new_tokens - 1` steps;
-  * tokens/s = batch x decode steps / (last record - first record);
+  * tokens/s = rows x decode steps / (last record - first record), rows = batch x `--return-sequences`;
+  * KV bytes = what the cache holds (a PlugCache: its preallocated buffers); KV in use = the bytes of the blocks
+    the rows map at the end (a PlugCache stores a prompt once for the rows `num_return_sequences` expands from it),
+    or, for HF's caches, KV bytes again;
   * peak memory = `torch.cuda.max_memory_allocated` over the measured run (reset before it; weights included);
   * bandwidth floor of a decode step = (weight bytes read per step, i.e. all parameters but an untied input
     embedding, + KV bytes read per step) / copy bandwidth (`models.copy_bandwidth`), with
-    the KV read = batch x (context + new_tokens / 2) tokens x bytes/token (the mean over the decode steps) for caches
-    that read only the filled slots, and batch x max_cache_len x bytes/token for HF's StaticCache (SDPA reads the
+    the KV read = rows x (context + new_tokens / 2) tokens x bytes/token (the mean over the decode steps) for caches
+    that read only the filled slots, and rows x max_cache_len x bytes/token for HF's StaticCache (SDPA reads the
     whole buffer); `bw_floor_fraction` = floor / measured median step (1.0 = at the copy-bandwidth limit);
   * an out-of-memory error becomes a row with status OOM (and the provider's larger cases are not run), any other
     exception a row with status ERROR and its first line as the note (tracebacks go to errors.log in --out).
@@ -93,6 +96,7 @@ class Settings:
     block_size: int = 64
     full_warmup: bool = False
     warmup_prompt: int = 32
+    return_sequences: int = 1  # > 1: sampling with num_return_sequences (rows expanded from each prompt)
 
 
 @dataclass
@@ -112,6 +116,8 @@ class BenchRow:
     tokens_per_s: float | None = None
     peak_mem_gb: float | None = None
     kv_bytes: int | None = None
+    kv_in_use_bytes: int | None = None
+    return_sequences: int = 1
     bw_floor_ms: float | None = None
     bw_floor_fraction: float | None = None
     copy_bw_gbps: float | None = None
@@ -142,7 +148,8 @@ class StepTimer(LogitsProcessor):
 def empty_row(case: BenchCase, settings: Settings, **kw) -> BenchRow:
     return BenchRow(provider=case.provider, model=settings.model_label, dtype=dtype_name(settings.dtype),
                     device=str(settings.device), batch=case.batch, context=case.context,
-                    new_tokens=case.new_tokens, copy_bw_gbps=round(settings.copy_bw / 1e9, 1), **settings.env, **kw)
+                    new_tokens=case.new_tokens, copy_bw_gbps=round(settings.copy_bw / 1e9, 1),
+                    return_sequences=settings.return_sequences, **settings.env, **kw)
 
 
 def plug_cache_len(context: int, new_tokens: int, block_size: int) -> int:
@@ -167,11 +174,13 @@ def max_cache_len_for(provider: Provider, case: BenchCase, block_size: int) -> i
     return case.context + case.new_tokens
 
 
-def predicted_kv_bytes(provider: Provider, case: BenchCase, model, block_size: int) -> int | None:
+def predicted_kv_bytes(provider: Provider, case: BenchCase, model, block_size: int,
+                       return_sequences: int = 1) -> int | None:
     """Bytes the case's cache will hold at its largest (None when unknown, e.g. quantized)."""
     if provider.cache == "quantized":
         return None
-    return case.batch * max_cache_len_for(provider, case, block_size) * kv_bytes_per_token(model, provider.kv_dtype)
+    rows = case.batch * return_sequences
+    return rows * max_cache_len_for(provider, case, block_size) * kv_bytes_per_token(model, provider.kv_dtype)
 
 
 # ------------------------------------------------------------------------------------------------ caches
@@ -203,7 +212,8 @@ class CacheFactory:
         self.note = ""
         self._cache = None
         if provider.cache == "plug":
-            self._cache = PlugCache(model, max_batch_size=case.batch, max_cache_len=self.max_cache_len,
+            self._cache = PlugCache(model, max_batch_size=case.batch * settings.return_sequences,
+                                    max_cache_len=self.max_cache_len,
                                     kv_dtype=provider.kv_dtype, block_size=settings.block_size,
                                     backend=settings.plug_backend)
         elif provider.cache == "static":
@@ -267,6 +277,8 @@ def random_prompt(batch: int, length: int, vocab: int, seed: int, device) -> tor
 def generate_kwargs(provider: Provider, settings: Settings, cache, new_tokens: int, timer: StepTimer) -> dict:
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kv(cache),
               logits_processor=LogitsProcessorList([timer]), disable_compile=not provider.compile)
+    if settings.return_sequences > 1:  # rows expanded from each prompt: sampled (seeded in timed_generate)
+        kw.update(do_sample=True, top_k=50, num_return_sequences=settings.return_sequences)
     if provider.compile and settings.device.type != "cuda":
         from transformers import CompileConfig
 
@@ -281,6 +293,7 @@ def timed_generate(model, provider, settings, cache, prompt, new_tokens):
     timer = StepTimer(settings.device)
     kw = generate_kwargs(provider, settings, cache, new_tokens, timer)
     mask = torch.ones_like(prompt)
+    torch.manual_seed(settings.seed)
     sync(settings.device)
     start = time.perf_counter()
     out = model.generate(prompt, attention_mask=mask, **kw)  # generate runs under torch.no_grad() itself
@@ -349,6 +362,7 @@ def run_case(model, case: BenchCase, settings: Settings) -> BenchRow:
     if generated != case.new_tokens:
         notes.append(f"generated {generated} tokens, not {case.new_tokens}")
     row.kv_bytes = cache_bytes(cache)
+    row.kv_in_use_bytes = cache.stats()["bytes_in_use"] if isinstance(cache, PlugCache) else row.kv_bytes
     _fill_timings(row, t0, times)
     _fill_floor(row, provider, case, settings, model, generated)
     row.note = "; ".join(notes)
@@ -362,18 +376,19 @@ def _fill_timings(row: BenchRow, t0: float, times: list[float]) -> None:
         return
     p50, p20, p80 = median_p20_p80(steps)
     row.decode_ms_p50, row.decode_ms_p20, row.decode_ms_p80 = round(p50, 4), round(p20, 4), round(p80, 4)
-    row.tokens_per_s = round(row.batch * len(steps) / (times[-1] - times[0]), 2)
+    row.tokens_per_s = round(row.batch * row.return_sequences * len(steps) / (times[-1] - times[0]), 2)
 
 
 def _fill_floor(row: BenchRow, provider: Provider, case: BenchCase, settings: Settings, model, generated: int):
+    rows = case.batch * settings.return_sequences
     if provider.cache == "static":
-        kv_read = case.batch * row.max_cache_len * kv_bytes_per_token(model)
+        kv_read = rows * row.max_cache_len * kv_bytes_per_token(model)
     else:
         if provider.cache == "quantized":  # what it holds per token at the end, residual window included
-            bpt = row.kv_bytes / max(case.batch * (case.context + max(generated, 1) - 1), 1)
+            bpt = row.kv_bytes / max(rows * (case.context + max(generated, 1) - 1), 1)
         else:
             bpt = kv_bytes_per_token(model, provider.kv_dtype)
-        kv_read = case.batch * (case.context + case.new_tokens / 2) * bpt
+        kv_read = rows * (case.context + case.new_tokens / 2) * bpt
     floor_s = (settings.weights_read_bytes + kv_read) / settings.copy_bw
     row.bw_floor_ms = round(floor_s * 1e3, 4)
     if row.decode_ms_p50:

@@ -104,18 +104,24 @@ def _fmt(value, spec: str = ".2f", missing: str = "–") -> str:
 
 def markdown_table(rows: list[BenchRow]) -> str:
     head = ("| provider | batch | context | max_cache_len | prefill ms | decode ms/step p50 (p20–p80) | tokens/s "
-            "| peak GB | KV bytes | BW floor | status |")
+            "| peak GB | KV bytes | KV in use | BW floor | status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         decode = (f"{r.decode_ms_p50:.2f} ({r.decode_ms_p20:.2f}–{r.decode_ms_p80:.2f})"
                   if r.decode_ms_p50 is not None else "–")
         kv = "–" if r.kv_bytes is None else human_bytes(r.kv_bytes)
+        in_use = "–" if r.kv_in_use_bytes is None else human_bytes(r.kv_in_use_bytes)
         floor = "–" if r.bw_floor_fraction is None else f"{100 * r.bw_floor_fraction:.0f}%"
         status = r.status if not r.note or r.status == "ok" else f"{r.status}: {r.note}"
         lines.append(f"| {r.provider} | {r.batch} | {r.context} | {_fmt(r.max_cache_len, 'd')} "
                      f"| {_fmt(r.prefill_ms, '.1f')} | {decode} | {_fmt(r.tokens_per_s, '.1f')} "
-                     f"| {_fmt(r.peak_mem_gb, '.2f')} | {kv} | {floor} | {status.replace('|', '/')} |")
+                     f"| {_fmt(r.peak_mem_gb, '.2f')} | {kv} | {in_use} | {floor} | {status.replace('|', '/')} |")
     return "\n".join(lines)
+
+
+def _decoding(meta: dict) -> str:
+    n = meta.get("return_sequences", 1) or 1
+    return "Greedy decoding" if n == 1 else f"Sampling (top-k 50, {n} sequences per prompt: rows = batch × {n})"
 
 
 def conditions(meta: dict) -> str:
@@ -124,14 +130,16 @@ def conditions(meta: dict) -> str:
         f"triton {meta.get('triton')}, transformers {meta.get('transformers')}, hf_kvplug {meta.get('git_commit')}, "
         f"{meta.get('date')}. Model `{meta.get('model')}` ({meta.get('weights_note')}), {meta.get('dtype')}, "
         f"sdpa attention; weights {meta.get('weights_gb', 0):.2f} GB ({meta.get('weights_read_gb', 0):.2f} GB read "
-        f"per decode step: all but an untied input embedding). Greedy decoding of {meta.get('new_tokens')} new "
+        f"per decode step: all but an untied input embedding). {_decoding(meta)} of {meta.get('new_tokens')} new "
         "tokens (min = max, EOS ignored) after a "
         f"prompt of `context` random token ids. Each case: one warm-up generate ({meta.get('warmup')}; compile and "
         "CUDA-graph capture happen there, compiled providers start from a reset torch.compile state), then one "
         "measured generate. Prefill ms: generate call → first logits. Decode ms/step: median (p20–p80) over the "
-        "decode steps, each timed by a LogitsProcessor after a device synchronize. tokens/s = batch × decode steps / "
+        "decode steps, each timed by a LogitsProcessor after a device synchronize. tokens/s = rows × decode steps / "
         "decode time. Peak GB: torch.cuda.max_memory_allocated over the measured run (weights included). KV bytes: "
-        "bytes the cache holds (PlugCache and StaticCache preallocate). BW floor: (weights read + KV read per step) "
+        "bytes the cache holds (PlugCache and StaticCache preallocate); KV in use: bytes of the blocks a PlugCache's "
+        "rows map at the end (a prompt is stored once for the rows expanded from it), the held bytes for the others. "
+        "BW floor: (weights read + KV read per step) "
         f"/ copy bandwidth ({meta.get('copy_bw_gbps', 0):.0f} GB/s, measured in this run by a device-to-device copy) "
         "divided by the measured median step; StaticCache reads its whole max_cache_len (2 × context), the others "
         "their filled slots."
