@@ -26,16 +26,17 @@ class PoolExhausted(ValueError):
 class BlockPool:
     """A free list of block ids and a reference count per block. Shared by a cache and every cache forked from it."""
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, name: str = "the PlugCache's block pool", hint: str = ""):
         self.num_blocks = num_blocks
+        self.name, self.hint = name, hint  # for the exhaustion message
         self.refs = [0] * num_blocks
         self.free = deque(range(num_blocks))
 
     def allocate(self, n: int) -> list[int]:
         """`n` fresh block ids, each with one reference; raises PoolExhausted (allocating nothing) if short."""
         if n > len(self.free):
-            raise PoolExhausted(f"the PlugCache's block pool has {len(self.free)} free blocks of {self.num_blocks} "
-                                f"and {n} more are needed")
+            raise PoolExhausted(f"{self.name} has {len(self.free)} free blocks of {self.num_blocks} and {n} more are "
+                                f"needed{self.hint}")
         ids = [self.free.popleft() for _ in range(n)]
         for i in ids:
             self.refs[i] = 1
@@ -89,7 +90,7 @@ class BlockTable:
     def blocks_for(self, tokens: int, block_size: int) -> int:
         return min(-(-tokens // block_size), self.width)
 
-    def _written(self, start: int, end: int, block_size: int) -> list[int]:
+    def positions_written(self, start: int, end: int, block_size: int) -> list[int]:
         """Positions in a row of the blocks that slots [start, end) write into (each once)."""
         if end <= start:
             return []
@@ -98,13 +99,10 @@ class BlockTable:
             return list(range(first, last + 1))
         return sorted({i % self.ring for i in range(first, min(last, first + self.ring - 1) + 1)})
 
-    def prepare_write(self, rows: list[int], start: int, end: int, reserve: int,
-                      block_size: int) -> list[tuple[int, int]]:
-        """Make slots [start, end) of `rows` writable: map missing blocks (so each row covers max(end, reserve)
-        slots) and give each row a private copy of every shared block it will write into. Returns the (src, dst)
-        block pairs whose data the caller must copy. All or nothing: raises PoolExhausted before changing anything."""
+    def blocks_needed(self, rows: list[int], start: int, end: int, reserve: int, block_size: int) -> int:
+        """Fresh blocks `prepare_write` with the same arguments would take (mapped + copied), changing nothing."""
         cover = self.blocks_for(max(end, reserve), block_size)
-        written = self._written(start, end, block_size)
+        written = self.positions_written(start, end, block_size)
         writers: dict[int, int] = {}  # shared block -> rows of this write that will write into it
         new = 0
         for b in rows:
@@ -114,10 +112,19 @@ class BlockTable:
                 if i < len(row) and self.pool.refs[row[i]] > 1:
                     writers[row[i]] = writers.get(row[i], 0) + 1
         # A block every holder of which writes into it: the last writer keeps it, the others copy it.
-        cow = sum(n if self.pool.refs[blk] > n else n - 1 for blk, n in writers.items())
-        if new == 0 and cow == 0:
+        return new + sum(n if self.pool.refs[blk] > n else n - 1 for blk, n in writers.items())
+
+    def prepare_write(self, rows: list[int], start: int, end: int, reserve: int,
+                      block_size: int) -> list[tuple[int, int]]:
+        """Make slots [start, end) of `rows` writable: map missing blocks (so each row covers max(end, reserve)
+        slots) and give each row a private copy of every shared block it will write into. Returns the (src, dst)
+        block pairs whose data the caller must copy. All or nothing: raises PoolExhausted before changing anything."""
+        cover = self.blocks_for(max(end, reserve), block_size)
+        written = self.positions_written(start, end, block_size)
+        needed = self.blocks_needed(rows, start, end, reserve, block_size)
+        if needed == 0:
             return []
-        fresh = self.pool.allocate(new + cow)
+        fresh = self.pool.allocate(needed)
         copies = []
         for b in rows:
             row = self.rows[b]

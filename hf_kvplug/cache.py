@@ -400,8 +400,8 @@ class PlugCache(DynamicCache):
             _check_local_heads(model, config)
         ops.resolve_backend(backend, config.layer_devices[0])  # a bad backend fails here, before any allocation
         self._hf_config = getattr(hf_config, "text_config", None) or hf_config
-        self._build(config, backend, {ring: BlockPool(config.group_blocks(ring)) for ring in config.groups},
-                    buffers=None, linear=compat.linear_attention_layers(self._hf_config, config.layer_kinds))
+        self._build(config, backend, _pools(config), buffers=None,
+                    linear=compat.linear_attention_layers(self._hf_config, config.layer_kinds))
 
     def _build(self, config: PlugConfig, backend: str, pools: dict, buffers, linear: dict) -> None:
         self.config = config
@@ -424,6 +424,7 @@ class PlugCache(DynamicCache):
         self._full_rows = 0  # leading rows mapped to max_cache_len with private blocks (a compiled forward's need)
         self._generate: dict | None = None  # hints of the generate() call under way: reserve, share
         self._linear_batch: int | None = None  # rows the linear-attention layers' states were built for
+        self._top = 0  # the most tokens the rows held since reset(): a ring holds slots [_top - ring_slots, length)
         attn = iter(config.attention_layers if buffers is None else buffers)
         layers = [linear[i] if kind == "linear" else RemoteLayer(self, i) if kind == "remote"
                   else PlugLayer(self, i, None if buffers is None else next(attn))
@@ -551,6 +552,16 @@ class PlugCache(DynamicCache):
             raise ValueError(f"{length + q_len} tokens would exceed the PlugCache's max_cache_len="
                              f"{self.max_cache_len}; build it larger or call cache.reset()")
         fresh = self.attn_layers[0].fresh
+        hints = self._generate or {}
+        reserve = max(length + q_len, hints.get("reserve", 0))
+        share = hints.get("share", 1)
+        shared_prompt = fresh and share > 1 and batch % share == 0 and q_len > 0
+        bs = self.config.block_size
+        if not shared_prompt:  # all or nothing: every group's pool has room before anything changes
+            for table in self.tables.values():
+                need = table.blocks_needed(list(range(batch)), length, length + q_len, reserve, bs)
+                if need > len(table.pool.free):
+                    table.pool.allocate(need)  # raises PoolExhausted, naming the pool
         if fresh and self.linear_layers and batch != self._linear_batch:
             if self._linear_batch is not None:  # their states keep the batch they were built for: start new ones
                 for i, layer in compat.linear_attention_layers(self._hf_config, self.config.layer_kinds).items():
@@ -558,24 +569,23 @@ class PlugCache(DynamicCache):
             self._linear_batch = batch
         if attention_mask is not KEEP_MASK:
             self._record_mask(attention_mask, batch, length, q_len, from_generate, first_step, fresh)
-        hints = self._generate or {}
-        reserve = max(length + q_len, hints.get("reserve", 0))
-        share = hints.get("share", 1)
         self._leaders = None
-        bs = self.config.block_size
-        for ring, table in self.tables.items():
-            if fresh and share > 1 and batch % share == 0 and q_len > 0:
-                leaders = list(range(0, batch, share))
-                followers = [list(range(b + 1, b + share)) for b in leaders]
-                copies = table.prepare_write(leaders, 0, q_len, reserve, bs)
-                table.share_from(leaders, followers, math.ceil(q_len / bs))
-                rest = [r for group in followers for r in group]
-                copies += table.prepare_write(rest, q_len, q_len, reserve, bs)
-                self._leaders = leaders
-            else:
-                copies = table.prepare_write(list(range(batch)), length, length + q_len, reserve, bs)
-            self._copy_blocks(ring, copies)
-        self._sync_tables()
+        try:
+            for ring, table in self.tables.items():
+                if shared_prompt:  # a fresh cache: a pool that runs short leaves only unwritten rows mapped
+                    leaders = list(range(0, batch, share))
+                    followers = [list(range(b + 1, b + share)) for b in leaders]
+                    copies = table.prepare_write(leaders, 0, q_len, reserve, bs)
+                    table.share_from(leaders, followers, math.ceil(q_len / bs))
+                    rest = [r for group in followers for r in group]
+                    copies += table.prepare_write(rest, q_len, q_len, reserve, bs)
+                    self._leaders = leaders
+                else:
+                    copies = table.prepare_write(list(range(batch)), length, length + q_len, reserve, bs)
+                self._copy_blocks(ring, copies)
+        finally:
+            self._sync_tables()  # the device tables always match the host's
+        self._top = max(self._top, length + q_len)
         self.batch = batch
         self.length = length + q_len
         self._pending = q_len
@@ -675,6 +685,7 @@ class PlugCache(DynamicCache):
                              "(an exception or KeyboardInterrupt inside the model). Call cache.reset() and run the "
                              "request again.")
         self.length = int(per_layer[0, 0])
+        self._top = max(self._top, self.length)
         self._open = False
         self._pending = 0
         self._prepared = False
@@ -717,9 +728,10 @@ class PlugCache(DynamicCache):
             copies = table.prepare_write(list(range(rows)), start, max(tokens, start), tokens, self.config.block_size)
             self._copy_blocks(ring, copies)
         self._sync_tables()
-        full = 0
+        full = 0  # leading rows whose every block is mapped and private from the current length on
         for b in range(rows):
-            if any(len(t.rows[b]) < t.width or any(t.pool.refs[i] > 1 for i in t.rows[b])
+            if any(len(t.rows[b]) < t.width or any(t.pool.refs[t.rows[b][i]] > 1
+                                                   for i in t.positions_written(start, self.max_cache_len, self.config.block_size))
                    for t in self.tables.values()):
                 break
             full += 1
@@ -742,7 +754,7 @@ class PlugCache(DynamicCache):
                 dev.status.zero_()
         except RuntimeError as e:
             raise _inference_mode_error(e, "PlugCache.reset") from e
-        self.length, self.batch, self.holes = 0, 0, False
+        self.length, self.batch, self.holes, self._top = 0, 0, False, 0
         self._open = self._prepared = False
         self._pending = 0
         self._leaders = None
@@ -760,14 +772,15 @@ class PlugCache(DynamicCache):
             raise ValueError(f"crop({n}): this transformers release crops with a negative number of tokens to remove")
         else:
             keep = length
-        for layer in self.attn_layers:  # a ring holds the last ring_slots tokens: the next forward's window must be
-            need = max(0, keep - layer.window + 1) if layer.ring else length  # among them
-            if layer.ring and need < length - layer.ring_slots:
+        for layer in self.attn_layers:  # a ring holds the slots of the last ring_slots tokens written (up to _top,
+            need = max(0, keep - layer.window + 1) if layer.ring else length  # even past a crop): the next window
+            if layer.ring and need < self._top - layer.ring_slots:  # must be among them
                 raise ValueError(
-                    f"crop to {keep} of {length} tokens: sliding-window layer {layer.layer_idx} (window "
-                    f"{layer.window}) keeps only its last {layer.ring_slots} tokens, and the next forward would need "
-                    f"tokens from {need}. Crop at most {layer.ring_slots - layer.window + 1} tokens at a time, or "
-                    "build the cache with trim_windows=False (sliding-window layers then keep max_cache_len).")
+                    f"crop to {keep} tokens: sliding-window layer {layer.layer_idx} (window {layer.window}) keeps "
+                    f"the slots of its last {layer.ring_slots} tokens written (up to {self._top}), and the next "
+                    f"forward would need tokens from {need}. A crop may reach back at most "
+                    f"{layer.ring_slots - layer.window + 1} tokens below the most the rows held; build the cache with "
+                    "trim_windows=False to keep every token.")
         for i in self.linear_layers:  # transformers' rule: only a layer recording its past can go back
             self.layers[i].crop(keep - length)
         for layer in self.attn_layers:
@@ -820,6 +833,7 @@ class PlugCache(DynamicCache):
         self.seq_length_now()
         if self._open:
             self.sync_lengths()
+        self._full_rows = 0  # its rows share blocks now: a forward compiled as a whole needs reserve() again
         other = object.__new__(PlugCache)
         other._build(self.config, self.backend, self.pools,
                      buffers=[(l.k_cache, l.v_cache, l.k_scale, l.v_scale) for l in self.attn_layers],
@@ -835,7 +849,7 @@ class PlugCache(DynamicCache):
         if self._open:
             self.sync_lengths()
         other = object.__new__(PlugCache)
-        other._build(self.config, self.backend, {ring: BlockPool(pool.num_blocks) for ring, pool in self.pools.items()},
+        other._build(self.config, self.backend, _pools(self.config),
                      buffers=[tuple(t.clone() for t in (l.k_cache, l.v_cache, l.k_scale, l.v_scale))
                               for l in self.attn_layers],
                      linear={i: copy.deepcopy(self.layers[i]) for i in self.linear_layers})
@@ -851,7 +865,7 @@ class PlugCache(DynamicCache):
         return other
 
     def _copy_state_from(self, src: "PlugCache") -> None:
-        for name in ("length", "batch", "holes", "_hf_config", "_linear_batch"):
+        for name in ("length", "batch", "holes", "_hf_config", "_linear_batch", "_top"):
             setattr(self, name, getattr(src, name))
         for layer, theirs in zip(self.attn_layers, src.attn_layers):
             layer.cache_seqlens.copy_(theirs.cache_seqlens)
@@ -916,6 +930,21 @@ class PlugCache(DynamicCache):
         if failed:
             self._prepared = False
             self._open = True  # unknown: the next use checks that every layer agrees
+
+
+def _pools(config: PlugConfig) -> dict[int | None, BlockPool]:
+    """A block pool per group of layers (`PlugConfig.groups`), each named for its exhaustion message."""
+    pools = {}
+    for ring in config.groups:
+        if ring is None:
+            pools[ring] = BlockPool(config.group_blocks(ring), hint=": build the cache with a larger max_tokens= (or "
+                                    "max_batch_size / max_cache_len), or reset() it")
+        else:
+            pools[ring] = BlockPool(
+                config.group_blocks(ring), name=f"the sliding-window ring pool ({ring} blocks a row)",
+                hint=": every row holds a full ring, so forks and copies of full rows need room. Pass max_tokens= "
+                     "above max_batch_size x max_cache_len (the rings grow with it), or trim_windows=False")
+    return pools
 
 
 def _supported_names():

@@ -131,8 +131,12 @@ class PlugConfig:
         return out
 
     def group_blocks(self, ring: int | None) -> int:
-        """Blocks in the pool of group `ring`: `num_blocks` for the main one, a full ring per row for a window."""
-        return self.num_blocks if ring is None else self.max_batch_size * ring
+        """Blocks in the pool of group `ring`: `num_blocks` for the main one; for a window, a full ring per row, or
+        more when `max_tokens` gives the main pool more than `max_batch_size` rows of `max_cache_len` (the rings
+        grow in the same proportion: room for forks and their copies)."""
+        if ring is None:
+            return self.num_blocks
+        return max(self.max_batch_size * ring, math.ceil(self.num_blocks * ring / self.max_blocks_per_row))
 
     @property
     def storage_dtype(self) -> torch.dtype:

@@ -76,7 +76,7 @@ def save_cache(cache, path) -> None:
     if cache.holes:
         tensors["valid"] = dev.valid[:batch, :length].cpu().clone()
     meta = dict(format=FORMAT, config=_fingerprint(cfg), length=length, batch=batch, holes=cache.holes,
-                max_cache_len=cfg.max_cache_len,
+                max_cache_len=cfg.max_cache_len, top=cache._top,
                 fresh=cache.attn_layers[0].fresh, sha256=_digest(tensors))
     save_file(tensors, str(path), metadata={"hf_kvplug": json.dumps(meta)})
 
@@ -107,6 +107,7 @@ def load_cache(cls, path, model_or_config, **kwargs):
     # a cache with sliding-window rings is rebuilt at its own size by default (a ring exists only where it is
     # smaller than max_cache_len); without rings, the tokens held are enough
     kwargs.setdefault("max_cache_len", meta["max_cache_len"] if "layer_rings" in meta["config"] else max(length, 1))
+    kwargs.setdefault("trim_windows", "layer_rings" in meta["config"])  # the file's layout unless told otherwise
     if kwargs.get("kv_dtype", meta["config"]["kv_dtype"]) != meta["config"]["kv_dtype"]:
         raise ValueError(f"{path} holds a kv_dtype={meta['config']['kv_dtype']!r} cache, not {kwargs['kv_dtype']!r}")
     kwargs["kv_dtype"] = meta["config"]["kv_dtype"]
@@ -116,7 +117,9 @@ def load_cache(cls, path, model_or_config, **kwargs):
     diffs = [f"{k}: file {meta['config'].get(k)!r} vs here {mine.get(k)!r}"
              for k in {**meta["config"], **mine} if meta["config"].get(k) != mine.get(k)]
     if diffs:
-        raise ValueError(f"{path} was saved for another model or cache (" + "; ".join(diffs) + ")")
+        rings = " (sliding-window rings: pass trim_windows= and max_cache_len= as the saved cache had them)" \
+            if any(d.startswith("layer_rings") for d in diffs) else ""
+        raise ValueError(f"{path} was saved for another model or cache (" + "; ".join(diffs) + ")" + rings)
     if batch > cache.max_batch_size or length > cache.max_cache_len:
         raise ValueError(f"{path} holds {batch} rows of {length} tokens; build the cache with max_batch_size >= "
                          f"{batch} and max_cache_len >= {length}")
@@ -146,5 +149,6 @@ def load_cache(cls, path, model_or_config, **kwargs):
         if meta["holes"]:
             dev.valid[:batch, :length].copy_(tensors["valid"])
     cache.length, cache.batch, cache.holes = length, batch, meta["holes"]
+    cache._top = meta.get("top", length)  # how far the rings were written (a crop may not reach below it - ring)
     cache._sync_tables()
     return cache

@@ -191,3 +191,19 @@ def test_beam_search_in_an_exactly_sized_cache(block_size):
     cache = hf_kvplug.PlugCache(plugged, max_batch_size=4, max_cache_len=12, block_size=block_size)
     kw = dict(attention_mask=mask, num_beams=2, do_sample=False, max_new_tokens=5, min_new_tokens=5)
     assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
+
+
+def test_fork_makes_a_loop_compiled_as_a_whole_reserve_again():
+    """reserve() maps private blocks for a model compiled as a whole, which writes without copy-on-write; after a
+    fork those blocks are shared, so such a forward is refused until reserve() copies them again."""
+    _, plugged, cache = _pair("llama")
+    cache.reserve(rows=1)
+    plugged(torch.randint(2, 128, (1, 9)), **kv(cache))
+    cache.traced_forward(1, 1, None)  # allowed: every block of row 0 is private
+    cache.sync_lengths()
+    fork = cache.fork()
+    with pytest.raises(ValueError, match="reserve"):
+        cache.traced_forward(1, 1, None)
+    cache.reserve(rows=1)  # copies the shared blocks: the fork keeps the originals
+    cache.traced_forward(1, 1, None)
+    assert fork.get_seq_length() == 9

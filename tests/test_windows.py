@@ -112,10 +112,12 @@ def test_crop_past_the_ring_is_refused_before_anything_changes():
     stock, plugged, cache = _pair("qwen3_sliding")
     ids = torch.randint(2, 128, (1, 30))
     plugged(ids, **kv(cache))
-    with pytest.raises(ValueError, match="keeps only its last 12 tokens.*trim_windows=False"):
+    with pytest.raises(ValueError, match="last 12 tokens written.*trim_windows=False"):
         cache.crop(-8)
     assert cache.get_seq_length() == 30
     cache.crop(-7)  # 12 - 6 + 1: the most a ring can give back
+    with pytest.raises(ValueError, match="up to 30"):  # counted from the most the rows held, not from 23
+        cache.crop(-1)
     ref = DynamicCache(config=stock.config)
     stock(ids[:, :23], **kv(ref))
     step = torch.randint(2, 128, (1, 3))
@@ -189,3 +191,50 @@ def test_compiled_decode_runs_around_the_ring():
             want = plugged(token, **kv(eager)).logits
             torch.testing.assert_close(step(token, **kv(compiled)).logits, want, rtol=1e-5, atol=1e-5)
             token = want.argmax(-1)
+
+
+def test_crops_count_from_the_most_the_rows_held():
+    """After a crop and one more token, a second crop is measured against the 30 tokens once written: the slots of
+    tokens 17-19 were overwritten by tokens 29-31's places, whatever the length is now."""
+    _, plugged, cache = _pair("qwen3_sliding")
+    plugged(torch.randint(2, 128, (1, 30)), **kv(cache))
+    cache.crop(-7)
+    plugged(torch.randint(2, 128, (1, 1)), **kv(cache))
+    with pytest.raises(ValueError, match="up to 30"):
+        cache.crop(-3)
+    assert cache.get_seq_length() == 24
+
+
+def test_a_full_ring_pool_refuses_a_fork_before_writing_and_max_tokens_makes_room():
+    """Every row of a full batch holds a whole ring, so a fork's first copy-on-write finds the ring pool empty: a
+    clear error naming the ring pool, raised before any table changes (host and device tables still agree). A
+    max_tokens above the rectangle grows the rings in proportion, and the fork then follows its original."""
+    _, plugged, cache = _pair("qwen3_sliding", max_batch_size=2)
+    ids = torch.randint(2, 128, (2, 26))
+    plugged(ids, **kv(cache))
+    fork = cache.fork()
+    before = {ring: [list(r) for r in t.rows] for ring, t in fork.tables.items()}
+    step = torch.randint(2, 128, (2, 1))
+    with pytest.raises(ValueError, match="sliding-window ring pool .*max_tokens="):
+        plugged(step, **kv(fork))
+    assert {ring: [list(r) for r in t.rows] for ring, t in fork.tables.items()} == before
+    for ring, t in fork.tables.items():
+        assert torch.equal(fork.layers[0].dev.block_tables[ring], torch.tensor(t.to_dense(), dtype=torch.int32))
+    roomy = hf_kvplug.PlugCache(plugged, max_batch_size=2, max_cache_len=64, block_size=4, max_tokens=2 * 2 * 64)
+    assert roomy.pools[3].num_blocks == 2 * cache.pools[3].num_blocks
+    plugged(ids, **kv(roomy))
+    other = roomy.fork()
+    steps = [torch.randint(2, 128, (2, 1)) for _ in range(14)]
+    for a, b in zip(_teacher_forced(plugged, other, steps), _teacher_forced(plugged, roomy, steps)):
+        assert torch.equal(a, b)
+
+
+def test_a_file_without_rings_loads_as_it_was_saved(tmp_path):
+    _, plugged, _ = _pair("qwen3_sliding")
+    full = hf_kvplug.PlugCache(plugged, max_batch_size=2, max_cache_len=64, block_size=4, trim_windows=False)
+    plugged(torch.randint(2, 128, (1, 26)), **kv(full))
+    full.save(tmp_path / "c.safetensors")
+    loaded = hf_kvplug.PlugCache.load(tmp_path / "c.safetensors", plugged, max_cache_len=64)
+    assert loaded.get_seq_length() == 26 and not any(loaded.config.layer_rings)
+    step = torch.randint(2, 128, (1, 1))
+    assert torch.equal(plugged(step, **kv(loaded)).logits, plugged(step, **kv(full)).logits)
