@@ -297,8 +297,8 @@ def markdown(rows: list[dict], meta: dict, copy_gbps: float) -> str:
              "|---|---:|---:|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r.get('capacity') or ''} | {r['kv_dtype']} "
-                         f"| {r['provider']} | {r.get('status')} | | | |")
+            lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r.get('capacity') or ''} "
+                         f"| {r['kv_dtype']} | {r['provider']} | {r.get('status')} | | | |")
             continue
         diff = f"{r['max_abs_diff']:.2e}" if r.get("max_abs_diff") is not None else ""
         lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r.get('capacity') or ''} | {r['kv_dtype']} "

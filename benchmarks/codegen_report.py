@@ -113,10 +113,11 @@ def _pointer_types(jit, dtype: str, kv: str) -> dict:
 
 
 def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, kv: str | bool, block_size: int = 64,
-           holes: bool = False) -> list[dict]:
+           holes: bool = False, flash: bool = False) -> list[dict]:
     """The decode kernel (split and unsplit) and the extend kernel of one shape, as their launchers configure them
-    for a PlugCache (overflow status on; `holes`: the variant for attention masks with holes). `kv`: "fp", "int8"
-    or "int4" (True / False: int8 / fp)."""
+    for a PlugCache (overflow status on; `holes`: the variant for attention masks with holes; `flash`: also the
+    attend-only split decode and the non-causal extend that `attend_with_kvcache` uses outside the model's forwards).
+    `kv`: "fp", "int8" or "int4" (True / False: int8 / fp)."""
     from hf_kvplug.kernels import decode_attn as DA
     from hf_kvplug.kernels import extend_attn as EA
     from hf_kvplug.kernels.utils import next_pow2
@@ -130,31 +131,37 @@ def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, kv: str | bool
     rows = []
     cfg = DA.decode_config(head_dim, kv, elem)
     decode = DA._decode_attn_int4_kernel if int4 else DA._decode_attn_kernel
-    for split in (True, False):
+    for split, new_kv in ((True, True), (False, True)) + (((True, False),) if flash else ()):
         consts = dict(GROUP=group, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=cfg.block_n, BLOCK_SIZE=block_size,
-                      HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT=split, UPCAST=False, HAS_HOLES=holes, HAS_STATUS=True)
+                      HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT=split, UPCAST=False, HAS_HOLES=holes, HAS_STATUS=True,
+                      NEW_KV=new_kv)
         if not int4:
             consts.update(INT8=int8, V_SCALE_ON_P=int8 and cfg.v_scale_on_p)
         k = compile_kernel(decode, _pointer_types(decode, dtype, kv), consts, cfg.num_warps, cfg.num_stages)
         sass = _dump(k, "-sass")
         mix = loop_mix(sass)
         regs, stack = resources(k)
-        rows.append(dict(base, kernel="decode" + ("_split" if split else ""), config=list(cfg)[:4 if int8 else 3],
+        rows.append(dict(base, kernel="decode" + ("_split" if split else "") + ("" if new_kv else "_attend_only"),
+                         config=list(cfg)[:4 if int8 else 3],
                          regs=regs,
                          spill_bytes=stack, smem=k.metadata.shared, loop_instructions=sum(mix.values()),
                          loop_i2f=mix["I2F"], i2f_total=len(re.findall(r"\bI2F\b", sass)),
+                         loop_spills=mix["LDL"] + mix["STL"],
                          loop_top=dict(mix.most_common(8))))
     block_r, block_n, num_warps, num_stages = EA.extend_config(head_dim, elem, kv)
     group_pad = next_pow2(group)
-    consts = dict(GROUP=group, GROUP_PAD=group_pad, BLOCK_M=max(1, block_r // group_pad), BLOCK_N=block_n,
-                  BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad, UPCAST=False, HAS_HOLES=holes)
     extend = EA._extend_attn_int4_kernel if int4 else EA._extend_attn_kernel
-    if not int4:
-        consts["INT8"] = int8
-    k = compile_kernel(extend, _pointer_types(extend, dtype, kv), consts, num_warps, num_stages)
-    regs, stack = resources(k)
-    rows.append(dict(base, kernel="extend", config=[block_r, block_n, num_warps, num_stages], regs=regs,
-                     spill_bytes=stack, smem=k.metadata.shared))
+    for causal in (True, False) if flash else (True,):
+        consts = dict(GROUP=group, GROUP_PAD=group_pad, BLOCK_M=max(1, block_r // group_pad), BLOCK_N=block_n,
+                      BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad, UPCAST=False, HAS_HOLES=holes,
+                      CAUSAL=causal)
+        if not int4:
+            consts["INT8"] = int8
+        k = compile_kernel(extend, _pointer_types(extend, dtype, kv), consts, num_warps, num_stages)
+        regs, stack = resources(k)
+        rows.append(dict(base, kernel="extend" + ("" if causal else "_full"),
+                         config=[block_r, block_n, num_warps, num_stages], regs=regs, spill_bytes=stack,
+                         smem=k.metadata.shared))
     return rows
 
 
@@ -164,12 +171,15 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--dtypes", default="fp16,bf16", help="comma list of model dtypes: fp16, bf16, fp32")
     p.add_argument("--holes", action="store_true",
                    help="also the variants for attention masks with holes (the kernels then read a slot mask)")
+    p.add_argument("--flash", action="store_true",
+                   help="also the attend-only decode and non-causal extend variants (flash_attn_with_kvcache's modes)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args(argv)
     triton = _triton()
     rows = [r for shape in args.shapes.split(",") for dtype in args.dtypes.split(",") for kv in ("fp", "int8", "int4")
             for holes in ((False, True) if args.holes else (False,))
-            if not (kv != "fp" and dtype == "fp32") for r in report(*SHAPES[shape], dtype, kv, holes=holes)]
+            if not (kv != "fp" and dtype == "fp32")
+            for r in report(*SHAPES[shape], dtype, kv, holes=holes, flash=args.flash)]
     if args.json:
         print(json.dumps(dict(triton=triton.__version__, arch=ARCH, rows=rows)))
         return rows

@@ -9,6 +9,7 @@ from .patcher import SUPPORTED, is_patched, patch, patched, unpatch
 __version__ = "0.1.0"
 
 __all__ = [
-    "CACHE_KWARG", "PlugCache", "PlugConfig", "PlugLayer", "SUPPORTED", "attend_with_kvcache", "is_patched", "patch", "patched",
+    "CACHE_KWARG", "PlugCache", "PlugConfig", "PlugLayer", "SUPPORTED", "attend_with_kvcache", "is_patched", "patch",
+    "patched",
     "unpatch", "write_kvcache",
 ]

@@ -23,7 +23,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from . import compat, ops
-from .blocks import BlockPool, BlockTable, PoolExhausted
+from .blocks import BlockPool, BlockTable
 from .config import PlugConfig, RankLayout
 from .reference import dequantize, gather_kv, quantize, visible_slots
 
@@ -730,8 +730,9 @@ class PlugCache(DynamicCache):
         self._sync_tables()
         full = 0  # leading rows whose every block is mapped and private from the current length on
         for b in range(rows):
+            bs = self.config.block_size
             if any(len(t.rows[b]) < t.width or any(t.pool.refs[t.rows[b][i]] > 1
-                                                   for i in t.positions_written(start, self.max_cache_len, self.config.block_size))
+                                                   for i in t.positions_written(start, self.max_cache_len, bs))
                    for t in self.tables.values()):
                 break
             full += 1

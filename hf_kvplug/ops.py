@@ -62,13 +62,14 @@ def _check_writable_on_host(block_table, cache_seqlens, batch: int, q_len: int, 
 
 
 def _attend_ref_bounded(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-                        cache_valid, status, softmax_scale, window):
+                        cache_valid, status, softmax_scale, window, causal):
     num_blocks = None
-    if cache_seqlens.device.type == "cpu":  # bound the work by the real length: reading it costs nothing here
-        longest = int(cache_seqlens[: q.shape[0]].max()) + q.shape[1]
+    if cache_seqlens.device.type == "cpu" and q.shape[0]:  # bound the work by the real length: free to read here
+        longest = int(cache_seqlens[: q.shape[0]].max()) + k.shape[1]
         num_blocks = -(-longest // k_cache.shape[2])
     return attend_with_kvcache_ref(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
-                                   cache_starts, cache_valid, status, softmax_scale, window, num_blocks=num_blocks)
+                                   cache_starts, cache_valid, status, softmax_scale, window, num_blocks=num_blocks,
+                                   causal=causal)
 
 
 @torch.library.custom_op("hf_kvplug::attend_with_kvcache_ref", mutates_args=_MUTATED)
@@ -76,14 +77,15 @@ def _attend_ref_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     k_scale: torch.Tensor, v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
     cache_starts: torch.Tensor, cache_valid: torch.Tensor, status: torch.Tensor, softmax_scale: float, window: int,
+    causal: bool,
 ) -> torch.Tensor:
     return _attend_ref_bounded(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-                               cache_valid, status, softmax_scale, window)
+                               cache_valid, status, softmax_scale, window, causal)
 
 
 @_attend_ref_op.register_fake
 def _(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid, status,
-      softmax_scale, window):
+      softmax_scale, window, causal):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
@@ -109,10 +111,11 @@ if _kernels is not None:
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         k_scale: torch.Tensor, v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
         cache_starts: torch.Tensor, cache_valid: torch.Tensor, status: torch.Tensor, softmax_scale: float,
-        window: int,
+        window: int, causal: bool,
     ) -> torch.Tensor:
         return _kernels.attend_with_kvcache(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table,
-                                            cache_seqlens, cache_starts, cache_valid, status, softmax_scale, window)
+                                            cache_seqlens, cache_starts, cache_valid, status, softmax_scale, window,
+                                            causal)
 
     @torch.library.triton_op("hf_kvplug::write_kvcache", mutates_args=_MUTATED)
     def _write_triton_op(
@@ -137,35 +140,51 @@ def _empty(device, dtype) -> torch.Tensor:
 def attend_with_kvcache(
     q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
     softmax_scale: float, window: int | None = None, cache_valid=None, status=None, backend: str = "auto",
+    causal: bool = True,
 ) -> torch.Tensor:
     """Write the new K/V into the paged cache and attend over each row's visible slots, in one call.
 
+    The queries are each row's last q_len tokens once the new ones are appended, as in flash_attn_with_kvcache
+    (exact semantics in `hf_kvplug.reference`); the model's forwards pass as many new tokens as queries.
+
     Args:
         q: `[batch, q_len, nheads, head_dim]` queries (post-RoPE); any strides with a contiguous last dim.
-        k, v: `[batch, q_len, nheads_k, head_dim]` new keys (post-RoPE) and values, in the model dtype.
-        k_cache, v_cache: `[num_blocks, nheads_k, block_size, head_dim]`, model dtype or int8. **Written in place.**
-        k_scale, v_scale: `[num_blocks, nheads_k, block_size]` float32 for int8 caches, else empty. **Written.**
+        k, v: `[batch, n_new, nheads_k, head_dim]` new keys (post-RoPE) and values, in the model dtype, written at
+            slots `cache_seqlens[b] + j`; any n_new, usually q_len. None: attend only, nothing written.
+        k_cache, v_cache: `[num_blocks, nheads_k, block_size, head_dim]` in the model dtype or int8, or
+            `[num_blocks, nheads_k, block_size, head_dim / 2]` uint8 for int4 (two codes a byte, see `reference`).
+            **Written in place.**
+        k_scale, v_scale: `[num_blocks, nheads_k, block_size]` float32 for int8 caches, `[..., 4]` float16 for int4
+            (scale and minimum of each half of head_dim), else empty. **Written.**
         block_table: `[max_batch, max_blocks]` int32 block ids, -1 where no block is mapped.
         cache_seqlens: `[max_batch]` int32, slots filled before this call (not advanced here).
         cache_starts: `[batch]` int32, first slot each row may attend (leading padding).
         softmax_scale: usually `head_dim ** -0.5`.
         window: sliding window in tokens (HF semantics: the query and the `window - 1` slots before it), or None.
+        causal: False lets every query see up to the row's last token (its window still bounds it on the left).
         cache_valid: optional `[max_batch, max_len]` uint8, 0 where a slot is masked out (padding, holes).
         status: optional `[1]` int32, set to 1 (**written**) on the device if a new token had no slot.
         backend: "auto", "triton" or "reference" (see module docstring).
 
     Returns:
-        `[batch, q_len, nheads, head_dim]` attention output in the dtype of `q`; 0 for a token that sees no slot.
-        No backward. A token with no slot (past the table or an unmapped block) is not written and its output is
-        NaN; on CPU tensors that raises a ValueError instead, before anything is written.
+        `[batch, q_len, nheads, head_dim]` attention output in the dtype of `q`; 0 for a query that sees no slot.
+        No backward. A new token with no slot (past the table or an unmapped block) is not written and the query at
+        its slot gets NaN; on CPU tensors that raises a ValueError instead, before anything is written.
     """
     window = int(window or 0)
+    if (k is None) != (v is None):
+        raise ValueError("k and v: both tensors, or both None (attend only)")
+    if k is None:
+        k = v = q.new_empty((q.shape[0], 0, k_cache.shape[1], q.shape[-1]))
+    if k.shape[0] != q.shape[0] or v.shape != k.shape:
+        raise ValueError(f"k and v must be [batch, n_new, nheads_k, head_dim] alike, with q's batch: "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     cache_valid = _empty(q.device, torch.uint8) if cache_valid is None else cache_valid
     status = _empty(q.device, torch.int32) if status is None else status
     args = (q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid,
-            status, softmax_scale, window)
+            status, softmax_scale, window, bool(causal))
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
-        _check_writable_on_host(block_table, cache_seqlens, q.shape[0], q.shape[1], k_cache.shape[2])
+        _check_writable_on_host(block_table, cache_seqlens, q.shape[0], k.shape[1], k_cache.shape[2])
     if resolve_backend(backend, q.device) == "triton":
         if q.device.type != "cuda":  # the CPU interpreter: launch directly, there is nothing to trace
             return _kernels.attend_with_kvcache(*args)
@@ -175,12 +194,12 @@ def attend_with_kvcache(
             return _attend_ref_bounded(*args)
         return torch.ops.hf_kvplug.attend_with_kvcache_ref(*args)
     # Reference forced on an accelerator: plain torch ops over the whole row with a mask (no host sync).
-    return attend_with_kvcache_ref(*args)
+    return attend_with_kvcache_ref(*args[:-1], causal=args[-1])
 
 
 def write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status=None,
                   backend: str = "auto") -> None:
-    """Write `k, v [batch, q_len, nheads_k, head_dim]` into slots `cache_seqlens[b] + i`, quantizing for int8 caches.
+    """Write `k, v [batch, q_len, nheads_k, head_dim]` into slots `cache_seqlens[b] + i`, quantizing for int8/int4.
 
     Buffers as in `attend_with_kvcache`; `k_cache, v_cache, k_scale, v_scale` (and `status`) are written in place,
     nothing is returned and `cache_seqlens` is not advanced. A token with no slot is not written and sets status[0];

@@ -6,19 +6,24 @@ Cache layout (per layer), shared by the reference and the kernels:
   k_scale, v_scale  [num_blocks, nheads_k, BLOCK_SIZE] float32     int8: per token and head (else 0 elements)
                     [num_blocks, nheads_k, BLOCK_SIZE, 4] float16  int4: per token and head, scale and minimum of each
                                                                     half of head_dim
-  block_table       [max_batch, max_blocks] int32                   row b's slot s lives in block block_table[b, s // BS]
+  block_table       [max_batch, max_blocks] int32                   row b's slot s: in block block_table[b, s // BS]
                                                                     (-1: no block mapped there)
   cache_seqlens     [max_batch] int32                               slots filled in row b before this call
   cache_starts      [max_batch] int32                               first slot row b may attend (leading padding)
   cache_valid       [max_batch, max_len] uint8, or 0 elements       0 marks a slot no query attends (padding, holes)
   status            [1] int32, or 0 elements                        set to 1 when a write had no slot
 
-Semantics of `attend_with_kvcache` for rows b < batch and new tokens i < q_len, with s_i = cache_seqlens[b] + i:
-  1. K/V of token i are written to slot s_i (quantized when the cache is int8 or int4). A slot past the table or in an
-     unmapped block (-1) is not written: status[0] becomes 1 and out[b, i] is NaN, so the loss is never silent.
-  2. out[b, i] attends over the slots t with lo_i <= t <= s_i, lo_i = max(cache_starts[b], s_i - window + 1)
-     (window <= 0 means none), and cache_valid[b, t] != 0 when cache_valid is given. A token that sees no slot gets
-     0 (as PyTorch's SDPA does for a fully masked row).
+Semantics of `attend_with_kvcache` for rows b < batch, with n_new new tokens (k, v; 0: attend only) and q_len
+queries, the queries being the row's last q_len tokens once the new ones are appended (as flash_attn_with_kvcache
+aligns them): query i sits at slot s_i = cache_seqlens[b] + n_new - q_len + i (usually n_new = q_len: s_i is new
+token i's slot).
+  1. K/V of new token j are written to slot cache_seqlens[b] + j (quantized when the cache is int8 or int4). A slot
+     past the table or in an unmapped block (-1) is not written: status[0] becomes 1 and the query at that slot gets
+     NaN, so the loss is never silent.
+  2. out[b, i] attends over the slots t with lo_i <= t <= hi_i, lo_i = max(cache_starts[b], s_i - window + 1)
+     (window <= 0 means none), hi_i = s_i (causal) or the row's last slot cache_seqlens[b] + n_new - 1 (causal=False),
+     and cache_valid[b, t] != 0 when cache_valid is given. A query that sees no slot gets 0 (as PyTorch's SDPA does
+     for a fully masked row).
   3. Slots no token of the row sees (past its length, before its start, masked) never enter the arithmetic: their
      K and V are zeroed before the products, so stale NaN/Inf there cannot leak into any output.
 cache_seqlens is not advanced: the caller does that.
@@ -140,20 +145,26 @@ def gather_kv(cache, scale, block_table, batch: int, num_blocks: int, dtype: tor
     return x.to(dtype).permute(0, 2, 1, 3, 4).reshape(b, hk, nb * bs, d)
 
 
-def attention_bounds(cache_seqlens, cache_starts, batch: int, q_len: int, window: int):
-    """Per new token: its slot `s` and the first slot `lo` it may see, both [B, q_len] int64 (lo > s: none)."""
-    s = _slots(cache_seqlens, batch, q_len)
+def attention_bounds(cache_seqlens, cache_starts, batch: int, q_len: int, window: int, n_new: int | None = None):
+    """Per query: its slot `s` and the first slot `lo` it may see, both [B, q_len] int64 (lo > s: none).
+
+    The queries are the last `q_len` tokens once `n_new` new ones (default `q_len`) follow row b's cache_seqlens[b]
+    cached ones: `s = cache_seqlens[b] + n_new - q_len + i` (negative when there are fewer tokens than queries)."""
+    n_new = q_len if n_new is None else n_new
+    s = _slots(cache_seqlens, batch, q_len) + (n_new - q_len)
     lo = cache_starts[:batch].long().to(s.device).unsqueeze(1).expand_as(s)
     if window > 0:
         lo = torch.maximum(lo, s - window + 1)
     return s, lo
 
 
-def visible_slots(cache_seqlens, cache_starts, cache_valid, batch: int, q_len: int, window: int, num_slots: int):
-    """`seen [B, q_len, num_slots]` bool: which slots each new token attends (the semantics in the module doc)."""
-    s, lo = attention_bounds(cache_seqlens, cache_starts, batch, q_len, window)
+def visible_slots(cache_seqlens, cache_starts, cache_valid, batch: int, q_len: int, window: int, num_slots: int,
+                  n_new: int | None = None, causal: bool = True):
+    """`seen [B, q_len, num_slots]` bool: which slots each query attends (the semantics in the module doc)."""
+    s, lo = attention_bounds(cache_seqlens, cache_starts, batch, q_len, window, n_new)
+    hi = s if causal else s[:, -1:].expand_as(s)  # non-causal: every query sees up to the row's last token
     t = torch.arange(num_slots, device=s.device)
-    seen = (t >= lo.unsqueeze(-1)) & (t <= s.unsqueeze(-1))
+    seen = (t >= lo.unsqueeze(-1)) & (t <= hi.unsqueeze(-1))
     if cache_valid.numel():
         valid = cache_valid[:batch, :num_slots].to(seen.device).bool()
         if valid.shape[1] < num_slots:  # slots past the valid map (the tail of the last block) are never seen
@@ -164,19 +175,24 @@ def visible_slots(cache_seqlens, cache_starts, cache_valid, batch: int, q_len: i
 
 def attend_with_kvcache_ref(
     q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid, status,
-    softmax_scale: float, window: int = 0, num_blocks: int | None = None,
+    softmax_scale: float, window: int = 0, num_blocks: int | None = None, causal: bool = True,
 ) -> torch.Tensor:
     """Reference of the fused write + attention. `q [B, q_len, nheads, D]` -> out `[B, q_len, nheads, D]`.
 
-    `num_blocks` bounds how many blocks per row are read (None: all). Callers pass the blocks actually in use when
-    they know it on the host, which keeps the work proportional to the cached tokens.
+    `k, v [B, n_new, nheads_k, D]` may hold any number of new tokens, 0 included (attend only); the queries are the
+    row's last q_len tokens after them. `num_blocks` bounds how many blocks per row are read (None: all). Callers
+    pass the blocks actually in use when they know it on the host, which keeps the work proportional to the cached
+    tokens.
     """
     batch, q_len, nheads, _ = q.shape
-    ok = write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status)
+    n_new = k.shape[1]
+    ok = torch.ones(batch, n_new, dtype=torch.bool, device=q.device)
+    if n_new:
+        ok = write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status)
     nb = block_table.shape[1] if num_blocks is None else max(1, min(num_blocks, block_table.shape[1]))
     keys = gather_kv(k_cache, k_scale, block_table, batch, nb, q.dtype)
     values = gather_kv(v_cache, v_scale, block_table, batch, nb, q.dtype)
-    seen = visible_slots(cache_seqlens, cache_starts, cache_valid, batch, q_len, window, keys.shape[2])
+    seen = visible_slots(cache_seqlens, cache_starts, cache_valid, batch, q_len, window, keys.shape[2], n_new, causal)
     hidden = ~seen.any(1)[:, None, :, None]  # [B, 1, T, 1]: slots no token of the row sees
     keys = keys.masked_fill(hidden, 0)
     values = values.masked_fill(hidden, 0)
@@ -185,7 +201,9 @@ def attend_with_kvcache_ref(
         enable_gqa=nheads != keys.shape[1],
     ).transpose(1, 2)
     out = out.masked_fill(~seen.any(-1)[..., None, None], 0.0)  # a token that sees nothing: 0, whatever the backend
-    out = out.masked_fill(~ok[..., None, None], float("nan"))
+    # a query at a new token's slot that could not be written: NaN (queries i <-> new tokens i + n_new - q_len)
+    lost = F.pad(~ok.to(out.device), (max(0, q_len - n_new), 0))[:, max(0, n_new - q_len):]
+    out = out.masked_fill(lost[..., None, None], float("nan"))
     return out.contiguous()
 
 

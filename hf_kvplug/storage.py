@@ -3,9 +3,9 @@
 Layout: `layer.{i}.k` / `layer.{i}.v` `[n, nheads_k, block_size, head_dim]` (storage dtype; INT8 and INT4 add
 `layer.{i}.k_scale` / `.v_scale`) hold the n blocks the rows use, each once; `table` `[batch, blocks]` int32 names
 them per row (-1: none), and `table.ring{r}` does the same for the sliding-window layers kept in rings of r blocks
-(numbered apart: each group of layers has its own blocks); `seqlens` `[num_layers, batch]`, `starts` `[batch]` and, when the recorded mask has holes,
-`valid` `[batch, length]`. The metadata says what the cache was built for and carries a SHA-256 of every tensor's
-bytes, so a truncated or altered file is refused instead of read.
+(numbered apart: each group of layers has its own blocks); `seqlens` `[num_layers, batch]`, `starts` `[batch]` and,
+when the recorded mask has holes, `valid` `[batch, length]`. The metadata says what the cache was built for and
+carries a SHA-256 of every tensor's bytes, so a truncated or altered file is refused instead of read.
 """
 
 from __future__ import annotations

@@ -9,10 +9,14 @@ __all__ = ["attend_with_kvcache", "write_kvcache"]
 
 
 def attend_with_kvcache(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-                        cache_valid, status, softmax_scale, window):
-    if q.shape[1] == 1:
+                        cache_valid, status, softmax_scale, window, causal=True):
+    # k, v [B, n_new, nheads_k, D]: n_new == q_len in the model's forwards; 0 attends only (semantics: reference.py)
+    q_len, n_new = q.shape[1], k.shape[1]
+    if q_len == 1 and n_new <= 1:  # one query: the split-KV decode kernel (writes the new token in the same pass)
         return decode_attn.decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
                                        cache_starts, cache_valid, status, softmax_scale, window)
     write_kv.write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status)
-    return extend_attn.extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-                                   cache_valid, softmax_scale, window)
+    # the extend kernel places query i at slot seqlens[b] + i: shift the rows so the queries end with the new tokens
+    seqlens = cache_seqlens if n_new == q_len else cache_seqlens + (n_new - q_len)
+    return extend_attn.extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, seqlens, cache_starts,
+                                   cache_valid, softmax_scale, window, causal=causal, new_lo=q_len - n_new)

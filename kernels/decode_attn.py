@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_guard, int4_tile_update, kv_tile_scores,
-                    launcher, next_pow2, quantize_int8, scale_strides, slot_block, sm_count, softmax_tile_update,
-                    store_int4, tile_block_ids, upcast_dot, visible)
+                    launcher, lost_slot, next_pow2, quantize_int8, scale_strides, slot_block, sm_count,
+                    softmax_tile_update, store_int4, tile_block_ids, upcast_dot, visible)
 
 LOG2E = 1.4426950408889634
 WAVES = 8  # programs aimed at, in units of SMs, when a row is full: enough left at half capacity to fill the GPU
@@ -26,7 +26,7 @@ def _decode_attn_kernel(
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, INT8: tl.constexpr, V_SCALE_ON_P: tl.constexpr, SPLIT: tl.constexpr,
-    UPCAST: tl.constexpr, HAS_HOLES: tl.constexpr, HAS_STATUS: tl.constexpr,
+    UPCAST: tl.constexpr, HAS_HOLES: tl.constexpr, HAS_STATUS: tl.constexpr, NEW_KV: tl.constexpr,
 ):
     # q [B, 1, nheads, D] (all GROUP heads of kv head hk in one program); k, v [B, 1, nheads_k, D]
     # caches [num_blocks, nheads_k, BLOCK_SIZE, D]; this program covers slots [split * split_size, +split_size)
@@ -34,13 +34,15 @@ def _decode_attn_kernel(
     hk = tl.program_id(1)
     b = tl.program_id(2)
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass fp64 scalars
-    s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, 0, window, capacity)
+    # NEW_KV: the query is the new token, at slot cache_seqlens[b]; else the last cached one (attend only)
+    s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, 0 if NEW_KV else -1, window, capacity)
     split_lo = split * split_size
     n_lo = tl.maximum(lo, split_lo)
-    n_hi = tl.minimum(tl.minimum(s, capacity), split_lo + split_size)  # cached slots [n_lo, n_hi) seen here
-    owner = (s < capacity) & (s >= split_lo) & (s < split_lo + split_size)  # this split holds the new token
-    if (n_hi <= n_lo) & (owner == 0):
-        return  # nothing to see: the reduce kernel only reads splits that overlap [lo, hi]
+    n_hi = tl.minimum(tl.minimum(s + 1 - NEW_KV, capacity), split_lo + split_size)  # cached slots [n_lo, n_hi)
+    owner = NEW_KV & (s < capacity) & (s >= split_lo) & (s < split_lo + split_size)  # it holds the new token
+    if SPLIT:  # one split alone always writes the output
+        if (n_hi <= n_lo) & (owner == 0):
+            return  # nothing to see: the reduce kernel only reads splits that overlap [lo, hi]
 
     b64 = b.to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
@@ -114,12 +116,12 @@ def _decode_attn_kernel(
         tl.store(part_lse_ptr + b64 * stride_lb + heads * stride_lh + split, m + tl.log2(l_safe), mask=mask_h)
     else:
         # the one program is the owner unless s lies past the table: a token with no slot gets NaN
-        _, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)
-        o = tl.where(writable, acc / l_safe[:, None], float("nan"))
+        lost = lost_slot(bt_row, s, capacity, BLOCK_SIZE, NEW_KV)
+        o = tl.where(lost, float("nan"), acc / l_safe[:, None])
         tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=mask_o)
         if HAS_STATUS:
-            if writable == 0:
+            if lost:
                 tl.store(status_ptr, 1)
 
 
@@ -133,7 +135,7 @@ def _decode_attn_int4_kernel(
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-    HAS_HOLES: tl.constexpr, HAS_STATUS: tl.constexpr,
+    HAS_HOLES: tl.constexpr, HAS_STATUS: tl.constexpr, NEW_KV: tl.constexpr,
 ):
     # The int4 twin of _decode_attn_kernel (same grid, bounds, splits and epilogue): caches hold two values a byte
     # [num_blocks, nheads_k, BLOCK_SIZE, HEAD_DIM / 2] with (scale, minimum) per half; q and the output are handled
@@ -142,13 +144,14 @@ def _decode_attn_int4_kernel(
     hk = tl.program_id(1)
     b = tl.program_id(2)
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass fp64 scalars
-    s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, 0, window, capacity)
+    s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, 0 if NEW_KV else -1, window, capacity)
     split_lo = split * split_size
     n_lo = tl.maximum(lo, split_lo)
-    n_hi = tl.minimum(tl.minimum(s, capacity), split_lo + split_size)
-    owner = (s < capacity) & (s >= split_lo) & (s < split_lo + split_size)
-    if (n_hi <= n_lo) & (owner == 0):
-        return
+    n_hi = tl.minimum(tl.minimum(s + 1 - NEW_KV, capacity), split_lo + split_size)
+    owner = NEW_KV & (s < capacity) & (s >= split_lo) & (s < split_lo + split_size)
+    if SPLIT:
+        if (n_hi <= n_lo) & (owner == 0):
+            return
 
     HALF: tl.constexpr = HEAD_DIM // 2
     b64 = b.to(tl.int64)
@@ -211,14 +214,14 @@ def _decode_attn_int4_kernel(
         tl.store(dst + HALF, acc_hi / l_safe[:, None], mask=mask_o)
         tl.store(part_lse_ptr + b64 * stride_lb + heads * stride_lh + split, m + tl.log2(l_safe), mask=mask_g)
     else:
-        _, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)
+        lost = lost_slot(bt_row, s, capacity, BLOCK_SIZE, NEW_KV)
         dst = out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_h[None, :]
-        tl.store(dst, tl.where(writable, acc_lo / l_safe[:, None], float("nan")).to(out_ptr.dtype.element_ty),
+        tl.store(dst, tl.where(lost, float("nan"), acc_lo / l_safe[:, None]).to(out_ptr.dtype.element_ty),
                  mask=mask_o)
-        tl.store(dst + HALF, tl.where(writable, acc_hi / l_safe[:, None], float("nan")).to(out_ptr.dtype.element_ty),
+        tl.store(dst + HALF, tl.where(lost, float("nan"), acc_hi / l_safe[:, None]).to(out_ptr.dtype.element_ty),
                  mask=mask_o)
         if HAS_STATUS:
-            if writable == 0:
+            if lost:
                 tl.store(status_ptr, 1)
 
 
@@ -228,14 +231,14 @@ def _decode_reduce_kernel(
     window, capacity, split_size,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_bt,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HAS_STATUS: tl.constexpr,
+    HAS_STATUS: tl.constexpr, NEW_KV: tl.constexpr,
 ):
     # part_o [B, nheads, splits, D_PAD] fp32 (normalized), part_lse [B, nheads, splits] fp32 (log2) -> out [B, 1, H, D]
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, 0, window, capacity)
+    s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, 0 if NEW_KV else -1, window, capacity)
     first = lo // split_size
-    last = hi // split_size  # exactly the splits [first, last] did work (none when lo > hi)
+    last = tl.where(hi >= lo, hi // split_size, first - 1)  # the splits [first, last] did work (none if lo > hi)
     offs_d = tl.arange(0, D_PAD)
     mask_d = offs_d < HEAD_DIM
     m = float("-inf")
@@ -255,11 +258,11 @@ def _decode_reduce_kernel(
         l = l * alpha + tl.sum(w, 0)
         m = m_new
     l = tl.where(l > 0.0, l, 1.0)
-    _, writable = slot_block(block_table_ptr + b * stride_bt, s, capacity, BLOCK_SIZE)
-    o = tl.where(writable, acc / l, float("nan"))  # a token with no slot gets NaN
+    lost = lost_slot(block_table_ptr + b * stride_bt, s, capacity, BLOCK_SIZE, NEW_KV)
+    o = tl.where(lost, float("nan"), acc / l)  # a new token with no slot gets NaN
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=mask_d)
     if HAS_STATUS:
-        if writable == 0:
+        if lost:
             tl.store(status_ptr, 1)
 
 
@@ -309,9 +312,14 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
                 status, softmax_scale, window, num_splits=None, config=None):
     # num_splits / config (a DecodeConfig, or its first three fields) override the static choices, for tests and
     # tuning
+    # k, v [B, 1, nheads_k, D] (the new token, written here), or [B, 0, nheads_k, D]: attend only, the query being the
+    # row's last cached token
     batch, q_len, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
-    assert q_len == 1 and k.shape == (batch, 1, nheads_k, head_dim) and v.shape == k.shape, (q.shape, k.shape)
+    new_kv = k.shape[1] == 1
+    assert q_len == 1 and k.shape in ((batch, 1, nheads_k, head_dim), (batch, 0, nheads_k, head_dim)), (q.shape,
+                                                                                                      k.shape)
+    assert v.shape == k.shape, (k.shape, v.shape)
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "q, k, v: contiguous last dim"
     assert nheads % nheads_k == 0, (nheads, nheads_k)
     kind = check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, nheads_k, head_dim)
@@ -351,7 +359,8 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
                 part_lse.stride(0), part_lse.stride(1))
         common = dict(GROUP=group, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_SIZE=block_size,
                       HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT=num_splits > 1, UPCAST=upcast_dot(q.dtype),
-                      HAS_HOLES=has_holes, HAS_STATUS=has_status, num_warps=num_warps, num_stages=num_stages)
+                      HAS_HOLES=has_holes, HAS_STATUS=has_status, NEW_KV=new_kv, num_warps=num_warps,
+                      num_stages=num_stages)
         if kind == "int4":
             launcher(_decode_attn_int4_kernel)[(num_splits, nheads_k, batch)](*args, **common)
         else:
@@ -364,6 +373,6 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
                 part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
                 out.stride(0), out.stride(2), block_table.stride(0),
                 HEAD_DIM=head_dim, D_PAD=d_pad, CHUNK=min(16, next_pow2(num_splits)), BLOCK_SIZE=block_size,
-                HAS_STATUS=has_status, num_warps=2 if d_pad <= 128 else 4,
+                HAS_STATUS=has_status, NEW_KV=new_kv, num_warps=2 if d_pad <= 128 else 4,
             )
     return out

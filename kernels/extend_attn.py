@@ -1,4 +1,4 @@
-"""Extend kernel (q_len > 1): new tokens attend causally over the paged cache, which already holds them."""
+"""Extend kernel (q_len > 1): queries attend (causally, by default) over the paged cache, which already holds them."""
 
 import torch
 import triton
@@ -14,13 +14,13 @@ from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_gua
 def _extend_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, cache_seqlens_ptr, cache_starts_ptr,
     cache_valid_ptr, out_ptr,
-    qk_scale, window, capacity, q_len, valid_len,
+    qk_scale, window, capacity, q_len, new_lo, valid_len,
     stride_qb, stride_qt, stride_qh,
     stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt, stride_mb,
     stride_ob, stride_ot, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, INT8: tl.constexpr,
-    UPCAST: tl.constexpr, HAS_HOLES: tl.constexpr,
+    UPCAST: tl.constexpr, HAS_HOLES: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     # q [B, q_len, nheads, D] -> out [B, q_len, nheads, D]; a program takes BLOCK_M tokens x the GROUP heads of
     # kv head hk, as BLOCK_M * GROUP_PAD rows (row r: token r // GROUP_PAD, head hk * GROUP + r % GROUP_PAD)
@@ -37,7 +37,11 @@ def _extend_attn_kernel(
     # lo and hi grow with the token: the tiles needed run from the first token's lo to the last token's hi
     _, n_lo, _ = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, pid_m * BLOCK_M, window, capacity)
     last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1
+    if not CAUSAL:  # every query sees up to the row's last token
+        last = q_len - 1
     _, _, n_hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, last, window, capacity)
+    if not CAUSAL:
+        hi = tl.zeros_like(hi) + n_hi
 
     b64 = b.to(tl.int64)
     offs_d = tl.arange(0, D_PAD)
@@ -70,7 +74,8 @@ def _extend_attn_kernel(
 
     l = tl.where(l > 0.0, l, 1.0)  # a token that saw nothing (masked out) gives 0
     _, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)  # the write kernel ran first; it set the status
-    o = tl.where(writable[:, None], acc / l[:, None], float("nan"))  # a token with no slot gets NaN
+    writable = writable | (tok < new_lo)  # queries before new_lo sit at cached tokens' slots, not new ones'
+    o = tl.where(writable[:, None], acc / l[:, None], float("nan"))  # a new token with no slot gets NaN
     tl.store(out_ptr + b64 * stride_ob + tok[:, None].to(tl.int64) * stride_ot + heads64 * stride_oh
              + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=mask_r[:, None] & mask_d[None, :])
@@ -80,13 +85,13 @@ def _extend_attn_kernel(
 def _extend_attn_int4_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, cache_seqlens_ptr, cache_starts_ptr,
     cache_valid_ptr, out_ptr,
-    qk_scale, window, capacity, q_len, valid_len,
+    qk_scale, window, capacity, q_len, new_lo, valid_len,
     stride_qb, stride_qt, stride_qh,
     stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt, stride_mb,
     stride_ob, stride_ot, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr,
-    HAS_HOLES: tl.constexpr,
+    HAS_HOLES: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     # The int4 twin of _extend_attn_kernel: rows and tiles as there, q and the output in their two halves
     # (utils.int4_tile_update reads each packed tile without dequantizing it).
@@ -103,7 +108,11 @@ def _extend_attn_int4_kernel(
     s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, tok, window, capacity)  # [R] each
     _, n_lo, _ = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, pid_m * BLOCK_M, window, capacity)
     last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1
+    if not CAUSAL:  # every query sees up to the row's last token
+        last = q_len - 1
     _, _, n_hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, last, window, capacity)
+    if not CAUSAL:
+        hi = tl.zeros_like(hi) + n_hi
 
     b64 = b.to(tl.int64)
     offs_h = tl.arange(0, D_PAD // 2)
@@ -142,6 +151,7 @@ def _extend_attn_int4_kernel(
 
     l = tl.where(l > 0.0, l, 1.0)
     _, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)
+    writable = writable | (tok < new_lo)
     dst = out_ptr + b64 * stride_ob + tok[:, None].to(tl.int64) * stride_ot + heads64 * stride_oh + offs_h[None, :]
     o_mask = mask_r[:, None] & mask_h[None, :]
     tl.store(dst, tl.where(writable[:, None], acc_lo / l[:, None], float("nan")).to(out_ptr.dtype.element_ty),
@@ -166,7 +176,9 @@ def extend_config(head_dim: int, elem_size: int = 2, kind: str = "fp"):
 
 
 def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid,
-                softmax_scale, window):
+                softmax_scale, window, causal=True, new_lo=0):
+    # query i of row b sits at slot cache_seqlens[b] + i and sees up to it (causal) or up to the last query's slot;
+    # queries i >= new_lo are new tokens: NaN where their slot could not be written (the write ran first)
     batch, q_len, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[1]
     assert q.stride(-1) == 1, "q: contiguous last dim"
@@ -185,14 +197,15 @@ def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlen
     with device_guard(q):
         args = (q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid, out,
                 float(softmax_scale) * LOG2E, int(window), block_table.shape[1] * k_cache.shape[2], q_len,
-                cache_valid.shape[-1] if has_holes else 0,
+                int(new_lo), cache_valid.shape[-1] if has_holes else 0,
                 q.stride(0), q.stride(1), q.stride(2),
                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides(k_scale, kind != "fp"),
                 block_table.stride(0), cache_valid.stride(0) if has_holes else 0,
                 out.stride(0), out.stride(1), out.stride(2))
         common = dict(GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, BLOCK_N=block_n,
                       BLOCK_SIZE=k_cache.shape[2], HEAD_DIM=head_dim, D_PAD=next_pow2(head_dim),
-                      UPCAST=upcast_dot(q.dtype), HAS_HOLES=has_holes, num_warps=num_warps, num_stages=num_stages)
+                      UPCAST=upcast_dot(q.dtype), HAS_HOLES=has_holes, CAUSAL=bool(causal),
+                      num_warps=num_warps, num_stages=num_stages)
         grid = (cdiv(q_len, block_m), nheads_k, batch)
         if kind == "int4":
             launcher(_extend_attn_int4_kernel)[grid](*args, **common)

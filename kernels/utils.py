@@ -113,9 +113,16 @@ def attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, i, window, capacity
 @triton.jit
 def slot_block(block_table_row, s, capacity, BLOCK_SIZE: tl.constexpr):
     # Block id of slot s (int64) and whether the slot can be written: inside the table and in a mapped block.
-    inside = s < capacity
+    inside = (s >= 0) & (s < capacity)
     phys = tl.load(block_table_row + s // BLOCK_SIZE, mask=inside, other=-1).to(tl.int64)
     return tl.maximum(phys, 0), inside & (phys >= 0)
+
+
+@triton.jit
+def lost_slot(block_table_row, s, capacity, BLOCK_SIZE: tl.constexpr, NEW_KV: tl.constexpr):
+    # Whether the query at slot s is a new token that found no slot (NEW_KV False, attend only: never).
+    _, writable = slot_block(block_table_row, s, capacity, BLOCK_SIZE)
+    return (writable == 0) & NEW_KV
 
 
 @triton.jit

@@ -146,8 +146,8 @@ def test_reorder_then_decode_matches_reordered_prompts(kv_dtype):
 
 @pytest.mark.parametrize("kv_dtype", [None, "int8", "int4"])
 def test_keys_and_values_are_per_row_like_a_stock_cache(kv_dtype):
-    """`layers[i].keys / .values`: [batch, kv_heads, seq_len, head_dim] in the model dtype (dequantized for INT8 / INT4),
-    as DynamicCache gives them; the paged pool keeps its own names."""
+    """`layers[i].keys / .values`: [batch, kv_heads, seq_len, head_dim] in the model dtype (dequantized for INT8 /
+    INT4), as DynamicCache gives them; the paged pool keeps its own names."""
     stock = tiny_model("qwen3")
     model = hf_kvplug.patch(tiny_model("qwen3"))
     ids = torch.randint(2, 128, (2, 11))

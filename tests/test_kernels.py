@@ -463,3 +463,127 @@ def test_decode_cuda_graph_replay_follows_lengths():
         want = R.attend_with_kvcache_ref(case.q, case.k, case.v, *ref_bufs, case.block_table, seqlens,
                                          case.cache_starts, case.valid, case.status.clone(), case.softmax_scale, 0)
         torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=4e-3)
+
+
+# ------------------------------------------- flash_attn_with_kvcache's semantics: any n_new, attend only, non-causal
+
+def flash_oracle(q, keys, values, seqlens, starts, n_new, causal, window, softmax_scale):
+    """fp64 attention written from flash_attn_with_kvcache's definition, independently of `R.visible_slots`: row b
+    holds seqlens[b] + n_new tokens after the call, query i sits at slot total - q_len + i and sees the slots from
+    max(start, slot - window + 1) to its own (causal) or to the row's last; a query that sees nothing gives 0."""
+    batch, q_len, nheads, _ = q.shape
+    group = nheads // keys.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    for b in range(batch):
+        total = int(seqlens[b]) + n_new
+        for i in range(q_len):
+            pos = total - q_len + i
+            hi = pos if causal else total - 1
+            lo = max(int(starts[b]), pos - window + 1 if window > 0 else 0, 0)
+            if hi < lo:
+                continue
+            k = keys[b, :, lo:hi + 1].repeat_interleave(group, 0)  # [H, n, D]
+            v = values[b, :, lo:hi + 1].repeat_interleave(group, 0)
+            probs = (torch.einsum("hd,hnd->hn", q[b, i].double(), k) * softmax_scale).softmax(-1)
+            out[b, i] = torch.einsum("hn,hnd->hd", probs, v)
+    return out
+
+
+def _flash_case(kind, heads, q_len, n_new, window=0):
+    bs = 16
+    seqlens = [0, 1, bs - 1, bs + 3, 3 * bs + 7] if n_new == 0 else [1, 2, bs - 1, bs + 3, 3 * bs + 7]
+    case = Case(kind, 64, heads, bs, n_new, window, seqlens=seqlens, starts=[0, 0, 2, 5, 9])
+    case.queries = torch.randn(case.batch, q_len, case.nheads, 64, device=DEVICE).to(case.dtype)
+    return case
+
+
+FLASH_SHAPES = [(1, 0), (1, 1), (4, 0), (3, 1), (5, 5), (6, 2), (2, 5)]  # (q_len, n_new)
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("q_len, n_new", FLASH_SHAPES, ids=[f"q{q}-new{n}" for q, n in FLASH_SHAPES])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_flash_attn_with_kvcache_semantics(kind, q_len, n_new, causal):
+    """As flash_attn_with_kvcache: k/v of any length (none: attend only) appended at cache_seqlens, the queries the
+    rows' last q_len tokens, causal or not; MHA, GQA and MQA, a window on some. The kernel and the reference match an
+    fp64 attention written from that definition, and write exactly the new tokens."""
+    i = FLASH_SHAPES.index((q_len, n_new))
+    heads = [(6, 6), (6, 3), (6, 1)][i % 3]
+    window = 7 if i % 2 else 0
+    case = _flash_case(kind, heads, q_len, n_new, window)
+    q = case.queries
+    bufs, ref_bufs, ref64_bufs = case.buffers(), case.buffers(), case.buffers()
+    args = (case.k, case.v)
+    out = kernels.attend_with_kvcache(q, *args, *bufs, *case.tables(), case.cache_starts, case.valid, case.status,
+                                      case.softmax_scale, window, causal)
+    out_pt = R.attend_with_kvcache_ref(q, *args, *ref_bufs, *case.tables(), case.cache_starts, case.valid,
+                                       case.status.clone(), case.softmax_scale, window, causal=causal)
+    nb = case.block_table.shape[1]
+
+    def oracle(qq, cache):
+        keys = R.gather_kv(cache[0], cache[2], case.block_table, case.batch, nb, torch.float64)
+        values = R.gather_kv(cache[1], cache[3], case.block_table, case.batch, nb, torch.float64)
+        return flash_oracle(qq, keys, values, case.cache_seqlens, case.cache_starts, n_new, causal, window,
+                            case.softmax_scale)
+
+    # the reference's semantics, exactly: run it in fp64 over the same cache
+    out64 = R.attend_with_kvcache_ref(q.double(), case.k.double(), case.v.double(), *ref64_bufs, *case.tables(),
+                                      case.cache_starts, case.valid, case.status.clone(), case.softmax_scale, window,
+                                      causal=causal)
+    torch.testing.assert_close(out64, oracle(q, ref64_bufs), rtol=1e-9, atol=1e-9)
+    assert int(case.status) == 0
+    assert_cache_written(case, bufs, ref_bufs)
+    assert_untouched(case, bufs, case.buffers())
+    case.q = q  # assert_attention_close reads the dtype only
+    assert_attention_close(case, out, out_pt, oracle(q, ref_bufs))
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_attend_only_decode_splits(kind, num_splits, monkeypatch):
+    """Attend only with one query (the split-KV decode kernel, nothing written): any split count, rows of every
+    length, an empty row giving 0; the cache is left exactly as it was."""
+    monkeypatch.setattr(DA, "decode_config", lambda head_dim, kind, elem_size=2: (16, 4, 1))
+    case = _flash_case(kind, (8, 2), 1, 0)
+    bufs = case.buffers()
+    out = DA.decode_attn(case.queries, case.k, case.v, *bufs, *case.tables(), case.cache_starts, case.valid,
+                         case.status, case.softmax_scale, 0, num_splits=num_splits)
+    for a, b in zip(bufs, case.buffers()):
+        assert torch.equal(a, b)
+    keys = R.gather_kv(bufs[0], bufs[2], case.block_table, case.batch, case.block_table.shape[1], torch.float64)
+    values = R.gather_kv(bufs[1], bufs[3], case.block_table, case.batch, case.block_table.shape[1], torch.float64)
+    want = flash_oracle(case.queries, keys, values, case.cache_seqlens, case.cache_starts, 0, True, 0,
+                        case.softmax_scale)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))  # row 0 holds nothing
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=4e-3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_public_attend_only_and_lost_slots(backend):
+    """`ops.attend_with_kvcache(q, None, None, ...)` attends without writing; k/v of another length than q follow the
+    same rule; on the CPU a new token with no slot raises before anything is written, whatever the query count."""
+    from hf_kvplug import ops
+    case = _flash_case("fp16", (6, 3), 3, 0)
+    bufs = case.buffers()
+    out = ops.attend_with_kvcache(case.queries, None, None, *bufs, *case.tables(), case.cache_starts,
+                                  case.softmax_scale, cache_valid=case.valid, backend=backend)
+    for a, b in zip(bufs, case.buffers()):
+        assert torch.equal(a, b)
+    nb = case.block_table.shape[1]
+    keys = R.gather_kv(bufs[0], bufs[2], case.block_table, case.batch, nb, torch.float64)
+    values = R.gather_kv(bufs[1], bufs[3], case.block_table, case.batch, nb, torch.float64)
+    want = flash_oracle(case.queries, keys, values, case.cache_seqlens, case.cache_starts, 0, True, 0,
+                        case.softmax_scale)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=4e-3)
+    with pytest.raises(ValueError, match="both tensors, or both None"):
+        ops.attend_with_kvcache(case.queries, case.k, None, *bufs, *case.tables(), case.cache_starts, 1.0,
+                                backend=backend)
+    full = _flash_case("fp16", (6, 3), 2, 3)
+    seqlens = full.cache_seqlens.clone()
+    seqlens[-1] = full.block_table.shape[1] * 16 - 2  # 3 new tokens, room for 2
+    bufs = full.buffers()
+    with pytest.raises(ValueError, match="no cache slot for 1 of its 3 new tokens"):
+        ops.attend_with_kvcache(full.queries, full.k, full.v, *bufs, full.block_table, seqlens, full.cache_starts,
+                                1.0, backend=backend)
+    for a, b in zip(bufs, full.buffers()):
+        assert torch.equal(a, b)
