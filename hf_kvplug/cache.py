@@ -3,7 +3,7 @@
 Three kinds of state, kept apart:
   * the buffers: per layer a pool of blocks `[num_blocks, nheads_k, block_size, head_dim]` for K and V (INT8 and
     INT4 add scales), allocated once, never re-assigned, shared with forks. Layers that keep up to max_cache_len
-    share one pool of block ids; sliding-window layers keep a ring of blocks about twice their window, in a pool
+    share one pool of block ids; sliding-window layers keep a ring of blocks a little past their window, in a pool
     (and table) per ring size (`PlugConfig.groups`);
   * per device, what the kernels read besides them: the block table of each group, each row's first visible slot
     (`starts`), the slot mask for masks with holes (`valid`) and an overflow flag (`status`); per layer, the row
@@ -369,10 +369,12 @@ class PlugCache(DynamicCache):
         layout: the `RankLayout` of this process under transformers' tensor / pipeline parallelism: read from the
             model when one is given, stated here with a config (default: one process). Each rank's cache holds its
             own heads of the layers it runs.
-        trim_windows: sliding-window layers keep a ring of about twice their window per row instead of
-            `max_cache_len` (default True). Tokens the window has passed are overwritten, so a `crop` may go back
-            at most `ring - window + 1` tokens at a time (assisted decoding's rejected drafts, well within it);
-            False keeps every token, as for full-attention layers.
+        trim_windows: sliding-window layers keep a ring of blocks per row, their window and `window_slack` more
+            slots, instead of `max_cache_len` (default True). Tokens the window has passed are overwritten, so a
+            `crop` may go back at most `ring - window + 1` tokens below the most the rows held (assisted decoding's
+            rejected drafts, well within it); False keeps every token, as for full-attention layers.
+        window_slack: slots a ring holds past its window (rounded up to blocks): the longest forward that runs in
+            one piece and about the longest crop. Default `min(window, 256)`.
 
     Buffers are allocated once here and never re-assigned: `reset()`, `crop()` and `reorder_cache()` work in place,
     so their addresses stay fixed for torch.compile / CUDA graphs.
@@ -380,7 +382,8 @@ class PlugCache(DynamicCache):
 
     def __init__(self, model_or_config, max_batch_size: int = 4, max_cache_len: int = 2048, kv_dtype: str | None = None,
                  *, dtype: torch.dtype | None = None, device=None, block_size: int = 64, max_tokens: int | None = None,
-                 backend: str = "auto", layout: RankLayout | None = None, trim_windows: bool = True):
+                 backend: str = "auto", layout: RankLayout | None = None, trim_windows: bool = True,
+                 window_slack: int | None = None):
         model, tp_plan = None, None
         if hasattr(model_or_config, "config") and hasattr(model_or_config, "parameters"):
             model = model_or_config
@@ -395,7 +398,7 @@ class PlugCache(DynamicCache):
         config = PlugConfig.from_hf_config(hf_config, max_batch_size=max_batch_size, max_cache_len=max_cache_len,
                                            dtype=dtype, device=device, kv_dtype=kv_dtype, block_size=block_size,
                                            max_tokens=max_tokens, layout=layout, tp_plan=tp_plan,
-                                           trim_windows=trim_windows)
+                                           trim_windows=trim_windows, window_slack=window_slack)
         if model is not None:
             _check_local_heads(model, config)
         ops.resolve_backend(backend, config.layer_devices[0])  # a bad backend fails here, before any allocation
@@ -781,7 +784,7 @@ class PlugCache(DynamicCache):
                     f"the slots of its last {layer.ring_slots} tokens written (up to {self._top}), and the next "
                     f"forward would need tokens from {need}. A crop may reach back at most "
                     f"{layer.ring_slots - layer.window + 1} tokens below the most the rows held; build the cache with "
-                    "trim_windows=False to keep every token.")
+                    "a larger window_slack=, or trim_windows=False to keep every token.")
         for i in self.linear_layers:  # transformers' rule: only a layer recording its past can go back
             self.layers[i].crop(keep - length)
         for layer in self.attn_layers:

@@ -34,6 +34,8 @@ class RankLayout:
         return cls(tp, real if len(real) < len(layers) else None)
 
 
+DEFAULT_WINDOW_SLACK = 256  # tokens a sliding-window ring holds past its window, at most (see layer_rings)
+
 @dataclass
 class PlugConfig:
     """Shape, dtype and placement of a PlugCache.
@@ -44,8 +46,8 @@ class PlugConfig:
     "linear" (a linear-attention layer of a hybrid model: its state stays in transformers' own cache layer) or
     "remote" (a layer another pipeline stage runs: nothing here). `nheads` / `nheads_k` are this rank's heads
     (`tp_size` splits them: `from_hf_config` is the one place that derives them). With `trim_windows` (the
-    default) a sliding-window layer keeps a ring of `layer_rings[i]` blocks per row, about twice its window,
-    instead of `max_cache_len` (see `layer_rings`).
+    default) a sliding-window layer keeps a ring of `layer_rings[i]` blocks per row, its window and
+    `window_slack` more slots, instead of `max_cache_len` (see `layer_rings`).
     """
 
     num_layers: int
@@ -65,6 +67,7 @@ class PlugConfig:
     linear_state_bytes: int = 0  # per row, all linear-attention layers together (conv + recurrent state)
     tp_size: int = 1
     trim_windows: bool = True
+    window_slack: int | None = None  # ring slots past a window's own; None: min(window, DEFAULT_WINDOW_SLACK)
 
     def __post_init__(self):
         if self.kv_dtype not in KV_DTYPES:
@@ -78,6 +81,8 @@ class PlugConfig:
             raise ValueError(f"nheads ({self.nheads}) must be a multiple of nheads_k ({self.nheads_k})")
         if len(self.layer_devices) != self.num_layers:
             raise ValueError(f"layer_devices has {len(self.layer_devices)} entries for {self.num_layers} layers")
+        if self.window_slack is not None and int(self.window_slack) <= 0:
+            raise ValueError(f"window_slack must be positive (or None), got {self.window_slack}")
         if self.max_tokens is not None and int(self.max_tokens) <= 0:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
         if not self.layer_windows:
@@ -109,11 +114,14 @@ class PlugConfig:
     def layer_rings(self) -> list[int | None]:
         """Per layer, the blocks per row a sliding-window layer keeps (a ring), or None where the layer keeps up to
         `max_cache_len` tokens (full attention, `trim_windows=False`, or a window so wide no ring would be smaller).
-        A ring holds at least `2 * window - 1` slots: the window, and one forward of up to `window` new tokens
-        (longer forwards go through it in pieces)."""
+        A ring holds at least `window - 1 + slack` slots, `slack = window_slack or min(window, 256)`: the window,
+        and one forward of up to `slack` new tokens (longer forwards go through it in pieces); a crop may go back
+        about `slack` tokens below the most the rows held. The default keeps a ring about the size of a long window
+        (4096: 4352 slots) and twice a short one."""
         rings = []
         for window, kind in zip(self.layer_windows, self.layer_kinds):
-            ring = math.ceil((2 * window - 1) / self.block_size) if window and self.trim_windows else None
+            slack = min(window, DEFAULT_WINDOW_SLACK) if window and self.window_slack is None else self.window_slack
+            ring = math.ceil((window - 1 + slack) / self.block_size) if window and self.trim_windows else None
             rings.append(ring if kind == "attention" and ring is not None and ring < self.max_blocks_per_row
                          else None)
         return rings
@@ -180,7 +188,7 @@ class PlugConfig:
     @classmethod
     def from_hf_config(cls, config, *, max_batch_size, max_cache_len, dtype, device, kv_dtype=None, block_size=64,
                        max_tokens=None, layout: RankLayout | None = None, tp_plan: dict | None = None,
-                       trim_windows: bool = True):
+                       trim_windows: bool = True, window_slack: int | None = None):
         """Geometry from a transformers config, for the rank `layout` describes (default: one process); `device` is
         one device or a list with one per layer (None for layers another pipeline stage runs); `tp_plan` is the
         model's (`model.tp_plan`; None: transformers' default plan, q/k/v split by heads)."""
@@ -226,6 +234,7 @@ class PlugConfig:
             linear_state_bytes=kinds.count("linear") * linear_state_bytes(config, dtype),
             tp_size=tp,
             trim_windows=trim_windows,
+            window_slack=window_slack,
         )
 
 

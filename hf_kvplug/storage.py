@@ -76,7 +76,7 @@ def save_cache(cache, path) -> None:
     if cache.holes:
         tensors["valid"] = dev.valid[:batch, :length].cpu().clone()
     meta = dict(format=FORMAT, config=_fingerprint(cfg), length=length, batch=batch, holes=cache.holes,
-                max_cache_len=cfg.max_cache_len, top=cache._top,
+                max_cache_len=cfg.max_cache_len, top=cache._top, window_slack=cfg.window_slack,
                 fresh=cache.attn_layers[0].fresh, sha256=_digest(tensors))
     save_file(tensors, str(path), metadata={"hf_kvplug": json.dumps(meta)})
 
@@ -108,6 +108,9 @@ def load_cache(cls, path, model_or_config, **kwargs):
     # smaller than max_cache_len); without rings, the tokens held are enough
     kwargs.setdefault("max_cache_len", meta["max_cache_len"] if "layer_rings" in meta["config"] else max(length, 1))
     kwargs.setdefault("trim_windows", "layer_rings" in meta["config"])  # the file's layout unless told otherwise
+    # files from before window_slack existed kept rings of 2 x window - 1 slots: a slack of the (widest) window
+    old = max((w for w in meta["config"].get("layer_windows") or [] if w), default=None)
+    kwargs.setdefault("window_slack", meta["window_slack"] if "window_slack" in meta else old)
     if kwargs.get("kv_dtype", meta["config"]["kv_dtype"]) != meta["config"]["kv_dtype"]:
         raise ValueError(f"{path} holds a kv_dtype={meta['config']['kv_dtype']!r} cache, not {kwargs['kv_dtype']!r}")
     kwargs["kv_dtype"] = meta["config"]["kv_dtype"]
@@ -117,7 +120,8 @@ def load_cache(cls, path, model_or_config, **kwargs):
     diffs = [f"{k}: file {meta['config'].get(k)!r} vs here {mine.get(k)!r}"
              for k in {**meta["config"], **mine} if meta["config"].get(k) != mine.get(k)]
     if diffs:
-        rings = " (sliding-window rings: pass trim_windows= and max_cache_len= as the saved cache had them)" \
+        rings = " (sliding-window rings: pass trim_windows=, window_slack= and max_cache_len= as the saved cache " \
+            "had them)" \
             if any(d.startswith("layer_rings") for d in diffs) else ""
         raise ValueError(f"{path} was saved for another model or cache (" + "; ".join(diffs) + ")" + rings)
     if batch > cache.max_batch_size or length > cache.max_cache_len:

@@ -65,16 +65,22 @@ def test_plan_per_rank_hybrid_and_shared_prompts(capsys):
 
 
 def test_plan_sliding_windows_are_a_fixed_cost(capsys):
-    """Mistral-7B's layers all slide over 4096 tokens: each keeps a ring of 8192 slots per row (2 x window - 1,
-    rounded up to blocks), whatever the context, so no token count bounds the batch."""
+    """Mistral-7B's layers all slide over 4096 tokens: each keeps a ring of 4352 slots per row (the window and a
+    slack of 256, rounded up to blocks; `--window-slack 4096` gives the 2 x window of a ring that takes any forward
+    in one piece), whatever the context, so no token count bounds the batch."""
     n = plan_numbers(shapes.mistral_7b(), batch=8, context=32768, dtype=torch.bfloat16, block_size=64, free=10**11)
-    assert n["window_layers"] == 32 and n["ring_slots"] == 8192 and n["bpt_fp"] == 0
-    assert n["ring_fp"] == n["total_fp"] == n["alloc_fp"] == 8 * 8192 * 32 * 8 * 128 * 2 * 2
+    assert n["window_layers"] == 32 and n["ring_slots"] == 4352 and n["bpt_fp"] == 0
+    assert n["ring_fp"] == n["total_fp"] == n["alloc_fp"] == 8 * 4352 * 32 * 8 * 128 * 2 * 2
     assert n["fit_fp"] is None and n["fits_any_fp"]
+    wide = plan_numbers(shapes.mistral_7b(), batch=8, context=32768, dtype=torch.bfloat16, block_size=64,
+                        free=10**11, window_slack=4096)
+    assert wide["ring_slots"] == 8192
     assert main(["plan", "--model", "mistral-7b", "--batch", "8", "--context", "32k", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "32 sliding-window layers (window 4096) keep a ring of 8192 slots per row" in out
+    assert "32 sliding-window layers (window 4096) keep a ring of 4352 slots per row" in out
     assert "sliding-window rings (batch)" in out
+    assert main(["plan", "--model", "mistral-7b", "--context", "32k", "--device", "cpu", "--window-slack", "64"]) == 0
+    assert "keep a ring of 4160 slots per row" in capsys.readouterr().out
 
 
 def test_plan_unknown_model_is_a_clear_error():

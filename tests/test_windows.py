@@ -1,4 +1,4 @@
-"""Sliding-window layers keep a ring of blocks (about twice the window) instead of max_cache_len, with stock's tokens.
+"""Sliding-window layers keep a ring of blocks (the window and some slack) instead of max_cache_len, with stock's tokens.
 
 The tiny models use windows of 6 (Qwen3, its second layer) and 5 (Mixtral, every layer) with blocks of 4 slots, so
 the rings hold 12 slots and the prompts and generations here run several times around them.
@@ -41,7 +41,7 @@ def _teacher_forced(model, cache, chunks):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_rings_hold_about_twice_the_window(family):
+def test_rings_hold_the_window_and_its_slack(family):
     _, plugged, cache = _pair(family)
     full = hf_kvplug.PlugCache(plugged, max_batch_size=4, max_cache_len=64, block_size=4, trim_windows=False)
     cfg = cache.config
@@ -238,3 +238,33 @@ def test_a_file_without_rings_loads_as_it_was_saved(tmp_path):
     assert loaded.get_seq_length() == 26 and not any(loaded.config.layer_rings)
     step = torch.randint(2, 128, (1, 1))
     assert torch.equal(plugged(step, **kv(loaded)).logits, plugged(step, **kv(full)).logits)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_small_window_slack_keeps_stock_logits_in_smaller_rings(family, backend):
+    """window_slack=1: rings of the window and one slot, rounded up to blocks (8 slots for windows of 6 and 5), so a
+    forward runs in pieces of 3 or 4 tokens; prefill, a long turn with a hole, decode and generate() (greedy and
+    beam) still equal stock, and a crop past the slack is refused before anything changes."""
+    stock, plugged, cache = _pair(family, backend=backend, window_slack=1, max_batch_size=6)
+    assert {layer.ring_slots for layer in cache.attn_layers if layer.ring} == {8}
+    wide = hf_kvplug.PlugCache(plugged, max_batch_size=6, max_cache_len=64, block_size=4)
+    assert cache.nbytes < wide.nbytes
+    ids = torch.randint(2, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, 16:19] = 0
+    ref_cache = DynamicCache(config=stock.config)
+    for lo, hi in ((0, 17), (17, 37), (37, 38), (38, 39), (39, 40)):
+        want = stock(ids[:, lo:hi], attention_mask=mask[:, :hi], **kv(ref_cache)).logits
+        got = plugged(ids[:, lo:hi], attention_mask=mask[:, :hi], **kv(cache)).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    window = min(layer.window for layer in cache.attn_layers if layer.ring)
+    with pytest.raises(ValueError, match="window_slack="):
+        cache.crop(-(8 - window + 2))
+    assert cache.get_seq_length() == 40
+    if backend == "reference":
+        p, m = _prompt()
+        for kw in (dict(do_sample=False), dict(do_sample=False, num_beams=3, num_return_sequences=2)):
+            cache.reset()
+            assert torch.equal(plugged.generate(p, attention_mask=m, max_new_tokens=20, **kv(cache), **kw),
+                               stock.generate(p, attention_mask=m, max_new_tokens=20, **kw))

@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows expanded from each prompt (num_return_sequences or beams; default 1: no sharing)")
     p.add_argument("--prompt", type=lambda s: parse_sizes(s)[0], default=0,
                    help="prompt tokens the --share rows have in common (default 0)")
+    p.add_argument("--window-slack", type=int, default=None,
+                   help="slots a sliding-window ring holds past its window (PlugCache's window_slack; default "
+                        "min(window, 256))")
 
 
 def _rank_layout(config, tp: int, pp: int) -> RankLayout:
@@ -50,12 +53,12 @@ def _rank_layout(config, tp: int, pp: int) -> RankLayout:
 
 
 def plan_numbers(config, batch: int, context: int, dtype: torch.dtype, block_size: int, free: int | None, *,
-                 tp: int = 1, pp: int = 1, share: int = 1, prompt: int = 0) -> dict:
+                 tp: int = 1, pp: int = 1, share: int = 1, prompt: int = 0, window_slack: int | None = None) -> dict:
     """Bytes per token, totals, weights and fitting tokens for one config, per rank (keys `<what>_<format>`)."""
     layout = _rank_layout(config, tp, pp)
     per = {fmt: PlugConfig.from_hf_config(config, max_batch_size=batch, max_cache_len=context, dtype=dtype,
                                           device="cpu", kv_dtype=None if fmt == "fp" else fmt,
-                                          block_size=block_size, layout=layout)
+                                          block_size=block_size, layout=layout, window_slack=window_slack)
            for fmt in FORMATS}
     params, _ = shapes.param_count(config)
     weights = params * shapes.dtype_bytes(dtype) // (tp * pp)  # an even share: embeddings and heads are close enough
@@ -93,7 +96,7 @@ def _gb(n: float) -> str:
 
 
 def run(args) -> int:
-    if min(args.batch, args.context, args.tp, args.pp, args.share) <= 0 or args.prompt < 0:
+    if min(args.batch, args.context, args.tp, args.pp, args.share, args.window_slack or 1) <= 0 or args.prompt < 0:
         raise SystemExit("error: --batch, --context, --tp, --pp and --share must be positive")
     config = shapes.load_config(args.model)
     device = bm.resolve_device(args.device)
@@ -101,7 +104,7 @@ def run(args) -> int:
     free = bm.free_memory_bytes(device)
     try:
         n = plan_numbers(config, args.batch, args.context, dtype, args.block_size, free, tp=args.tp, pp=args.pp,
-                         share=args.share, prompt=min(args.prompt, args.context))
+                         share=args.share, prompt=min(args.prompt, args.context), window_slack=args.window_slack)
     except ValueError as e:  # heads that do not split over --tp
         raise SystemExit(f"error: {e}") from None
     fp = bm.dtype_name(dtype)
