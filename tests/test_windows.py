@@ -1,4 +1,4 @@
-"""Sliding-window layers keep a ring of blocks (the window and some slack) instead of max_cache_len, with stock's tokens.
+"""Sliding-window layers keep a ring of blocks (the window and a slack) instead of max_cache_len, with stock's tokens.
 
 The tiny models use windows of 6 (Qwen3, its second layer) and 5 (Mixtral, every layer) with blocks of 4 slots, so
 the rings hold 12 slots and the prompts and generations here run several times around them.
