@@ -268,3 +268,38 @@ def test_a_small_window_slack_keeps_stock_logits_in_smaller_rings(family, backen
             cache.reset()
             assert torch.equal(plugged.generate(p, attention_mask=m, max_new_tokens=20, **kv(cache), **kw),
                                stock.generate(p, attention_mask=m, max_new_tokens=20, **kw))
+
+
+def test_a_file_from_before_window_slack_loads_with_its_wide_rings(tmp_path):
+    """Files written before window_slack existed kept rings of 2 x window - 1 slots; they load with those rings
+    (inferred from the window), where a new cache of a window of 300 keeps 299 + 256 slots."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from models import _COMMON
+
+    torch.manual_seed(0)
+    model = hf_kvplug.patch(AutoModelForCausalLM.from_config(MistralConfig(**{**_COMMON, "sliding_window": 300})))
+    model.eval()
+    kw = dict(max_batch_size=1, max_cache_len=1024, block_size=64)
+    old = hf_kvplug.PlugCache(model, window_slack=300, **kw)
+    assert {layer.ring for layer in old.attn_layers} == {10}  # ceil(599 / 64)
+    assert {layer.ring for layer in hf_kvplug.PlugCache(model, **kw).attn_layers} == {9}  # ceil(555 / 64)
+    ids = torch.randint(2, 128, (1, 21), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(ids[:, :20], **kv(old))
+    path = tmp_path / "old.safetensors"
+    old.save(path)
+    with safe_open(str(path), framework="pt") as f:  # as an older hf_kvplug wrote it: no window_slack
+        meta = json.loads(f.metadata()["hf_kvplug"])
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    del meta["window_slack"]
+    save_file(tensors, str(path), metadata={"hf_kvplug": json.dumps(meta)})
+    back = hf_kvplug.PlugCache.load(path, model)
+    assert {layer.ring for layer in back.attn_layers} == {10}
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:, 20:], **kv(back)).logits, model(ids[:, 20:], **kv(old)).logits,
+                                   rtol=0, atol=0)
