@@ -587,3 +587,29 @@ def test_public_attend_only_and_lost_slots(backend):
                                 1.0, backend=backend)
     for a, b in zip(bufs, full.buffers()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+@pytest.mark.parametrize("q_len, n_new", [(1, 1), (4, 2), (3, 0)])
+def test_flash_attn_paged_layout_as_a_view(kind, q_len, n_new):
+    """flash_attn_with_kvcache's paged cache is `[num_blocks, page_size, nheads_k, d]`: its transposed view (any
+    strides but the last) is a valid cache here; the kernels and the reference read and write through it exactly as
+    through ours."""
+    case = _flash_case(kind, (6, 3), q_len, n_new)
+    flash = [t.transpose(1, 2).contiguous().transpose(1, 2) if t.numel() else t for t in case.buffers()]
+    assert flash[0].stride(2) == case.nheads_k * 64  # slots stride over the heads: flash's page layout
+    mine = case.buffers()
+    args = (case.queries, case.k, case.v)
+    tail = (*case.tables(), case.cache_starts, case.valid, case.status, case.softmax_scale, 0)
+    out_flash = kernels.attend_with_kvcache(*args, *flash, *tail)
+    out_mine = kernels.attend_with_kvcache(*args, *mine, *tail)
+    assert torch.equal(out_flash, out_mine)
+    for a, b in zip(flash, mine):
+        assert torch.equal(a, b)
+    flash_ref = [t.transpose(1, 2).contiguous().transpose(1, 2) if t.numel() else t for t in case.buffers()]
+    mine_ref = case.buffers()
+    got = R.attend_with_kvcache_ref(*args, *flash_ref, *case.tables(), case.cache_starts, case.valid,
+                                    case.status.clone(), case.softmax_scale)
+    want = R.attend_with_kvcache_ref(*args, *mine_ref, *case.tables(), case.cache_starts, case.valid,
+                                     case.status.clone(), case.softmax_scale)
+    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(flash_ref, mine_ref))
