@@ -36,6 +36,7 @@ class RankLayout:
 
 DEFAULT_WINDOW_SLACK = 256  # tokens a sliding-window ring holds past its window, at most (see layer_rings)
 
+
 @dataclass
 class PlugConfig:
     """Shape, dtype and placement of a PlugCache.

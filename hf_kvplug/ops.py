@@ -168,8 +168,9 @@ def attend_with_kvcache(
 
     Returns:
         `[batch, q_len, nheads, head_dim]` attention output in the dtype of `q`; 0 for a query that sees no slot.
-        No backward. A new token with no slot (past the table or an unmapped block) is not written and the query at
-        its slot gets NaN; on CPU tensors that raises a ValueError instead, before anything is written.
+        No backward. A new token with no slot (past the table or an unmapped block) is not written, sets `status`,
+        and the queries that would see it (and the one at its slot) get NaN; on CPU tensors that raises a
+        ValueError instead, before anything is written.
     """
     window = int(window or 0)
     if (k is None) != (v is None):

@@ -18,8 +18,9 @@ queries, the queries being the row's last q_len tokens once the new ones are app
 aligns them): query i sits at slot s_i = cache_seqlens[b] + n_new - q_len + i (usually n_new = q_len: s_i is new
 token i's slot).
   1. K/V of new token j are written to slot cache_seqlens[b] + j (quantized when the cache is int8 or int4). A slot
-     past the table or in an unmapped block (-1) is not written: status[0] becomes 1 and the query at that slot gets
-     NaN, so the loss is never silent.
+     past the table or in an unmapped block (-1) is not written: status[0] becomes 1, and the query at that slot and
+     every query whose range [lo_i, hi_i] (below) meets the span of the row's lost slots get NaN, so the loss is
+     never silent. The slots a row already holds must lie in mapped blocks (an unmapped one reads as block 0).
   2. out[b, i] attends over the slots t with lo_i <= t <= hi_i, lo_i = max(cache_starts[b], s_i - window + 1)
      (window <= 0 means none), hi_i = s_i (causal) or the row's last slot cache_seqlens[b] + n_new - 1 (causal=False),
      and cache_valid[b, t] != 0 when cache_valid is given. A query that sees no slot gets 0 (as PyTorch's SDPA does
@@ -201,10 +202,25 @@ def attend_with_kvcache_ref(
         enable_gqa=nheads != keys.shape[1],
     ).transpose(1, 2)
     out = out.masked_fill(~seen.any(-1)[..., None, None], 0.0)  # a token that sees nothing: 0, whatever the backend
-    # a query at a new token's slot that could not be written: NaN (queries i <-> new tokens i + n_new - q_len)
-    lost = F.pad(~ok.to(out.device), (max(0, q_len - n_new), 0))[:, max(0, n_new - q_len):]
-    out = out.masked_fill(lost[..., None, None], float("nan"))
+    out = out.masked_fill(lost_queries(ok, cache_seqlens, cache_starts, batch, q_len, window, causal)[..., None, None],
+                          float("nan"))
     return out.contiguous()
+
+
+def lost_queries(ok, cache_seqlens, cache_starts, batch: int, q_len: int, window: int, causal: bool = True):
+    """`[B, q_len]` bool: the queries whose output is NaN because a new token was lost (`ok [B, n_new]` False): the
+    query at a lost token's slot, and every query whose range [lo, hi] meets the span of the row's lost tokens."""
+    n_new = ok.shape[1]
+    ok = ok.to(cache_seqlens.device)
+    own = F.pad(~ok, (max(0, q_len - n_new), 0))[:, max(0, n_new - q_len):]  # query i <-> new token i + n_new - q_len
+    s, lo = attention_bounds(cache_seqlens, cache_starts, batch, q_len, window, n_new)
+    if n_new == 0:
+        return own
+    slots = _slots(cache_seqlens, batch, n_new)
+    lost_lo = torch.where(ok, torch.iinfo(torch.int64).max, slots).amin(1, keepdim=True)
+    lost_hi = torch.where(ok, -1, slots).amax(1, keepdim=True)
+    hi = s if causal else s[:, -1:]
+    return own | ((lo <= lost_hi) & (hi >= lost_lo))
 
 
 def attend_fp64_ref(q, keys, values, seen, softmax_scale):

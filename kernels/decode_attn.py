@@ -28,7 +28,7 @@ def _decode_attn_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, INT8: tl.constexpr, V_SCALE_ON_P: tl.constexpr, SPLIT: tl.constexpr,
     UPCAST: tl.constexpr, HAS_HOLES: tl.constexpr, HAS_STATUS: tl.constexpr, NEW_KV: tl.constexpr,
 ):
-    # q [B, 1, nheads, D] (all GROUP heads of kv head hk in one program); k, v [B, 1, nheads_k, D]
+    # q [B, 1, nheads, D] (all GROUP heads of kv head hk in one program); k, v [B, 1, nheads_k, D] (NEW_KV) or empty
     # caches [num_blocks, nheads_k, BLOCK_SIZE, D]; this program covers slots [split * split_size, +split_size)
     split = tl.program_id(0)
     hk = tl.program_id(1)
@@ -92,7 +92,7 @@ def _decode_attn_kernel(
 
     # tiles start at a multiple of BLOCK_N (split_lo is one), so the first slot n_lo lies in the first tile:
     # without holes every tile has a visible slot and the running max is finite after it.
-    tile_lo = n_lo - n_lo % BLOCK_N
+    tile_lo = tl.where(n_hi > n_lo, n_lo - n_lo % BLOCK_N, n_hi)  # no tile at all when nothing is seen
     offs_n = tl.arange(0, BLOCK_N)
     next_phys = tile_block_ids(bt_row, tile_lo + offs_n, n_hi, BLOCK_SIZE)  # one tile ahead
     for start in range(tile_lo, n_hi, BLOCK_N):
@@ -191,7 +191,7 @@ def _decode_attn_int4_kernel(
                 acc_lo = acc_lo + v_lo[None, :]
                 acc_hi = acc_hi + v_hi[None, :]
 
-    tile_lo = n_lo - n_lo % BLOCK_N
+    tile_lo = tl.where(n_hi > n_lo, n_lo - n_lo % BLOCK_N, n_hi)  # no tile at all when nothing is seen
     offs_n = tl.arange(0, BLOCK_N)
     next_phys = tile_block_ids(bt_row, tile_lo + offs_n, n_hi, BLOCK_SIZE)  # one tile ahead
     for start in range(tile_lo, n_hi, BLOCK_N):

@@ -1,4 +1,5 @@
-"""Extend kernel (q_len > 1): queries attend (causally, by default) over the paged cache, which already holds them."""
+"""Extend kernel (several queries, or one after several new tokens): queries attend (causally, by default) over the
+paged cache, which the write kernel has already given the new tokens."""
 
 import torch
 import triton
@@ -6,8 +7,20 @@ import triton.language as tl
 
 from .decode_attn import LOG2E
 from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_guard, int4_tile_update, kv_tile_scores,
-                    launcher, next_pow2, scale_strides, slot_block, softmax_tile_update, tile_block_ids, upcast_dot,
-                    visible)
+                    launcher, lost_span, next_pow2, scale_strides, slot_block, softmax_tile_update, tile_block_ids,
+                    upcast_dot, visible)
+
+
+@triton.jit
+def lost_queries(bt_row, cache_seqlens_ptr, b, tok, s, lo, capacity, q_len, new_lo, BLOCK_SIZE: tl.constexpr,
+                 CAUSAL: tl.constexpr):
+    # Queries [R] whose output must be NaN because a new token was lost (the write kernel ran first and set the
+    # status): the query at a lost token's slot, and every query whose range [lo, hi] meets the lost tokens' span.
+    seq0 = tl.load(cache_seqlens_ptr + b)  # query 0's slot; the new tokens hold [seq0 + new_lo, seq0 + q_len)
+    lost_lo, lost_hi = lost_span(bt_row, seq0 + new_lo, seq0 + q_len - 1, capacity, BLOCK_SIZE)
+    hi = s if CAUSAL else seq0 + q_len - 1
+    _, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)
+    return ((tok >= new_lo) & (writable == 0)) | ((lo <= lost_hi) & (hi >= lost_lo))
 
 
 @triton.jit
@@ -73,9 +86,8 @@ def _extend_attn_kernel(
         m, l, acc = softmax_tile_update(m, l, acc, tl.where(seen, qk, float("-inf")), v, vs, False, True)
 
     l = tl.where(l > 0.0, l, 1.0)  # a token that saw nothing (masked out) gives 0
-    _, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)  # the write kernel ran first; it set the status
-    writable = writable | (tok < new_lo)  # queries before new_lo sit at cached tokens' slots, not new ones'
-    o = tl.where(writable[:, None], acc / l[:, None], float("nan"))  # a new token with no slot gets NaN
+    lost = lost_queries(bt_row, cache_seqlens_ptr, b, tok, s, lo, capacity, q_len, new_lo, BLOCK_SIZE, CAUSAL)
+    o = tl.where(lost[:, None], float("nan"), acc / l[:, None])
     tl.store(out_ptr + b64 * stride_ob + tok[:, None].to(tl.int64) * stride_ot + heads64 * stride_oh
              + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=mask_r[:, None] & mask_d[None, :])
@@ -150,13 +162,12 @@ def _extend_attn_int4_kernel(
                                                 valid, seen, qk_scale, True)
 
     l = tl.where(l > 0.0, l, 1.0)
-    _, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)
-    writable = writable | (tok < new_lo)
+    lost = lost_queries(bt_row, cache_seqlens_ptr, b, tok, s, lo, capacity, q_len, new_lo, BLOCK_SIZE, CAUSAL)
     dst = out_ptr + b64 * stride_ob + tok[:, None].to(tl.int64) * stride_ot + heads64 * stride_oh + offs_h[None, :]
     o_mask = mask_r[:, None] & mask_h[None, :]
-    tl.store(dst, tl.where(writable[:, None], acc_lo / l[:, None], float("nan")).to(out_ptr.dtype.element_ty),
+    tl.store(dst, tl.where(lost[:, None], float("nan"), acc_lo / l[:, None]).to(out_ptr.dtype.element_ty),
              mask=o_mask)
-    tl.store(dst + HALF, tl.where(writable[:, None], acc_hi / l[:, None], float("nan")).to(out_ptr.dtype.element_ty),
+    tl.store(dst + HALF, tl.where(lost[:, None], float("nan"), acc_hi / l[:, None]).to(out_ptr.dtype.element_ty),
              mask=o_mask)
 
 

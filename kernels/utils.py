@@ -102,7 +102,8 @@ def quantize_int8(x):
 
 @triton.jit
 def attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, i, window, capacity):
-    # New token i of row b: its slot s, the first slot lo it may see (lo > s: none) and the last cached slot hi.
+    # Query i of row b (cache_seqlens already shifted so that query 0 sits at slot cache_seqlens[b]; i may be -1):
+    # its slot s, the first slot lo it may see (lo > s: none) and hi = s clamped to the table.
     s = tl.load(cache_seqlens_ptr + b) + i
     lo = tl.load(cache_starts_ptr + b)
     lo = tl.where(window > 0, tl.maximum(lo, s - window + 1), lo)
@@ -116,6 +117,22 @@ def slot_block(block_table_row, s, capacity, BLOCK_SIZE: tl.constexpr):
     inside = (s >= 0) & (s < capacity)
     phys = tl.load(block_table_row + s // BLOCK_SIZE, mask=inside, other=-1).to(tl.int64)
     return tl.maximum(phys, 0), inside & (phys >= 0)
+
+
+@triton.jit
+def lost_span(block_table_row, first, last, capacity, BLOCK_SIZE: tl.constexpr):
+    # [lost_lo, lost_hi]: the first and last of the new tokens' slots [first, last] that could not be written (past
+    # the table, or in an unmapped block); lost_lo > lost_hi when none was lost (or there are no new tokens).
+    lost_lo = tl.maximum(first, capacity)  # past the table: [max(first, capacity), last]
+    lost_hi = tl.where(lost_lo <= last, last, -1)
+    lost_lo = tl.where(lost_lo <= last, lost_lo, last + 1)
+    end = tl.minimum(last, capacity - 1)
+    blk_end = tl.where(first <= end, end // BLOCK_SIZE + 1, first // BLOCK_SIZE)
+    for blk in range(first // BLOCK_SIZE, blk_end):
+        unmapped = tl.load(block_table_row + blk) < 0
+        lost_lo = tl.where(unmapped, tl.minimum(lost_lo, tl.maximum(blk * BLOCK_SIZE, first)), lost_lo)
+        lost_hi = tl.where(unmapped, tl.maximum(lost_hi, tl.minimum(blk * BLOCK_SIZE + BLOCK_SIZE - 1, end)), lost_hi)
+    return lost_lo, lost_hi
 
 
 @triton.jit
@@ -182,10 +199,11 @@ def kv_tile_scores(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, phys, 
 
 @triton.jit
 def tile_block_ids(bt_row, slots, n_end, BLOCK_SIZE: tl.constexpr):
-    # Physical block of each slot [BLOCK_N] of a row (0 past n_end). The loops load them one tile ahead: K/V
-    # addresses then hang on a loop-carried value, not on a load of the same iteration, which lets the pipeliner
-    # multi-buffer the K/V tiles (num_stages).
-    return tl.load(bt_row + slots // BLOCK_SIZE, mask=slots < n_end, other=0)
+    # Physical block of each slot [BLOCK_N] of a row (0 past n_end, and for an unmapped block: a row's cached slots
+    # must all be mapped; a lost new token is reported by NaN, never read out of bounds). The loops load them one
+    # tile ahead: K/V addresses then hang on a loop-carried value, not on a load of the same iteration, which lets
+    # the pipeliner multi-buffer the K/V tiles (num_stages).
+    return tl.maximum(tl.load(bt_row + slots // BLOCK_SIZE, mask=slots < n_end, other=0), 0)
 
 
 @triton.jit

@@ -492,7 +492,7 @@ def flash_oracle(q, keys, values, seqlens, starts, n_new, causal, window, softma
 def _flash_case(kind, heads, q_len, n_new, window=0):
     bs = 16
     seqlens = [0, 1, bs - 1, bs + 3, 3 * bs + 7] if n_new == 0 else [1, 2, bs - 1, bs + 3, 3 * bs + 7]
-    case = Case(kind, 64, heads, bs, n_new, window, seqlens=seqlens, starts=[0, 0, 2, 5, 9])
+    case = Case(kind, 64, heads, bs, n_new, window, seqlens=seqlens, starts=[0, 3, 2, 5, 9])  # row 1: all padding
     case.queries = torch.randn(case.batch, q_len, case.nheads, 64, device=DEVICE).to(case.dtype)
     return case
 
@@ -613,3 +613,30 @@ def test_flash_attn_paged_layout_as_a_view(kind, q_len, n_new):
     want = R.attend_with_kvcache_ref(*args, *mine_ref, *case.tables(), case.cache_starts, case.valid,
                                      case.status.clone(), case.softmax_scale)
     assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(flash_ref, mine_ref))
+
+
+@pytest.mark.parametrize("q_len, n_new, causal", [(4, 4, False), (4, 4, True), (1, 30, True), (2, 30, True)])
+def test_lost_new_tokens_reach_every_query_that_sees_them(q_len, n_new, causal):
+    """A new token that finds no slot (an unmapped block mid-row) is not silent for the queries that would see it:
+    non-causal queries, a query after it when there are more new tokens than queries, and the query at its slot get
+    NaN, in the kernel (which never reads block -1) as in the reference; queries before it stay finite."""
+    case = _flash_case("fp16", (6, 3), q_len, n_new)
+    row, start = 4, 62 if n_new == 4 else 54  # new tokens from block 3 into block 4 (slots 64-79), unmapped
+    case.cache_seqlens[row] = start
+    case.block_table[row, 4] = -1
+    bufs, ref_bufs = case.buffers(), case.buffers()
+    status, ref_status = torch.zeros_like(case.status), torch.zeros_like(case.status)
+    args = (case.queries, case.k, case.v)
+    out = kernels.attend_with_kvcache(*args, *bufs, *case.tables(), case.cache_starts, case.valid, status,
+                                      case.softmax_scale, 0, causal)
+    out_pt = R.attend_with_kvcache_ref(*args, *ref_bufs, *case.tables(), case.cache_starts, case.valid, ref_status,
+                                       case.softmax_scale, causal=causal)
+    assert int(status) == 1 and int(ref_status) == 1
+    slots = start + n_new - q_len + torch.arange(q_len)
+    lost_slots = [t for t in range(start, start + n_new) if 64 <= t < 80]
+    assert lost_slots
+    want = torch.tensor([not causal or s >= lost_slots[0] for s in slots.tolist()])
+    for o in (out, out_pt):
+        assert torch.equal(torch.isnan(o[row]).all(-1).all(-1).cpu(), want)
+        assert torch.isfinite(o[:row]).all() and torch.isfinite(o[row][~want.to(o.device)]).all()
+    torch.testing.assert_close(out[:row].float(), out_pt[:row].float(), rtol=0, atol=4e-3)

@@ -96,7 +96,9 @@ def _gb(n: float) -> str:
 
 
 def run(args) -> int:
-    if min(args.batch, args.context, args.tp, args.pp, args.share, args.window_slack or 1) <= 0 or args.prompt < 0:
+    if args.window_slack is not None and args.window_slack <= 0:
+        raise SystemExit(f"error: --window-slack must be positive, got {args.window_slack}")
+    if min(args.batch, args.context, args.tp, args.pp, args.share) <= 0 or args.prompt < 0:
         raise SystemExit("error: --batch, --context, --tp, --pp and --share must be positive")
     config = shapes.load_config(args.model)
     device = bm.resolve_device(args.device)
