@@ -119,6 +119,8 @@ def write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cac
     batch, q_len = k.shape[:2]
     bs = k_cache.shape[2]
     slots, blocks, ok = slot_blocks(block_table, cache_seqlens, batch, q_len, bs)
+    if ok.numel() == 0:  # no token to write
+        return ok
     offs = slots % bs
     # A token without a slot repeats the first writable token's write (same target, same value), so the indexed
     # writes never collide with different values; with no writable token at all, every token rewrites one slot's

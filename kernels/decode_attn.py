@@ -335,7 +335,7 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
     block_n, num_warps, num_stages = config[:3]
     v_scale_on_p = config[3] if len(config) > 3 else True  # a plain 3-tuple: DecodeConfig's default
     if num_splits is None:
-        num_splits = num_splits_for(batch, nheads_k, capacity, block_n, q.device)
+        num_splits = num_splits_for(max(batch, 1), nheads_k, capacity, block_n, q.device)
     split_size, num_splits = split_layout(capacity, num_splits, block_n)
     out = torch.empty((batch, 1, nheads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:

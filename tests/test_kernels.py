@@ -640,3 +640,13 @@ def test_lost_new_tokens_reach_every_query_that_sees_them(q_len, n_new, causal):
         assert torch.equal(torch.isnan(o[row]).all(-1).all(-1).cpu(), want)
         assert torch.isfinite(o[:row]).all() and torch.isfinite(o[row][~want.to(o.device)]).all()
     torch.testing.assert_close(out[:row].float(), out_pt[:row].float(), rtol=0, atol=4e-3)
+
+
+@pytest.mark.parametrize("q_len, n_new", [(1, 1), (1, 0), (3, 3)])
+def test_an_empty_batch_returns_an_empty_output(q_len, n_new):
+    case = _flash_case("fp16", (6, 3), q_len, n_new)
+    q, k = case.queries[:0], case.k[:0]
+    for run in (kernels.attend_with_kvcache, R.attend_with_kvcache_ref):
+        out = run(q, k, k, *case.buffers(), *case.tables(), case.cache_starts, case.valid, case.status.clone(),
+                  case.softmax_scale, 0)
+        assert out.shape == q.shape
