@@ -161,12 +161,22 @@ def attention_bounds(cache_seqlens, cache_starts, batch: int, q_len: int, window
     return s, lo
 
 
+def query_ranges(cache_seqlens, cache_starts, batch: int, q_len: int, window: int, n_new: int | None = None,
+                 causal: bool = True):
+    """Per query, the slots [lo, hi] it may see (before the slot mask), both [B, q_len] int64 (lo > hi: none)."""
+    s, lo = attention_bounds(cache_seqlens, cache_starts, batch, q_len, window, n_new)
+    return lo, s if causal else s[:, -1:].expand_as(s)  # non-causal: every query sees up to the row's last token
+
+
 def visible_slots(cache_seqlens, cache_starts, cache_valid, batch: int, q_len: int, window: int, num_slots: int,
                   n_new: int | None = None, causal: bool = True):
     """`seen [B, q_len, num_slots]` bool: which slots each query attends (the semantics in the module doc)."""
-    s, lo = attention_bounds(cache_seqlens, cache_starts, batch, q_len, window, n_new)
-    hi = s if causal else s[:, -1:].expand_as(s)  # non-causal: every query sees up to the row's last token
-    t = torch.arange(num_slots, device=s.device)
+    lo, hi = query_ranges(cache_seqlens, cache_starts, batch, q_len, window, n_new, causal)
+    return _seen(lo, hi, cache_valid, batch, num_slots)
+
+
+def _seen(lo, hi, cache_valid, batch: int, num_slots: int):
+    t = torch.arange(num_slots, device=lo.device)
     seen = (t >= lo.unsqueeze(-1)) & (t <= hi.unsqueeze(-1))
     if cache_valid.numel():
         valid = cache_valid[:batch, :num_slots].to(seen.device).bool()
@@ -189,13 +199,12 @@ def attend_with_kvcache_ref(
     """
     batch, q_len, nheads, _ = q.shape
     n_new = k.shape[1]
-    ok = torch.ones(batch, n_new, dtype=torch.bool, device=q.device)
-    if n_new:
-        ok = write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status)
+    ok = write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status)
     nb = block_table.shape[1] if num_blocks is None else max(1, min(num_blocks, block_table.shape[1]))
     keys = gather_kv(k_cache, k_scale, block_table, batch, nb, q.dtype)
     values = gather_kv(v_cache, v_scale, block_table, batch, nb, q.dtype)
-    seen = visible_slots(cache_seqlens, cache_starts, cache_valid, batch, q_len, window, keys.shape[2], n_new, causal)
+    lo, hi = query_ranges(cache_seqlens, cache_starts, batch, q_len, window, n_new, causal)
+    seen = _seen(lo, hi, cache_valid, batch, keys.shape[2])
     hidden = ~seen.any(1)[:, None, :, None]  # [B, 1, T, 1]: slots no token of the row sees
     keys = keys.masked_fill(hidden, 0)
     values = values.masked_fill(hidden, 0)
@@ -204,24 +213,21 @@ def attend_with_kvcache_ref(
         enable_gqa=nheads != keys.shape[1],
     ).transpose(1, 2)
     out = out.masked_fill(~seen.any(-1)[..., None, None], 0.0)  # a token that sees nothing: 0, whatever the backend
-    out = out.masked_fill(lost_queries(ok, cache_seqlens, cache_starts, batch, q_len, window, causal)[..., None, None],
-                          float("nan"))
+    if n_new:
+        out = out.masked_fill(lost_queries(ok, cache_seqlens, lo, hi)[..., None, None], float("nan"))
     return out.contiguous()
 
 
-def lost_queries(ok, cache_seqlens, cache_starts, batch: int, q_len: int, window: int, causal: bool = True):
-    """`[B, q_len]` bool: the queries whose output is NaN because a new token was lost (`ok [B, n_new]` False): the
-    query at a lost token's slot, and every query whose range [lo, hi] meets the span of the row's lost tokens."""
-    n_new = ok.shape[1]
-    ok = ok.to(cache_seqlens.device)
+def lost_queries(ok, cache_seqlens, lo, hi):
+    """`[B, q_len]` bool: the queries whose output is NaN because a new token was lost (`ok [B, n_new]` False, n_new
+    > 0): the query at a lost token's slot, and every query whose range [lo, hi] (`query_ranges`) meets the span of
+    the row's lost tokens."""
+    (batch, n_new), q_len = ok.shape, lo.shape[1]
+    ok = ok.to(lo.device)
     own = F.pad(~ok, (max(0, q_len - n_new), 0))[:, max(0, n_new - q_len):]  # query i <-> new token i + n_new - q_len
-    s, lo = attention_bounds(cache_seqlens, cache_starts, batch, q_len, window, n_new)
-    if n_new == 0:
-        return own
-    slots = _slots(cache_seqlens, batch, n_new)
+    slots = _slots(cache_seqlens, batch, n_new).to(lo.device)
     lost_lo = torch.where(ok, torch.iinfo(torch.int64).max, slots).amin(1, keepdim=True)
     lost_hi = torch.where(ok, -1, slots).amax(1, keepdim=True)
-    hi = s if causal else s[:, -1:]
     return own | ((lo <= lost_hi) & (hi >= lost_lo))
 
 

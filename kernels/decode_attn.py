@@ -17,6 +17,21 @@ MAX_SPLITS = 256
 
 
 @triton.jit
+def split_bounds(cache_seqlens_ptr, cache_starts_ptr, b, split, split_size, window, capacity,
+                 BLOCK_N: tl.constexpr, NEW_KV: tl.constexpr):
+    # Row b's query (NEW_KV: the new token, at slot cache_seqlens[b]; else the last cached one, attend only) in split
+    # `split`: its slot s, the first slot lo it may see, the cached slots [n_lo, n_hi) seen here, the first tile
+    # (n_hi when nothing is seen here: no tile at all) and whether this split holds the new token.
+    s, lo, _ = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, 0 if NEW_KV else -1, window, capacity)
+    split_lo = split * split_size
+    n_lo = tl.maximum(lo, split_lo)
+    n_hi = tl.minimum(tl.minimum(s + 1 - NEW_KV, capacity), split_lo + split_size)
+    owner = NEW_KV & (s < capacity) & (s >= split_lo) & (s < split_lo + split_size)
+    tile_lo = tl.where(n_hi > n_lo, n_lo - n_lo % BLOCK_N, n_hi)
+    return s, lo, n_lo, n_hi, tile_lo, owner
+
+
+@triton.jit
 def _decode_attn_kernel(
     q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr,
     cache_seqlens_ptr, cache_starts_ptr, cache_valid_ptr, status_ptr, out_ptr, part_o_ptr, part_lse_ptr,
@@ -34,12 +49,8 @@ def _decode_attn_kernel(
     hk = tl.program_id(1)
     b = tl.program_id(2)
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass fp64 scalars
-    # NEW_KV: the query is the new token, at slot cache_seqlens[b]; else the last cached one (attend only)
-    s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, 0 if NEW_KV else -1, window, capacity)
-    split_lo = split * split_size
-    n_lo = tl.maximum(lo, split_lo)
-    n_hi = tl.minimum(tl.minimum(s + 1 - NEW_KV, capacity), split_lo + split_size)  # cached slots [n_lo, n_hi)
-    owner = NEW_KV & (s < capacity) & (s >= split_lo) & (s < split_lo + split_size)  # it holds the new token
+    s, lo, n_lo, n_hi, tile_lo, owner = split_bounds(cache_seqlens_ptr, cache_starts_ptr, b, split, split_size,
+                                                      window, capacity, BLOCK_N, NEW_KV)
     if SPLIT:  # one split alone always writes the output
         if (n_hi <= n_lo) & (owner == 0):
             return  # nothing to see: the reduce kernel only reads splits that overlap [lo, hi]
@@ -92,7 +103,6 @@ def _decode_attn_kernel(
 
     # tiles start at a multiple of BLOCK_N (split_lo is one), so the first slot n_lo lies in the first tile:
     # without holes every tile has a visible slot and the running max is finite after it.
-    tile_lo = tl.where(n_hi > n_lo, n_lo - n_lo % BLOCK_N, n_hi)  # no tile at all when nothing is seen
     offs_n = tl.arange(0, BLOCK_N)
     next_phys = tile_block_ids(bt_row, tile_lo + offs_n, n_hi, BLOCK_SIZE)  # one tile ahead
     for start in range(tile_lo, n_hi, BLOCK_N):
@@ -144,11 +154,8 @@ def _decode_attn_int4_kernel(
     hk = tl.program_id(1)
     b = tl.program_id(2)
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass fp64 scalars
-    s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, 0 if NEW_KV else -1, window, capacity)
-    split_lo = split * split_size
-    n_lo = tl.maximum(lo, split_lo)
-    n_hi = tl.minimum(tl.minimum(s + 1 - NEW_KV, capacity), split_lo + split_size)
-    owner = NEW_KV & (s < capacity) & (s >= split_lo) & (s < split_lo + split_size)
+    s, lo, n_lo, n_hi, tile_lo, owner = split_bounds(cache_seqlens_ptr, cache_starts_ptr, b, split, split_size,
+                                                      window, capacity, BLOCK_N, NEW_KV)
     if SPLIT:
         if (n_hi <= n_lo) & (owner == 0):
             return
@@ -191,7 +198,6 @@ def _decode_attn_int4_kernel(
                 acc_lo = acc_lo + v_lo[None, :]
                 acc_hi = acc_hi + v_hi[None, :]
 
-    tile_lo = tl.where(n_hi > n_lo, n_lo - n_lo % BLOCK_N, n_hi)  # no tile at all when nothing is seen
     offs_n = tl.arange(0, BLOCK_N)
     next_phys = tile_block_ids(bt_row, tile_lo + offs_n, n_hi, BLOCK_SIZE)  # one tile ahead
     for start in range(tile_lo, n_hi, BLOCK_N):

@@ -12,6 +12,22 @@ from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_gua
 
 
 @triton.jit
+def extend_bounds(cache_seqlens_ptr, cache_starts_ptr, b, tok, pid_m, q_len, window, capacity, BLOCK_M: tl.constexpr,
+                  CAUSAL: tl.constexpr):
+    # Queries tok [R] of program pid_m: their slots s, the slots [lo, hi] each may see, and the slots [n_lo, n_hi]
+    # the program's tiles must cover (lo and hi grow with the token: from the first token's lo to the last's hi).
+    s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, tok, window, capacity)
+    _, n_lo, _ = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, pid_m * BLOCK_M, window, capacity)
+    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1
+    if not CAUSAL:  # every query sees up to the row's last token
+        last = q_len - 1
+    _, _, n_hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, last, window, capacity)
+    if not CAUSAL:
+        hi = tl.zeros_like(hi) + n_hi
+    return s, lo, hi, n_lo, n_hi
+
+
+@triton.jit
 def lost_queries(bt_row, cache_seqlens_ptr, b, tok, s, lo, capacity, q_len, new_lo, BLOCK_SIZE: tl.constexpr,
                  CAUSAL: tl.constexpr):
     # Queries [R] whose output must be NaN because a new token was lost (the write kernel ran first and set the
@@ -46,15 +62,8 @@ def _extend_attn_kernel(
     g = rows % GROUP_PAD
     mask_r = (tok < q_len) & (g < GROUP)
     heads = hk * GROUP + g
-    s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, tok, window, capacity)  # [R] each
-    # lo and hi grow with the token: the tiles needed run from the first token's lo to the last token's hi
-    _, n_lo, _ = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, pid_m * BLOCK_M, window, capacity)
-    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1
-    if not CAUSAL:  # every query sees up to the row's last token
-        last = q_len - 1
-    _, _, n_hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, last, window, capacity)
-    if not CAUSAL:
-        hi = tl.zeros_like(hi) + n_hi
+    s, lo, hi, n_lo, n_hi = extend_bounds(cache_seqlens_ptr, cache_starts_ptr, b, tok, pid_m, q_len, window, capacity,
+                                          BLOCK_M, CAUSAL)
 
     b64 = b.to(tl.int64)
     offs_d = tl.arange(0, D_PAD)
@@ -117,14 +126,8 @@ def _extend_attn_int4_kernel(
     g = rows % GROUP_PAD
     mask_r = (tok < q_len) & (g < GROUP)
     heads = hk * GROUP + g
-    s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, tok, window, capacity)  # [R] each
-    _, n_lo, _ = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, pid_m * BLOCK_M, window, capacity)
-    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1
-    if not CAUSAL:  # every query sees up to the row's last token
-        last = q_len - 1
-    _, _, n_hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, last, window, capacity)
-    if not CAUSAL:
-        hi = tl.zeros_like(hi) + n_hi
+    s, lo, hi, n_lo, n_hi = extend_bounds(cache_seqlens_ptr, cache_starts_ptr, b, tok, pid_m, q_len, window, capacity,
+                                          BLOCK_M, CAUSAL)
 
     b64 = b.to(tl.int64)
     offs_h = tl.arange(0, D_PAD // 2)

@@ -596,7 +596,9 @@ def test_flash_attn_paged_layout_as_a_view(kind, q_len, n_new):
     strides but the last) is a valid cache here; the kernels and the reference read and write through it exactly as
     through ours."""
     case = _flash_case(kind, (6, 3), q_len, n_new)
-    flash = [t.transpose(1, 2).contiguous().transpose(1, 2) if t.numel() else t for t in case.buffers()]
+    as_flash = lambda bufs: [t.transpose(1, 2).contiguous().transpose(1, 2) if t.numel() else t  # noqa: E731
+                             for t in bufs]
+    flash = as_flash(case.buffers())
     assert flash[0].stride(2) == case.nheads_k * 64  # slots stride over the heads: flash's page layout
     mine = case.buffers()
     args = (case.queries, case.k, case.v)
@@ -606,7 +608,7 @@ def test_flash_attn_paged_layout_as_a_view(kind, q_len, n_new):
     assert torch.equal(out_flash, out_mine)
     for a, b in zip(flash, mine):
         assert torch.equal(a, b)
-    flash_ref = [t.transpose(1, 2).contiguous().transpose(1, 2) if t.numel() else t for t in case.buffers()]
+    flash_ref = as_flash(case.buffers())
     mine_ref = case.buffers()
     got = R.attend_with_kvcache_ref(*args, *flash_ref, *case.tables(), case.cache_starts, case.valid,
                                     case.status.clone(), case.softmax_scale)

@@ -40,6 +40,18 @@ def _teacher_forced(model, cache, chunks):
     return [model(ids, **kv(cache)).logits for ids in chunks]
 
 
+def _long_turns_match_stock(stock, plugged, cache):
+    """A prefill of 17 tokens, a turn of 20 with a hole in the mask, then 3 decode steps: logits equal stock's."""
+    ids = torch.randint(2, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, 16:19] = 0  # a hole inside the second turn
+    ref_cache = DynamicCache(config=stock.config)
+    for lo, hi in ((0, 17), (17, 37), (37, 38), (38, 39), (39, 40)):
+        want = stock(ids[:, lo:hi], attention_mask=mask[:, :hi], **kv(ref_cache)).logits
+        got = plugged(ids[:, lo:hi], attention_mask=mask[:, :hi], **kv(cache)).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rings_hold_the_window_and_its_slack(family):
     _, plugged, cache = _pair(family)
@@ -88,14 +100,7 @@ def test_long_forwards_go_through_the_ring_in_pieces(family, backend):
     """A prefill longer than the ring (only its tail is stored), then a turn of 20 tokens (more than one kernel call
     may take: 12 - window + 1), then decode steps, with holes in the mask: logits equal stock's."""
     stock, plugged, cache = _pair(family, backend=backend)
-    ids = torch.randint(2, 128, (2, 40), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[0, 16:19] = 0  # a hole inside the second turn
-    ref_cache = DynamicCache(config=stock.config)
-    for lo, hi in ((0, 17), (17, 37), (37, 38), (38, 39), (39, 40)):
-        want = stock(ids[:, lo:hi], attention_mask=mask[:, :hi], **kv(ref_cache)).logits
-        got = plugged(ids[:, lo:hi], attention_mask=mask[:, :hi], **kv(cache)).logits
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    _long_turns_match_stock(stock, plugged, cache)
     assert cache.get_seq_length() == 40
 
 
@@ -250,14 +255,7 @@ def test_a_small_window_slack_keeps_stock_logits_in_smaller_rings(family, backen
     assert {layer.ring_slots for layer in cache.attn_layers if layer.ring} == {8}
     wide = hf_kvplug.PlugCache(plugged, max_batch_size=6, max_cache_len=64, block_size=4)
     assert cache.nbytes < wide.nbytes
-    ids = torch.randint(2, 128, (2, 40), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[0, 16:19] = 0
-    ref_cache = DynamicCache(config=stock.config)
-    for lo, hi in ((0, 17), (17, 37), (37, 38), (38, 39), (39, 40)):
-        want = stock(ids[:, lo:hi], attention_mask=mask[:, :hi], **kv(ref_cache)).logits
-        got = plugged(ids[:, lo:hi], attention_mask=mask[:, :hi], **kv(cache)).logits
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    _long_turns_match_stock(stock, plugged, cache)
     window = min(layer.window for layer in cache.attn_layers if layer.ring)
     with pytest.raises(ValueError, match="window_slack="):
         cache.crop(-(8 - window + 2))
