@@ -28,6 +28,7 @@ SHAPES = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128), "llama3.2-1b": 
           "qwen2.5-0.5b": (14, 2, 64)}  # nheads, nheads_k, head_dim
 UNALIGNED = ("stride_sb", "stride_sh", "stride_ss", "stride_lb", "stride_lh", "stride_bt", "stride_mb")  # may be odd
 ARCH = 90
+NO_FLASH_EXTRAS = dict(ALIBI=False, SOFTCAP=False, RETURN_LSE=False)  # flash_attn_with_kvcache's options: off
 
 
 def _triton():
@@ -107,6 +108,8 @@ def _pointer_types(jit, dtype: str, kv: str) -> dict:
                 types[name] = "i32"
             elif name == "cache_valid_ptr":
                 types[name] = "u8"
+            elif name in ("alibi_ptr", "lse_ptr"):
+                types[name] = "fp32"
             else:
                 types[name] = dtype
     return types
@@ -116,7 +119,8 @@ def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, kv: str | bool
            holes: bool = False, flash: bool = False) -> list[dict]:
     """The decode kernel (split and unsplit) and the extend kernel of one shape, as their launchers configure them
     for a PlugCache (overflow status on; `holes`: the variant for attention masks with holes; `flash`: also the
-    attend-only split decode and the non-causal extend that `attend_with_kvcache` uses outside the model's forwards).
+    attend-only split decode and the non-causal extend that `attend_with_kvcache` uses outside the model's forwards,
+    and, but for int4, both with flash_attn_with_kvcache's ALiBi, softcap and log-sum-exp on).
     `kv`: "fp", "int8" or "int4" (True / False: int8 / fp)."""
     from hf_kvplug.kernels import decode_attn as DA
     from hf_kvplug.kernels import extend_attn as EA
@@ -131,17 +135,22 @@ def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, kv: str | bool
     rows = []
     cfg = DA.decode_config(head_dim, kv, elem)
     decode = DA._decode_attn_int4_kernel if int4 else DA._decode_attn_kernel
-    for split, new_kv in ((True, True), (False, True)) + (((True, False),) if flash else ()):
+    variants = [(True, True, False), (False, True, False)]  # (split, new token, ALiBi + softcap + lse)
+    if flash:
+        variants += [(True, False, False)] + ([] if int4 else [(True, True, True)])
+    for split, new_kv, extras in variants:
         consts = dict(GROUP=group, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=cfg.block_n, BLOCK_SIZE=block_size,
                       HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT=split, UPCAST=False, HAS_HOLES=holes, HAS_STATUS=True,
                       NEW_KV=new_kv)
         if not int4:
-            consts.update(INT8=int8, V_SCALE_ON_P=int8 and cfg.v_scale_on_p)
+            consts.update(INT8=int8, V_SCALE_ON_P=int8 and cfg.v_scale_on_p,
+                          **{f: extras for f in NO_FLASH_EXTRAS})
         k = compile_kernel(decode, _pointer_types(decode, dtype, kv), consts, cfg.num_warps, cfg.num_stages)
         sass = _dump(k, "-sass")
         mix = loop_mix(sass)
         regs, stack = resources(k)
-        rows.append(dict(base, kernel="decode" + ("_split" if split else "") + ("" if new_kv else "_attend_only"),
+        rows.append(dict(base, kernel="decode" + ("_split" if split else "") + ("" if new_kv else "_attend_only")
+                         + ("_extras" if extras else ""),
                          config=list(cfg)[:4 if int8 else 3],
                          regs=regs,
                          spill_bytes=stack, smem=k.metadata.shared, loop_instructions=sum(mix.values()),
@@ -151,15 +160,16 @@ def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, kv: str | bool
     block_r, block_n, num_warps, num_stages = EA.extend_config(head_dim, elem, kv)
     group_pad = next_pow2(group)
     extend = EA._extend_attn_int4_kernel if int4 else EA._extend_attn_kernel
-    for causal in (True, False) if flash else (True,):
+    variants = [(True, False)] + ([(False, False)] + ([] if int4 else [(False, True)]) if flash else [])
+    for causal, extras in variants:
         consts = dict(GROUP=group, GROUP_PAD=group_pad, BLOCK_M=max(1, block_r // group_pad), BLOCK_N=block_n,
                       BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad, UPCAST=False, HAS_HOLES=holes,
                       CAUSAL=causal)
         if not int4:
-            consts["INT8"] = int8
+            consts.update(INT8=int8, **{f: extras for f in NO_FLASH_EXTRAS})
         k = compile_kernel(extend, _pointer_types(extend, dtype, kv), consts, num_warps, num_stages)
         regs, stack = resources(k)
-        rows.append(dict(base, kernel="extend" + ("" if causal else "_full"),
+        rows.append(dict(base, kernel="extend" + ("" if causal else "_full") + ("_extras" if extras else ""),
                          config=[block_r, block_n, num_warps, num_stages], regs=regs, spill_bytes=stack,
                          smem=k.metadata.shared))
     return rows
@@ -172,7 +182,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--holes", action="store_true",
                    help="also the variants for attention masks with holes (the kernels then read a slot mask)")
     p.add_argument("--flash", action="store_true",
-                   help="also the attend-only decode and non-causal extend variants (flash_attn_with_kvcache's modes)")
+                   help="also the attend-only decode and non-causal extend variants, and those with ALiBi, softcap "
+                        "and the log-sum-exp (flash_attn_with_kvcache's modes)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args(argv)
     triton = _triton()

@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu_validate.sh quick    # the essential evidence in <= 9 minutes (a session's first call)
 #   bash benchmarks/gpu_validate.sh tests    # pytest -m gpu: kernels on silicon, real-shape generate() vs stock
 #   bash benchmarks/gpu_validate.sh compile  # pytest -m gpu tests/test_compile.py: Inductor, CUDA graphs, recompiles
+#   bash benchmarks/gpu_validate.sh flash    # flash_attn_with_kvcache's modes on silicon (tests/test_flash_api.py and
+#                                            # the flash / attend-only kernel tests; more variants to compile)
 #   bash benchmarks/gpu_validate.sh kernel   # decode-kernel benchmark, full sweep
 #   bash benchmarks/gpu_validate.sh tune     # every decode config x split waves on 5 cases (~5 min): best vs default
 #   bash benchmarks/gpu_validate.sh e2e      # Llama-3-8B bf16, batch 1, 1k prompt, 256 new tokens
@@ -22,7 +24,7 @@ export PYTHONUNBUFFERED=1
 #             NaN in hidden slots), real-shape generate() vs stock (tests/test_gpu_e2e.py: Llama-3-8B, Qwen2.5-7B,
 #             Qwen3-8B attention shapes, fp32 tokens identical, bf16 agreement), Inductor + CUDA graphs for one
 #             model (tests/test_compile.py, 128 decode steps: one graph, no re-records); flash_attn_with_kvcache's
-#             modes (attend only, non-causal, k/v of another length: more kernel variants to compile) wait for `tests`
+#             modes (attend only, non-causal, k/v of another length: more kernel variants to compile) wait for `flash`
 #   <= 1.5 min decode kernel, Llama-3-8B shape, batch 1 and 8 x context 4k and 32k, fp16, INT8 and INT4, beside SDPA
 #             (HF's static layout and the exact length) and the copy bandwidth measured in the same run
 #   <= 3.5 min end to end, Llama-3-8B (random weights) bf16, batch 1, 1k prompt, 128 new tokens: kvplug + compile
@@ -46,6 +48,9 @@ case "${1:-tests}" in
       | tee "$out/pytest-gpu.log" ;;
   compile)
     python3 -m pytest -m gpu tests/test_compile.py -q -rs -s --durations=10 2>&1 | tee "$out/pytest-gpu-compile.log" ;;
+  flash)
+    python3 -m pytest -q -rs --durations=10 tests/test_flash_api.py tests/test_kernels.py \
+      -k "flash or attend_only or paged_layout or lost_new_tokens" 2>&1 | tee "$out/pytest-gpu-flash.log" ;;
   kernel)
     python3 benchmarks/bench_decode_kernel.py --out "$out" 2>&1 | tee "$out/kernel.log" ;;
   tune)

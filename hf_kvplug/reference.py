@@ -22,9 +22,10 @@ token i's slot).
      every query whose range [lo_i, hi_i] (below) meets the span of the row's lost slots get NaN, so the loss is
      never silent. The slots a row already holds must lie in mapped blocks (an unmapped one reads as block 0).
   2. out[b, i] attends over the slots t with lo_i <= t <= hi_i, lo_i = max(cache_starts[b], s_i - window + 1)
-     (window <= 0 means none), hi_i = s_i (causal) or the row's last slot cache_seqlens[b] + n_new - 1 (causal=False),
-     and cache_valid[b, t] != 0 when cache_valid is given. A query that sees no slot gets 0 (as PyTorch's SDPA does
-     for a fully masked row).
+     (window <= 0 means none), hi_i = s_i (causal) or the row's last slot cache_seqlens[b] + n_new - 1 (causal=False;
+     at most s_i + right when right >= 0), and cache_valid[b, t] != 0 when cache_valid is given. A query that sees
+     no slot gets 0 (as PyTorch's SDPA does for a fully masked row). flash_attn_with_kvcache's softcap and ALiBi
+     change the scores, and its log-sum-exp can be returned (`attend_with_kvcache_ref`).
   3. Slots no token of the row sees (past its length, before its start, masked) never enter the arithmetic: their
      K and V are zeroed before the products, so stale NaN/Inf there cannot leak into any output.
 cache_seqlens is not advanced: the caller does that.
@@ -162,10 +163,14 @@ def attention_bounds(cache_seqlens, cache_starts, batch: int, q_len: int, window
 
 
 def query_ranges(cache_seqlens, cache_starts, batch: int, q_len: int, window: int, n_new: int | None = None,
-                 causal: bool = True):
-    """Per query, the slots [lo, hi] it may see (before the slot mask), both [B, q_len] int64 (lo > hi: none)."""
+                 causal: bool = True, right: int = -1):
+    """Per query, the slots [lo, hi] it may see (before the slot mask), both [B, q_len] int64 (lo > hi: none).
+    Non-causal queries see up to the row's last token, or up to `right` slots past their own when right >= 0."""
     s, lo = attention_bounds(cache_seqlens, cache_starts, batch, q_len, window, n_new)
-    return lo, s if causal else s[:, -1:].expand_as(s)  # non-causal: every query sees up to the row's last token
+    if causal:
+        return lo, s
+    last = s[:, -1:].expand_as(s)
+    return lo, last if right < 0 else torch.minimum(s + right, last)
 
 
 def visible_slots(cache_seqlens, cache_starts, cache_valid, batch: int, q_len: int, window: int, num_slots: int,
@@ -188,14 +193,21 @@ def _seen(lo, hi, cache_valid, batch: int, num_slots: int):
 
 def attend_with_kvcache_ref(
     q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid, status,
-    softmax_scale: float, window: int = 0, num_blocks: int | None = None, causal: bool = True,
-) -> torch.Tensor:
+    softmax_scale: float, window: int = 0, num_blocks: int | None = None, causal: bool = True, right: int = -1,
+    alibi_slopes: torch.Tensor | None = None, softcap: float = 0.0, return_lse: bool = False,
+):
     """Reference of the fused write + attention. `q [B, q_len, nheads, D]` -> out `[B, q_len, nheads, D]`.
 
     `k, v [B, n_new, nheads_k, D]` may hold any number of new tokens, 0 included (attend only); the queries are the
     row's last q_len tokens after them. `num_blocks` bounds how many blocks per row are read (None: all). Callers
     pass the blocks actually in use when they know it on the host, which keeps the work proportional to the cached
     tokens.
+
+    flash_attn_with_kvcache's options (`hf_kvplug.flash`): `right` >= 0 bounds a non-causal query to the slots up to
+    `right` past its own; `softcap` > 0 turns each score x (after softmax_scale) into softcap * tanh(x / softcap);
+    `alibi_slopes` `[nheads]` or `[B, nheads]` fp32 then adds -slope * |s_i - t| to the score of query slot s_i and
+    key slot t; `return_lse` also returns the natural-log sum of exp(scores) over the seen slots, `[B, nheads,
+    q_len]` fp32 (+inf for a query that sees nothing, NaN with a lost token, as its output).
     """
     batch, q_len, nheads, _ = q.shape
     n_new = k.shape[1]
@@ -203,19 +215,49 @@ def attend_with_kvcache_ref(
     nb = block_table.shape[1] if num_blocks is None else max(1, min(num_blocks, block_table.shape[1]))
     keys = gather_kv(k_cache, k_scale, block_table, batch, nb, q.dtype)
     values = gather_kv(v_cache, v_scale, block_table, batch, nb, q.dtype)
-    lo, hi = query_ranges(cache_seqlens, cache_starts, batch, q_len, window, n_new, causal)
+    lo, hi = query_ranges(cache_seqlens, cache_starts, batch, q_len, window, n_new, causal, right)
     seen = _seen(lo, hi, cache_valid, batch, keys.shape[2])
     hidden = ~seen.any(1)[:, None, :, None]  # [B, 1, T, 1]: slots no token of the row sees
     keys = keys.masked_fill(hidden, 0)
     values = values.masked_fill(hidden, 0)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys, values, attn_mask=seen.unsqueeze(1), scale=softmax_scale,
-        enable_gqa=nheads != keys.shape[1],
-    ).transpose(1, 2)
+    lse = None
+    if alibi_slopes is None and not softcap and not return_lse:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=seen.unsqueeze(1), scale=softmax_scale,
+            enable_gqa=nheads != keys.shape[1],
+        ).transpose(1, 2)
+    else:
+        slots = _slots(cache_seqlens, batch, q_len).to(q.device) + (n_new - q_len)
+        out, lse = _attend_scored(q, keys, values, seen, softmax_scale, slots, alibi_slopes, softcap)
     out = out.masked_fill(~seen.any(-1)[..., None, None], 0.0)  # a token that sees nothing: 0, whatever the backend
     if n_new:
-        out = out.masked_fill(lost_queries(ok, cache_seqlens, lo, hi)[..., None, None], float("nan"))
-    return out.contiguous()
+        lost = lost_queries(ok, cache_seqlens, lo, hi)
+        out = out.masked_fill(lost[..., None, None], float("nan"))
+        if lse is not None:
+            lse = lse.masked_fill(lost[:, None, :], float("nan"))
+    return (out.contiguous(), lse) if return_lse else out.contiguous()
+
+
+def _attend_scored(q, keys, values, seen, softmax_scale, slots, alibi_slopes, softcap):
+    """Attention with explicit scores (fp32, fp64 for fp64 q), for softcap / ALiBi / the log-sum-exp: returns out
+    `[B, q_len, nheads, D]` in q's dtype and lse `[B, nheads, q_len]` fp32."""
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[2] // keys.shape[1]
+    qf = q.to(ct).transpose(1, 2)  # [B, H, L, D]
+    kf = keys.to(ct).repeat_interleave(group, dim=1)
+    vf = values.to(ct).repeat_interleave(group, dim=1)
+    scores = qf @ kf.transpose(-1, -2) * softmax_scale  # [B, H, L, T]
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(ct).reshape(-1, q.shape[2])[:, :, None, None]  # [B or 1, H, 1, 1]
+        t = torch.arange(scores.shape[-1], device=q.device)
+        scores = scores - slopes * (slots[:, None, :, None] - t).abs().to(ct)
+    scores = scores.masked_fill(~seen.unsqueeze(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf where nothing is seen
+    probs = torch.nan_to_num(torch.exp(scores - lse.unsqueeze(-1)), nan=0.0)
+    out = (probs @ vf).transpose(1, 2).to(q.dtype)
+    return out, torch.where(lse == float("-inf"), float("inf"), lse).float()
 
 
 def lost_queries(ok, cache_seqlens, lo, hi):

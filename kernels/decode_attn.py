@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_guard, int4_tile_update, kv_tile_scores,
-                    launcher, lost_slot, next_pow2, quantize_int8, scale_strides, slot_block, sm_count,
-                    softmax_tile_update, store_int4, tile_block_ids, upcast_dot, visible)
+                    launcher, lost_slot, natural_lse, next_pow2, quantize_int8, scale_strides, score_mods, slot_block,
+                    sm_count, softmax_tile_update, store_int4, tanh_cap, tile_block_ids, upcast_dot, visible)
 
 LOG2E = 1.4426950408889634
 WAVES = 8  # programs aimed at, in units of SMs, when a row is full: enough left at half capacity to fill the GPU
@@ -39,12 +39,16 @@ def _decode_attn_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
     stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt, stride_mb,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    alibi_ptr, lse_ptr, softcap, stride_ab, stride_eb, stride_eh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, INT8: tl.constexpr, V_SCALE_ON_P: tl.constexpr, SPLIT: tl.constexpr,
     UPCAST: tl.constexpr, HAS_HOLES: tl.constexpr, HAS_STATUS: tl.constexpr, NEW_KV: tl.constexpr,
+    ALIBI: tl.constexpr = False, SOFTCAP: tl.constexpr = False, RETURN_LSE: tl.constexpr = False,
 ):
     # q [B, 1, nheads, D] (all GROUP heads of kv head hk in one program); k, v [B, 1, nheads_k, D] (NEW_KV) or empty
-    # caches [num_blocks, nheads_k, BLOCK_SIZE, D]; this program covers slots [split * split_size, +split_size)
+    # caches [num_blocks, nheads_k, BLOCK_SIZE, D]; this program covers slots [split * split_size, +split_size).
+    # flash_attn_with_kvcache's options (utils.score_mods): ALIBI slopes [B or 1, nheads] fp32 at alibi_ptr,
+    # SOFTCAP (softcap = cap * log2 e), RETURN_LSE: the unsplit program writes lse [B, nheads] (natural log)
     split = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -69,6 +73,10 @@ def _decode_attn_kernel(
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D_PAD], tl.float32)
     bt_row = block_table_ptr + b64 * stride_bt
+    slopes = tl.zeros([BLOCK_H], tl.float32)
+    if ALIBI:
+        slopes = tl.load(alibi_ptr + b64 * stride_ab + heads, mask=mask_h, other=0.0).to(tl.float32)
+        slopes = slopes * 1.4426950408889634  # scores are in the log2 domain
 
     if owner:  # write the new token and start the softmax from it, so it never has to be read back
         phys, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)
@@ -98,6 +106,8 @@ def _decode_attn_kernel(
             sees_self = visible(s >= lo, cache_valid_ptr, b64, s, stride_mb, valid_len, HAS_HOLES)
             if sees_self:
                 m = tl.sum(q.to(tl.float32) * k_att[None, :], 1) * score_scale
+                if SOFTCAP:  # ALiBi adds nothing at distance 0
+                    m = tanh_cap(m, softcap)
                 l = tl.full([BLOCK_H], 1.0, tl.float32)
                 acc = acc + v_att[None, :]
 
@@ -115,6 +125,7 @@ def _decode_attn_kernel(
                                    offs_d, mask_d, qk_scale, stride_cb, stride_ch, stride_cs, stride_sb,
                                    stride_sh, stride_ss, BLOCK_SIZE, INT8, V_SCALE_ON_P)
         # qk [BLOCK_H, BLOCK_N], v [BLOCK_N, D_PAD], vs [BLOCK_N]
+        qk = score_mods(qk, tl.zeros([BLOCK_H], tl.int32) + s, slots, slopes, softcap, ALIBI, SOFTCAP)
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m, l, acc = softmax_tile_update(m, l, acc, qk, v, vs, V_SCALE_ON_P, HAS_HOLES)
 
@@ -130,6 +141,9 @@ def _decode_attn_kernel(
         o = tl.where(lost, float("nan"), acc / l_safe[:, None])
         tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=mask_o)
+        if RETURN_LSE:
+            tl.store(lse_ptr + b64 * stride_eb + heads * stride_eh,
+                     tl.where(lost, float("nan"), natural_lse(m, l)), mask=mask_h)
         if HAS_STATUS:
             if lost:
                 tl.store(status_ptr, 1)
@@ -236,8 +250,9 @@ def _decode_reduce_kernel(
     part_o_ptr, part_lse_ptr, out_ptr, cache_seqlens_ptr, cache_starts_ptr, block_table_ptr, status_ptr,
     window, capacity, split_size,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_bt,
+    lse_ptr, stride_eb, stride_eh,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HAS_STATUS: tl.constexpr, NEW_KV: tl.constexpr,
+    HAS_STATUS: tl.constexpr, NEW_KV: tl.constexpr, RETURN_LSE: tl.constexpr = False,
 ):
     # part_o [B, nheads, splits, D_PAD] fp32 (normalized), part_lse [B, nheads, splits] fp32 (log2) -> out [B, 1, H, D]
     h = tl.program_id(0)
@@ -263,13 +278,46 @@ def _decode_reduce_kernel(
         acc = acc * alpha + tl.sum(o * w[:, None], 0)
         l = l * alpha + tl.sum(w, 0)
         m = m_new
-    l = tl.where(l > 0.0, l, 1.0)
     lost = lost_slot(block_table_ptr + b * stride_bt, s, capacity, BLOCK_SIZE, NEW_KV)
+    if RETURN_LSE:  # m and l are in log2 units of the split's log2 lse
+        tl.store(lse_ptr + b * stride_eb + h * stride_eh, tl.where(lost, float("nan"), natural_lse(m, l)))
+    l = tl.where(l > 0.0, l, 1.0)
     o = tl.where(lost, float("nan"), acc / l)  # a new token with no slot gets NaN
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=mask_d)
     if HAS_STATUS:
         if lost:
             tl.store(status_ptr, 1)
+
+
+class FlashExtras(NamedTuple):
+    """flash_attn_with_kvcache's options as kernel arguments: (alibi_ptr, lse_ptr, softcap, stride_ab, stride_eb,
+    stride_eh) and the ALIBI / SOFTCAP / RETURN_LSE constexprs."""
+
+    args: tuple
+    flags: dict
+
+
+def flash_extras(q, out, alibi_slopes, softcap, lse, kind: str, lse_shape: tuple) -> FlashExtras:
+    """Checks the options and packs them: `alibi_slopes` [nheads] or [B, nheads] fp32; `lse` fp32 of `lse_shape`
+    ([B, nheads], or [B, nheads, q_len] for the extend kernel), any strides. Options left off pass q (never read)
+    and out (written anyway) as their pointers, so the model's path allocates nothing more per call."""
+    batch, nheads = q.shape[0], q.shape[2]
+    softcap = float(softcap or 0.0)
+    if kind == "int4" and (alibi_slopes is not None or softcap or lse is not None):
+        raise NotImplementedError("alibi_slopes, softcap and the log-sum-exp are not implemented for int4 caches")
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0: off), got {softcap}")
+    stride_ab = 0
+    if alibi_slopes is not None:
+        assert alibi_slopes.dtype == torch.float32 and alibi_slopes.stride(-1) == 1, "alibi_slopes: fp32, contiguous"
+        assert alibi_slopes.shape in ((nheads,), (batch, nheads)), (alibi_slopes.shape, batch, nheads)
+        stride_ab = alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0
+    if lse is not None:
+        assert lse.dtype == torch.float32 and tuple(lse.shape) == tuple(lse_shape), (lse.shape, lse_shape)
+    lse_strides = tuple(lse.stride()) if lse is not None else (0,) * len(lse_shape)
+    args = (q if alibi_slopes is None else alibi_slopes, out if lse is None else lse,
+            softcap * LOG2E, stride_ab, *lse_strides)
+    return FlashExtras(args, dict(ALIBI=alibi_slopes is not None, SOFTCAP=softcap > 0, RETURN_LSE=lse is not None))
 
 
 class DecodeConfig(NamedTuple):
@@ -315,11 +363,14 @@ def split_layout(capacity: int, num_splits: int, block_n: int) -> tuple[int, int
 
 
 def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid,
-                status, softmax_scale, window, num_splits=None, config=None):
+                status, softmax_scale, window, num_splits=None, config=None, alibi_slopes=None, softcap=0.0,
+                lse=None):
     # num_splits / config (a DecodeConfig, or its first three fields) override the static choices, for tests and
     # tuning
     # k, v [B, 1, nheads_k, D] (the new token, written here), or [B, 0, nheads_k, D]: attend only, the query being the
     # row's last cached token
+    # flash_attn_with_kvcache's options (not for int4 caches): alibi_slopes [nheads] or [B, nheads] fp32, softcap > 0,
+    # lse: a [B, nheads] fp32 view that receives the log-sum-exp (natural log; written)
     batch, q_len, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     new_kv = k.shape[1] == 1
@@ -344,6 +395,7 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
         num_splits = num_splits_for(max(batch, 1), nheads_k, capacity, block_n, q.device)
     split_size, num_splits = split_layout(capacity, num_splits, block_n)
     out = torch.empty((batch, 1, nheads, head_dim), dtype=q.dtype, device=q.device)
+    extras = flash_extras(q, out, alibi_slopes, softcap, lse, kind, (batch, nheads))
     if batch == 0:
         return out
     if num_splits > 1:
@@ -371,14 +423,15 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
             launcher(_decode_attn_int4_kernel)[(num_splits, nheads_k, batch)](*args, **common)
         else:
             launcher(_decode_attn_kernel)[(num_splits, nheads_k, batch)](
-                *args, INT8=int8, V_SCALE_ON_P=int8 and v_scale_on_p, **common)
+                *args, *extras.args, INT8=int8, V_SCALE_ON_P=int8 and v_scale_on_p, **common, **extras.flags)
         if num_splits > 1:
             launcher(_decode_reduce_kernel)[(nheads, batch)](
                 part_o, part_lse, out, cache_seqlens, cache_starts, block_table, status,
                 window, capacity, split_size,
                 part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-                out.stride(0), out.stride(2), block_table.stride(0),
+                out.stride(0), out.stride(2), block_table.stride(0), *extras.args[1:2], *extras.args[4:],
                 HEAD_DIM=head_dim, D_PAD=d_pad, CHUNK=min(16, next_pow2(num_splits)), BLOCK_SIZE=block_size,
-                HAS_STATUS=has_status, NEW_KV=new_kv, num_warps=2 if d_pad <= 128 else 4,
+                HAS_STATUS=has_status, NEW_KV=new_kv, RETURN_LSE=extras.flags["RETURN_LSE"],
+                num_warps=2 if d_pad <= 128 else 4,
             )
     return out

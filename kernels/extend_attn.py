@@ -5,36 +5,39 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attn import LOG2E
+from .decode_attn import LOG2E, flash_extras
 from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_guard, int4_tile_update, kv_tile_scores,
-                    launcher, lost_span, next_pow2, scale_strides, slot_block, softmax_tile_update, tile_block_ids,
-                    upcast_dot, visible)
+                    launcher, lost_span, natural_lse, next_pow2, scale_strides, score_mods, slot_block,
+                    softmax_tile_update, tile_block_ids, upcast_dot, visible)
 
 
 @triton.jit
-def extend_bounds(cache_seqlens_ptr, cache_starts_ptr, b, tok, pid_m, q_len, window, capacity, BLOCK_M: tl.constexpr,
-                  CAUSAL: tl.constexpr):
+def extend_bounds(cache_seqlens_ptr, cache_starts_ptr, b, tok, pid_m, q_len, window, right, capacity,
+                  BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
     # Queries tok [R] of program pid_m: their slots s, the slots [lo, hi] each may see, and the slots [n_lo, n_hi]
     # the program's tiles must cover (lo and hi grow with the token: from the first token's lo to the last's hi).
+    # Not CAUSAL: a query sees up to the row's last token, or up to `right` slots past its own when right >= 0.
     s, lo, hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, tok, window, capacity)
     _, n_lo, _ = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, pid_m * BLOCK_M, window, capacity)
     last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1
-    if not CAUSAL:  # every query sees up to the row's last token
-        last = q_len - 1
-    _, _, n_hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, last, window, capacity)
+    s_last, _, n_hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, last, window, capacity)
     if not CAUSAL:
-        hi = tl.zeros_like(hi) + n_hi
+        _, _, row_hi = attention_bounds(cache_seqlens_ptr, cache_starts_ptr, b, q_len - 1, window, capacity)
+        hi = tl.where(right >= 0, tl.minimum(s + right, row_hi), row_hi)
+        n_hi = tl.where(right >= 0, tl.minimum(row_hi, s_last + right), row_hi)
     return s, lo, hi, n_lo, n_hi
 
 
 @triton.jit
-def lost_queries(bt_row, cache_seqlens_ptr, b, tok, s, lo, capacity, q_len, new_lo, BLOCK_SIZE: tl.constexpr,
-                 CAUSAL: tl.constexpr):
+def lost_queries(bt_row, cache_seqlens_ptr, b, tok, s, lo, right, capacity, q_len, new_lo,
+                 BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr):
     # Queries [R] whose output must be NaN because a new token was lost (the write kernel ran first and set the
     # status): the query at a lost token's slot, and every query whose range [lo, hi] meets the lost tokens' span.
     seq0 = tl.load(cache_seqlens_ptr + b)  # query 0's slot; the new tokens hold [seq0 + new_lo, seq0 + q_len)
     lost_lo, lost_hi = lost_span(bt_row, seq0 + new_lo, seq0 + q_len - 1, capacity, BLOCK_SIZE)
-    hi = s if CAUSAL else seq0 + q_len - 1
+    hi = s
+    if not CAUSAL:
+        hi = tl.where(right >= 0, tl.minimum(s + right, seq0 + q_len - 1), seq0 + q_len - 1)
     _, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)
     return ((tok >= new_lo) & (writable == 0)) | ((lo <= lost_hi) & (hi >= lost_lo))
 
@@ -43,16 +46,19 @@ def lost_queries(bt_row, cache_seqlens_ptr, b, tok, s, lo, capacity, q_len, new_
 def _extend_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, cache_seqlens_ptr, cache_starts_ptr,
     cache_valid_ptr, out_ptr,
-    qk_scale, window, capacity, q_len, new_lo, valid_len,
+    qk_scale, window, right, capacity, q_len, new_lo, valid_len,
     stride_qb, stride_qt, stride_qh,
     stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt, stride_mb,
     stride_ob, stride_ot, stride_oh,
+    alibi_ptr, lse_ptr, softcap, stride_ab, stride_eb, stride_eh, stride_et,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, INT8: tl.constexpr,
     UPCAST: tl.constexpr, HAS_HOLES: tl.constexpr, CAUSAL: tl.constexpr,
+    ALIBI: tl.constexpr = False, SOFTCAP: tl.constexpr = False, RETURN_LSE: tl.constexpr = False,
 ):
     # q [B, q_len, nheads, D] -> out [B, q_len, nheads, D]; a program takes BLOCK_M tokens x the GROUP heads of
-    # kv head hk, as BLOCK_M * GROUP_PAD rows (row r: token r // GROUP_PAD, head hk * GROUP + r % GROUP_PAD)
+    # kv head hk, as BLOCK_M * GROUP_PAD rows (row r: token r // GROUP_PAD, head hk * GROUP + r % GROUP_PAD).
+    # ALIBI / SOFTCAP / RETURN_LSE: flash_attn_with_kvcache's options, as in the decode kernel (lse [B, nheads, q_len])
     pid_m = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -62,8 +68,8 @@ def _extend_attn_kernel(
     g = rows % GROUP_PAD
     mask_r = (tok < q_len) & (g < GROUP)
     heads = hk * GROUP + g
-    s, lo, hi, n_lo, n_hi = extend_bounds(cache_seqlens_ptr, cache_starts_ptr, b, tok, pid_m, q_len, window, capacity,
-                                          BLOCK_M, CAUSAL)
+    s, lo, hi, n_lo, n_hi = extend_bounds(cache_seqlens_ptr, cache_starts_ptr, b, tok, pid_m, q_len, window, right,
+                                          capacity, BLOCK_M, CAUSAL)
 
     b64 = b.to(tl.int64)
     offs_d = tl.arange(0, D_PAD)
@@ -76,6 +82,10 @@ def _extend_attn_kernel(
     m = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_M * GROUP_PAD, D_PAD], tl.float32)
+    slopes = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
+    if ALIBI:
+        slopes = tl.load(alibi_ptr + b64 * stride_ab + heads, mask=mask_r, other=0.0).to(tl.float32)
+        slopes = slopes * 1.4426950408889634  # scores are in the log2 domain
 
     bt_row = block_table_ptr + b64 * stride_bt
     tile_lo = n_lo - n_lo % BLOCK_N
@@ -92,21 +102,26 @@ def _extend_attn_kernel(
                                    offs_d, mask_d, qk_scale, stride_cb, stride_ch, stride_cs, stride_sb,
                                    stride_sh, stride_ss, BLOCK_SIZE, INT8, False)  # [R, BLOCK_N], [BLOCK_N, D_PAD]
         seen = (slots[None, :] >= lo[:, None]) & (slots[None, :] <= hi[:, None]) & valid[None, :]
+        qk = score_mods(qk, s, slots, slopes, softcap, ALIBI, SOFTCAP)
         m, l, acc = softmax_tile_update(m, l, acc, tl.where(seen, qk, float("-inf")), v, vs, False, True)
 
+    lse = natural_lse(m, l)
     l = tl.where(l > 0.0, l, 1.0)  # a token that saw nothing (masked out) gives 0
-    lost = lost_queries(bt_row, cache_seqlens_ptr, b, tok, s, lo, capacity, q_len, new_lo, BLOCK_SIZE, CAUSAL)
+    lost = lost_queries(bt_row, cache_seqlens_ptr, b, tok, s, lo, right, capacity, q_len, new_lo, BLOCK_SIZE, CAUSAL)
     o = tl.where(lost[:, None], float("nan"), acc / l[:, None])
     tl.store(out_ptr + b64 * stride_ob + tok[:, None].to(tl.int64) * stride_ot + heads64 * stride_oh
              + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=mask_r[:, None] & mask_d[None, :])
+    if RETURN_LSE:
+        tl.store(lse_ptr + b64 * stride_eb + heads.to(tl.int64) * stride_eh + tok.to(tl.int64) * stride_et,
+                 tl.where(lost, float("nan"), lse), mask=mask_r)
 
 
 @triton.jit
 def _extend_attn_int4_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, cache_seqlens_ptr, cache_starts_ptr,
     cache_valid_ptr, out_ptr,
-    qk_scale, window, capacity, q_len, new_lo, valid_len,
+    qk_scale, window, right, capacity, q_len, new_lo, valid_len,
     stride_qb, stride_qt, stride_qh,
     stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt, stride_mb,
     stride_ob, stride_ot, stride_oh,
@@ -126,8 +141,8 @@ def _extend_attn_int4_kernel(
     g = rows % GROUP_PAD
     mask_r = (tok < q_len) & (g < GROUP)
     heads = hk * GROUP + g
-    s, lo, hi, n_lo, n_hi = extend_bounds(cache_seqlens_ptr, cache_starts_ptr, b, tok, pid_m, q_len, window, capacity,
-                                          BLOCK_M, CAUSAL)
+    s, lo, hi, n_lo, n_hi = extend_bounds(cache_seqlens_ptr, cache_starts_ptr, b, tok, pid_m, q_len, window, right,
+                                          capacity, BLOCK_M, CAUSAL)
 
     b64 = b.to(tl.int64)
     offs_h = tl.arange(0, D_PAD // 2)
@@ -165,7 +180,7 @@ def _extend_attn_int4_kernel(
                                                 valid, seen, qk_scale, True)
 
     l = tl.where(l > 0.0, l, 1.0)
-    lost = lost_queries(bt_row, cache_seqlens_ptr, b, tok, s, lo, capacity, q_len, new_lo, BLOCK_SIZE, CAUSAL)
+    lost = lost_queries(bt_row, cache_seqlens_ptr, b, tok, s, lo, right, capacity, q_len, new_lo, BLOCK_SIZE, CAUSAL)
     dst = out_ptr + b64 * stride_ob + tok[:, None].to(tl.int64) * stride_ot + heads64 * stride_oh + offs_h[None, :]
     o_mask = mask_r[:, None] & mask_h[None, :]
     tl.store(dst, tl.where(lost[:, None], float("nan"), acc_lo / l[:, None]).to(out_ptr.dtype.element_ty),
@@ -190,9 +205,10 @@ def extend_config(head_dim: int, elem_size: int = 2, kind: str = "fp"):
 
 
 def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid,
-                softmax_scale, window, causal=True, new_lo=0):
-    # query i of row b sits at slot cache_seqlens[b] + i and sees up to it (causal) or up to the last query's slot;
-    # queries i >= new_lo are new tokens: NaN where their slot could not be written (the write ran first)
+                softmax_scale, window, causal=True, new_lo=0, right=-1, alibi_slopes=None, softcap=0.0, lse=None):
+    # query i of row b sits at slot cache_seqlens[b] + i and sees up to it (causal) or up to the last query's slot
+    # (up to `right` slots past its own when right >= 0); queries i >= new_lo are new tokens: NaN where their slot
+    # could not be written (the write ran first). alibi_slopes, softcap, lse [B, nheads, q_len]: see decode_attn.
     batch, q_len, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[1]
     assert q.stride(-1) == 1, "q: contiguous last dim"
@@ -206,11 +222,12 @@ def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlen
     block_r, block_n, num_warps, num_stages = extend_config(head_dim, q.element_size(), kind)
     block_m = max(1, block_r // group_pad)
     out = torch.empty((batch, q_len, nheads, head_dim), dtype=q.dtype, device=q.device)
+    extras = flash_extras(q, out, alibi_slopes, softcap, lse, kind, (batch, nheads, q_len))
     if batch * q_len == 0:
         return out
     with device_guard(q):
         args = (q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid, out,
-                float(softmax_scale) * LOG2E, int(window), block_table.shape[1] * k_cache.shape[2], q_len,
+                float(softmax_scale) * LOG2E, int(window), int(right), block_table.shape[1] * k_cache.shape[2], q_len,
                 int(new_lo), cache_valid.shape[-1] if has_holes else 0,
                 q.stride(0), q.stride(1), q.stride(2),
                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides(k_scale, kind != "fp"),
@@ -224,5 +241,5 @@ def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlen
         if kind == "int4":
             launcher(_extend_attn_int4_kernel)[grid](*args, **common)
         else:
-            launcher(_extend_attn_kernel)[grid](*args, INT8=kind == "int8", **common)
+            launcher(_extend_attn_kernel)[grid](*args, *extras.args, INT8=kind == "int8", **common, **extras.flags)
     return out

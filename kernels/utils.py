@@ -198,6 +198,32 @@ def kv_tile_scores(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, phys, 
 
 
 @triton.jit
+def tanh_cap(x, cap):
+    # cap * tanh(x / cap) in fp32 from one exp2: saturates to +-cap (no NaN however large |x|); softcap's transform
+    t = tl.exp2(x * (2.8853900817779268 / cap))  # e^(2x / cap)
+    return cap - 2.0 * cap / (t + 1.0)
+
+
+@triton.jit
+def score_mods(qk, q_slots, slots, slopes, softcap, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr):
+    # flash_attn_with_kvcache's score options on log2-domain scores qk [R, BLOCK_N] (softmax scale and log2(e)
+    # applied): softcap (`softcap` = cap * log2(e): the same transform in the log2 domain), then ALiBi, minus
+    # slope * |query slot - key slot| (slopes [R], times log2(e)); q_slots [R], slots [BLOCK_N]. Neither: qk as is.
+    if SOFTCAP:
+        qk = tanh_cap(qk, softcap)
+    if ALIBI:
+        qk = qk - slopes[:, None] * tl.abs(q_slots[:, None] - slots[None, :]).to(tl.float32)
+    return qk
+
+
+@triton.jit
+def natural_lse(m, l):
+    # log-sum-exp of the scores in natural log from the log2-domain running max m and sum l; +inf for a query that
+    # saw nothing (as flash-attention reports it)
+    return tl.where(l > 0.0, (m + tl.log2(tl.where(l > 0.0, l, 1.0))) * 0.6931471805599453, float("inf"))
+
+
+@triton.jit
 def tile_block_ids(bt_row, slots, n_end, BLOCK_SIZE: tl.constexpr):
     # Physical block of each slot [BLOCK_N] of a row (0 past n_end, and for an unmapped block: a row's cached slots
     # must all be mapped; a lost new token is reported by NaN, never read out of bounds). The loops load them one
