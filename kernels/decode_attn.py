@@ -224,7 +224,7 @@ def _decode_attn_int4_kernel(
         srow = phys * stride_sb + hk * stride_sh + (slots % BLOCK_SIZE) * stride_ss
         m, l, acc_lo, acc_hi = int4_tile_update(m, l, acc_lo, acc_hi, q_lo, q_hi, qsum_lo, qsum_hi, k_cache_ptr,
                                                 v_cache_ptr, k_scale_ptr, v_scale_ptr, row, srow, offs_h, mask_h,
-                                                valid, valid[None, :], qk_scale, HAS_HOLES)
+                                                valid, valid[None, :], qk_scale, HAS_HOLES, q_ptr.dtype.element_ty)
 
     mask_o = mask_g[:, None] & mask_h[None, :]
     l_safe = tl.where(l > 0.0, l, 1.0)

@@ -177,7 +177,7 @@ def _extend_attn_int4_kernel(
         seen = (slots[None, :] >= lo[:, None]) & (slots[None, :] <= hi[:, None]) & valid[None, :]
         m, l, acc_lo, acc_hi = int4_tile_update(m, l, acc_lo, acc_hi, q_lo, q_hi, qsum_lo, qsum_hi, k_cache_ptr,
                                                 v_cache_ptr, k_scale_ptr, v_scale_ptr, row, srow, offs_h, mask_h,
-                                                valid, seen, qk_scale, True)
+                                                valid, seen, qk_scale, True, q_ptr.dtype.element_ty)
 
     l = tl.where(l > 0.0, l, 1.0)
     lost = lost_queries(bt_row, cache_seqlens_ptr, b, tok, s, lo, right, capacity, q_len, new_lo, BLOCK_SIZE, CAUSAL)

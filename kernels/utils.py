@@ -274,12 +274,12 @@ def quantize_int4_half(x, mask):
 
 @triton.jit
 def nibbles_to_float(n, DTYPE: tl.constexpr):
-    # Exact uint8 values 0..15 -> DTYPE without I2F: OR-ed into the mantissa of a power of two, which is subtracted
+    # Exact uint16 values 0..255 -> DTYPE without I2F: OR-ed into the mantissa of a power of two, which is subtracted
     # (it must be: leaving it in and correcting afterwards multiplies the rounding of the other dot operand by it).
     if DTYPE == tl.float16:
-        y = (n.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        y = (n | 0x6400).to(tl.float16, bitcast=True) - 1024.0
     elif DTYPE == tl.bfloat16:
-        y = (n.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+        y = (n | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
     else:
         y = (n.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     return y
@@ -288,23 +288,37 @@ def nibbles_to_float(n, DTYPE: tl.constexpr):
 @triton.jit
 def int4_tile(cache_ptr, scale_ptr, row, srow, offs_h, kv_mask, valid, DTYPE: tl.constexpr):
     # One packed tile [BLOCK_N, DH] -> (low values, high values) [BLOCK_N, DH] as exact integers in DTYPE, and the
-    # four params [BLOCK_N] fp32 (0 where not valid).
+    # four params [BLOCK_N] fp32 (0 where not valid). fp16 / fp32: the high nibble is read in place, as 16 x its
+    # value (exact: 1024 + 16n < 2048 keeps a unit step), and its scale carries the 1/16; both nibbles then come
+    # from the same widened bytes (one extraction per byte pair, one AND-OR and one subtraction per nibble pair).
+    # bf16 has too few mantissa bits for 16n: its high nibble is shifted down.
     packed = tl.load(cache_ptr + row[:, None] + offs_h[None, :], mask=kv_mask, other=0)
-    lo = nibbles_to_float(packed & 0xF, DTYPE)
-    hi = nibbles_to_float(packed >> 4, DTYPE)
+    if DTYPE == tl.bfloat16:
+        lo = nibbles_to_float((packed & 0xF).to(tl.uint16), DTYPE)
+        hi = nibbles_to_float((packed >> 4).to(tl.uint16), DTYPE)
+        hi_unit = 1.0
+    else:
+        wide = packed.to(tl.uint16)
+        lo = nibbles_to_float(wide & 0xF, DTYPE)
+        hi = nibbles_to_float(wide & 0xF0, DTYPE)
+        hi_unit = 0.0625
     s_lo = tl.load(scale_ptr + srow, mask=valid, other=0.0).to(tl.float32)
     m_lo = tl.load(scale_ptr + srow + 1, mask=valid, other=0.0).to(tl.float32)
-    s_hi = tl.load(scale_ptr + srow + 2, mask=valid, other=0.0).to(tl.float32)
+    s_hi = tl.load(scale_ptr + srow + 2, mask=valid, other=0.0).to(tl.float32) * hi_unit
     m_hi = tl.load(scale_ptr + srow + 3, mask=valid, other=0.0).to(tl.float32)
     return lo, hi, s_lo, m_lo, s_hi, m_hi
 
 
 @triton.jit
 def int4_tile_update(m, l, acc_lo, acc_hi, q_lo, q_hi, qsum_lo, qsum_hi, k_cache_ptr, v_cache_ptr, k_scale_ptr,
-                     v_scale_ptr, row, srow, offs_h, mask_h, valid, seen, qk_scale, EMPTY_ROWS: tl.constexpr):
+                     v_scale_ptr, row, srow, offs_h, mask_h, valid, seen, qk_scale, EMPTY_ROWS: tl.constexpr,
+                     MODEL_DTYPE: tl.constexpr):
     # One int4 K/V tile folded into the online softmax of q [rows, DH] halves, without dequantizing the tile:
     # q . k = s_lo (q_lo . n_lo) + m_lo sum(q_lo) + (same for the high half); p . v per half is
-    # max(s) * ((p s / max(s)) . n) + p . m. `seen` [rows, BLOCK_N] marks what each row attends.
+    # max(s) * ((p s / max(s)) . n) + p . m. `seen` [rows, BLOCK_N] marks what each row attends. The p . v products
+    # run in fp16 for 16-bit models, bf16 included (p s / max(s) in [0, 1] and V's codes are exact in fp16, which
+    # has 3 more mantissa bits, and V's high nibble then reads in place: int4_tile), in fp32 for fp32 models. The
+    # interpreter upcasts a bf16 q to fp32 (its bf16 dots are wrong) but runs this same fp16 p . v path.
     dt = q_lo.dtype
     kv_mask = valid[:, None] & mask_h[None, :]
     k_lo, k_hi, ks_lo, km_lo, ks_hi, km_hi = int4_tile(k_cache_ptr, k_scale_ptr, row, srow, offs_h, kv_mask, valid,
@@ -318,13 +332,14 @@ def int4_tile_update(m, l, acc_lo, acc_hi, q_lo, q_hi, qsum_lo, qsum_hi, k_cache
     alpha = tl.exp2(m - m_use)
     p = tl.exp2(qk - m_use[:, None])
     l = l * alpha + tl.sum(p, 1)
+    pdt = tl.float32 if MODEL_DTYPE == tl.float32 else tl.float16
     v_lo, v_hi, vs_lo, vm_lo, vs_hi, vm_hi = int4_tile(v_cache_ptr, v_scale_ptr, row, srow, offs_h, kv_mask, valid,
-                                                       dt)
+                                                       pdt)
     top_lo = tl.maximum(tl.max(vs_lo, 0), 1e-30)
     top_hi = tl.maximum(tl.max(vs_hi, 0), 1e-30)
-    acc_lo = acc_lo * alpha[:, None] + top_lo * tl.dot((p * (vs_lo / top_lo)[None, :]).to(dt), v_lo,
+    acc_lo = acc_lo * alpha[:, None] + top_lo * tl.dot((p * (vs_lo / top_lo)[None, :]).to(pdt), v_lo,
                                                        input_precision="ieee")
-    acc_hi = acc_hi * alpha[:, None] + top_hi * tl.dot((p * (vs_hi / top_hi)[None, :]).to(dt), v_hi,
+    acc_hi = acc_hi * alpha[:, None] + top_hi * tl.dot((p * (vs_hi / top_hi)[None, :]).to(pdt), v_hi,
                                                        input_precision="ieee")
     acc_lo += tl.sum(p * vm_lo[None, :], 1)[:, None]
     acc_hi += tl.sum(p * vm_hi[None, :], 1)[:, None]
