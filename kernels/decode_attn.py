@@ -6,9 +6,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_guard, int4_tile_update, kv_tile_scores,
-                    launcher, lost_slot, natural_lse, next_pow2, quantize_int8, scale_strides, score_mods, slot_block,
-                    sm_count, softmax_tile_update, store_int4, tanh_cap, tile_block_ids, upcast_dot, visible)
+from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_guard, int4_query, int4_tile_update,
+                    kv_tile_scores, launcher, lost_slot, natural_lse, next_pow2, quantize_int8, scale_strides,
+                    score_mods, slot_block, sm_count, softmax_tile_update, store_int4, tanh_cap, tile_block_ids,
+                    upcast_dot, visible)
 
 LOG2E = 1.4426950408889634
 WAVES = 8  # programs aimed at, in units of SMs, when a row is full: enough left at half capacity to fill the GPU
@@ -185,10 +186,9 @@ def _decode_attn_int4_kernel(
     q_mask = mask_g[:, None] & mask_h[None, :]
     q_lo = tl.load(q_row, mask=q_mask, other=0.0)
     q_hi = tl.load(q_row + HALF, mask=q_mask, other=0.0)
-    if UPCAST:
-        q_lo, q_hi = q_lo.to(tl.float32), q_hi.to(tl.float32)
     qsum_lo = tl.sum(q_lo.to(tl.float32), 1)
     qsum_hi = tl.sum(q_hi.to(tl.float32), 1)
+    qd_lo, qd_hi, q_inv = int4_query(q_lo, q_hi, q_ptr.dtype.element_ty)  # no bf16 dot: UPCAST is not needed
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc_lo = tl.zeros([BLOCK_H, D_PAD // 2], tl.float32)
@@ -222,9 +222,9 @@ def _decode_attn_int4_kernel(
         next_phys = tile_block_ids(bt_row, slots + BLOCK_N, n_hi, BLOCK_SIZE)
         row = phys * stride_cb + hk * stride_ch + (slots % BLOCK_SIZE) * stride_cs
         srow = phys * stride_sb + hk * stride_sh + (slots % BLOCK_SIZE) * stride_ss
-        m, l, acc_lo, acc_hi = int4_tile_update(m, l, acc_lo, acc_hi, q_lo, q_hi, qsum_lo, qsum_hi, k_cache_ptr,
-                                                v_cache_ptr, k_scale_ptr, v_scale_ptr, row, srow, offs_h, mask_h,
-                                                valid, valid[None, :], qk_scale, HAS_HOLES, q_ptr.dtype.element_ty)
+        m, l, acc_lo, acc_hi = int4_tile_update(m, l, acc_lo, acc_hi, qd_lo, qd_hi, q_inv, qsum_lo, qsum_hi,
+                                                k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, row, srow, offs_h,
+                                                mask_h, valid, valid[None, :], qk_scale, HAS_HOLES)
 
     mask_o = mask_g[:, None] & mask_h[None, :]
     l_safe = tl.where(l > 0.0, l, 1.0)

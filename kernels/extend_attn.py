@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 
 from .decode_attn import LOG2E, flash_extras
-from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_guard, int4_tile_update, kv_tile_scores,
-                    launcher, lost_span, natural_lse, next_pow2, scale_strides, score_mods, slot_block,
+from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_guard, int4_query, int4_tile_update,
+                    kv_tile_scores, launcher, lost_span, natural_lse, next_pow2, scale_strides, score_mods, slot_block,
                     softmax_tile_update, tile_block_ids, upcast_dot, visible)
 
 
@@ -152,10 +152,9 @@ def _extend_attn_int4_kernel(
     q_mask = mask_r[:, None] & mask_h[None, :]
     q_lo = tl.load(q_row, mask=q_mask, other=0.0)
     q_hi = tl.load(q_row + HALF, mask=q_mask, other=0.0)
-    if UPCAST:
-        q_lo, q_hi = q_lo.to(tl.float32), q_hi.to(tl.float32)
     qsum_lo = tl.sum(q_lo.to(tl.float32), 1)
     qsum_hi = tl.sum(q_hi.to(tl.float32), 1)
+    qd_lo, qd_hi, q_inv = int4_query(q_lo, q_hi, q_ptr.dtype.element_ty)  # no bf16 dot: UPCAST is not needed
     m = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
     acc_lo = tl.zeros([BLOCK_M * GROUP_PAD, D_PAD // 2], tl.float32)
@@ -175,9 +174,9 @@ def _extend_attn_int4_kernel(
         row = phys * stride_cb + hk * stride_ch + (slots % BLOCK_SIZE) * stride_cs
         srow = phys * stride_sb + hk * stride_sh + (slots % BLOCK_SIZE) * stride_ss
         seen = (slots[None, :] >= lo[:, None]) & (slots[None, :] <= hi[:, None]) & valid[None, :]
-        m, l, acc_lo, acc_hi = int4_tile_update(m, l, acc_lo, acc_hi, q_lo, q_hi, qsum_lo, qsum_hi, k_cache_ptr,
-                                                v_cache_ptr, k_scale_ptr, v_scale_ptr, row, srow, offs_h, mask_h,
-                                                valid, seen, qk_scale, True, q_ptr.dtype.element_ty)
+        m, l, acc_lo, acc_hi = int4_tile_update(m, l, acc_lo, acc_hi, qd_lo, qd_hi, q_inv, qsum_lo, qsum_hi,
+                                                k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, row, srow, offs_h,
+                                                mask_h, valid, seen, qk_scale, True)
 
     l = tl.where(l > 0.0, l, 1.0)
     lost = lost_queries(bt_row, cache_seqlens_ptr, b, tok, s, lo, right, capacity, q_len, new_lo, BLOCK_SIZE, CAUSAL)

@@ -274,72 +274,80 @@ def quantize_int4_half(x, mask):
 
 @triton.jit
 def nibbles_to_float(n, DTYPE: tl.constexpr):
-    # Exact uint16 values 0..255 -> DTYPE without I2F: OR-ed into the mantissa of a power of two, which is subtracted
-    # (it must be: leaving it in and correcting afterwards multiplies the rounding of the other dot operand by it).
+    # Exact uint16 values 0..255 -> DTYPE (fp16 or fp32) without I2F: OR-ed into the mantissa of a power of two,
+    # which is subtracted (it must be: leaving it in and correcting afterwards multiplies the rounding of the other
+    # dot operand by it).
     if DTYPE == tl.float16:
         y = (n | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-    elif DTYPE == tl.bfloat16:
-        y = (n | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
     else:
         y = (n.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     return y
 
 
 @triton.jit
+def int4_query(q_lo, q_hi, MODEL_DTYPE: tl.constexpr):
+    # The query halves [R, DH] as the int4 dots take them, and what their products are then multiplied by [R] fp32.
+    # fp16 and fp32 models: as they are, 1. bf16 models: fp16, each row scaled by a power of two that brings its
+    # largest |q| into [2^14, 2^15): bf16 -> fp16 is then exact for every element down to 2^-28 of the row's maximum
+    # (below that, a contribution under 2^-22 of the largest one is rounded), and no element overflows. So every
+    # int4 dot runs in fp16 (fp32 for fp32 models), whatever the model dtype, on a GPU as on the interpreter.
+    inv = tl.full([q_lo.shape[0]], 1.0, tl.float32)
+    if MODEL_DTYPE == tl.bfloat16:
+        lo32, hi32 = q_lo.to(tl.float32), q_hi.to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(lo32), 1), tl.max(tl.abs(hi32), 1))
+        e = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 15)  # amax in [2^(e-127), 2^(e-126))
+        scale = ((268 - e) << 23).to(tl.float32, bitcast=True)  # 2^(141 - e)
+        inv = ((e - 14) << 23).to(tl.float32, bitcast=True)  # 2^(e - 141)
+        q_lo = (lo32 * scale[:, None]).to(tl.float16)
+        q_hi = (hi32 * scale[:, None]).to(tl.float16)
+    return q_lo, q_hi, inv
+
+
+@triton.jit
 def int4_tile(cache_ptr, scale_ptr, row, srow, offs_h, kv_mask, valid, DTYPE: tl.constexpr):
-    # One packed tile [BLOCK_N, DH] -> (low values, high values) [BLOCK_N, DH] as exact integers in DTYPE, and the
-    # four params [BLOCK_N] fp32 (0 where not valid). fp16 / fp32: the high nibble is read in place, as 16 x its
-    # value (exact: 1024 + 16n < 2048 keeps a unit step), and its scale carries the 1/16; both nibbles then come
+    # One packed tile [BLOCK_N, DH] -> (low values, high values) [BLOCK_N, DH] as exact integers in DTYPE (fp16 or
+    # fp32), and the four params [BLOCK_N] fp32 (0 where not valid). The high nibble is read in place, as 16 x its
+    # value (exact: 1024 + 16n < 2048 keeps a unit step in fp16), and its scale carries the 1/16: both nibbles come
     # from the same widened bytes (one extraction per byte pair, one AND-OR and one subtraction per nibble pair).
-    # bf16 has too few mantissa bits for 16n: its high nibble is shifted down.
-    packed = tl.load(cache_ptr + row[:, None] + offs_h[None, :], mask=kv_mask, other=0)
-    if DTYPE == tl.bfloat16:
-        lo = nibbles_to_float((packed & 0xF).to(tl.uint16), DTYPE)
-        hi = nibbles_to_float((packed >> 4).to(tl.uint16), DTYPE)
-        hi_unit = 1.0
-    else:
-        wide = packed.to(tl.uint16)
-        lo = nibbles_to_float(wide & 0xF, DTYPE)
-        hi = nibbles_to_float(wide & 0xF0, DTYPE)
-        hi_unit = 0.0625
+    packed = tl.load(cache_ptr + row[:, None] + offs_h[None, :], mask=kv_mask, other=0).to(tl.uint16)
+    lo = nibbles_to_float(packed & 0xF, DTYPE)
+    hi = nibbles_to_float(packed & 0xF0, DTYPE)
     s_lo = tl.load(scale_ptr + srow, mask=valid, other=0.0).to(tl.float32)
     m_lo = tl.load(scale_ptr + srow + 1, mask=valid, other=0.0).to(tl.float32)
-    s_hi = tl.load(scale_ptr + srow + 2, mask=valid, other=0.0).to(tl.float32) * hi_unit
+    s_hi = tl.load(scale_ptr + srow + 2, mask=valid, other=0.0).to(tl.float32) * 0.0625
     m_hi = tl.load(scale_ptr + srow + 3, mask=valid, other=0.0).to(tl.float32)
     return lo, hi, s_lo, m_lo, s_hi, m_hi
 
 
 @triton.jit
-def int4_tile_update(m, l, acc_lo, acc_hi, q_lo, q_hi, qsum_lo, qsum_hi, k_cache_ptr, v_cache_ptr, k_scale_ptr,
-                     v_scale_ptr, row, srow, offs_h, mask_h, valid, seen, qk_scale, EMPTY_ROWS: tl.constexpr,
-                     MODEL_DTYPE: tl.constexpr):
-    # One int4 K/V tile folded into the online softmax of q [rows, DH] halves, without dequantizing the tile:
+def int4_tile_update(m, l, acc_lo, acc_hi, q_lo, q_hi, q_inv, qsum_lo, qsum_hi, k_cache_ptr, v_cache_ptr,
+                     k_scale_ptr, v_scale_ptr, row, srow, offs_h, mask_h, valid, seen, qk_scale,
+                     EMPTY_ROWS: tl.constexpr):
+    # One int4 K/V tile folded into the online softmax of the query halves [rows, DH] (int4_query: fp16, or fp32,
+    # their products times q_inv [rows]), without dequantizing the tile:
     # q . k = s_lo (q_lo . n_lo) + m_lo sum(q_lo) + (same for the high half); p . v per half is
-    # max(s) * ((p s / max(s)) . n) + p . m. `seen` [rows, BLOCK_N] marks what each row attends. The p . v products
-    # run in fp16 for 16-bit models, bf16 included (p s / max(s) in [0, 1] and V's codes are exact in fp16, which
-    # has 3 more mantissa bits, and V's high nibble then reads in place: int4_tile), in fp32 for fp32 models. The
-    # interpreter upcasts a bf16 q to fp32 (its bf16 dots are wrong) but runs this same fp16 p . v path.
+    # max(s) * ((p s / max(s)) . n) + p . m, with p s / max(s) in [0, 1] in q's dtype (fp16 has 3 more mantissa bits
+    # than bf16). `seen` [rows, BLOCK_N] marks what each row attends; qsum_* are the sums of the unscaled halves.
     dt = q_lo.dtype
     kv_mask = valid[:, None] & mask_h[None, :]
     k_lo, k_hi, ks_lo, km_lo, ks_hi, km_hi = int4_tile(k_cache_ptr, k_scale_ptr, row, srow, offs_h, kv_mask, valid,
                                                        dt)
     qk = tl.dot(q_lo, tl.trans(k_lo), input_precision="ieee") * ks_lo[None, :]
     qk += tl.dot(q_hi, tl.trans(k_hi), input_precision="ieee") * ks_hi[None, :]
-    qk += qsum_lo[:, None] * km_lo[None, :] + qsum_hi[:, None] * km_hi[None, :]
+    qk = qk * q_inv[:, None] + qsum_lo[:, None] * km_lo[None, :] + qsum_hi[:, None] * km_hi[None, :]
     qk = tl.where(seen, qk * qk_scale, float("-inf"))
     m_new = tl.maximum(m, tl.max(qk, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new) if EMPTY_ROWS else m_new
     alpha = tl.exp2(m - m_use)
     p = tl.exp2(qk - m_use[:, None])
     l = l * alpha + tl.sum(p, 1)
-    pdt = tl.float32 if MODEL_DTYPE == tl.float32 else tl.float16
     v_lo, v_hi, vs_lo, vm_lo, vs_hi, vm_hi = int4_tile(v_cache_ptr, v_scale_ptr, row, srow, offs_h, kv_mask, valid,
-                                                       pdt)
+                                                       dt)
     top_lo = tl.maximum(tl.max(vs_lo, 0), 1e-30)
     top_hi = tl.maximum(tl.max(vs_hi, 0), 1e-30)
-    acc_lo = acc_lo * alpha[:, None] + top_lo * tl.dot((p * (vs_lo / top_lo)[None, :]).to(pdt), v_lo,
+    acc_lo = acc_lo * alpha[:, None] + top_lo * tl.dot((p * (vs_lo / top_lo)[None, :]).to(dt), v_lo,
                                                        input_precision="ieee")
-    acc_hi = acc_hi * alpha[:, None] + top_hi * tl.dot((p * (vs_hi / top_hi)[None, :]).to(pdt), v_hi,
+    acc_hi = acc_hi * alpha[:, None] + top_hi * tl.dot((p * (vs_hi / top_hi)[None, :]).to(dt), v_hi,
                                                        input_precision="ieee")
     acc_lo += tl.sum(p * vm_lo[None, :], 1)[:, None]
     acc_hi += tl.sum(p * vm_hi[None, :], 1)[:, None]

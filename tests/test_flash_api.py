@@ -219,15 +219,17 @@ def test_flash_api_errors():
 
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_flash_api_num_splits_and_int_seqlens(num_splits):
-    """num_splits is honoured by the split-KV decode kernel (same result, any count); an int cache_seqlens and
-    cache_seqlens=None (the whole cache) mean what they mean in flash-attention."""
+    """num_splits is honoured by the split-KV decode kernel (same result and log-sum-exp, any count, softcap on); an
+    int cache_seqlens and cache_seqlens=None (the whole cache) mean what they mean in flash-attention."""
     q = torch.randn(2, 1, 4, 64, device=DEVICE, dtype=torch.float16)
     k_cache = torch.randn(2, 300, 2, 64, device=DEVICE, dtype=torch.float16)
     v_cache = torch.randn_like(k_cache)
-    got = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=300, num_splits=num_splits, backend="triton")
-    whole = flash_attn_with_kvcache(q, k_cache, v_cache, backend="reference")
+    got, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=300, num_splits=num_splits,
+                                       return_softmax_lse=True, softcap=15.0, backend="triton")
+    whole = flash_attn_with_kvcache(q, k_cache, v_cache, softcap=15.0, backend="reference")
     mask = torch.ones(2, 300, dtype=torch.bool, device=DEVICE)
-    want, _ = attention(q, k_cache, v_cache, mask, torch.zeros(2, dtype=torch.long, device=DEVICE), False, (-1, -1),
-                        None, 0.0)
+    want, want_lse = attention(q, k_cache, v_cache, mask, torch.zeros(2, dtype=torch.long, device=DEVICE), False,
+                               (-1, -1), None, 15.0)
     torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=2e-3)
     torch.testing.assert_close(whole.double(), want.double(), rtol=0, atol=2e-3)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=2e-3)  # the reduce kernel's lse when split

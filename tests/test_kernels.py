@@ -11,7 +11,7 @@ from hf_kvplug import reference as R
 kernels = pytest.importorskip("hf_kvplug.kernels")
 from hf_kvplug.kernels import decode_attn as DA  # noqa: E402
 from hf_kvplug.kernels import extend_attn as EA  # noqa: E402
-from hf_kvplug.kernels.utils import int8_to_float  # noqa: E402
+from hf_kvplug.kernels.utils import int4_query, int8_to_float  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -232,7 +232,7 @@ def test_short_row_in_big_cache(window, monkeypatch):
         torch.testing.assert_close(out[row], case.v[row].repeat_interleave(4, dim=1), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["fp16", "int8", "int4", "int4-bf16"])
 def test_decode_and_extend_agree(kind):
     """The fused decode and write + extend paths, on the same cache state and token, match each other and torch."""
     case = Case(kind, 64, (8, 2), 16, 1, window=0)
@@ -311,6 +311,35 @@ def test_int8_to_float_exact(dtype):
     out = torch.empty(256, dtype=dtype, device=DEVICE)
     _int8_to_float_kernel[(1,)](x, out, N=256)
     assert torch.equal(out, x.to(dtype))
+
+
+@triton.jit
+def _int4_query_kernel(q_ptr, out_ptr, inv_ptr, R: tl.constexpr, DH: tl.constexpr):
+    rows, cols = tl.arange(0, R)[:, None], tl.arange(0, DH)[None, :]
+    q_lo, q_hi, inv = int4_query(tl.load(q_ptr + rows * 2 * DH + cols), tl.load(q_ptr + rows * 2 * DH + DH + cols),
+                                 q_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows * 2 * DH + cols, q_lo.to(tl.float32))
+    tl.store(out_ptr + rows * 2 * DH + DH + cols, q_hi.to(tl.float32))
+    tl.store(inv_ptr + tl.arange(0, R), inv)
+
+
+def test_int4_query_is_exact_for_bf16_rows_of_any_magnitude():
+    """bf16 queries enter the int4 dots as fp16, each row scaled by a power of two (utils.int4_query): rows whose
+    largest |q| lies far past fp16's range, far below it, at 0, or spans 2^-20 of the maximum come back exactly
+    (scaled value x inverse == q), with the scaled maximum in [2^14, 2^15)."""
+    base = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    rows = base * torch.tensor([1e30, 3e5, 1.0, 1e-6, 1e-30, 0.0])[:, None]
+    rows[2, :16] *= 2.0 ** -20  # a row spanning 20 binades
+    q = rows.to(torch.bfloat16)
+    q = torch.cat([q, q[:2]]).to(DEVICE)  # 8 rows
+    out = torch.empty(q.shape, dtype=torch.float32, device=DEVICE)
+    inv = torch.empty(8, dtype=torch.float32, device=DEVICE)
+    _int4_query_kernel[(1,)](q, out, inv, R=8, DH=16)
+    assert torch.equal(out.double() * inv.double()[:, None], q.double())
+    amax = out.abs().amax(1)
+    nonzero = q.float().abs().amax(1) > 0
+    assert ((amax[nonzero] >= 2 ** 14) & (amax[nonzero] < 2 ** 15)).all(), amax
+    assert torch.isfinite(out).all() and (inv > 0).all()
 
 
 def assert_untouched(case, got, before):
