@@ -54,6 +54,8 @@ def flash_attn_with_kvcache(
             causal).
         softcap: > 0 turns each scaled score x into softcap * tanh(x / softcap).
         alibi_slopes: `[nheads]` or `[batch, nheads]` fp32: -slope * |p - j| is added to the score of key slot j.
+            (With causal=True, flash-attention's kernel adds slope * j instead: the same softmax, but its log-sum-exp
+            is higher by slope * p than the documented bias gives. This follows the documentation.)
         num_splits: 0 picks the split-KV count for one query; n > 0 asks for n splits (1: none).
         return_softmax_lse: also return `[batch, nheads, seqlen_q]` fp32, the natural log-sum-exp of the scores.
         backend: "auto", "triton" or "reference" (keyword only; not in flash-attention).
@@ -99,7 +101,9 @@ def flash_attn_with_kvcache(
     starts = (torch.zeros(batch, dtype=torch.int32, device=device) if cache_leftpad is None
               else cache_leftpad.to(device=device, dtype=torch.int32).contiguous())
 
-    left, right = (int(w) for w in window_size)
+    # a window side at least the cache's length bounds nothing: flash-attention drops it before it decides whether
+    # the call is local (which places q's rotary positions), and so does this
+    left, right = (-1 if int(w) >= capacity else int(w) for w in window_size)
     local = left >= 0 or right >= 0
     window = left + 1 if left >= 0 else 0
     if causal or right == 0:  # non-causal with right == 0 is the causal mask

@@ -233,3 +233,41 @@ def test_flash_api_num_splits_and_int_seqlens(num_splits):
     torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=2e-3)
     torch.testing.assert_close(whole.double(), want.double(), rtol=0, atol=2e-3)
     torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=2e-3)  # the reduce kernel's lse when split
+
+
+@pytest.mark.parametrize("q_len", [1, 4])
+@pytest.mark.parametrize("cap", [50.0, 1e3, 1e6])
+def test_softcap_accurate_for_any_cap(q_len, cap):
+    """fp32 caches: the kernels' softcap (tanh from exp2, its series near 0) stays at fp32 accuracy for caps far
+    above the scores (where 1 - 2 / (e^2y + 1) alone would cancel), in the output and the log-sum-exp."""
+    gen = torch.Generator().manual_seed(q_len)
+    q = (torch.randn(2, q_len, 4, 64, generator=gen) * 3).to(DEVICE)
+    k_cache = torch.randn(2, 128, 2, 64, generator=gen).to(DEVICE)
+    v_cache = torch.randn(2, 128, 2, 64, generator=gen).to(DEVICE)
+    seqlens = torch.tensor([100, 128], dtype=torch.int32, device=DEVICE)
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True, softcap=cap,
+                                       return_softmax_lse=True, backend="triton")
+    mask = torch.arange(128, device=DEVICE) < seqlens[:, None]
+    want, want_lse = attention(q, k_cache, v_cache, mask, torch.zeros(2, dtype=torch.long, device=DEVICE), True,
+                               (-1, -1), None, cap)
+    torch.testing.assert_close(out.double(), want.double(), rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=2e-5)
+
+
+def test_a_window_as_long_as_the_cache_is_no_window():
+    """As flash-attention: a window side at least the cache's length is dropped before the call is judged local, so
+    non-causal queries keep one rotary position (cache_seqlens), exactly as with no window."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 4, 32, generator=gen).half().to(DEVICE)
+    k_new, v_new = (torch.randn(2, 3, 2, 32, generator=gen).half().to(DEVICE) for _ in range(2))
+    cache = torch.randn(2, 40, 2, 32, generator=gen).half().to(DEVICE)
+    angle = torch.rand(40, 8, generator=gen).to(DEVICE) * 6.28
+    cos, sin = angle.cos().half(), angle.sin().half()
+    outs = []
+    for window in ((-1, -1), (40, -1), (-1, 55), (40, 40)):
+        k_cache, v_cache = cache.clone(), cache.clone()
+        outs.append(flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, rotary_cos=cos, rotary_sin=sin,
+                                            cache_seqlens=torch.tensor([5, 20], dtype=torch.int32, device=DEVICE),
+                                            window_size=window, rotary_interleaved=False, backend="triton"))
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
