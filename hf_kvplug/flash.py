@@ -14,7 +14,7 @@ Where flash-attention leaves behaviour undefined, this is defined and loud:
     NaN; with CPU tensors a ValueError is raised before anything is written;
   * a query that sees no key gets 0 and a log-sum-exp of +inf (as flash-attention reports it);
   * rotary positions past `rotary_cos` raise (asynchronously on CUDA) instead of reading out of bounds;
-  * `cache_batch_idx` with `block_table` raises: flash-attention supports neither the pair nor defines it.
+  * `cache_batch_idx` with `block_table` raises: flash-attention neither supports nor defines the pair.
 
 CUDA tensors run the Triton kernels (the split-KV decode kernel for one query, else the write and extend kernels),
 CPU tensors the PyTorch reference; `backend=` or HF_KVPLUG_BACKEND force either (`hf_kvplug.ops`). No backward.
@@ -83,8 +83,8 @@ def flash_attn_with_kvcache(
     # block per cache row
     if block_table is not None:
         if cache_batch_idx is not None:
-            raise ValueError("cache_batch_idx with block_table is not defined (flash-attention supports neither): "
-                             "index the block table instead")
+            raise ValueError("cache_batch_idx with block_table is not defined (flash-attention does not support the "
+                             "pair): index the block table instead")
         table = block_table if block_table.dtype == torch.int32 else block_table.to(torch.int32)
         table = table if table.stride(-1) == 1 else table.contiguous()
     else:
