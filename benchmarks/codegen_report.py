@@ -140,10 +140,10 @@ def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, kv: str | bool
         variants += [(True, False, False)] + ([] if int4 else [(True, True, True)])
     for split, new_kv, extras in variants:
         consts = dict(GROUP=group, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=cfg.block_n, BLOCK_SIZE=block_size,
-                      HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT=split, UPCAST=False, HAS_HOLES=holes, HAS_STATUS=True,
+                      HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT=split, HAS_HOLES=holes, HAS_STATUS=True,
                       NEW_KV=new_kv)
         if not int4:
-            consts.update(INT8=int8, V_SCALE_ON_P=int8 and cfg.v_scale_on_p,
+            consts.update(INT8=int8, V_SCALE_ON_P=int8 and cfg.v_scale_on_p, UPCAST=False,
                           **{f: extras for f in NO_FLASH_EXTRAS})
         k = compile_kernel(decode, _pointer_types(decode, dtype, kv), consts, cfg.num_warps, cfg.num_stages)
         sass = _dump(k, "-sass")
@@ -163,10 +163,10 @@ def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, kv: str | bool
     variants = [(True, False)] + ([(False, False)] + ([] if int4 else [(False, True)]) if flash else [])
     for causal, extras in variants:
         consts = dict(GROUP=group, GROUP_PAD=group_pad, BLOCK_M=max(1, block_r // group_pad), BLOCK_N=block_n,
-                      BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad, UPCAST=False, HAS_HOLES=holes,
+                      BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad, HAS_HOLES=holes,
                       CAUSAL=causal)
         if not int4:
-            consts.update(INT8=int8, **{f: extras for f in NO_FLASH_EXTRAS})
+            consts.update(INT8=int8, UPCAST=False, **{f: extras for f in NO_FLASH_EXTRAS})
         k = compile_kernel(extend, _pointer_types(extend, dtype, kv), consts, num_warps, num_stages)
         regs, stack = resources(k)
         rows.append(dict(base, kernel="extend" + ("" if causal else "_full") + ("_extras" if extras else ""),

@@ -159,8 +159,8 @@ def _decode_attn_int4_kernel(
     stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt, stride_mb,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-    HAS_HOLES: tl.constexpr, HAS_STATUS: tl.constexpr, NEW_KV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT: tl.constexpr, HAS_HOLES: tl.constexpr,
+    HAS_STATUS: tl.constexpr, NEW_KV: tl.constexpr,
 ):
     # The int4 twin of _decode_attn_kernel (same grid, bounds, splits and epilogue): caches hold two values a byte
     # [num_blocks, nheads_k, BLOCK_SIZE, HEAD_DIM / 2] with (scale, minimum) per half; q and the output are handled
@@ -188,7 +188,7 @@ def _decode_attn_int4_kernel(
     q_hi = tl.load(q_row + HALF, mask=q_mask, other=0.0)
     qsum_lo = tl.sum(q_lo.to(tl.float32), 1)
     qsum_hi = tl.sum(q_hi.to(tl.float32), 1)
-    qd_lo, qd_hi, q_inv = int4_query(q_lo, q_hi, q_ptr.dtype.element_ty)  # no bf16 dot: UPCAST is not needed
+    qd_lo, qd_hi, q_inv = int4_query(q_lo, q_hi, q_ptr.dtype.element_ty)  # no bf16 dot, so no UPCAST
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc_lo = tl.zeros([BLOCK_H, D_PAD // 2], tl.float32)
@@ -290,11 +290,18 @@ def _decode_reduce_kernel(
 
 
 class FlashExtras(NamedTuple):
-    """flash_attn_with_kvcache's options as kernel arguments: (alibi_ptr, lse_ptr, softcap, stride_ab, stride_eb,
-    stride_eh) and the ALIBI / SOFTCAP / RETURN_LSE constexprs."""
+    """flash_attn_with_kvcache's options as kernel arguments, and the ALIBI / SOFTCAP / RETURN_LSE constexprs."""
 
-    args: tuple
+    alibi: torch.Tensor  # alibi_ptr
+    lse: torch.Tensor  # lse_ptr
+    softcap: float  # cap * log2(e)
+    stride_ab: int
+    lse_strides: tuple  # stride_eb, stride_eh (, stride_et)
     flags: dict
+
+    def attend_args(self) -> tuple:
+        """The trailing runtime arguments of the decode and extend kernels."""
+        return (self.alibi, self.lse, self.softcap, self.stride_ab, *self.lse_strides)
 
 
 def flash_extras(q, out, alibi_slopes, softcap, lse, kind: str, lse_shape: tuple) -> FlashExtras:
@@ -315,9 +322,9 @@ def flash_extras(q, out, alibi_slopes, softcap, lse, kind: str, lse_shape: tuple
     if lse is not None:
         assert lse.dtype == torch.float32 and tuple(lse.shape) == tuple(lse_shape), (lse.shape, lse_shape)
     lse_strides = tuple(lse.stride()) if lse is not None else (0,) * len(lse_shape)
-    args = (q if alibi_slopes is None else alibi_slopes, out if lse is None else lse,
-            softcap * LOG2E, stride_ab, *lse_strides)
-    return FlashExtras(args, dict(ALIBI=alibi_slopes is not None, SOFTCAP=softcap > 0, RETURN_LSE=lse is not None))
+    return FlashExtras(q if alibi_slopes is None else alibi_slopes, out if lse is None else lse, softcap * LOG2E,
+                       stride_ab, lse_strides,
+                       dict(ALIBI=alibi_slopes is not None, SOFTCAP=softcap > 0, RETURN_LSE=lse is not None))
 
 
 class DecodeConfig(NamedTuple):
@@ -416,20 +423,20 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
                 out.stride(0), out.stride(2), part_o.stride(0), part_o.stride(1), part_o.stride(2),
                 part_lse.stride(0), part_lse.stride(1))
         common = dict(GROUP=group, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_SIZE=block_size,
-                      HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT=num_splits > 1, UPCAST=upcast_dot(q.dtype),
-                      HAS_HOLES=has_holes, HAS_STATUS=has_status, NEW_KV=new_kv, num_warps=num_warps,
-                      num_stages=num_stages)
+                      HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT=num_splits > 1, HAS_HOLES=has_holes,
+                      HAS_STATUS=has_status, NEW_KV=new_kv, num_warps=num_warps, num_stages=num_stages)
         if kind == "int4":
             launcher(_decode_attn_int4_kernel)[(num_splits, nheads_k, batch)](*args, **common)
         else:
             launcher(_decode_attn_kernel)[(num_splits, nheads_k, batch)](
-                *args, *extras.args, INT8=int8, V_SCALE_ON_P=int8 and v_scale_on_p, **common, **extras.flags)
+                *args, *extras.attend_args(), INT8=int8, V_SCALE_ON_P=int8 and v_scale_on_p,
+                UPCAST=upcast_dot(q.dtype), **common, **extras.flags)
         if num_splits > 1:
             launcher(_decode_reduce_kernel)[(nheads, batch)](
                 part_o, part_lse, out, cache_seqlens, cache_starts, block_table, status,
                 window, capacity, split_size,
                 part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-                out.stride(0), out.stride(2), block_table.stride(0), *extras.args[1:2], *extras.args[4:],
+                out.stride(0), out.stride(2), block_table.stride(0), extras.lse, *extras.lse_strides,
                 HEAD_DIM=head_dim, D_PAD=d_pad, CHUNK=min(16, next_pow2(num_splits)), BLOCK_SIZE=block_size,
                 HAS_STATUS=has_status, NEW_KV=new_kv, RETURN_LSE=extras.flags["RETURN_LSE"],
                 num_warps=2 if d_pad <= 128 else 4,

@@ -126,8 +126,8 @@ def _extend_attn_int4_kernel(
     stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt, stride_mb,
     stride_ob, stride_ot, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr,
-    HAS_HOLES: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_HOLES: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     # The int4 twin of _extend_attn_kernel: rows and tiles as there, q and the output in their two halves
     # (utils.int4_tile_update reads each packed tile without dequantizing it).
@@ -154,7 +154,7 @@ def _extend_attn_int4_kernel(
     q_hi = tl.load(q_row + HALF, mask=q_mask, other=0.0)
     qsum_lo = tl.sum(q_lo.to(tl.float32), 1)
     qsum_hi = tl.sum(q_hi.to(tl.float32), 1)
-    qd_lo, qd_hi, q_inv = int4_query(q_lo, q_hi, q_ptr.dtype.element_ty)  # no bf16 dot: UPCAST is not needed
+    qd_lo, qd_hi, q_inv = int4_query(q_lo, q_hi, q_ptr.dtype.element_ty)  # no bf16 dot, so no UPCAST
     m = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
     acc_lo = tl.zeros([BLOCK_M * GROUP_PAD, D_PAD // 2], tl.float32)
@@ -234,11 +234,11 @@ def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlen
                 out.stride(0), out.stride(1), out.stride(2))
         common = dict(GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, BLOCK_N=block_n,
                       BLOCK_SIZE=k_cache.shape[2], HEAD_DIM=head_dim, D_PAD=next_pow2(head_dim),
-                      UPCAST=upcast_dot(q.dtype), HAS_HOLES=has_holes, CAUSAL=bool(causal),
-                      num_warps=num_warps, num_stages=num_stages)
+                      HAS_HOLES=has_holes, CAUSAL=bool(causal), num_warps=num_warps, num_stages=num_stages)
         grid = (cdiv(q_len, block_m), nheads_k, batch)
         if kind == "int4":
             launcher(_extend_attn_int4_kernel)[grid](*args, **common)
         else:
-            launcher(_extend_attn_kernel)[grid](*args, *extras.args, INT8=kind == "int8", **common, **extras.flags)
+            launcher(_extend_attn_kernel)[grid](*args, *extras.attend_args(), INT8=kind == "int8",
+                                                UPCAST=upcast_dot(q.dtype), **common, **extras.flags)
     return out
