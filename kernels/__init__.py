@@ -1,28 +1,30 @@
-"""Triton kernels and their launchers (installed as `hf_kvplug.kernels`): cache write, fused decode, extend."""
+"""Triton kernels and their launchers (installed as `hf_kvplug.kernels`): cache write, fused decode, extend.
 
-import triton  # noqa: F401  (ImportError here makes hf_kvplug fall back to the reference)
+This directory sits at the top of the checkout, where `python -m ...` or `python -c ...` started in the repository
+root finds it under the bare name `kernels`. That name belongs to HuggingFace's `kernels` package (a dependency of
+transformers >= 5.25, imported by `transformers.modeling_utils`): imported as `kernels`, this file loads that package
+from the rest of `sys.path` and hands the name over to it, so this directory never shadows it.
+"""
 
-from . import decode_attn, extend_attn, write_kv
-from .write_kv import write_kvcache
+if __name__ == "kernels":
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-__all__ = ["attend_with_kvcache", "write_kvcache"]
+    _root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    _path = [p for p in sys.path if os.path.realpath(p or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'kernels' (HuggingFace's package is not installed; this "
+                                  f"checkout's {os.path.dirname(os.path.abspath(__file__))} is hf_kvplug.kernels)",
+                                  name="kernels")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds once this file ran
+    _spec.loader.exec_module(_module)
+else:
+    import triton  # noqa: F401  (ImportError here makes hf_kvplug fall back to the reference)
 
+    from .launch import attend_with_kvcache, write_kvcache
 
-def attend_with_kvcache(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-                        cache_valid, status, softmax_scale, window, causal=True, right=-1, alibi_slopes=None,
-                        softcap=0.0, lse=None, num_splits=None):
-    # k, v [B, n_new, nheads_k, D]: n_new == q_len in the model's forwards; 0 attends only (semantics: reference.py).
-    # right, alibi_slopes, softcap, lse [B, nheads, q_len] (written), num_splits (one query; None: the launcher's
-    # choice): flash_attn_with_kvcache's options (hf_kvplug.flash)
-    q_len, n_new = q.shape[1], k.shape[1]
-    if q_len == 1 and n_new <= 1:  # one query: the split-KV decode kernel (writes the new token in the same pass)
-        return decode_attn.decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
-                                       cache_starts, cache_valid, status, softmax_scale, window, num_splits=num_splits,
-                                       alibi_slopes=alibi_slopes, softcap=softcap,
-                                       lse=None if lse is None else lse[:, :, 0])
-    write_kv.write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status)
-    # the extend kernel places query i at slot seqlens[b] + i: shift the rows so the queries end with the new tokens
-    seqlens = cache_seqlens if n_new == q_len else cache_seqlens + (n_new - q_len)
-    return extend_attn.extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, seqlens, cache_starts,
-                                   cache_valid, softmax_scale, window, causal=causal, new_lo=q_len - n_new,
-                                   right=right, alibi_slopes=alibi_slopes, softcap=softcap, lse=lse)
+    __all__ = ["attend_with_kvcache", "write_kvcache"]

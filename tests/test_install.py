@@ -1,0 +1,55 @@
+"""The install as a user meets it: the repository root never shadows HuggingFace's `kernels` package (which
+transformers >= 5.25 imports), from the root or anywhere else, and `hf_kvplug.kernels` still is this checkout's."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+try:  # HuggingFace's package is installed (its distribution, whatever sys.path holds here)
+    importlib.metadata.distribution("kernels")
+    HF_KERNELS = True
+except importlib.metadata.PackageNotFoundError:
+    HF_KERNELS = False
+
+
+def _run(code: str, cwd: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, *args, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("where", ["root", "elsewhere"])
+def test_import_kernels_is_huggingfaces_package(where, tmp_path):
+    """`python -c "import kernels"` started in the repository root (which puts the root first on sys.path) gives
+    HuggingFace's package when it is installed, and no module at all otherwise; never this checkout's directory."""
+    cwd = ROOT if where == "root" else str(tmp_path)
+    run = _run("import kernels; print(kernels.__file__)", cwd)
+    if HF_KERNELS:
+        assert run.returncode == 0, run.stderr
+        path = os.path.realpath(run.stdout.strip())
+        assert not path.startswith(os.path.realpath(os.path.join(ROOT, "kernels")) + os.sep), path
+    else:
+        assert run.returncode != 0 and "No module named 'kernels'" in run.stderr, run.stderr
+
+
+def test_repo_root_imports_transformers_and_our_kernels():
+    """From the root: transformers' modeling code imports (it imports `kernels` from 5.25), and hf_kvplug's
+    kernels are this checkout's `kernels/` directory under their installed name."""
+    code = ("import transformers.modeling_utils, hf_kvplug, hf_kvplug.kernels as k, os; "
+            "print(os.path.realpath(os.path.dirname(k.__file__)))")
+    run = _run(code, ROOT)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == os.path.realpath(os.path.join(ROOT, "kernels"))
+
+
+def test_pytest_collects_from_the_root():
+    """The README's test command, from the root: collection imports transformers (and `kernels`) without error."""
+    run = _run("import sys, pytest; sys.exit(pytest.main(['-q', '--collect-only', '-p', 'no:cacheprovider', "
+               "'tests/test_blocks.py']))", ROOT)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
