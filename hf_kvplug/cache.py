@@ -175,7 +175,7 @@ class PlugLayer(CacheLayerMixin):
         x = gather_kv(buf, scale, self.block_table[:, first:end], batch, end - first, self.config.dtype)
         return x[:, :, lo - first * bs:hi - first * bs]
 
-    def lazy_initialization(self, key_states, value_states=None) -> None:
+    def lazy_initialization(self, key_states, value_states=None, *args, **kwargs) -> None:
         """Buffers are allocated at construction; this only checks that the model fits them."""
         self.check_states(key_states.transpose(1, 2))
 
@@ -185,13 +185,13 @@ class PlugLayer(CacheLayerMixin):
             "Call hf_kvplug.patch(model) before generating with a PlugCache (supported: "
             f"{', '.join(sorted(_supported_names()))}).")
 
-    def get_seq_length(self):
+    def get_seq_length(self, *args, **kwargs):
         return self.cache.get_seq_length(self.layer_idx)
 
-    def get_max_length(self) -> int:
+    def get_max_length(self, *args, **kwargs) -> int:
         return self.config.max_cache_len
 
-    def get_max_cache_shape(self) -> int:
+    def get_max_cache_shape(self, *args, **kwargs) -> int:
         return self.config.max_cache_len
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
@@ -199,12 +199,13 @@ class PlugLayer(CacheLayerMixin):
         # mask, which the prefill's stock attention uses and later forwards ignore.
         return query_length, 0
 
-    def reset(self) -> None:
+    def reset(self, *args, **kwargs) -> None:
         self.cache_seqlens.zero_()
         self.fresh = True
 
-    def activate_past_recording(self) -> None:
-        """Nothing to do: every token stays in its slot until `crop` moves the length back."""
+    def activate_past_recording(self, *args, **kwargs) -> None:
+        """Nothing to do: every token stays in its slot until `crop` moves the length back (transformers 5.25 passes
+        `recurrent_states_to_keep=`, which only linear-attention layers use)."""
 
     # --- the plugged attention --------------------------------------------------------------------
 
@@ -330,10 +331,10 @@ class RemoteLayer(CacheLayerMixin):
         raise RuntimeError(f"layer {self.layer_idx} runs on another pipeline stage: this rank's PlugCache holds none "
                            "of its K/V")
 
-    def get_seq_length(self):
+    def get_seq_length(self, *args, **kwargs):
         return self.cache.get_seq_length()
 
-    def get_max_length(self) -> int:
+    def get_max_length(self, *args, **kwargs) -> int:
         return self.cache.max_cache_len
 
     get_max_cache_shape = get_max_length  # the name transformers 5.4-5.12 asks (compat.MAX_LENGTH_METHODS)
@@ -341,7 +342,10 @@ class RemoteLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
         return query_length, 0
 
-    def reset(self) -> None:
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+    def activate_past_recording(self, *args, **kwargs) -> None:
         pass
 
 
@@ -493,16 +497,16 @@ class PlugCache(DynamicCache):
         return sum(t.numel() * t.element_size() for layer in self.attn_layers if layer.ring == ring
                    for t in (layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale))
 
-    def get_max_length(self, layer_idx: int | None = None) -> int:
+    def get_max_length(self, layer_idx: int | None = None, *args, **kwargs) -> int:
         return self.config.max_cache_len
 
-    def get_max_cache_shape(self, layer_idx: int | None = None) -> int:
+    def get_max_cache_shape(self, layer_idx: int | None = None, *args, **kwargs) -> int:
         return self.config.max_cache_len
 
-    def get_query_offset(self, layer_idx: int = 0):
+    def get_query_offset(self, layer_idx: int = 0, *args, **kwargs):
         return 0  # pairs with get_mask_sizes: HF's mask stays q x q and is ignored after the prefill
 
-    def get_seq_length(self, layer_idx: int = 0):
+    def get_seq_length(self, layer_idx: int = 0, *args, **kwargs):
         """Tokens cached per row. An int, from the host's own count (no device read); while torch.compile traces, a
         0-d device tensor (a traced int would be baked into the graph)."""
         if _compiling():
@@ -566,8 +570,10 @@ class PlugCache(DynamicCache):
                 if need > len(table.pool.free):
                     table.pool.allocate(need)  # raises PoolExhausted, naming the pool
         if fresh and self.linear_layers and batch != self._linear_batch:
-            if self._linear_batch is not None:  # their states keep the batch they were built for: start new ones
-                for i, layer in compat.linear_attention_layers(self._hf_config, self.config.layer_kinds).items():
+            if self._linear_batch is not None:  # their states keep the batch they were built for: start new ones,
+                new = compat.linear_attention_layers(self._hf_config, self.config.layer_kinds)  # recording the past
+                for i, layer in new.items():  # if generate() switched that on (assisted decoding) before this forward
+                    compat.record_like(layer, self.layers[i])
                     self.layers[i] = layer
             self._linear_batch = batch
         if attention_mask is not KEEP_MASK:
@@ -743,13 +749,15 @@ class PlugCache(DynamicCache):
 
     # --- rows: reset, crop, beam search ---------------------------------------------------------
 
-    def reset(self) -> None:
+    def reset(self, *args, **kwargs) -> None:
         """Empty every row (buffers keep their addresses); blocks go back to the pool; the next forward prefills."""
         self._writable_here()
         for table in self.tables.values():
             table.release(range(self.max_batch_size))
         self._sync_tables()
         try:
+            for i in self.linear_layers:  # a reset cache records no past (assisted decoding switches it on again)
+                compat.stop_recording(self.layers[i])
             for layer in self.layers:
                 layer.reset()  # linear-attention layers too: transformers zeroes their states
             for dev in self.device_states.values():
@@ -763,7 +771,7 @@ class PlugCache(DynamicCache):
         self._pending = 0
         self._leaders = None
 
-    def crop(self, n: int) -> None:
+    def crop(self, n: int, *args, **kwargs) -> None:
         """Drop `-n` tokens (n < 0), or keep the first `n` tokens where transformers crops that way (its older,
         positive convention). Blocks stay mapped; the next write copies a block first if it is shared."""
         self._writable_here()
@@ -791,16 +799,16 @@ class PlugCache(DynamicCache):
             layer.cache_seqlens[:self.batch].fill_(keep)
         self.length = keep
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+    def reorder_cache(self, beam_idx: torch.LongTensor, *args, **kwargs) -> None:
         """Beam search: row b becomes row beam_idx[b]. Moves block ids and reference counts, copies no K/V (a row
         that then writes into a block it shares gets a copy of that one block first). One host read of beam_idx."""
         self._select(beam_idx.tolist())
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
+    def batch_repeat_interleave(self, repeats: int, *args, **kwargs) -> None:
         """Row b becomes rows b*repeats ... b*repeats + repeats-1, sharing its blocks (contrastive search)."""
         self._select([b for b in range(self.batch) for _ in range(repeats)])
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
+    def batch_select_indices(self, indices: torch.Tensor, *args, **kwargs) -> None:
         """Keep rows `indices` (in that order), sharing blocks where an index repeats (contrastive search)."""
         self._select(torch.as_tensor(indices).tolist())
 
@@ -926,14 +934,19 @@ class PlugCache(DynamicCache):
         block), and let groups of `share` rows expanded from one prompt store it once."""
         if self._open:
             self.sync_lengths()
-        self._generate = {"reserve": reserve, "share": share}
+        recording = any(compat.recording(self.layers[i]) is not None for i in self.linear_layers)
+        self._generate = {"reserve": reserve, "share": share, "recording": recording}
 
     def generate_ends(self, failed: bool) -> None:
-        self._generate = None
-        self._leaders = None
+        """After the generate() call: linear-attention layers stop recording their past if the call switched it on
+        (assisted decoding), so later calls keep no state copies and compile again. A call that failed leaves the
+        count as the layers hold it: a forward stopped part-way is still open, and the next use checks it."""
+        hints, self._generate, self._leaders = self._generate or {}, None, None
         if failed:
-            self._prepared = False
-            self._open = True  # unknown: the next use checks that every layer agrees
+            self._prepared = False  # a forward begun for a step that never ran: the next one begins again
+        if not hints.get("recording", True):
+            for i in self.linear_layers:
+                compat.stop_recording(self.layers[i])
 
 
 def _pools(config: PlugConfig) -> dict[int | None, BlockPool]:

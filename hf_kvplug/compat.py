@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 import transformers
 from packaging.version import Version
-from transformers import cache_utils
+from transformers import PreTrainedModel, cache_utils
 from transformers.cache_utils import DynamicLayer
 from transformers.models.llama import modeling_llama
 
@@ -38,6 +39,9 @@ MAX_LENGTH_METHODS = ("get_max_length", "get_max_cache_shape")
 
 # 5.24: attention forwards call `cache.update(key_states, value_states, layer_idx, kwargs=kwargs)` (before: no
 # `kwargs=`). A patched forward never calls update on a PlugCache; PlugLayer.update takes any arguments and explains.
+# Every method transformers calls on a PlugCache or its layers takes `*args, **kwargs` beyond what it uses, as
+# transformers' own base classes do, so a keyword a later release adds is never a TypeError (5.25 added
+# `activate_past_recording(recurrent_states_to_keep=)`, below).
 
 # 5.4 only: generate() pre-builds a compileable cache's 4D mask (through `create_masks_for_generate`) only when a 2D
 # attention mask is given; later releases also without one. Either way the patched model's forward pre-hooks and
@@ -91,6 +95,47 @@ def linear_attention_layers(config, kinds: list[str]) -> dict:
                          f"5.5, where their state lives in generic cache layers; this is {transformers.__version__}")
     stock = cache_utils.DynamicCache(config=config)
     return {i: stock.layers[i] for i, kind in enumerate(kinds) if kind == "linear"}
+
+
+# 5.25: hybrid models may decode with an assistant: linear-attention layers record their recurrent states while
+# `record_past` (`activate_past_recording(recurrent_states_to_keep=N)`, which assisted decoding always calls with that
+# keyword) and `crop` restores one. Before 5.25, generate() refuses assisted decoding for stateful models (a class
+# attribute `_is_stateful` the hybrids set) and the layers' `activate_past_recording()` takes no argument.
+ASSISTED_REFUSES_STATEFUL = hasattr(PreTrainedModel, "_is_stateful")
+_ACTIVATE = getattr(getattr(cache_utils, "LinearAttentionLayer", None), "activate_past_recording", None)
+RECORDS_RECURRENT_STATES = _ACTIVATE is not None and \
+    "recurrent_states_to_keep" in inspect.signature(_ACTIVATE).parameters
+
+
+def recording(layer) -> dict | None:
+    """A linear-attention layer's past recording: None when off, else the keywords that switch it on as it is."""
+    if not getattr(layer, "record_past", False):
+        return None
+    return {"recurrent_states_to_keep": layer.recurrent_states_to_keep} if RECORDS_RECURRENT_STATES else {}
+
+
+def record_like(layer, other) -> None:
+    """Switch `layer`'s past recording on as `other`'s is (a layer built anew for another batch size)."""
+    kwargs = recording(other)
+    if kwargs is not None:
+        layer.activate_past_recording(**kwargs)
+
+
+def stop_recording(layer) -> None:
+    """Switch a linear-attention layer's past recording off, keeping its state: the conv states (grown while
+    recording) back to the kernel's width in tensors of their own (static addresses again, as transformers' layers
+    allocate them) and no recorded history, as `crop(0)` leaves a recording layer."""
+    if not getattr(layer, "record_past", False):
+        return
+    for i in range(layer.number_of_states):
+        if layer.is_conv_states_initialized[i]:
+            conv = layer.conv_states[i][..., -layer.conv_kernel_size[i]:].clone()
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(conv)
+            layer.conv_states[i] = conv
+    if hasattr(layer, "recurrent_states_history"):
+        layer.recurrent_states_history = {i: [] for i in range(layer.number_of_states)}
+    layer.record_past = False
 
 
 # 5.23: `transformers.distributed.tensor_parallel.get_kv_heads_per_rank`, the rule generate() uses to size a static

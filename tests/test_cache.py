@@ -192,3 +192,34 @@ def test_stats_and_no_leaks_after_reset():
     assert stats["bytes_in_use"] == stats["blocks_in_use"] * stats["bytes_per_block"]
     cache.reset()
     assert cache.stats()["blocks_in_use"] == 0 and all(r == 0 for r in cache.pool.refs)
+
+
+def test_methods_transformers_calls_take_keywords_they_do_not_use():
+    """Every method a stock cache (or cache layer) has that we define takes `**kwargs`, as transformers' own base
+    classes do: a keyword a later release adds (5.25's `activate_past_recording(recurrent_states_to_keep=)`) is
+    never a TypeError."""
+    import inspect
+
+    from transformers.cache_utils import CacheLayerMixin
+
+    from hf_kvplug.cache import PlugLayer, RemoteLayer
+
+    checked = []
+    pairs = ((hf_kvplug.PlugCache, DynamicCache), (PlugLayer, CacheLayerMixin), (RemoteLayer, CacheLayerMixin))
+    for ours, base in pairs:
+        names = {n for n in dir(base) if not n.startswith("_")} | set(compat.MAX_LENGTH_METHODS) | {
+            "activate_past_recording", "crop", "reorder_cache", "batch_repeat_interleave", "batch_select_indices"}
+        for name, member in vars(ours).items():
+            if name in names and callable(member):
+                params = inspect.signature(member).parameters.values()
+                assert any(p.kind is p.VAR_KEYWORD for p in params), f"{ours.__name__}.{name} takes no **kwargs"
+                checked.append(f"{ours.__name__}.{name}")
+    assert {"PlugCache.crop", "PlugCache.reset", "PlugCache.get_seq_length", "PlugLayer.activate_past_recording",
+            "PlugLayer.get_mask_sizes", "RemoteLayer.get_seq_length"} <= set(checked)
+
+
+def test_activate_past_recording_with_its_keywords(filled):
+    model, cache = filled
+    cache.activate_past_recording(recurrent_states_to_keep=3, a_keyword_from_the_future=True)
+    cache.crop(-2)
+    assert cache.get_seq_length() == 19

@@ -84,20 +84,63 @@ def test_multi_turn_and_reset_with_another_batch(family):
     assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
 
 
+_LOOKUP = torch.tensor([[5, 9, 17, 33, 5, 9, 17, 33, 5, 9, 17, 40, 5, 9]])
+_LOOKUP_KW = dict(max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3, eos_token_id=127)
+_REFUSES = pytest.mark.skipif(compat.ASSISTED_REFUSES_STATEFUL,
+                              reason="this transformers refuses assisted decoding for stateful (hybrid) models")
+
+
 @pytest.mark.parametrize("family", NEW)
 def test_prompt_lookup_as_stock(family):
-    """Assisted decoding: stock-equal tokens for the MoE families; hybrids are refused by transformers itself
-    (stateful models), and with a PlugCache the same error comes."""
+    """Assisted decoding: stock-equal tokens, the hybrids included where transformers decodes them with an assistant
+    (5.25+: their linear-attention layers record recurrent states and crop back); where it refuses them (stateful
+    models, before 5.25), the same error comes with a PlugCache."""
     stock, plugged, cache = _pair(family, max_batch_size=1)
-    ids = torch.tensor([[5, 9, 17, 33, 5, 9, 17, 33, 5, 9, 17, 40, 5, 9]])
-    kw = dict(max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3, eos_token_id=127)
-    if family in HYBRID_FAMILIES:  # the hybrids' own rule
+    if family in HYBRID_FAMILIES and compat.ASSISTED_REFUSES_STATEFUL:  # the release's own rule
         with pytest.raises(ValueError, match="stateful") as stock_error:
-            stock.generate(ids, **kw)
+            stock.generate(_LOOKUP, **_LOOKUP_KW)
         with pytest.raises(ValueError, match=str(stock_error.value)[:40]):
-            plugged.generate(ids, **kv(cache), **kw)
+            plugged.generate(_LOOKUP, **kv(cache), **_LOOKUP_KW)
         return
-    assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
+    assert torch.equal(plugged.generate(_LOOKUP, **kv(cache), **_LOOKUP_KW), stock.generate(_LOOKUP, **_LOOKUP_KW))
+
+
+@_REFUSES
+@pytest.mark.parametrize("family", HYBRIDS)
+def test_hybrid_assisted_after_reset_with_another_batch_then_plain(family):
+    """A batch of 3, reset(), then prompt lookup on one row: the linear-attention layers are built anew for the new
+    batch after generate() switched recording on, and still record (else the first crop raises). After the call no
+    layer records any more (no state copies per token, compileable again), and a plain continuation and a fresh
+    request equal stock's."""
+    stock, plugged, cache = _pair(family)
+    ids, mask = _batch()
+    kw = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(plugged.generate(ids, attention_mask=mask, **kv(cache), **kw),
+                       stock.generate(ids, attention_mask=mask, **kw))
+    cache.reset()
+    ref_cache = DynamicCache(config=stock.config)
+    out = plugged.generate(_LOOKUP, **kv(cache), **_LOOKUP_KW)
+    assert torch.equal(out, stock.generate(_LOOKUP, **kv(ref_cache), **_LOOKUP_KW))
+    assert not any(cache.is_recording_past(i) for i in range(len(cache.layers))) and cache.is_compileable
+    turn2 = torch.cat([out, torch.tensor([[7, 8, 9]])], 1)
+    assert torch.equal(plugged.generate(turn2, **kv(cache), **kw), stock.generate(turn2, **kv(ref_cache), **kw))
+    cache.reset()
+    assert torch.equal(plugged.generate(ids[:1], **kv(cache), **kw), stock.generate(ids[:1], **kw))
+
+
+@pytest.mark.skipif(not compat.RECORDS_RECURRENT_STATES, reason="transformers < 5.25 records no recurrent states")
+def test_reset_leaves_no_recording_on():
+    """Recording switched on by hand (as assisted decoding does) is off after reset(); the cache compiles again and
+    the next request equals stock's."""
+    stock, plugged, cache = _pair("qwen3_5")
+    ids, _ = _batch()
+    kw = dict(max_new_tokens=5, do_sample=False)
+    plugged.generate(ids[:1], **kv(cache), **kw)
+    cache.activate_past_recording(recurrent_states_to_keep=3)
+    assert cache.get_recurrent_states_to_keep() == 3 and not cache.is_compileable
+    cache.reset()
+    assert cache.get_recurrent_states_to_keep() == 0 and cache.is_compileable
+    assert torch.equal(plugged.generate(ids[:1], **kv(cache), **kw), stock.generate(ids[:1], **kw))
 
 
 @pytest.mark.parametrize("family", NEW)

@@ -217,6 +217,50 @@ def test_exception_after_the_last_layer_keeps_the_cache_consistent():
     torch.testing.assert_close(plugged(step, **kv(cache)).logits, stock(step, **kv(ref)).logits)
 
 
+class _RaiseAt:
+    """Raises on its `n`-th call: a stopping criterion, a logits processor or a streamer that fails between steps."""
+
+    def __init__(self, n: int, exc, where: str):
+        self.n, self.calls, self.exc, self.where = n, 0, exc, where
+
+    def _tick(self):
+        self.calls += 1
+        if self.calls == self.n:
+            raise self.exc("between steps")
+
+    def __call__(self, input_ids, scores):  # a LogitsProcessor (exactly these two parameters) or a StoppingCriteria
+        self._tick()
+        return scores if self.where == "logits_processor" else torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    def put(self, value):  # streamer
+        self._tick()
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("where", ["stopping_criteria", "logits_processor", "streamer"])
+@pytest.mark.parametrize("exc", [_Interrupt, KeyboardInterrupt])
+def test_generate_that_raises_between_steps_counts_as_stock(where, exc):
+    """A generate() stopped between steps by a stopping criterion, logits processor or streamer (or Ctrl-C there):
+    the cache reports the tokens stock's DynamicCache holds in the same run, continuing gives stock's logits, and a
+    continued generate() equals stock's."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    stock, plugged, cache = _pair("llama")
+    ids = torch.randint(2, 128, (1, 6))
+    ref = DynamicCache(config=stock.config)
+    for model, c in ((stock, ref), (plugged, cache)):
+        hook = _RaiseAt(4, exc, where)
+        extra = {"stopping_criteria": StoppingCriteriaList([hook]), "logits_processor": LogitsProcessorList([hook]),
+                 "streamer": hook}[where]
+        with pytest.raises(exc):
+            model.generate(ids, **kv(c), max_new_tokens=8, do_sample=False, **{where: extra})
+    assert cache.get_seq_length() == ref.get_seq_length() > ids.shape[1]
+    step = torch.randint(2, 128, (1, 1))
+    torch.testing.assert_close(plugged(step, **kv(cache)).logits, stock(step, **kv(ref)).logits)
+
+
 def test_interrupted_generate_then_reset():
     stock, plugged, cache = _pair("llama")
     ids = torch.randint(2, 128, (2, 6))
