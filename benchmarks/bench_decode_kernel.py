@@ -119,6 +119,7 @@ def paged_cache(keys, values, block_size: int, capacity: int, kv: str):
     ("fp16" keeps the model dtype, "int8", "int4"); filled a row at a time so that the only large allocations are
     the cache buffers themselves."""
     from hf_kvplug.config import PlugConfig
+    from hf_kvplug.geometry import Geometry
     from hf_kvplug.reference import quantize
 
     batch, nheads_k, length, d = keys.shape
@@ -126,8 +127,9 @@ def paged_cache(keys, values, block_size: int, capacity: int, kv: str):
     used = -(-length // block_size)
     num_blocks = batch * max_blocks
     table = torch.randperm(num_blocks, device=keys.device).view(batch, max_blocks).to(torch.int32)
-    cfg = PlugConfig(num_layers=1, nheads=nheads_k, nheads_k=nheads_k, head_dim=d, max_batch_size=batch,
-                     max_cache_len=max_blocks * block_size, dtype=keys.dtype, layer_devices=[keys.device],
+    geometry = Geometry(num_layers=1, nheads=nheads_k, nheads_k=nheads_k, head_dim=d, dtype=keys.dtype,
+                        layer_devices=[keys.device])
+    cfg = PlugConfig(geometry, max_batch_size=batch, max_cache_len=max_blocks * block_size,
                      kv_dtype=None if kv == "fp16" else kv, block_size=block_size)
     shape, scale_shape, scale_dtype = cfg.storage_shapes()
     bufs = []

@@ -54,24 +54,25 @@ def _plugged_forward(self, cache, hidden_states, position_embeddings=None, atten
     # Looked up at call time so a RoPE (or eager attention) swapped into the modeling module is honoured.
     modeling = sys.modules[type(self).__module__]
     q, k = modeling.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    layer = cache.layer(self.layer_idx)
+    k = k.transpose(1, 2)  # [B, L, nheads_k, D], as the cache stores it
+    layer = cache.enter(self.layer_idx, k)  # checks; the forward's host work if nothing did it (a layer called alone)
+    rows = cache.state
     weights = None
     if layer.fresh:
         # First forward into an empty cache (the prefill): the model's own attention over the fresh K/V with the
         # mask HF built (q x q, as for a DynamicCache), exactly as stock; the K/V are stored only once it succeeded,
         # so that an error in it (say, out of memory) leaves the layer empty.
-        layer.check_states(k.transpose(1, 2))
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                        modeling.eager_attention_forward)
         if family.passes_window:
             kwargs["sliding_window"] = layer.window
-        out, weights = attend(self, q, k, v.transpose(1, 2), attention_mask, dropout=0.0, scaling=self.scaling,
-                              **kwargs)
-        layer.write(k.transpose(1, 2), v)
+        out, weights = attend(self, q, k.transpose(1, 2), v.transpose(1, 2), attention_mask, dropout=0.0,
+                              scaling=self.scaling, **kwargs)
+        layer.write(k, v, rows.leaders)
     elif _wants_weights(self, kwargs):  # output_attentions: the model's eager attention over the gathered K/V
-        out, weights = layer.attend_dense(self, q, k.transpose(1, 2), v, modeling.eager_attention_forward)
+        out, weights = layer.attend_dense(self, q, k, v, modeling.eager_attention_forward, rows.length, rows.holes)
     else:
-        out = layer.attend(q.transpose(1, 2), k.transpose(1, 2), v, self.scaling)
+        out = layer.attend(q.transpose(1, 2), k, v, self.scaling, rows.holes)
     out = out.reshape(*input_shape, -1)
     if gate is not None:
         out = out * torch.sigmoid(gate)

@@ -16,6 +16,7 @@ share a place: the cache writes a row's slots in order and never lets a write la
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 
@@ -176,3 +177,96 @@ class BlockTable:
 
     def mapped(self) -> list[int]:
         return [len(row) for row in self.rows]
+
+
+class Paging:
+    """The block tables of one cache: one per group of layers (None: the layers that keep up to max_cache_len; a
+    ring size: sliding-window layers), each over its pool, which forks share. Decides which blocks a forward maps,
+    copies or shares; the owner moves the data (`copy(ring, pairs)`) and the device tables (`dirty_tables`)."""
+
+    def __init__(self, pools: dict, max_rows: int, max_blocks: int, block_size: int):
+        self.max_rows, self.max_blocks, self.block_size = max_rows, max_blocks, block_size
+        self.tables = {ring: BlockTable(pool, max_rows, max_blocks, ring) for ring, pool in pools.items()}
+
+    @property
+    def pools(self) -> dict:
+        return {ring: table.pool for ring, table in self.tables.items()}
+
+    def check_room(self, rows: int, start: int, end: int, reserve: int) -> None:
+        """Raise PoolExhausted, naming the pool, unless every group has room for `prepare(rows, start, end,
+        reserve)`; all or nothing across groups."""
+        for table in self.tables.values():
+            need = table.blocks_needed(list(range(rows)), start, end, reserve, self.block_size)
+            if need > len(table.pool.free):
+                table.pool.allocate(need)  # raises, naming the pool
+
+    def prepare(self, rows: int, start: int, end: int, reserve: int, share: int, copy) -> list[int] | None:
+        """Make slots [start, end) of rows < `rows` writable, each row covering max(end, reserve) slots;
+        `copy(ring, pairs)` moves the data of the blocks copied on write. With `share` > 1 (a prompt into empty
+        rows, `rows` a multiple of it), each group of `share` rows maps its leader's prompt blocks, and the leaders
+        are returned (only they are written); else None."""
+        bs = self.block_size
+        leaders = list(range(0, rows, share)) if share > 1 else None
+        for ring, table in self.tables.items():
+            if leaders is None:
+                copy(ring, table.prepare_write(list(range(rows)), start, end, reserve, bs))
+                continue
+            followers = [list(range(b + 1, b + share)) for b in leaders]
+            copies = table.prepare_write(leaders, 0, end, reserve, bs)
+            table.share_from(leaders, followers, math.ceil(end / bs))
+            copies += table.prepare_write([r for group in followers for r in group], end, end, reserve, bs)
+            copy(ring, copies)
+        return leaders
+
+    def reserve(self, rows: int, start: int, tokens: int, copy) -> int:
+        """Map private blocks for `tokens` slots of rows < `rows` (a ring: all its blocks, it serves any length),
+        copying shared ones; returns how many leading rows have every block mapped and private from `start` on."""
+        bs = self.block_size
+        for ring, table in self.tables.items():
+            copy(ring, table.prepare_write(list(range(rows)), start, max(tokens, start), tokens, bs))
+        full = 0
+        for b in range(rows):
+            if any(len(t.rows[b]) < t.width or any(t.pool.refs[t.rows[b][i]] > 1
+                                                   for i in t.positions_written(start, self.max_blocks * bs, bs))
+                   for t in self.tables.values()):
+                break
+            full += 1
+        return full
+
+    def select(self, index: list[int]) -> None:
+        for table in self.tables.values():
+            table.select(index)
+
+    def release(self) -> None:
+        for table in self.tables.values():
+            table.release(range(self.max_rows))
+
+    def fork(self) -> "Paging":
+        """The same rows over the same pools (one more reference to each block)."""
+        other = object.__new__(Paging)
+        other.max_rows, other.max_blocks, other.block_size = self.max_rows, self.max_blocks, self.block_size
+        other.tables = {ring: table.fork() for ring, table in self.tables.items()}
+        return other
+
+    def copy_onto(self, pools: dict) -> "Paging":
+        """The same rows mapping the same block ids in `pools` (fresh pools over copied buffers)."""
+        other = Paging(pools, self.max_rows, self.max_blocks, self.block_size)
+        for ring, table in other.tables.items():
+            table.rows = [list(row) for row in self.tables[ring].rows]
+            for row in table.rows:
+                for i in row:
+                    if table.pool.refs[i] == 0:
+                        table.pool.free.remove(i)
+                    table.pool.refs[i] += 1
+        return other
+
+    def dirty_tables(self):
+        """(ring, dense table `[max_rows][max_blocks]`) of each table changed since the last call."""
+        for ring, table in self.tables.items():
+            if table.dirty:
+                table.dirty = False
+                yield ring, table.to_dense()
+
+    def mark_dirty(self) -> None:
+        for table in self.tables.values():
+            table.dirty = True

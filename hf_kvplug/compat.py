@@ -7,6 +7,7 @@ backport or a development build is judged by what it does, not by its number.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -34,8 +35,41 @@ LEGACY_CROP = "tokens_to_remove" not in inspect.signature(DynamicLayer.crop).par
 ASSISTED_REFUSES_COMPILEABLE = TRANSFORMERS_VERSION < Version("5.5.0")
 
 # 5.13: the maximum cache length is asked with `get_max_length()`; 5.4-5.12 ask `get_max_cache_shape()` (kept,
-# deprecated, afterwards). A PlugCache answers both names: MAX_LENGTH_METHODS lists them for the tests.
+# deprecated, afterwards). A PlugCache and its layers answer both names (`answer_max_length_under_both_names`).
 MAX_LENGTH_METHODS = ("get_max_length", "get_max_cache_shape")
+
+
+def answer_max_length_under_both_names(cls):
+    """Class decorator: `get_max_cache_shape` answers as `get_max_length` does (the name 5.4-5.12 ask)."""
+    cls.get_max_cache_shape = cls.get_max_length
+    return cls
+
+
+@contextlib.contextmanager
+def eager_only_for_assisted(cache, assisted: bool):
+    """5.4 refuses assisted / prompt-lookup decoding with any compileable cache (later releases refuse only an exact
+    StaticCache). Assisted decoding never compiles, so there the cache presents its layers as eager-only for the
+    call; elsewhere this does nothing."""
+    if not (assisted and ASSISTED_REFUSES_COMPILEABLE):
+        yield
+        return
+    for layer in cache.attn_layers:
+        layer.is_compileable = False
+    try:
+        yield
+    finally:
+        for layer in cache.attn_layers:
+            del layer.is_compileable  # back to the class attribute
+
+
+def mark_static(*tensors: torch.Tensor) -> None:
+    """Mark buffers as static inputs for torch.compile / CUDA graphs, outside tracing. torch 2.6-2.8 default to
+    `guard=True`, newer releases to False: always False here, so the buffers are lifted as graph inputs instead of
+    being baked in behind an ID_MATCH guard, and a second cache of the same geometry reuses the compiled graph
+    (CUDA graphs re-record for the new addresses instead of recompiling)."""
+    if not torch.compiler.is_compiling():
+        for t in tensors:
+            torch._dynamo.mark_static_address(t, guard=False)
 
 # 5.24: attention forwards call `cache.update(key_states, value_states, layer_idx, kwargs=kwargs)` (before: no
 # `kwargs=`). A patched forward never calls update on a PlugCache; PlugLayer.update takes any arguments and explains.

@@ -1,103 +1,67 @@
-"""Cache geometry: the one dataclass that says what a PlugCache holds and where."""
+"""Cache sizing: the one dataclass that says what a PlugCache holds, for a model `Geometry` (what the model is)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from .geometry import Geometry, RankLayout
+
+__all__ = ["DEFAULT_WINDOW_SLACK", "KV_DTYPES", "PlugConfig", "RankLayout"]
+
 KV_DTYPES = (None, "int8", "int4")
-
-
-@dataclass(frozen=True)
-class RankLayout:
-    """What one process of a distributed model holds: heads split over `tp_size` ranks (transformers' tensor
-    parallelism) and the decoder layers `layers` it runs (global indices; pipeline parallelism; None: all)."""
-
-    tp_size: int = 1
-    layers: tuple[int, ...] | None = None
-
-    def runs(self, i: int) -> bool:
-        return self.layers is None or i in self.layers
-
-    @classmethod
-    def from_model(cls, model) -> "RankLayout":
-        """From a loaded model: `model._tp_size` (set by transformers when TP is on) and which decoder layers are real
-        (transformers replaces the others with `PipelineIdentityLayer`s under PP; its split rule changed in 5.24, so
-        it is read, never recomputed)."""
-        tp = int(getattr(model, "_tp_size", None) or 1)
-        layers = model.get_decoder().layers if hasattr(model, "get_decoder") else model.layers
-        real = tuple(i for i, layer in enumerate(layers) if any(True for _ in layer.parameters()))
-        if not real:
-            raise ValueError("this pipeline stage runs no decoder layer (more pipeline stages than layers?)")
-        return cls(tp, real if len(real) < len(layers) else None)
-
-
 DEFAULT_WINDOW_SLACK = 256  # tokens a sliding-window ring holds past its window, at most (see layer_rings)
+
+
+def _read_through(name: str):
+    return property(lambda self: getattr(self.geometry, name), doc=f"`geometry.{name}`")
 
 
 @dataclass
 class PlugConfig:
-    """Shape, dtype and placement of a PlugCache.
-
-    Built by `PlugConfig.from_model` / `PlugConfig.from_hf_config`; users normally pass a model to `PlugCache`.
-    `layer_devices[i]` is where layer i's buffers live (so `device_map` splits work), `layer_windows[i]` is the
-    sliding window of layer i (None for full attention), `layer_kinds[i]` is "attention" (paged K/V here),
-    "linear" (a linear-attention layer of a hybrid model: its state stays in transformers' own cache layer) or
-    "remote" (a layer another pipeline stage runs: nothing here). `nheads` / `nheads_k` are this rank's heads
-    (`tp_size` splits them: `from_hf_config` is the one place that derives them). With `trim_windows` (the
-    default) a sliding-window layer keeps a ring of `layer_rings[i]` blocks per row, its window and
-    `window_slack` more slots, instead of `max_cache_len` (see `layer_rings`).
+    """What a PlugCache holds for a model `geometry`: `max_batch_size` rows of up to `max_cache_len` tokens in
+    blocks of `block_size` (a pool of `max_tokens` slots, all rows together; None: the rectangle), K/V in
+    `kv_dtype` (None: the model dtype). With `trim_windows` (the default) a sliding-window layer keeps a ring of
+    `layer_rings[i]` blocks per row, its window and `window_slack` more slots, instead of `max_cache_len` (see
+    `layer_rings`). The geometry's fields read through (`config.nheads_k` is `config.geometry.nheads_k`).
     """
 
-    num_layers: int
-    nheads: int
-    nheads_k: int
-    head_dim: int
+    geometry: Geometry
     max_batch_size: int
     max_cache_len: int
-    dtype: torch.dtype
-    layer_devices: list[torch.device]
-    layer_windows: list[int | None] = field(default_factory=list)
     kv_dtype: str | None = None
     block_size: int = 64
-    model_type: str | None = None
     max_tokens: int | None = None  # the block pool's size in tokens (all rows); None: max_batch_size x max_cache_len
-    layer_kinds: list[str] = field(default_factory=list)
-    linear_state_bytes: int = 0  # per row, all linear-attention layers together (conv + recurrent state)
-    tp_size: int = 1
     trim_windows: bool = True
     window_slack: int | None = None  # ring slots past a window's own; None: min(window, DEFAULT_WINDOW_SLACK)
+
+    num_layers = _read_through("num_layers")
+    nheads = _read_through("nheads")
+    nheads_k = _read_through("nheads_k")
+    head_dim = _read_through("head_dim")
+    dtype = _read_through("dtype")
+    layer_devices = _read_through("layer_devices")
+    layer_windows = _read_through("layer_windows")
+    layer_kinds = _read_through("layer_kinds")
+    model_type = _read_through("model_type")
+    tp_size = _read_through("tp_size")
+    linear_state_bytes = _read_through("linear_state_bytes")
+    attention_layers = _read_through("attention_layers")
 
     def __post_init__(self):
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
-        if self.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"dtype must be float16, bfloat16 or float32, got {self.dtype}")
-        for name in ("num_layers", "nheads", "nheads_k", "head_dim", "max_batch_size", "max_cache_len", "block_size"):
+        for name in ("max_batch_size", "max_cache_len", "block_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.nheads % self.nheads_k:
-            raise ValueError(f"nheads ({self.nheads}) must be a multiple of nheads_k ({self.nheads_k})")
-        if len(self.layer_devices) != self.num_layers:
-            raise ValueError(f"layer_devices has {len(self.layer_devices)} entries for {self.num_layers} layers")
         if self.window_slack is not None and int(self.window_slack) <= 0:
             raise ValueError(f"window_slack must be positive (or None), got {self.window_slack}")
         if self.max_tokens is not None and int(self.max_tokens) <= 0:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
-        if not self.layer_windows:
-            self.layer_windows = [None] * self.num_layers
-        if not self.layer_kinds:
-            self.layer_kinds = ["attention"] * self.num_layers
-        if len(self.layer_kinds) != self.num_layers or set(self.layer_kinds) - {"attention", "linear", "remote"}:
-            raise ValueError(f"layer_kinds must hold 'attention', 'linear' or 'remote' per layer, got "
-                             f"{self.layer_kinds}")
         if self.kv_dtype == "int4" and self.head_dim % 2:
             raise ValueError(f"kv_dtype='int4' packs two values a byte: head_dim must be even, got {self.head_dim}")
-        if "attention" not in self.layer_kinds:
-            raise ValueError("no attention layer to cache here (this pipeline stage runs only other kinds?)")
-        self.layer_devices = [_indexed(torch.device(d)) for d in self.layer_devices]
 
     @property
     def max_blocks_per_row(self) -> int:
@@ -162,11 +126,6 @@ class PlugConfig:
             return (*base, self.head_dim), base, torch.float32
         return (*base, self.head_dim), (0,), torch.float32
 
-    @property
-    def attention_layers(self) -> list[int]:
-        """Indices of the layers with paged K/V (all but a hybrid model's linear-attention layers)."""
-        return [i for i, kind in enumerate(self.layer_kinds) if kind == "attention"]
-
     def bytes_per_token(self, layer_count: int | None = None) -> int:
         """Bytes one more cached token costs over `layer_count` layers (by default the attention layers that keep
         up to max_cache_len: a sliding-window layer's ring is a fixed cost, `ring_bytes_per_row`), K, V and scales
@@ -177,9 +136,7 @@ class PlugConfig:
     @property
     def layer_token_bytes(self) -> int:
         """Bytes of one token in one layer: K, V and scales of every KV head."""
-        per_head = {"int8": 2 * (self.head_dim + 4), "int4": 2 * (self.head_dim // 2 + 4 * 2)}.get(
-            self.kv_dtype, 2 * self.head_dim * torch.empty((), dtype=self.dtype).element_size())
-        return self.nheads_k * per_head
+        return layer_token_bytes(self.geometry, self.kv_dtype)
 
     @property
     def ring_bytes_per_row(self) -> int:
@@ -189,90 +146,17 @@ class PlugConfig:
     @classmethod
     def from_hf_config(cls, config, *, max_batch_size, max_cache_len, dtype, device, kv_dtype=None, block_size=64,
                        max_tokens=None, layout: RankLayout | None = None, tp_plan: dict | None = None,
-                       trim_windows: bool = True, window_slack: int | None = None):
-        """Geometry from a transformers config, for the rank `layout` describes (default: one process); `device` is
-        one device or a list with one per layer (None for layers another pipeline stage runs); `tp_plan` is the
-        model's (`model.tp_plan`; None: transformers' default plan, q/k/v split by heads)."""
-        from . import compat
-
-        layout = layout or RankLayout()
-        config = getattr(config, "text_config", None) or config
-        nheads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // nheads  # from the global head count
-        nheads_k = getattr(config, "num_key_value_heads", None) or nheads
-        tp = layout.tp_size
-        if tp > 1:
-            if nheads % tp or nheads_k % tp:
-                raise ValueError(
-                    f"tensor parallelism over {tp} ranks needs num_attention_heads ({nheads}) and num_key_value_heads "
-                    f"({nheads_k}) divisible by {tp}: transformers splits q/k/v_proj by output features, so a rank "
-                    f"would hold part of a head, and its attention fails in the first forward (`view(..., -1, "
-                    f"{head_dim})`: shape ... is invalid). Use a tensor-parallel size that divides "
-                    f"{math.gcd(nheads, nheads_k)}.")
-            local_k = compat.kv_heads_per_rank(tp_plan, nheads_k, tp)
-            nheads = nheads // tp if local_k != nheads_k else nheads  # q is split with k, or neither is
-            nheads_k = local_k
-        num_layers = config.num_hidden_layers
-        devices = list(device) if isinstance(device, (list, tuple)) else [device] * num_layers
-        kinds = [kind if layout.runs(i) else "remote" for i, kind in enumerate(layer_kinds(config))]
-        here = next(d for i, d in enumerate(devices) if kinds[i] != "remote" and d is not None)
-        devices = [d if d is not None else here for d in devices]
-        return cls(
-            num_layers=num_layers,
-            nheads=nheads,
-            nheads_k=nheads_k,
-            head_dim=head_dim,
-            max_batch_size=max_batch_size,
-            max_cache_len=max_cache_len,
-            dtype=dtype,
-            layer_devices=devices,
-            layer_windows=layer_windows(config),
-            kv_dtype=kv_dtype,
-            block_size=block_size,
-            model_type=getattr(config, "model_type", None),
-            max_tokens=max_tokens,
-            layer_kinds=kinds,
-            linear_state_bytes=kinds.count("linear") * linear_state_bytes(config, dtype),
-            tp_size=tp,
-            trim_windows=trim_windows,
-            window_slack=window_slack,
-        )
+                       trim_windows: bool = True, window_slack: int | None = None) -> "PlugConfig":
+        """Sizes for the geometry of a transformers config (`Geometry.from_hf_config`: `dtype`, `device`, `layout`,
+        `tp_plan`)."""
+        geometry = Geometry.from_hf_config(config, dtype=dtype, device=device, layout=layout, tp_plan=tp_plan)
+        return cls(geometry, max_batch_size=max_batch_size, max_cache_len=max_cache_len, kv_dtype=kv_dtype,
+                   block_size=block_size, max_tokens=max_tokens, trim_windows=trim_windows, window_slack=window_slack)
 
 
-def _indexed(device: torch.device) -> torch.device:
-    """'cuda' -> 'cuda:<current>', so it compares equal to the device tensors report."""
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def layer_kinds(config) -> list[str]:
-    """'linear' for a hybrid model's linear-attention layers (`layer_types`), 'attention' for the others."""
-    types = getattr(config, "layer_types", None) or [None] * config.num_hidden_layers
-    return ["linear" if t == "linear_attention" else "attention" for t in types]
-
-
-def layer_windows(config) -> list[int | None]:
-    """Per-layer sliding window as HF's masks apply it (None = full attention or a linear-attention layer)."""
-    from .families import family_of
-
-    n = config.num_hidden_layers
-    window = getattr(config, "sliding_window", None) or None  # Qwen2-MoE writes 0 for "none"
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return [window if t == "sliding_attention" else None for t in layer_types]
-    family = family_of(config)
-    if family is not None and family.window_all_layers:
-        return [window] * n
-    return [None] * n
-
-
-def linear_state_bytes(config, dtype: torch.dtype) -> int:
-    """State one row holds in one gated-DeltaNet layer: the conv state (model dtype) and the recurrent state (fp32,
-    as transformers keeps it on its PyTorch path)."""
-    if "linear_attention" not in (getattr(config, "layer_types", None) or []):
-        return 0
-    hk, dk = config.linear_num_key_heads, config.linear_key_head_dim
-    hv, dv = config.linear_num_value_heads, config.linear_value_head_dim
-    conv = (2 * hk * dk + hv * dv) * config.linear_conv_kernel_dim * torch.empty((), dtype=dtype).element_size()
-    return conv + hv * dk * dv * 4
+def layer_token_bytes(geometry: Geometry, kv_dtype: str | None) -> int:
+    """Bytes of one token in one layer of `geometry` stored as `kv_dtype`: K, V and scales of every KV head."""
+    d = geometry.head_dim
+    per_head = {"int8": 2 * (d + 4), "int4": 2 * (d // 2 + 4 * 2)}.get(
+        kv_dtype, 2 * d * torch.empty((), dtype=geometry.dtype).element_size())
+    return geometry.nheads_k * per_head

@@ -13,8 +13,8 @@ from transformers.generation.utils import GenerationMixin
 from . import compat
 from .attention import plug_attention_forward
 from .cache import PlugCache
-from .config import PlugConfig, RankLayout
 from .families import FAMILIES, Family
+from .geometry import Geometry, RankLayout
 
 
 SUPPORTED: dict[str, Family] = FAMILIES  # model_type -> its row (hf_kvplug/families.py)
@@ -44,8 +44,8 @@ def _check_rank_layout(model) -> None:
     its first forward; say so now (the cache's geometry derivation raises the explanation)."""
     layout = RankLayout.from_model(model)
     if layout.tp_size > 1:
-        PlugConfig.from_hf_config(model.config, max_batch_size=1, max_cache_len=1, dtype=model.dtype, device="meta",
-                                  layout=layout, tp_plan=getattr(model, "tp_plan", None))
+        Geometry.from_hf_config(model.config, dtype=model.dtype, device="meta", layout=layout,
+                                tp_plan=getattr(model, "tp_plan", None))
 
 
 def _forward_attr(module) -> str:
@@ -164,29 +164,27 @@ def _inputs(names, args, kwargs):
 
 
 def _forward_pre_hook(module, top: bool):
-    """The model's (top=True) or its decoder's pre-hook: begin the cache's forward on eager code unless generate()
-    or the model's own hook already did. The decoder's hook consumes that mark; inside a forward compiled as a
-    whole it can only check that no host work is due (`PlugCache.traced_forward`)."""
+    """The model's (top=True) or its decoder's pre-hook: prepare the cache's forward on eager code unless generate()
+    or the model's own hook already did. The decoder's hook claims it; inside a forward compiled as a whole it can
+    only record what needs no host work (`PlugCache.traced_forward`)."""
     names = _call_arguments(module)
 
     def hook(mod, args, kwargs):
         cache, batch, q_len, mask = _inputs(names, args, kwargs)
         if not isinstance(cache, PlugCache) or batch is None:
             return None
+        state = cache.state
         if torch.compiler.is_compiling():
-            if top:
-                return None
-            if cache._prepared:
-                cache._prepared = False
-            else:
-                cache.traced_forward(batch, q_len, mask)
+            if not top:
+                if state.prepared:
+                    state.claim()
+                else:
+                    cache.traced_forward(batch, q_len, mask)
             return None
-        if not (cache._prepared and cache._prepared_for == (batch, q_len)):
-            if cache._prepared:  # marked for a forward that never ran (it failed before reaching the decoder)
-                cache._open = True
+        if not state.is_prepared(batch, q_len):  # (one prepared for another shape never ran: it is found open)
             cache.begin_forward(batch, q_len, mask)
         if not top:
-            cache._prepared = False
+            state.claim()
         return None
 
     return hook
@@ -225,7 +223,7 @@ def _compiled_call_getter(original):
                 inputs = kwargs.get("inputs_embeds")
             if isinstance(cache, PlugCache) and inputs is not None:
                 batch, q_len = inputs.shape[:2]
-                if not (cache._prepared and cache._prepared_for == (batch, q_len)):
+                if not cache.state.is_prepared(batch, q_len):
                     cache.begin_forward(batch, q_len, kwargs.get("attention_mask"), from_generate=True)
             return compiled(*args, **kwargs)
 
@@ -249,14 +247,9 @@ def _checked_generate(generate):
         reserve, share = validate_generate(self, cache, args, kwargs)
         cache.generate_begins(reserve, share)
         failed = True
+        assisted = bool(kwargs.get("prompt_lookup_num_tokens")) or kwargs.get("assistant_model") is not None
         try:
-            if compat.ASSISTED_REFUSES_COMPILEABLE and (
-                    kwargs.get("prompt_lookup_num_tokens") or kwargs.get("assistant_model") is not None):
-                # these releases refuse assisted decoding with any compileable cache; assisted decoding never
-                # compiles, so the cache presents itself as eager-only for this call.
-                with _eager_only(cache):
-                    out = generate(self, *args, **kwargs)
-            else:
+            with compat.eager_only_for_assisted(cache, assisted):
                 out = generate(self, *args, **kwargs)
             failed = False
         finally:
@@ -265,17 +258,6 @@ def _checked_generate(generate):
         return out
 
     return checked
-
-
-@contextlib.contextmanager
-def _eager_only(cache: PlugCache):
-    for layer in cache.attn_layers:
-        layer.is_compileable = False
-    try:
-        yield
-    finally:
-        for layer in cache.attn_layers:
-            del layer.is_compileable  # back to the class attribute
 
 
 _GENERATE_PARAMS = [p for p in inspect.signature(GenerationMixin.generate).parameters if p != "self"][:2]

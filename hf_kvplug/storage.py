@@ -50,7 +50,7 @@ def save_cache(cache, path) -> None:
     if cache.linear_layers:
         raise ValueError("saving a hybrid model's cache is not supported: its linear-attention states live in "
                          "transformers' own cache layers; keep the cache in memory (fork() or copy.deepcopy)")
-    length, batch = cache.length, cache.batch
+    length, batch = cache.state.length, cache.batch
     tensors, used = {}, {}
     for ring, rows in cache.tables.items():
         nblocks = min(math.ceil(length / cfg.block_size), rows.width)
@@ -65,18 +65,15 @@ def save_cache(cache, path) -> None:
             table.append(ids + [-1] * (nblocks - len(ids)))
         tensors[_table_name(ring)] = torch.tensor(table, dtype=torch.int32).reshape(batch, nblocks)
     for layer in cache.attn_layers:
-        idx = torch.tensor(used[layer.ring], dtype=torch.long, device=layer.device)
-        names = ("k", "v", "k_scale", "v_scale")
-        for name, buf in zip(names, (layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale)):
-            if buf.numel():
-                tensors[f"layer.{layer.layer_idx}.{name}"] = buf[idx].cpu().contiguous()
+        for name, blocks in layer.kv.blocks(used[layer.ring]).items():
+            tensors[f"layer.{layer.layer_idx}.{name}"] = blocks
     tensors["seqlens"] = torch.stack([layer.cache_seqlens[:batch].cpu() for layer in cache.attn_layers])
     dev = next(iter(cache.device_states.values()))
     tensors["starts"] = dev.starts[:batch].cpu().clone()
     if cache.holes:
         tensors["valid"] = dev.valid[:batch, :length].cpu().clone()
     meta = dict(format=FORMAT, config=_fingerprint(cfg), length=length, batch=batch, holes=cache.holes,
-                max_cache_len=cfg.max_cache_len, top=cache._top, window_slack=cfg.window_slack,
+                max_cache_len=cfg.max_cache_len, top=cache.state.top, window_slack=cfg.window_slack,
                 fresh=cache.attn_layers[0].fresh, sha256=_digest(tensors))
     save_file(tensors, str(path), metadata={"hf_kvplug": json.dumps(meta)})
 
@@ -140,19 +137,17 @@ def load_cache(cls, path, model_or_config, **kwargs):
         rows.dirty = True
         placed[ring] = ids
     for n, layer in enumerate(cache.attn_layers):
-        ids = placed[layer.ring]
-        dst = torch.tensor(ids, dtype=torch.long, device=layer.device)
-        names = ("k", "v", "k_scale", "v_scale")
-        for name, buf in zip(names, (layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale)):
-            if buf.numel() and ids:
-                buf[dst] = tensors[f"layer.{layer.layer_idx}.{name}"].to(layer.device)
+        prefix = f"layer.{layer.layer_idx}."
+        layer.kv.put_blocks(placed[layer.ring],
+                            {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)})
         layer.cache_seqlens[:batch].copy_(tensors["seqlens"][n])
         layer.fresh = meta["fresh"]
     for dev in cache.device_states.values():
         dev.starts[:batch].copy_(tensors["starts"])
         if meta["holes"]:
             dev.valid[:batch, :length].copy_(tensors["valid"])
-    cache.length, cache.batch, cache.holes = length, batch, meta["holes"]
-    cache._top = meta.get("top", length)  # how far the rings were written (a crop may not reach below it - ring)
+    state = cache.state
+    state.length, state.batch, state.holes = length, batch, meta["holes"]
+    state.top = meta.get("top", length)  # how far the rings were written (a crop may not reach below it - ring)
     cache._sync_tables()
     return cache

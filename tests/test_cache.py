@@ -75,8 +75,9 @@ def test_int8_bytes_per_token():
     assert fp16.bytes_per_token() == 2 * 2 * 64 and int8.bytes_per_token() == 2 * 2 * 40
     # Llama-3-8B shape: 32 layers x 8 kv heads x d128
     from hf_kvplug.config import PlugConfig
-    big = dict(num_layers=32, nheads=32, nheads_k=8, head_dim=128, max_batch_size=1, max_cache_len=8,
-               dtype=torch.float16, layer_devices=["cpu"] * 32)
+    from hf_kvplug.geometry import Geometry
+    big = dict(geometry=Geometry(num_layers=32, nheads=32, nheads_k=8, head_dim=128, dtype=torch.float16,
+                                 layer_devices=["cpu"] * 32), max_batch_size=1, max_cache_len=8)
     ratio = PlugConfig(kv_dtype="int8", **big).bytes_per_token() / PlugConfig(**big).bytes_per_token()
     assert ratio == pytest.approx(264 / 512)
     # int4: head_dim / 2 bytes + a scale and a minimum (fp16) per half, for K and V: 0.281 x fp16 (target <= 0.30)

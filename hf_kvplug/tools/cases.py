@@ -39,7 +39,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from .models import dtype_name, sync
 from ..cache import PlugCache
-from ..config import PlugConfig
+from ..config import layer_token_bytes
+from ..geometry import Geometry
 from ..patcher import patched
 from ..compat import cache_kwargs as kv
 
@@ -162,8 +163,8 @@ def static_cache_len(context: int, new_tokens: int) -> int:
 
 def kv_bytes_per_token(model, kv_dtype: str | None = None) -> int:
     """K, V (and INT8 scale) bytes per token over all layers: the model dtype is what HF's fp caches hold too."""
-    return PlugConfig.from_hf_config(model.config, max_batch_size=1, max_cache_len=1, dtype=model.dtype,
-                                     device="cpu", kv_dtype=kv_dtype).bytes_per_token()
+    geometry = Geometry.from_hf_config(model.config, dtype=model.dtype, device="cpu")
+    return len(geometry.attention_layers) * layer_token_bytes(geometry, kv_dtype)
 
 
 def max_cache_len_for(provider: Provider, case: BenchCase, block_size: int) -> int:

@@ -1,0 +1,135 @@
+"""What the kernels read on one device besides the K/V buffers, shared by the layers there: the block table of each
+group of layers, each row's first visible slot (`starts`), the slot mask for masks with holes (`valid`) and an
+overflow flag (`status`). Allocated once; every update is in place (static addresses for CUDA graphs)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import compat
+
+
+class DeviceState:
+    """Device tensors of one cache on one device.
+
+    block_tables[ring]: `[max_batch, max_blocks]` int32 block ids by logical block (-1: none mapped), one per group
+        of layers (None: layers that keep max_cache_len; a ring size: sliding-window layers, the ring repeated).
+    starts: `[max_batch]` int32, the first slot each row may attend. valid: `[max_batch, max_cache_len]` uint8, 0 where
+        the recorded mask hides a slot (read only when the mask has holes). status: `[1]` int32, set by a write that
+        found no slot.
+    """
+
+    def __init__(self, groups, max_batch_size: int, max_blocks: int, max_cache_len: int, device: torch.device):
+        self.device = device
+        self.block_tables = {ring: torch.full((max_batch_size, max_blocks), -1, dtype=torch.int32, device=device)
+                             for ring in groups}
+        self.starts = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
+        self.valid = torch.ones((max_batch_size, max_cache_len), dtype=torch.uint8, device=device)
+        self.status = torch.zeros(1, dtype=torch.int32, device=device)
+        compat.mark_static(*self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.block_tables.values(), self.starts, self.valid, self.status]
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        """The first group's table (the main one when the model has layers that keep max_cache_len)."""
+        return next(iter(self.block_tables.values()))
+
+    def clone(self) -> "DeviceState":
+        """The same contents in tensors of its own (static addresses too)."""
+        other = object.__new__(DeviceState)
+        other.device = self.device
+        other.block_tables = {ring: t.clone() for ring, t in self.block_tables.items()}
+        other.starts, other.valid, other.status = self.starts.clone(), self.valid.clone(), self.status.clone()
+        compat.mark_static(*other.tensors())
+        return other
+
+    def copy_from(self, other: "DeviceState") -> None:
+        """Take `other`'s row bounds (starts, slot mask); the tables follow the host's."""
+        self.starts.copy_(other.starts)
+        self.valid.copy_(other.valid)
+
+    def load_table(self, ring, dense: torch.Tensor) -> None:
+        self.block_tables[ring].copy_(dense.to(self.device))
+
+    def record(self, batch: int, mask: "MaskRecord") -> None:
+        """Rows < batch start where `mask` says (slot 0 without one); a mask with holes is copied into the slot
+        mask, every later slot marked visible when `mask.visible_after`."""
+        if mask.lead is None:
+            self.starts[:batch].zero_()
+            return
+        self.starts[:batch].copy_(mask.lead)
+        if mask.slots is not None:
+            total = mask.slots.shape[1]
+            self.valid[:batch, :total].copy_(mask.slots)
+            if mask.visible_after:
+                self.valid[:batch, total:].fill_(1)
+
+    def select(self, index: list[int], holes: bool) -> None:
+        """Row b takes row index[b]'s bounds (beam reorder, batch select / repeat)."""
+        idx = torch.tensor(index, device=self.device)
+        self.starts[:len(index)] = self.starts[idx]
+        if holes:
+            self.valid[:len(index)] = self.valid[idx]
+
+    def reset(self) -> None:
+        self.starts.zero_()
+        self.valid.fill_(1)
+        self.status.zero_()
+
+
+class MaskRecord(NamedTuple):
+    """What a forward's 2D attention mask says about the rows: the first visible slot of each (`lead [batch]` int32;
+    None: no mask, every row from slot 0), the mask itself (`slots [batch, tokens]` bool) when it has holes (a 0
+    after a 1: right padding, a gap), and whether later slots are all visible (`visible_after`)."""
+
+    lead: torch.Tensor | None
+    slots: torch.Tensor | None
+    holes: bool
+    visible_after: bool
+
+
+NO_MASK = MaskRecord(None, None, False, False)
+
+
+def read_mask(mask, batch: int, total: int, q_len: int, from_generate: bool, first_step: bool,
+              fresh: bool) -> MaskRecord | None:
+    """What a forward of `q_len` new tokens, after which rows hold `total`, records from its attention mask (2D,
+    None, or what generate() built from one); None: keep what is recorded. A stock cache reads the mask over all
+    `total` tokens: columns past it count as 0, extra columns are ignored. O(tokens cached); the read of whether the
+    mask has holes is free on the CPU and done once per multi-token forward elsewhere (a single-token step on an
+    accelerator takes the masked kernel instead of reading)."""
+    if mask is None:
+        return NO_MASK
+    if isinstance(mask, dict) or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        if from_generate or fresh:
+            return None  # generate() recorded its 2D mask when it built this one; a prefill uses it as is
+        raise ValueError("a PlugCache follows 2D attention masks ([batch, tokens], 1 = attend); after the "
+                         "first forward it cannot follow a 4D mask or a BlockMask: pass the 2D mask")
+    if from_generate and not first_step and q_len == 1 and mask.shape[-1] == total:
+        return None  # a decode step of generate(): its new column is 1, already visible
+    if mask.shape[0] != batch:
+        raise ValueError(f"attention_mask has {mask.shape[0]} rows for a batch of {batch}")
+    m = mask[:, :total].bool()
+    if m.shape[1] < total:
+        m = torch.nn.functional.pad(m, (0, total - m.shape[1]))
+    seen = m.int().cumsum(-1)
+    lead = (seen == 0).sum(-1).to(torch.int32)  # leading zeros: the first visible slot
+    holes = bool((~m & (seen > 0)).any()) if m.device.type == "cpu" or q_len > 1 else True
+    # generate()'s later decode steps returned above: after a multi-token forward or a generate() step, the decode
+    # steps' new columns are always ones and are not read again
+    return MaskRecord(lead, m if holes else None, holes, q_len > 1 or from_generate)
+
+
+def read_mask_traced(mask, max_cache_len: int) -> MaskRecord | None:
+    """The same inside a forward compiled as a whole (no host read): any 2D mask is recorded as one with holes."""
+    if mask is None:
+        return NO_MASK
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    m = mask.bool()
+    lead = (m.int().cumsum(-1) == 0).sum(-1).to(torch.int32)
+    return MaskRecord(lead, m[:, :min(m.shape[1], max_cache_len)], True, True)

@@ -1,0 +1,159 @@
+"""The host work around each forward of a PlugCache, on eager code: checks, mapping blocks and copying shared ones
+(`blocks.Paging`), recording the attention mask (`device`), and the forward's transitions (`state.ForwardState`).
+
+The patcher's hooks call `begin_forward` before a forward (from generate()'s mask preparation, its compiled call, or
+the model's forward pre-hooks) and `traced_forward` inside a forward compiled as a whole; the attention forward calls
+`enter` at each layer. Nothing here runs inside a compiled decode step but `enter`'s checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .device import read_mask, read_mask_traced
+from .layers import PlugLayer
+
+KEEP_MASK = object()  # begin_forward: leave the recorded mask as it is (a layer called without the model around it)
+
+
+@contextlib.contextmanager
+def inference_mode_explained(what: str):
+    """Say why, when a cache built inside torch.inference_mode() cannot be written here."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "Inplace update to inference tensor outside InferenceMode" not in str(e):
+            raise
+        raise RuntimeError(f"{what}: this PlugCache was built inside torch.inference_mode() and is used outside it "
+                           "(inference tensors cannot be written there). Build the cache outside inference_mode (it "
+                           "works inside torch.no_grad() and inference_mode alike), or keep every use inside it."
+                           ) from e
+
+
+class ForwardHost:
+    """PlugCache's host side of a forward (a mixin: the state it works on is the cache's, `cache.py`)."""
+
+    def begin_forward(self, batch: int, q_len: int, attention_mask=None, *, from_generate: bool = False,
+                      first_step: bool = True) -> None:
+        """Host work before a forward of `batch` rows x `q_len` new tokens, on eager code: checks (the previous
+        forward completed, sizes), records `attention_mask` (2D, None, or `KEEP_MASK`), maps blocks and makes
+        shared blocks private where this forward writes. `from_generate` / `first_step`: called by generate()'s
+        mask preparation, for its first forward or a later one. Raises before anything is written."""
+        with inference_mode_explained("PlugCache.begin_forward"):
+            self._writable_here()
+            if self.state.open:
+                self.sync_lengths()  # the last forward stopped part-way or never ran: go on only if the layers agree
+            length = self.state.length_now()
+            if batch > self.max_batch_size:
+                raise ValueError(f"batch of {batch} rows (after beams / return sequences) exceeds the PlugCache's "
+                                 f"max_batch_size={self.max_batch_size}; build it with max_batch_size >= {batch}")
+            if length and batch != self.batch:
+                raise ValueError(f"the PlugCache holds {self.batch} rows of {length} tokens and this forward has "
+                                 f"{batch} rows; call cache.reset() to start a new batch")
+            if length + q_len > self.max_cache_len:
+                raise ValueError(f"{length + q_len} tokens would exceed the PlugCache's max_cache_len="
+                                 f"{self.max_cache_len}; build it larger or call cache.reset()")
+            fresh = self.attn_layers[0].fresh
+            hints = self._generate or {}
+            reserve = max(length + q_len, hints.get("reserve", 0))
+            share = hints.get("share", 1)
+            share = share if fresh and share > 1 and batch % share == 0 and q_len > 0 else 1
+            if share == 1:  # all or nothing: every group's pool has room before anything changes (a fresh cache
+                self.paging.check_room(batch, length, length + q_len, reserve)  # sharing a prompt: rows it maps)
+            if fresh:
+                self.linear.begin(batch)
+            if attention_mask is not KEEP_MASK:
+                mask = read_mask(attention_mask, batch, length + q_len, q_len, from_generate, first_step, fresh)
+                if mask is not None:
+                    for dev in self.device_states.values():
+                        dev.record(batch, mask)
+                    self.state.holes = mask.holes
+            try:
+                leaders = self.paging.prepare(batch, length, length + q_len, reserve, share, self._copy_blocks)
+            finally:
+                self._sync_tables()  # the device tables always match the host's
+            self.state.prepare(batch, q_len, leaders)
+
+    def enter(self, layer_idx: int, k: torch.Tensor) -> PlugLayer:
+        """An attention forward reaches layer `layer_idx` with new keys `k [B, L, nheads_k, D]`: its checks, and the
+        host work of the forward when nothing did it (a layer called directly, without the model around it)."""
+        layer = self.layer(layer_idx)
+        layer.check_states(k)
+        if not torch.compiler.is_compiling() and not self.state.open:
+            self.begin_forward(k.shape[0], k.shape[1], KEEP_MASK)
+            self.state.claim()
+        return layer
+
+    def traced_forward(self, batch: int, q_len: int, attention_mask) -> None:
+        """What a forward compiled as a whole, with no eager code before it (`torch.compile(model)` in a loop of
+        your own), can do: device-side mask recording. Blocks must already be mapped (`reserve()`)."""
+        if self._compiled_rows < batch:
+            raise ValueError("a forward compiled as a whole cannot map cache blocks; call cache.reserve() once "
+                             "before the loop (or compile model.forward and call the model, whose pre-hook maps "
+                             "blocks eagerly)")
+        mask = read_mask_traced(attention_mask, self.max_cache_len)
+        if mask is not None:
+            for dev in self.device_states.values():
+                dev.record(batch, mask)
+            self.state.holes = mask.holes
+        self.state.traced(batch)
+
+    def sync_lengths(self) -> None:
+        """Read every layer's row lengths (one device read) and take them as the host's count. Raises if the layers
+        disagree (a forward stopped part-way: the cache must be reset) or if a write found no slot."""
+        per_layer = torch.stack([layer.cache_seqlens[:max(self.batch, 1)].to("cpu", non_blocking=False)
+                                 for layer in self.attn_layers])
+        if any(int(dev.status[0]) for dev in self.device_states.values()):
+            raise RuntimeError("a PlugCache write found no slot (past max_cache_len, or a block a forward compiled "
+                               "as a whole could not map): the outputs of that step are NaN. Call cache.reset(); "
+                               "build the cache larger or call cache.reserve() before compiled loops.")
+        if (per_layer != per_layer[0, 0]).any() or len({layer.fresh for layer in self.attn_layers}) > 1:
+            raise ValueError("the PlugCache's layers hold different numbers of tokens: a forward stopped part-way "
+                             "(an exception or KeyboardInterrupt inside the model). Call cache.reset() and run the "
+                             "request again.")
+        self.state.synced(int(per_layer[0, 0]))
+
+    def check_status(self) -> None:
+        """Raise if a write on the device found no slot since the last reset (one device read)."""
+        if any(int(dev.status[0]) for dev in self.device_states.values()):
+            self.sync_lengths()  # raises with the explanation
+
+    def reserve(self, tokens: int | None = None, rows: int | None = None) -> None:
+        """Map private blocks for `tokens` slots (default max_cache_len) of the first `rows` rows (default all), so
+        that forwards compiled as a whole (which cannot map blocks) can run. Raises if the pool is too small."""
+        rows = self.max_batch_size if rows is None else rows
+        tokens = self.max_cache_len if tokens is None else tokens
+        try:
+            full = self.paging.reserve(rows, self.seq_length_now(), tokens, self._copy_blocks)
+        finally:
+            self._sync_tables()
+        self._compiled_rows = full
+
+    def _copy_blocks(self, ring: int | None, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: block src's data into block dst, in every layer of group `ring`."""
+        if copies:
+            src, dst = [c[0] for c in copies], [c[1] for c in copies]
+            for layer in self.attn_layers:
+                if layer.ring == ring:
+                    layer.kv.copy_blocks(src, dst)
+
+    def _sync_tables(self) -> None:
+        for ring, dense in self.paging.dirty_tables():
+            dense = torch.tensor(dense, dtype=torch.int32)
+            for dev in self.device_states.values():
+                dev.load_table(ring, dense)
+            self._compiled_rows = 0  # reserve() says again which rows a forward compiled as a whole may use
+
+    def _writable_here(self) -> None:
+        """A cache built inside torch.inference_mode() holds inference tensors, which cannot be written outside it.
+        Used outside, it moves its state into ordinary tensors once (new addresses: a compiled graph re-records),
+        as a stock DynamicCache, which makes new tensors every step, simply works there."""
+        if torch.is_inference_mode_enabled() or not self.attn_layers[0].cache_seqlens.is_inference():
+            return
+        for key, dev in self.device_states.items():
+            self.device_states[key] = dev.clone()
+        for layer in self.attn_layers:
+            layer.unpin_from_inference_mode()
+            layer.dev = self.device_states[layer.device]

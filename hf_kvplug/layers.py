@@ -1,0 +1,440 @@
+"""A PlugCache's layers, as transformers' cache layers are: they hold their buffers and run their part of a forward,
+and never see the cache. What they need of the rows (batch, lengths, leaders, holes) comes as arguments or from the
+`ForwardState` they read.
+
+  PlugLayer    paged K/V of a layer that keeps up to max_cache_len tokens per row (full attention, or a window kept
+               whole): the fused write + attention through `ops`, the prefill's store, the dense path for
+               output_attentions.
+  RingLayer    a sliding-window layer that keeps a ring of blocks per row, its window and some slack: every ring
+               branch (a prefill longer than the ring, forwards in pieces, what a crop may reach) lives here.
+  RemoteLayer  a layer another pipeline stage runs: no buffers.
+  LinearLayers a hybrid model's linear-attention layers: transformers' own cache layers, renewed per batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import NamedTuple
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from . import compat, ops
+from .config import PlugConfig
+from .device import DeviceState
+from .families import FAMILIES
+from .reference import dequantize, gather_kv, quantize, visible_slots
+from .state import ForwardState
+
+
+class KV(NamedTuple):
+    """One layer's paged buffers: K and V `[num_blocks, nheads_k, block_size, head_dim]` (model dtype or int8;
+    uint8 `[..., head_dim / 2]`, two codes a byte, for int4) and their scales (int8: `[num_blocks, nheads_k,
+    block_size]` fp32; int4: `[..., 4]` fp16; else empty)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
+
+    @classmethod
+    def allocate(cls, config: PlugConfig, ring: int | None, device: torch.device) -> "KV":
+        shape, scale_shape, scale_dtype = config.storage_shapes(ring)
+        return cls(*(torch.zeros(s, dtype=d, device=device) for s, d in (
+            (shape, config.storage_dtype), (shape, config.storage_dtype), (scale_shape, scale_dtype),
+            (scale_shape, scale_dtype))))
+
+    def clone(self) -> "KV":
+        return KV(*(t.clone() for t in self))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self)
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Block dst[i] takes block src[i]'s data (copy-on-write)."""
+        s, d = (torch.tensor(x, device=self.k.device) for x in (src, dst))
+        for buf in self:
+            if buf.numel():
+                buf[d] = buf[s]
+
+    def blocks(self, ids: list[int]) -> dict[str, torch.Tensor]:
+        """Blocks `ids` of every non-empty buffer, on the CPU, by name (k, v, k_scale, v_scale)."""
+        idx = torch.tensor(ids, dtype=torch.long, device=self.k.device)
+        return {name: buf[idx].cpu().contiguous() for name, buf in zip(self._fields, self) if buf.numel()}
+
+    def put_blocks(self, ids: list[int], tensors: dict[str, torch.Tensor]) -> None:
+        idx = torch.tensor(ids, dtype=torch.long, device=self.k.device)
+        for name, buf in zip(self._fields, self):
+            if buf.numel() and ids:
+                buf[idx] = tensors[name].to(buf.device)
+
+
+class PlugLayer(CacheLayerMixin):
+    """One decoder layer's paged K/V pool, its scales and per-row lengths, on the layer's device.
+
+    `keys` / `values` give what every stock cache layer gives, `[batch, nheads_k, seq_len, head_dim]` in the model
+    dtype (dequantized for INT8 / INT4), gathered on access; the paged pool is `k_cache` / `v_cache` (+ `k_scale`,
+    `v_scale`). Methods that change rows (reset, crop, reorder) are the cache's: they keep all layers together.
+    """
+
+    is_compileable = True
+    is_croppable = True
+    ring = None  # blocks per row of a sliding-window ring (RingLayer)
+
+    def __init__(self, config: PlugConfig, layer_idx: int, dev: DeviceState, state: ForwardState, kv: KV | None = None,
+                 backend: str = "auto"):
+        super().__init__()
+        self.config, self.layer_idx, self.dev, self.state = config, layer_idx, dev, state
+        self.device = dev.device
+        self.window = config.layer_windows[layer_idx]
+        self.is_sliding = self.window is not None
+        self.backend = ops.resolve_backend(backend, self.device)
+        self.kv = KV.allocate(config, self.ring, self.device) if kv is None else kv
+        self.cache_seqlens = torch.zeros(config.max_batch_size, dtype=torch.int32, device=self.device)
+        compat.mark_static(*self.kv, self.cache_seqlens)
+        self.is_initialized = True
+        self.is_last = layer_idx == config.attention_layers[-1]  # its forward ends the cache's forward
+        # Host-side: True until the first forward after construction or reset(), so that forward can attend with
+        # the model's own attention over the fresh K/V (as stock does) with no device read.
+        self.fresh = True
+
+    def __repr__(self):
+        return f"{type(self).__name__}(layer={self.layer_idx}, device={self.device}, window={self.window})"
+
+    k_cache = property(lambda self: self.kv.k)
+    v_cache = property(lambda self: self.kv.v)
+    k_scale = property(lambda self: self.kv.k_scale)
+    v_scale = property(lambda self: self.kv.v_scale)
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        """This layer's group's device table `[max_batch, max_blocks]` by logical block (a ring repeats)."""
+        return self.dev.block_tables[self.ring]
+
+    # --- what a stock cache layer offers ------------------------------------------------------------
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """`[batch, nheads_k, seq_len, head_dim]` in the model dtype: a copy gathered from the paged pool. A
+        sliding-window layer gives its last `window - 1` tokens, as transformers' sliding layers keep."""
+        return self.gather(self.kv.k, self.kv.k_scale)
+
+    @keys.setter
+    def keys(self, value):
+        if value is not None:
+            raise AttributeError("PlugLayer.keys is read-only (a view gathered from the paged pool, k_cache)")
+
+    @property
+    def values(self) -> torch.Tensor:
+        """`[batch, nheads_k, seq_len, head_dim]` in the model dtype: a copy gathered from the paged pool."""
+        return self.gather(self.kv.v, self.kv.v_scale)
+
+    @values.setter
+    def values(self, value):
+        if value is not None:
+            raise AttributeError("PlugLayer.values is read-only (a view gathered from the paged pool, v_cache)")
+
+    def lazy_initialization(self, key_states, value_states=None, *args, **kwargs) -> None:
+        """Buffers are allocated at construction; this only checks that the model fits them."""
+        self.check_states(key_states.transpose(1, 2))
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError(
+            "PlugCache.update() was called by an attention forward that hf_kvplug did not patch. "
+            "Call hf_kvplug.patch(model) before generating with a PlugCache (supported: "
+            f"{', '.join(sorted(FAMILIES))}).")
+
+    def get_seq_length(self, *args, **kwargs):
+        return self.cache_seqlens[0] if torch.compiler.is_compiling() else self.state.seq_length()
+
+    def get_max_length(self, *args, **kwargs) -> int:
+        return self.config.max_cache_len
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        # The plugged forward masks by itself (row lengths, starts, the recorded mask): HF need only build a q x q
+        # mask, which the prefill's stock attention uses and later forwards ignore.
+        return query_length, 0
+
+    def reset(self, *args, **kwargs) -> None:
+        self.cache_seqlens.zero_()
+        self.fresh = True
+
+    def activate_past_recording(self, *args, **kwargs) -> None:
+        """Nothing to do: every token stays in its slot until `crop` moves the length back (transformers 5.25 passes
+        `recurrent_states_to_keep=`, which only linear-attention layers use)."""
+
+    # --- reading ----------------------------------------------------------------------------------------
+
+    def gather(self, buf: torch.Tensor, scale: torch.Tensor, length: int | None = None,
+               batch: int | None = None) -> torch.Tensor:
+        """Slots [0, length) of rows < batch (a sliding-window layer: its last `window - 1` of them)."""
+        batch = self.state.batch if batch is None else batch
+        length = self.state.length_now() if length is None else length
+        return self.gather_slots(buf, scale, self.first_seen(length), length, batch)
+
+    def first_seen(self, length: int) -> int:
+        """The first slot the next token of a row holding `length` may see (its window)."""
+        return max(0, length - self.window + 1) if self.window else 0
+
+    def gather_slots(self, buf: torch.Tensor, scale: torch.Tensor, lo: int, hi: int, batch: int) -> torch.Tensor:
+        """Slots [lo, hi) of rows < batch, `[batch, nheads_k, hi - lo, head_dim]` in the model dtype."""
+        if hi <= lo or batch == 0:
+            return torch.zeros((batch, self.config.nheads_k, 0, self.config.head_dim), dtype=self.config.dtype,
+                               device=self.device)
+        bs = self.config.block_size
+        first, end = lo // bs, math.ceil(hi / bs)
+        x = gather_kv(buf, scale, self.block_table[:, first:end], batch, end - first, self.config.dtype)
+        return x[:, :, lo - first * bs:hi - first * bs]
+
+    # --- a forward --------------------------------------------------------------------------------------
+
+    def check_states(self, k: torch.Tensor, batch: int | None = None) -> None:
+        """Raise (before anything is written) if `k [B, q_len, nheads_k, D]` does not fit this layer's buffers."""
+        cfg = self.config
+        batch = k.shape[0] if batch is None else batch
+        problems = []
+        if k.shape[-2] != cfg.nheads_k or k.shape[-1] != cfg.head_dim:
+            problems.append(f"kv heads x head_dim {tuple(k.shape[-2:])} != cache {(cfg.nheads_k, cfg.head_dim)}")
+        if k.dtype != cfg.dtype:
+            problems.append(f"dtype {k.dtype} != cache {cfg.dtype}")
+        if k.device != self.device:
+            problems.append(f"device {k.device} != cache {self.device}")
+        if problems:
+            raise ValueError(f"PlugCache layer {self.layer_idx} was built for another model: " + "; ".join(problems)
+                             + ". Build the cache with PlugCache(model, ...) from the model you generate with.")
+        if batch > cfg.max_batch_size:
+            raise ValueError(f"batch of {batch} rows (after beams / return sequences) exceeds the PlugCache's "
+                             f"max_batch_size={cfg.max_batch_size}; build it with max_batch_size >= {batch}")
+
+    def write(self, k, v, leaders: list[int] | None) -> None:
+        """Store `k, v [B, L, nheads_k, D]` into an empty cache (the first forward); advances the lengths. Rows
+        that share a leader's prompt blocks (generate()'s expanded rows) are not written: the leader's K/V serve."""
+        batch, q_len = k.shape[:2]
+        table, seqlens = self.block_table, self.cache_seqlens
+        if leaders is not None:
+            rows = torch.tensor(leaders, device=self.device)
+            k, v, table, seqlens = k[rows], v[rows], table[rows], seqlens[rows]
+        self._store(k, v, table, seqlens)
+        self._advance(batch, q_len)
+
+    def attend(self, q, k, v, softmax_scale: float, holes: bool) -> torch.Tensor:
+        """Fused write + attention for `q [B, L, nheads, D]`, `k, v [B, L, nheads_k, D]`; advances the lengths.
+        `holes`: the recorded mask has holes, so the kernels read the slot mask."""
+        out = self._attend(q, k, v, softmax_scale, self.cache_seqlens, self.dev.valid if holes else None)
+        self._advance(*q.shape[:2])
+        return out
+
+    def attend_dense(self, module, q, k, v, attention_fn, total: int, holes: bool):
+        """The slow path for `output_attentions=True`: write the new K/V, gather this layer's K/V and run the
+        model's own (eager) attention over it with a mask built from the cache's bounds, as a stock cache would
+        (a sliding-window layer over its last `window - 1` cached tokens and the new ones, as transformers' sliding
+        layers give it). q `[B, nheads, L, D]`, k `[B, L, nheads_k, D]`, v likewise; `total`: tokens each row holds
+        after this forward. Returns `(out [B, L, nheads, D], weights)`."""
+        batch, q_len = k.shape[:2]
+        before = total - q_len
+        lo = self.first_seen(before)
+        past = [self.gather_slots(buf, scale, lo, before, batch)  # read before the write: a ring reuses places
+                for buf, scale in ((self.kv.k, self.kv.k_scale), (self.kv.v, self.kv.v_scale))]
+        self._store(k, v, self.block_table, self.cache_seqlens)
+        new = self._stored_new(k, v, before, total, batch)
+        keys, values = (torch.cat([a, b], 2) for a, b in zip(past, new))
+        dev = self.dev
+        seen = visible_slots(self.cache_seqlens, dev.starts, dev.valid if holes else dev.valid[:0], batch, q_len,
+                             self.window or 0, total)[..., lo:]
+        mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, torch.finfo(q.dtype).min)
+        out, weights = attention_fn(module, q, keys, values, mask.unsqueeze(1), dropout=0.0, scaling=module.scaling)
+        self._advance(batch, q_len)
+        return out, weights
+
+    def _attend(self, q, k, v, softmax_scale, seqlens, valid):
+        return ops.attend_with_kvcache(q, k, v, *self.kv, self.block_table, seqlens, self.dev.starts, softmax_scale,
+                                       self.window, cache_valid=valid, status=self.dev.status, backend=self.backend)
+
+    def _store(self, k, v, table, seqlens) -> None:
+        """Write `k, v [B, L, nheads_k, D]` at slots seqlens[b] + i."""
+        ops.write_kvcache(k, v, *self.kv, table, seqlens, status=self.dev.status, backend=self.backend)
+
+    def _stored_new(self, k, v, before: int, total: int, batch: int) -> list[torch.Tensor]:
+        """The new K and V as the cache holds them, `[batch, nheads_k, L, D]` each."""
+        return [self.gather_slots(buf, scale, before, total, batch)
+                for buf, scale in ((self.kv.k, self.kv.k_scale), (self.kv.v, self.kv.v_scale))]
+
+    def _advance(self, batch: int, q_len: int) -> None:
+        """This layer's part of the forward is done: its rows hold `q_len` more tokens."""
+        self.cache_seqlens[:batch].add_(q_len)
+        self.fresh = False
+        self.state.layer_done(self.is_last)
+
+    # --- rows (the cache keeps all layers together) -------------------------------------------------------
+
+    def check_crop(self, keep: int, top: int) -> None:
+        """Raise if a crop to `keep` tokens leaves the next forward needing what this layer no longer holds."""
+
+    def crop_to(self, keep: int, batch: int) -> None:
+        self.cache_seqlens[:batch].fill_(keep)
+
+    def select(self, index: list[int]) -> None:
+        idx = torch.tensor(index, device=self.device)
+        self.cache_seqlens[:len(index)] = self.cache_seqlens[idx]
+
+    def unpin_from_inference_mode(self) -> None:
+        """Move buffers built inside torch.inference_mode() into ordinary tensors (new addresses)."""
+        self.kv = self.kv.clone()
+        self.cache_seqlens = self.cache_seqlens.clone()
+        compat.mark_static(*self.kv, self.cache_seqlens)
+
+
+compat.answer_max_length_under_both_names(PlugLayer)
+
+
+class RingLayer(PlugLayer):
+    """A sliding-window layer keeping a ring of `ring` blocks per row: the last `ring_slots` slots written, at least
+    its window and some slack. The device table repeats the ring along the row, so the kernels index it by slot as
+    any table; slot t and t + ring_slots share a place, so a forward writes at most `chunk` tokens per kernel call
+    (their queries' windows stay clear of their own writes) and a prefill longer than the ring stores its tail."""
+
+    def __init__(self, config: PlugConfig, layer_idx: int, dev: DeviceState, state: ForwardState, kv: KV | None = None,
+                 backend: str = "auto"):
+        self.ring = config.layer_rings[layer_idx]
+        self.ring_slots = self.ring * config.block_size
+        super().__init__(config, layer_idx, dev, state, kv, backend)
+        self.chunk = self.ring_slots - self.window + 1
+
+    def __repr__(self):
+        return f"{super().__repr__()[:-1]}, ring={self.ring_slots})"
+
+    def attend(self, q, k, v, softmax_scale: float, holes: bool) -> torch.Tensor:
+        valid = self.dev.valid if holes else None
+        q_len, step = q.shape[1], self.chunk
+        outs = [self._attend(q[:, i:i + step], k[:, i:i + step], v[:, i:i + step], softmax_scale,
+                             self.cache_seqlens + i if i else self.cache_seqlens, valid)
+                for i in range(0, q_len, step)]
+        self._advance(*q.shape[:2])
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+    def _store(self, k, v, table, seqlens) -> None:
+        """Only the last `ring_slots` of the new tokens (an earlier one would share its place with a later one)."""
+        drop = k.shape[1] - self.ring_slots
+        if drop > 0:
+            k, v, seqlens = k[:, drop:], v[:, drop:], seqlens + drop
+        super()._store(k, v, table, seqlens)
+
+    def _stored_new(self, k, v, before: int, total: int, batch: int) -> list[torch.Tensor]:
+        if k.shape[1] <= self.ring_slots:
+            return super()._stored_new(k, v, before, total, batch)
+        # not all kept: the new K/V as the cache would store them
+        return [dequantize(*quantize(x.transpose(1, 2), self.kv.k.dtype), self.config.dtype) for x in (k, v)]
+
+    def check_crop(self, keep: int, top: int) -> None:
+        # the ring holds the slots of the last ring_slots tokens written (up to `top`, even past a crop): the next
+        # window must be among them
+        need = max(0, keep - self.window + 1)
+        if need < top - self.ring_slots:
+            raise ValueError(
+                f"crop to {keep} tokens: sliding-window layer {self.layer_idx} (window {self.window}) keeps "
+                f"the slots of its last {self.ring_slots} tokens written (up to {top}), and the next "
+                f"forward would need tokens from {need}. A crop may reach back at most "
+                f"{self.ring_slots - self.window + 1} tokens below the most the rows held; build the cache with "
+                "a larger window_slack=, or trim_windows=False to keep every token.")
+
+
+def attention_layer(config: PlugConfig, layer_idx: int, dev: DeviceState, state: ForwardState, kv: KV | None = None,
+                    backend: str = "auto") -> PlugLayer:
+    """The layer class config says layer `layer_idx` needs: a ring for a trimmed sliding window, else paged."""
+    cls = RingLayer if config.layer_rings[layer_idx] else PlugLayer
+    return cls(config, layer_idx, dev, state, kv, backend)
+
+
+class RemoteLayer(CacheLayerMixin):
+    """Stands in for a decoder layer another pipeline stage runs: no buffers; length queries answer from the rows'
+    count (every layer on every rank holds the same number of tokens), everything else does nothing."""
+
+    is_compileable = True
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, config: PlugConfig, layer_idx: int, state: ForwardState):
+        super().__init__()
+        self.config, self.layer_idx, self.state, self.is_initialized = config, layer_idx, state, True
+
+    def __repr__(self):
+        return f"RemoteLayer({self.layer_idx})"
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        pass
+
+    def update(self, *args, **kwargs):
+        raise RuntimeError(f"layer {self.layer_idx} runs on another pipeline stage: this rank's PlugCache holds none "
+                           "of its K/V")
+
+    def get_seq_length(self, *args, **kwargs):
+        return self.state.seq_length()
+
+    def get_max_length(self, *args, **kwargs) -> int:
+        return self.config.max_cache_len
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        return query_length, 0
+
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+    def activate_past_recording(self, *args, **kwargs) -> None:
+        pass
+
+
+compat.answer_max_length_under_both_names(RemoteLayer)
+
+
+class LinearLayers:
+    """A hybrid model's linear-attention layers: the cache layers transformers' own DynamicCache builds for them
+    (`compat.linear_attention_layers`), at their indices in `layers` (the cache's list), so that their state stays
+    in the classes transformers maintains. Their states keep the batch they were built for: a fresh forward with
+    another batch size gets new ones."""
+
+    def __init__(self, hf_config, kinds: list[str], layers: list):
+        self.hf_config, self.kinds, self.layers = hf_config, kinds, layers
+        self.indices = [i for i, kind in enumerate(kinds) if kind == "linear"]
+        self.batch: int | None = None  # rows their states were built for
+
+    @staticmethod
+    def build(hf_config, kinds: list[str]) -> dict:
+        return compat.linear_attention_layers(hf_config, kinds)
+
+    def begin(self, batch: int) -> None:
+        """Before a fresh forward of `batch` rows: new states for another batch size, recording their past if
+        generate() switched that on (assisted decoding) before this forward."""
+        if not self.indices or batch == self.batch:
+            return
+        if self.batch is not None:
+            for i, layer in self.build(self.hf_config, self.kinds).items():
+                compat.record_like(layer, self.layers[i])
+                self.layers[i] = layer
+        self.batch = batch
+
+    @property
+    def recording(self) -> bool:
+        return any(compat.recording(self.layers[i]) is not None for i in self.indices)
+
+    def stop_recording(self) -> None:
+        for i in self.indices:
+            compat.stop_recording(self.layers[i])
+
+    def reset(self) -> None:
+        """A reset cache records no past (assisted decoding switches it on again); transformers zeroes the states."""
+        self.stop_recording()
+        for i in self.indices:
+            self.layers[i].reset()
+
+    def crop(self, tokens: int) -> None:
+        for i in self.indices:  # transformers' rule: only a layer recording its past can go back
+            self.layers[i].crop(tokens)
+
+    def select(self, index: list[int]) -> None:
+        for i in self.indices:  # their states are per row: index_select, as transformers reorders beams
+            self.layers[i].reorder_cache(torch.tensor(index))
+
+    def copies(self) -> dict:
+        return {i: copy.deepcopy(self.layers[i]) for i in self.indices}
