@@ -124,7 +124,7 @@ def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, kv: str | bool
     `kv`: "fp", "int8" or "int4" (True / False: int8 / fp)."""
     from hf_kvplug.kernels import decode_attn as DA
     from hf_kvplug.kernels import extend_attn as EA
-    from hf_kvplug.kernels.utils import next_pow2
+    from hf_kvplug.kernels.host import next_pow2
 
     kv = {True: "int8", False: "fp"}.get(kv, kv)
     int8, int4 = kv == "int8", kv == "int4"

@@ -24,6 +24,7 @@ from .forward import KEEP_MASK, ForwardHost, inference_mode_explained
 from .geometry import Geometry, RankLayout
 from .layers import KV, LinearLayers, PlugLayer, RemoteLayer, attention_layer
 from .state import ForwardState
+from .storage import load_cache, save_cache
 
 __all__ = ["KEEP_MASK", "PlugCache", "PlugLayer", "RemoteLayer"]
 
@@ -282,8 +283,6 @@ class PlugCache(ForwardHost, DynamicCache):
         """Write the cached rows to `path` with safetensors (no pickle): each block they use once (shared blocks
         too), their block tables, lengths, starts and slot mask, and what the cache was built for. `PlugCache.load`
         reads it back, in another process too."""
-        from .storage import save_cache
-
         self._settle()
         save_cache(self, path)
 
@@ -293,8 +292,6 @@ class PlugCache(ForwardHost, DynamicCache):
         the constructor's, `max_batch_size` / `max_cache_len` at least what the file holds). Raises a ValueError,
         loading nothing, for a file made for another model, dtype, kv_dtype or block size, or one truncated or
         altered."""
-        from .storage import load_cache
-
         return load_cache(cls, path, model_or_config, **kwargs)
 
     # --- generate() ------------------------------------------------------------------------------------

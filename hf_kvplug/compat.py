@@ -172,6 +172,13 @@ def stop_recording(layer) -> None:
     layer.record_past = False
 
 
+# 5.23: under tensor parallelism a sharded weight is a DTensor whose shape is the global one; before, a plain tensor
+# holding this rank's part.
+def local_shape(weight) -> torch.Size:
+    """The shape of the part of `weight` this rank holds."""
+    return (weight.to_local() if hasattr(weight, "to_local") else weight).shape
+
+
 # 5.23: `transformers.distributed.tensor_parallel.get_kv_heads_per_rank`, the rule generate() uses to size a static
 # cache under tensor parallelism. 5.4 has no such helper (nor pipeline parallelism); the same rule is written out.
 def kv_heads_per_rank(tp_plan: dict | None, nheads_k: int, tp_size: int) -> int:

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import _check_writable_on_host, _empty, _kernels, resolve_backend
-from .reference import attend_with_kvcache_ref
+from . import ops
 
 
 def flash_attn_with_kvcache(
@@ -118,19 +117,9 @@ def flash_attn_with_kvcache(
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.to(device=device, dtype=torch.float32).contiguous()
     scale = head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)
-    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=device) if return_softmax_lse else None
-
-    no_scale, no_mask, no_status = (_empty(device, t) for t in (torch.float32, torch.uint8, torch.int32))
-    bufs = (kc, vc, no_scale, no_scale, table, seqlens, starts, no_mask, no_status)
-    if device.type == "cpu" and not torch.compiler.is_compiling():
-        _check_writable_on_host(table, seqlens, batch, k.shape[1], kc.shape[2])
-    if resolve_backend(backend, device) == "triton":
-        out = _kernels.attend_with_kvcache(q, k, v, *bufs, scale, window, causal, right=right,
-                                           alibi_slopes=alibi_slopes, softcap=softcap, lse=lse,
-                                           num_splits=num_splits or None)
-        return (out, lse) if return_softmax_lse else out
-    return attend_with_kvcache_ref(q, k, v, *bufs, scale, window, causal=causal, right=right,
-                                   alibi_slopes=alibi_slopes, softcap=softcap, return_lse=return_softmax_lse)
+    return ops.attend_with_kvcache(q, k, v, kc, vc, None, None, table, seqlens, starts, scale, window,
+                                   backend=backend, causal=causal, right=right, alibi_slopes=alibi_slopes,
+                                   softcap=softcap, return_lse=return_softmax_lse, num_splits=num_splits or None)
 
 
 def _rotate(q, k, cos, sin, seqlens, per_token: bool, interleaved: bool):

@@ -137,10 +137,10 @@ class Geometry:
 
     def _check_local_heads(self, model) -> None:
         """The module weights are the truth: the first attention layer this rank runs must hold the K/V heads the
-        geometry says (tensor parallelism splits k_proj; on 5.23+ its weight is a DTensor of the global shape)."""
+        geometry says (tensor parallelism splits k_proj)."""
         i = self.attention_layers[0]
         weight = _decoder_layers(model)[i].self_attn.k_proj.weight
-        rows = (weight.to_local() if hasattr(weight, "to_local") else weight).shape[0]
+        rows = compat.local_shape(weight)[0]
         if rows != self.nheads_k * self.head_dim:
             raise ValueError(f"layer {i}'s k_proj holds {rows} output rows on this process; the cache expected "
                              f"{self.nheads_k} KV heads x head_dim {self.head_dim} (tensor-parallel size "

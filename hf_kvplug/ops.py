@@ -6,8 +6,10 @@ Two op families, picked by device (a static property, so the choice costs nothin
 Both mutate the cache buffers in place and are declared so (`mutates_args`), so `torch.compile(fullgraph=True)`
 traces them without a graph break.
 
-The backend is "auto" (Triton for CUDA tensors when Triton imports, the reference otherwise), or forced with
-`PlugCache(..., backend="reference" | "triton")` or the environment variable HF_KVPLUG_BACKEND.
+The backend is "auto" (Triton for CUDA tensors, the reference for every other device; on CUDA a failed import of the
+kernels raises instead of falling back), or forced with `PlugCache(..., backend="reference" | "triton")` or the
+environment variable HF_KVPLUG_BACKEND. `attend_with_kvcache` is the one public dispatch: the cache layers and
+`flash.flash_attn_with_kvcache` both call it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .reference import attend_with_kvcache_ref, write_kvcache_ref
 
 BACKENDS = ("auto", "triton", "reference")
 
-try:  # Triton is optional: without it (macOS, Windows) every device uses the reference.
+try:  # Triton is optional: without it (macOS, Windows) every device but CUDA uses the reference.
     from . import kernels as _kernels
 except ImportError as e:  # pragma: no cover - depends on the platform
     _kernels = None
@@ -37,7 +39,13 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if choice not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r} (argument or HF_KVPLUG_BACKEND)")
     if choice == "auto":
-        return "triton" if device.type == "cuda" and _kernels is not None else "reference"
+        if device.type != "cuda":
+            return "reference"
+        if _kernels is None:  # never a silent fallback where the kernels belong
+            raise RuntimeError(f"hf_kvplug's Triton kernels failed to import ({_KERNELS_IMPORT_ERROR!r}), so CUDA "
+                               "tensors cannot run them; install Triton, or ask for the PyTorch reference with "
+                               "backend='reference' (or HF_KVPLUG_BACKEND=reference)")
+        return "triton"
     if choice == "triton":
         if _kernels is None:
             raise RuntimeError(f"backend='triton' needs Triton, which failed to import: {_KERNELS_IMPORT_ERROR}")
@@ -62,14 +70,14 @@ def _check_writable_on_host(block_table, cache_seqlens, batch: int, q_len: int, 
 
 
 def _attend_ref_bounded(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-                        cache_valid, status, softmax_scale, window, causal):
+                        cache_valid, status, softmax_scale, window, causal, **flash):
     num_blocks = None
     if cache_seqlens.device.type == "cpu" and q.shape[0]:  # bound the work by the real length: free to read here
         longest = int(cache_seqlens[: q.shape[0]].max()) + k.shape[1]
         num_blocks = -(-longest // k_cache.shape[2])
     return attend_with_kvcache_ref(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
                                    cache_starts, cache_valid, status, softmax_scale, window, num_blocks=num_blocks,
-                                   causal=causal)
+                                   causal=causal, **flash)
 
 
 @torch.library.custom_op("hf_kvplug::attend_with_kvcache_ref", mutates_args=_MUTATED)
@@ -140,8 +148,9 @@ def _empty(device, dtype) -> torch.Tensor:
 def attend_with_kvcache(
     q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
     softmax_scale: float, window: int | None = None, cache_valid=None, status=None, backend: str = "auto",
-    causal: bool = True,
-) -> torch.Tensor:
+    causal: bool = True, *, right: int = -1, alibi_slopes: torch.Tensor | None = None, softcap: float = 0.0,
+    return_lse: bool = False, num_splits: int | None = None,
+):
     """Write the new K/V into the paged cache and attend over each row's visible slots, in one call.
 
     The queries are each row's last q_len tokens once the new ones are appended, as in flash_attn_with_kvcache
@@ -155,7 +164,7 @@ def attend_with_kvcache(
             `[num_blocks, nheads_k, block_size, head_dim / 2]` uint8 for int4 (two codes a byte, see `reference`).
             **Written in place.**
         k_scale, v_scale: `[num_blocks, nheads_k, block_size]` float32 for int8 caches, `[..., 4]` float16 for int4
-            (scale and minimum of each half of head_dim), else empty. **Written.**
+            (scale and minimum of each half of head_dim), else empty or None. **Written.**
         block_table: `[max_batch, max_blocks]` int32 block ids, -1 where no block is mapped.
         cache_seqlens: `[max_batch]` int32, slots filled before this call (not advanced here).
         cache_starts: `[batch]` int32, first slot each row may attend (leading padding).
@@ -165,12 +174,18 @@ def attend_with_kvcache(
         cache_valid: optional `[max_batch, max_len]` uint8, 0 where a slot is masked out (padding, holes).
         status: optional `[1]` int32, set to 1 (**written**) on the device if a new token had no slot.
         backend: "auto", "triton" or "reference" (see module docstring).
+        right, alibi_slopes, softcap, return_lse, num_splits: flash_attn_with_kvcache's options (`hf_kvplug.flash`;
+            semantics in `reference.attend_with_kvcache_ref`): a non-causal query sees at most `right` slots past its
+            own (-1: all); ALiBi slopes `[nheads]` or `[batch, nheads]` fp32; a softcap on the scores; also return
+            the natural log-sum-exp `[batch, nheads, q_len]` fp32; the split-KV count for one query (None: the
+            launcher's choice). A call with any of them runs the kernels or the reference directly, not through the
+            registered ops (torch.compile does not trace it).
 
     Returns:
-        `[batch, q_len, nheads, head_dim]` attention output in the dtype of `q`; 0 for a query that sees no slot.
-        No backward. A new token with no slot (past the table or an unmapped block) is not written, sets `status`,
-        and the queries that would see it (and the one at its slot) get NaN; on CPU tensors that raises a
-        ValueError instead, before anything is written.
+        `[batch, q_len, nheads, head_dim]` attention output in the dtype of `q`; 0 for a query that sees no slot
+        (and `(out, lse)` with `return_lse`). No backward. A new token with no slot (past the table or an unmapped
+        block) is not written, sets `status`, and the queries that would see it (and the one at its slot) get NaN;
+        on CPU tensors that raises a ValueError instead, before anything is written.
     """
     window = int(window or 0)
     if (k is None) != (v is None):
@@ -180,12 +195,20 @@ def attend_with_kvcache(
     if k.shape[0] != q.shape[0] or v.shape != k.shape:
         raise ValueError(f"k and v must be [batch, n_new, nheads_k, head_dim] alike, with q's batch: "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    cache_valid = _empty(q.device, torch.uint8) if cache_valid is None else cache_valid
-    status = _empty(q.device, torch.int32) if status is None else status
-    args = (q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid,
-            status, softmax_scale, window, bool(causal))
+    no_scale = _empty(q.device, torch.float32)
+    args = (q, k, v, k_cache, v_cache, no_scale if k_scale is None else k_scale,
+            no_scale if v_scale is None else v_scale, block_table, cache_seqlens, cache_starts,
+            _empty(q.device, torch.uint8) if cache_valid is None else cache_valid,
+            _empty(q.device, torch.int32) if status is None else status, softmax_scale, window, bool(causal))
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_writable_on_host(block_table, cache_seqlens, q.shape[0], k.shape[1], k_cache.shape[2])
+    flash = dict(right=right, alibi_slopes=alibi_slopes, softcap=softcap)
+    if right >= 0 or alibi_slopes is not None or softcap or return_lse or num_splits is not None:
+        if resolve_backend(backend, q.device) == "triton":
+            lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32) if return_lse else None
+            out = _kernels.attend_with_kvcache(*args, **flash, lse=lse, num_splits=num_splits)
+            return (out, lse) if return_lse else out
+        return _attend_ref_bounded(*args, **flash, return_lse=return_lse)
     if resolve_backend(backend, q.device) == "triton":
         if q.device.type != "cuda":  # the CPU interpreter: launch directly, there is nothing to trace
             return _kernels.attend_with_kvcache(*args)

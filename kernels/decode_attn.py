@@ -6,12 +6,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_guard, int4_query, int4_tile_update,
-                    kv_tile_scores, launcher, lost_slot, natural_lse, next_pow2, quantize_int8, scale_strides,
-                    score_mods, slot_block, sm_count, softmax_tile_update, store_int4, tanh_cap, tile_block_ids,
-                    upcast_dot, visible)
+from .host import cdiv, check_cache, check_valid, device_guard, launcher, next_pow2, scale_strides, sm_count, upcast_dot
+from .tiles import (LOG2E, attention_bounds, int4_query, int4_tile_update, kv_tile_scores, lost_slot, natural_lse,
+                    quantize_int8, score_mods, slot_block, softmax_tile_update, store_int4, tanh_cap, tile_block_ids,
+                    visible)
 
-LOG2E = 1.4426950408889634
 WAVES = 8  # programs aimed at, in units of SMs, when a row is full: enough left at half capacity to fill the GPU
 MIN_SPLIT = 128  # tokens per split, at least
 MAX_SPLITS = 256
@@ -48,7 +47,7 @@ def _decode_attn_kernel(
 ):
     # q [B, 1, nheads, D] (all GROUP heads of kv head hk in one program); k, v [B, 1, nheads_k, D] (NEW_KV) or empty
     # caches [num_blocks, nheads_k, BLOCK_SIZE, D]; this program covers slots [split * split_size, +split_size).
-    # flash_attn_with_kvcache's options (utils.score_mods): ALIBI slopes [B or 1, nheads] fp32 at alibi_ptr,
+    # flash_attn_with_kvcache's options (tiles.score_mods): ALIBI slopes [B or 1, nheads] fp32 at alibi_ptr,
     # SOFTCAP (softcap = cap * log2 e), RETURN_LSE: the unsplit program writes lse [B, nheads] (natural log)
     split = tl.program_id(0)
     hk = tl.program_id(1)
@@ -77,7 +76,7 @@ def _decode_attn_kernel(
     slopes = tl.zeros([BLOCK_H], tl.float32)
     if ALIBI:
         slopes = tl.load(alibi_ptr + b64 * stride_ab + heads, mask=mask_h, other=0.0).to(tl.float32)
-        slopes = slopes * 1.4426950408889634  # scores are in the log2 domain
+        slopes = slopes * LOG2E  # scores are in the log2 domain
 
     if owner:  # write the new token and start the softmax from it, so it never has to be read back
         phys, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)
@@ -164,7 +163,7 @@ def _decode_attn_int4_kernel(
 ):
     # The int4 twin of _decode_attn_kernel (same grid, bounds, splits and epilogue): caches hold two values a byte
     # [num_blocks, nheads_k, BLOCK_SIZE, HEAD_DIM / 2] with (scale, minimum) per half; q and the output are handled
-    # as their two halves, so no tile is ever dequantized element by element (utils.int4_tile_update).
+    # as their two halves, so no tile is ever dequantized element by element (tiles.int4_tile_update).
     split = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -322,7 +321,7 @@ def flash_extras(q, out, alibi_slopes, softcap, lse, kind: str, lse_shape: tuple
     if lse is not None:
         assert lse.dtype == torch.float32 and tuple(lse.shape) == tuple(lse_shape), (lse.shape, lse_shape)
     lse_strides = tuple(lse.stride()) if lse is not None else (0,) * len(lse_shape)
-    return FlashExtras(q if alibi_slopes is None else alibi_slopes, out if lse is None else lse, softcap * LOG2E,
+    return FlashExtras(q if alibi_slopes is None else alibi_slopes, out if lse is None else lse, softcap * LOG2E.value,
                        stride_ab, lse_strides,
                        dict(ALIBI=alibi_slopes is not None, SOFTCAP=softcap > 0, RETURN_LSE=lse is not None))
 
@@ -410,7 +409,7 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
         part_lse = torch.empty((batch, nheads, num_splits), dtype=torch.float32, device=q.device)
     else:  # one split writes the output itself
         part_o = part_lse = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
-    qk_scale = float(softmax_scale) * LOG2E
+    qk_scale = float(softmax_scale) * LOG2E.value
     window = int(window)
     has_status = status.numel() > 0
     with device_guard(q):

@@ -5,10 +5,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attn import LOG2E, flash_extras
-from .utils import (attention_bounds, cdiv, check_cache, check_valid, device_guard, int4_query, int4_tile_update,
-                    kv_tile_scores, launcher, lost_span, natural_lse, next_pow2, scale_strides, score_mods, slot_block,
-                    softmax_tile_update, tile_block_ids, upcast_dot, visible)
+from .decode_attn import flash_extras
+from .host import cdiv, check_cache, check_valid, device_guard, launcher, next_pow2, scale_strides, upcast_dot
+from .tiles import (LOG2E, attention_bounds, int4_query, int4_tile_update, kv_tile_scores, lost_span, natural_lse,
+                    score_mods, slot_block, softmax_tile_update, tile_block_ids, visible)
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def _extend_attn_kernel(
     slopes = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
     if ALIBI:
         slopes = tl.load(alibi_ptr + b64 * stride_ab + heads, mask=mask_r, other=0.0).to(tl.float32)
-        slopes = slopes * 1.4426950408889634  # scores are in the log2 domain
+        slopes = slopes * LOG2E  # scores are in the log2 domain
 
     bt_row = block_table_ptr + b64 * stride_bt
     tile_lo = n_lo - n_lo % BLOCK_N
@@ -130,7 +130,7 @@ def _extend_attn_int4_kernel(
     CAUSAL: tl.constexpr,
 ):
     # The int4 twin of _extend_attn_kernel: rows and tiles as there, q and the output in their two halves
-    # (utils.int4_tile_update reads each packed tile without dequantizing it).
+    # (tiles.int4_tile_update reads each packed tile without dequantizing it).
     pid_m = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -226,8 +226,8 @@ def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlen
         return out
     with device_guard(q):
         args = (q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid, out,
-                float(softmax_scale) * LOG2E, int(window), int(right), block_table.shape[1] * k_cache.shape[2], q_len,
-                int(new_lo), cache_valid.shape[-1] if has_holes else 0,
+                float(softmax_scale) * LOG2E.value, int(window), int(right), block_table.shape[1] * k_cache.shape[2],
+                q_len, int(new_lo), cache_valid.shape[-1] if has_holes else 0,
                 q.stride(0), q.stride(1), q.stride(2),
                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides(k_scale, kind != "fp"),
                 block_table.stride(0), cache_valid.stride(0) if has_holes else 0,

@@ -3,7 +3,8 @@
 import triton
 import triton.language as tl
 
-from .utils import check_cache, device_guard, launcher, next_pow2, quantize_int8, scale_strides, slot_block, store_int4
+from .host import check_cache, device_guard, launcher, next_pow2, scale_strides
+from .tiles import quantize_int8, slot_block, store_int4
 
 
 @triton.jit

@@ -153,3 +153,79 @@ def test_exact_copy_on_write_count_fits_an_exact_pool():
     copies = table.prepare_write([0, 1, 2, 3], 3, 4, 4, BS)
     assert len(copies) == 2 and pool.in_use == 4
     _check(pool, table)
+
+
+# ------------------------------------------------------------------------------------------------ Paging (groups)
+
+def _paging(main=12, ring=6, rows=3, max_blocks=4):
+    """A main group and a sliding-window group of rings of 2 blocks, as a PlugCache builds them."""
+    from hf_kvplug.blocks import Paging
+
+    return Paging({None: BlockPool(main), 2: BlockPool(ring)}, rows, max_blocks, BS)
+
+
+def _check_paging(*pagings):
+    for ring in pagings[0].tables:
+        _check(pagings[0].tables[ring].pool, *(p.tables[ring] for p in pagings))
+
+
+def test_paging_prepare_maps_every_group_and_copies_through_the_owner():
+    paging = _paging()
+    moved = []
+    assert paging.prepare(2, 0, 6, 9, 1, lambda ring, pairs: moved.append((ring, pairs))) is None
+    assert [len(r) for r in paging.tables[None].rows] == [3, 3, 0]  # 9 slots reserved ahead
+    assert [len(r) for r in paging.tables[2].rows] == [2, 2, 0]  # a ring holds at most its blocks
+    assert moved == [(None, []), (2, [])]  # fresh rows: nothing to copy, but every group is told
+    _check_paging(paging)
+    dense = dict(paging.dirty_tables())
+    assert set(dense) == {None, 2} and not list(paging.dirty_tables())  # each change synced once
+    assert dense[2][0] == paging.tables[2].rows[0] * 2  # the ring repeats along the row
+
+
+def test_paging_shares_a_prompt_and_returns_leaders():
+    paging = _paging(main=20, ring=12, rows=4)
+    leaders = paging.prepare(4, 0, 6, 6, 2, lambda ring, pairs: None)
+    assert leaders == [0, 2]
+    table = paging.tables[None]
+    assert table.rows[1] == table.rows[0] and table.rows[3] == table.rows[2] and table.rows[0] != table.rows[2]
+    assert table.pool.in_use == 4  # two prompts of 6 slots stored once each
+    _check_paging(paging)
+
+
+def test_paging_check_room_is_all_or_nothing_across_groups():
+    paging = _paging(main=12, ring=3)  # the ring pool fits one row's ring and a half
+    with pytest.raises(PoolExhausted, match="3 free blocks of 3 and 4 more"):
+        paging.check_room(2, 0, 8, 8)  # two rows of 8 slots: 2 ring blocks each
+    assert all(t.pool.in_use == 0 for t in paging.tables.values())  # nothing was taken, in either group
+    paging.check_room(1, 0, 8, 8)
+
+
+def test_paging_fork_select_release_and_copy_onto():
+    paging = _paging()
+    paging.prepare(2, 0, 6, 6, 1, lambda ring, pairs: None)
+    fork = paging.fork()
+    _check_paging(paging, fork)
+    assert paging.tables[None].pool.shared == 4  # every block of both rows, once per cache
+    paging.select([1, 1])  # beam reorder: row 0 takes row 1's blocks
+    assert paging.tables[None].rows[0] == paging.tables[None].rows[1] == fork.tables[None].rows[1]
+    _check_paging(paging, fork)
+    fresh = {None: BlockPool(12), 2: BlockPool(6)}
+    copy = fork.copy_onto(fresh)  # a deep copy: the same ids in pools of its own
+    assert copy.tables[None].rows == fork.tables[None].rows and copy.pools == fresh
+    _check_paging(copy)
+    paging.release()
+    fork.release()
+    assert all(p.in_use == 0 for p in paging.pools.values())
+    assert fresh[None].in_use == 4
+
+
+def test_paging_reserve_counts_rows_private_to_the_end():
+    paging = _paging(main=16, ring=8, rows=2)
+    paging.prepare(2, 0, 3, 3, 1, lambda ring, pairs: None)
+    fork = paging.fork()  # every block shared now
+    assert paging.reserve(2, 3, 3, lambda ring, pairs: None) == 0  # shared blocks ahead: no row is compiled-safe
+    moved = []
+    assert paging.reserve(1, 3, 16, lambda ring, pairs: moved.extend(pairs)) == 1
+    assert moved  # row 0's shared blocks were copied, the fork keeps the originals
+    assert fork.tables[None].rows[0][0] != paging.tables[None].rows[0][0]
+    _check_paging(paging, fork)

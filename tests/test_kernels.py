@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from hf_kvplug import reference as R
+from oracle import attend_fp64_ref
 
 kernels = pytest.importorskip("hf_kvplug.kernels")
 from hf_kvplug.kernels import decode_attn as DA  # noqa: E402
 from hf_kvplug.kernels import extend_attn as EA  # noqa: E402
-from hf_kvplug.kernels.utils import int4_query, int8_to_float  # noqa: E402
+from hf_kvplug.kernels.tiles import int4_query, int8_to_float  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -99,7 +100,7 @@ class Case:
         nb = self.block_table.shape[1]
         keys = R.gather_kv(bufs[0], bufs[2], self.block_table, self.batch, nb, torch.float64)
         values = R.gather_kv(bufs[1], bufs[3], self.block_table, self.batch, nb, torch.float64)
-        return R.attend_fp64_ref(self.q, keys, values, self.seen(keys.shape[2]), self.softmax_scale)
+        return attend_fp64_ref(self.q, keys, values, self.seen(keys.shape[2]), self.softmax_scale)
 
     def written(self, bufs):
         """(k, v, k step, v step) at the new tokens' slots: [B, q_len, nheads_k, D] values (dequantized when
@@ -324,7 +325,7 @@ def _int4_query_kernel(q_ptr, out_ptr, inv_ptr, R: tl.constexpr, DH: tl.constexp
 
 
 def test_int4_query_is_exact_for_bf16_rows_of_any_magnitude():
-    """bf16 queries enter the int4 dots as fp16, each row scaled by a power of two (utils.int4_query): rows whose
+    """bf16 queries enter the int4 dots as fp16, each row scaled by a power of two (tiles.int4_query): rows whose
     largest |q| lies far past fp16's range, far below it, at 0, or spans 2^-20 of the maximum come back exactly
     (scaled value x inverse == q), with the scaled maximum in [2^14, 2^15)."""
     base = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))

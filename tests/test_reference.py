@@ -10,7 +10,6 @@ import torch
 
 from hf_kvplug import ops
 from hf_kvplug.reference import (
-    attend_fp64_ref,
     attend_with_kvcache_ref,
     dequantize_int4,
     dequantize_int8,
@@ -20,6 +19,7 @@ from hf_kvplug.reference import (
     visible_slots,
     write_kvcache_ref,
 )
+from oracle import attend_fp64_ref
 
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 NO_VALID = torch.empty(0, dtype=torch.uint8)

@@ -1,84 +1,10 @@
-"""Helpers shared by the kernels: int8 quantization in registers, device queries, launch plumbing."""
+"""`@triton.jit` tile helpers shared by the kernels: quantization in registers, slot and block lookups, visibility,
+the online-softmax update and the int4 tiles. Device code only; the launchers' host helpers are in `host.py`."""
 
-import contextlib
-import functools
-import os
-
-import torch
 import triton
 import triton.language as tl
 
-INTERPRET_SM_COUNT = 4  # the CPU interpreter has no SMs; small, so that tests still see several splits
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # triton.cdiv costs microseconds per host call (a JIT function); launchers run every step
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def is_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_cuda(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return INTERPRET_SM_COUNT
-    return _sm_count_cuda(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def launcher(kernel):
-    if is_interpreter():  # nothing to trace on the CPU interpreter, and Triton < 3.7 gives it no JITFunction to wrap
-        return kernel
-    return torch.library.wrap_triton(kernel)
-
-
-def upcast_dot(dtype: torch.dtype) -> bool:
-    # The triton interpreter computes bf16 tl.dot wrongly: upcast the operands to fp32 there.
-    return is_interpreter() and dtype == torch.bfloat16
-
-
-def check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, nheads_k, head_dim):
-    """Asserts the paged layout (hf_kvplug/reference.py); returns the format: "fp", "int8" or "int4"."""
-    kind = {torch.int8: "int8", torch.uint8: "int4"}.get(k_cache.dtype, "fp")
-    width = head_dim // 2 if kind == "int4" else head_dim
-    assert k_cache.dim() == 4 and k_cache.shape[1] == nheads_k and k_cache.shape[3] == width, k_cache.shape
-    assert v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype
-    assert k_cache.stride(-1) == 1 and v_cache.stride() == k_cache.stride(), "caches: contiguous last dim, same strides"
-    assert block_table.dtype == torch.int32 and block_table.dim() == 2 and block_table.stride(1) == 1
-    assert cache_seqlens.dtype == torch.int32 and cache_seqlens.dim() == 1 and cache_seqlens.stride(0) == 1
-    if kind == "int8":
-        assert k_scale.dtype == torch.float32 and k_scale.shape == k_cache.shape[:3], k_scale.shape
-    if kind == "int4":
-        assert k_scale.dtype == torch.float16 and k_scale.shape == (*k_cache.shape[:3], 4), k_scale.shape
-        assert k_scale.stride(-1) == 1
-    if kind != "fp":
-        assert v_scale.shape == k_scale.shape and v_scale.stride() == k_scale.stride()
-    return kind
-
-
-def check_valid(cache_valid, batch: int) -> bool:
-    """True when a slot mask is given: `[>= batch, max_len]` uint8 with a contiguous last dim."""
-    if cache_valid.numel() == 0:
-        return False
-    assert cache_valid.dtype == torch.uint8 and cache_valid.dim() == 2 and cache_valid.stride(1) == 1
-    assert cache_valid.shape[0] >= batch, cache_valid.shape
-    return True
-
-
-def scale_strides(k_scale, quantized: bool):
-    return tuple(k_scale.stride()[:3]) if quantized else (0, 0, 0)
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # scores run in the log2 domain; launchers use LOG2E.value
 
 
 @triton.jit
@@ -259,11 +185,6 @@ def softmax_tile_update(m, l, acc, qk, v, vs, V_SCALE_ON_P: tl.constexpr, EMPTY_
     return m_new, l, acc
 
 
-# ------------------------------------------------------------------------------------------------ int4
-# Layout (hf_kvplug/reference.py): byte j of a token's head holds dim j (low nibble) and dim j + D/2 (high nibble);
-# params [4] fp16 = (scale, minimum) of the low half, then of the high half; x ~= n * scale + minimum.
-
-
 @triton.jit
 def quantize_int4_half(x, mask):
     # x [DH] fp32, mask [DH] its real lanes -> (n [DH] fp32 in 0..15, scale, minimum), scale and minimum rounded to
@@ -374,3 +295,4 @@ def store_int4(x_ptr, cache_ptr, scale_ptr, dst, sdst, offs_h, mask_h, HALF: tl.
     tl.store(scale_ptr + sdst + 2, s_hi.to(tl.float16))
     tl.store(scale_ptr + sdst + 3, m_hi.to(tl.float16))
     return n_lo * s_lo + m_lo, n_hi * s_hi + m_hi
+
