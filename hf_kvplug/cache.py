@@ -205,7 +205,7 @@ class PlugCache(ForwardHost, DynamicCache):
         self.linear.crop(keep - length)
         for layer in self.attn_layers:
             layer.crop_to(keep, self.batch)
-        self.state.length = keep
+        self.state.cropped(keep)
 
     def reorder_cache(self, beam_idx: torch.LongTensor, *args, **kwargs) -> None:
         """Beam search: row b becomes row beam_idx[b]. Moves block ids and reference counts, copies no K/V (a row
@@ -234,7 +234,7 @@ class PlugCache(ForwardHost, DynamicCache):
         for layer in self.attn_layers:
             layer.select(index)
         self.linear.select(index)
-        self.state.batch = len(index)
+        self.state.selected(len(index))
 
     # --- sharing, copies, files ------------------------------------------------------------------------
 
@@ -268,8 +268,7 @@ class PlugCache(ForwardHost, DynamicCache):
         other._build(self.config, self.backend, pools, kvs, linear=self.linear.copies())
         other.paging = paging(other)
         other.linear.batch = self.linear.batch
-        for name in ("batch", "length", "holes", "top"):
-            setattr(other.state, name, getattr(self.state, name))
+        other.state.restore(self.state.batch, self.state.length, self.state.holes, self.state.top)
         for layer, theirs in zip(other.attn_layers, self.attn_layers):
             layer.cache_seqlens.copy_(theirs.cache_seqlens)
             layer.fresh = theirs.fresh
@@ -315,7 +314,7 @@ class PlugCache(ForwardHost, DynamicCache):
         """After the generate() call: linear-attention layers stop recording their past if the call switched it on
         (assisted decoding), so later calls keep no state copies and compile again. A call that failed leaves the
         count as the layers hold it: a forward stopped part-way is still open, and the next use checks it."""
-        hints, self._generate, self.state.leaders = self._generate or {}, None, None
+        hints, self._generate = self._generate or {}, None
         if failed:
             self.state.abandon()  # a forward prepared for a step that never ran: the next one prepares again
         if not hints.get("recording", True):

@@ -69,7 +69,7 @@ class ForwardHost:
                 if mask is not None:
                     for dev in self.device_states.values():
                         dev.record(batch, mask)
-                    self.state.holes = mask.holes
+                    self.state.mask_recorded(mask.holes)
             try:
                 leaders = self.paging.prepare(batch, length, length + q_len, reserve, share, self._copy_blocks)
             finally:
@@ -97,7 +97,7 @@ class ForwardHost:
         if mask is not None:
             for dev in self.device_states.values():
                 dev.record(batch, mask)
-            self.state.holes = mask.holes
+            self.state.mask_recorded(mask.holes)
         self.state.traced(batch)
 
     def sync_lengths(self) -> None:

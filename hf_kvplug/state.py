@@ -89,6 +89,22 @@ class ForwardState:
         self.batch, self.length, self.leaders = batch, None, None
         self.phase = TRACED
 
+    def mask_recorded(self, holes: bool) -> None:
+        """The forward's attention mask was recorded on the devices; `holes`: it has a 0 after a 1 somewhere."""
+        self.holes = holes
+
+    def cropped(self, length: int) -> None:
+        """The rows were cut back to `length` tokens (assisted decoding's rejected drafts)."""
+        self.length = length
+
+    def selected(self, batch: int) -> None:
+        """The rows were reordered or selected (beam search): `batch` of them now."""
+        self.batch = batch
+
+    def restore(self, batch: int, length: int, holes: bool, top: int) -> None:
+        """Rows that another cache or a file held (a fork, a copy, a load)."""
+        self.batch, self.length, self.holes, self.top = batch, length, holes, top
+
     def synced(self, length: int) -> None:
         """The device's lengths were read and found consistent: the host's count again."""
         self.length = length

@@ -146,8 +146,7 @@ def load_cache(cls, path, model_or_config, **kwargs):
         dev.starts[:batch].copy_(tensors["starts"])
         if meta["holes"]:
             dev.valid[:batch, :length].copy_(tensors["valid"])
-    state = cache.state
-    state.length, state.batch, state.holes = length, batch, meta["holes"]
-    state.top = meta.get("top", length)  # how far the rings were written (a crop may not reach below it - ring)
+    # top: how far the rings were written (a crop may not reach below it - ring)
+    cache.state.restore(batch, length, meta["holes"], meta.get("top", length))
     cache._sync_tables()
     return cache
