@@ -7,6 +7,7 @@ backport or a development build is judged by what it does, not by its number.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import inspect
 
@@ -40,9 +41,10 @@ MAX_LENGTH_METHODS = ("get_max_length", "get_max_cache_shape")
 
 
 def answer_max_length_under_both_names(cls):
-    """Class decorator: `get_max_cache_shape` answers as `get_max_length` does (the name 5.4-5.12 ask)."""
+    """`cls.get_max_cache_shape` answers as `cls.get_max_length` does (the name 5.4-5.12 ask, abstract in their
+    CacheLayerMixin: the class's abstract methods are counted again)."""
     cls.get_max_cache_shape = cls.get_max_length
-    return cls
+    return abc.update_abstractmethods(cls)
 
 
 @contextlib.contextmanager
