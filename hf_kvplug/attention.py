@@ -24,19 +24,20 @@ def plug_attention_forward(self, *args, **kwargs):
 
 def _wants_weights(module, kwargs) -> bool:
     """Stock returns attention weights only from eager attention, and only when asked."""
+    config = module.config
+    if config._attn_implementation != "eager":
+        return False
     asked = kwargs.get("output_attentions")
-    if asked is None:
-        asked = getattr(module.config, "output_attentions", False)
-    return bool(asked) and module.config._attn_implementation == "eager"
+    return bool(getattr(config, "output_attentions", False) if asked is None else asked)
 
 
 def _plugged_forward(self, cache, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
     # attention_mask serves only the prefill; after it the cache bounds each row by its lengths and the mask it
     # recorded (HF builds a q x q mask for a PlugCache, see PlugLayer.get_mask_sizes). A cache passed together with
     # use_cache=False is used all the same, as stock models use it.
-    if len(cache.layers) != self.config.num_hidden_layers:
+    if len(cache.layers) != self._kvplug_num_layers:
         raise ValueError(f"PlugCache has {len(cache.layers)} layers but the model has "
-                         f"{self.config.num_hidden_layers}: it was built for another model")
+                         f"{self._kvplug_num_layers}: it was built for another model")
     family = self._kvplug_family
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)

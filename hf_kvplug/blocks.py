@@ -16,8 +16,8 @@ share a place: the cache writes a row's slots in order and never lets a write la
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections import deque
 
 
 class PoolExhausted(ValueError):
@@ -25,22 +25,44 @@ class PoolExhausted(ValueError):
 
 
 class BlockPool:
-    """A free list of block ids and a reference count per block. Shared by a cache and every cache forked from it."""
+    """Block ids with a reference count each (free: 0). Shared by a cache and every cache forked from it.
+
+    Hands out the ids a caller prefers where they are free (a row's next blocks, so that its blocks stay consecutive
+    and the non-CUDA path can read the row where it lies), otherwise the lowest free ones.
+    """
 
     def __init__(self, num_blocks: int, name: str = "the PlugCache's block pool", hint: str = ""):
         self.num_blocks = num_blocks
         self.name, self.hint = name, hint  # for the exhaustion message
         self.refs = [0] * num_blocks
-        self.free = deque(range(num_blocks))
+        self.nfree = num_blocks
+        # candidate free ids, lowest first; an id taken out of turn stays until popped (its count says it is taken)
+        self._heap = list(range(num_blocks))
 
-    def allocate(self, n: int) -> list[int]:
-        """`n` fresh block ids, each with one reference; raises PoolExhausted (allocating nothing) if short."""
-        if n > len(self.free):
-            raise PoolExhausted(f"{self.name} has {len(self.free)} free blocks of {self.num_blocks} and {n} more are "
+    @property
+    def free(self) -> list[int]:
+        """The free ids (for tests and inspection; `nfree` counts them)."""
+        return [i for i, r in enumerate(self.refs) if r == 0]
+
+    def allocate(self, n: int, prefer=()) -> list[int]:
+        """`n` free block ids, each with one reference: those of `prefer` that are free, in its order, then the lowest
+        free ones; raises PoolExhausted (allocating nothing) if fewer than `n` are free."""
+        if n > self.nfree:
+            raise PoolExhausted(f"{self.name} has {self.nfree} free blocks of {self.num_blocks} and {n} more are "
                                 f"needed{self.hint}")
-        ids = [self.free.popleft() for _ in range(n)]
-        for i in ids:
-            self.refs[i] = 1
+        ids = []
+        for i in prefer:
+            if len(ids) == n:
+                break
+            if 0 <= i < self.num_blocks and self.refs[i] == 0:
+                self.refs[i] = 1
+                ids.append(i)
+        while len(ids) < n:
+            i = heapq.heappop(self._heap)
+            if self.refs[i] == 0:
+                self.refs[i] = 1
+                ids.append(i)
+        self.nfree -= n
         return ids
 
     def incref(self, ids) -> None:
@@ -53,11 +75,14 @@ class BlockPool:
             assert self.refs[i] > 0, f"block {i} released twice"
             self.refs[i] -= 1
             if self.refs[i] == 0:
-                self.free.append(i)
+                heapq.heappush(self._heap, i)
+                self.nfree += 1
+        if len(self._heap) > 2 * self.num_blocks:  # ids taken out of turn left stale entries: drop them
+            self._heap = self.free
 
     @property
     def in_use(self) -> int:
-        return self.num_blocks - len(self.free)
+        return self.num_blocks - self.nfree
 
     @property
     def shared(self) -> int:
@@ -125,18 +150,26 @@ class BlockTable:
         needed = self.blocks_needed(rows, start, end, reserve, block_size)
         if needed == 0:
             return []
-        fresh = self.pool.allocate(needed)
-        copies = []
+        if needed > self.pool.nfree:
+            self.pool.allocate(needed)  # raises, naming the pool
+        # Each block goes where it keeps the row's blocks consecutive if that one is free: after the row's previous
+        # block, or at the row's home (row b of a pool with room for every row: blocks [b * width, (b + 1) * width)).
+        copies, taken = [], 0
         for b in rows:
             row = self.rows[b]
             for i in written:
-                if i < len(row) and self.pool.refs[row[i]] > 1:
-                    dst = fresh.pop()
+                if i < len(row) and self.pool.refs[row[i]] > 1:  # the last writer of a shared block keeps it
+                    (dst,) = self.pool.allocate(1, prefer=[row[i - 1] + 1 if i else b * self.width])
                     copies.append((row[i], dst))
                     self.pool.decref([row[i]])
                     row[i] = dst
-            row.extend(fresh.pop() for _ in range(cover - len(row)))
-        assert not fresh, "copy-on-write count and copies disagree"
+                    taken += 1
+            grow = cover - len(row)
+            if grow > 0:
+                after = row[-1] + 1 if row else b * self.width
+                row.extend(self.pool.allocate(grow, prefer=range(after, after + grow)))
+                taken += grow
+        assert taken == needed, "copy-on-write count and copies disagree"
         self.dirty = True
         return copies
 
@@ -197,7 +230,7 @@ class Paging:
         reserve)`; all or nothing across groups."""
         for table in self.tables.values():
             need = table.blocks_needed(list(range(rows)), start, end, reserve, self.block_size)
-            if need > len(table.pool.free):
+            if need > table.pool.nfree:
                 table.pool.allocate(need)  # raises, naming the pool
 
     def prepare(self, rows: int, start: int, end: int, reserve: int, share: int, copy) -> list[int] | None:
@@ -253,11 +286,12 @@ class Paging:
         other = Paging(pools, self.max_rows, self.max_blocks, self.block_size)
         for ring, table in other.tables.items():
             table.rows = [list(row) for row in self.tables[ring].rows]
-            for row in table.rows:
+            for row in table.rows:  # the same ids: each taken (once) and counted per row naming it
                 for i in row:
                     if table.pool.refs[i] == 0:
-                        table.pool.free.remove(i)
-                    table.pool.refs[i] += 1
+                        table.pool.allocate(1, prefer=[i])
+                    else:
+                        table.pool.incref([i])
         return other
 
     def dirty_tables(self):

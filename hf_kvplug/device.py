@@ -28,10 +28,14 @@ class DeviceState:
         self.starts = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
         self.valid = torch.ones((max_batch_size, max_cache_len), dtype=torch.uint8, device=device)
         self.status = torch.zeros(1, dtype=torch.int32, device=device)
+        self.no_valid = torch.empty(0, dtype=torch.uint8, device=device)  # what the kernels get when nothing has holes
         compat.mark_static(*self.tensors())
+        # the PyTorch fast path's plans of the forward under way, by (ring, window): built in the host work of each
+        # forward (`ForwardHost.begin_forward`) for layers off CUDA, read by its layers, replaced by the next one
+        self.plans: dict = {}
 
     def tensors(self) -> list[torch.Tensor]:
-        return [*self.block_tables.values(), self.starts, self.valid, self.status]
+        return [*self.block_tables.values(), self.starts, self.valid, self.status, self.no_valid]
 
     @property
     def block_table(self) -> torch.Tensor:
@@ -44,7 +48,9 @@ class DeviceState:
         other.device = self.device
         other.block_tables = {ring: t.clone() for ring, t in self.block_tables.items()}
         other.starts, other.valid, other.status = self.starts.clone(), self.valid.clone(), self.status.clone()
+        other.no_valid = self.no_valid.clone()
         compat.mark_static(*other.tensors())
+        other.plans = {}
         return other
 
     def copy_from(self, other: "DeviceState") -> None:

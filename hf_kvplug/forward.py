@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+from . import torchpath
 from .device import read_mask, read_mask_traced
 from .layers import PlugLayer
 
@@ -74,7 +75,26 @@ class ForwardHost:
                 leaders = self.paging.prepare(batch, length, length + q_len, reserve, share, self._copy_blocks)
             finally:
                 self._sync_tables()  # the device tables always match the host's
+            self._plan(batch, length, q_len)
             self.state.prepare(batch, q_len, leaders)
+
+    def _plan(self, batch: int, length: int, q_len: int) -> None:
+        """The PyTorch fast path's plans for this forward (layers off CUDA, after the prefill): one per device and
+        (ring, window), built once here from what the host knows and shared by every layer with that key."""
+        for dev in self.device_states.values():
+            dev.plans = {}
+        if not q_len or self.attn_layers[0].fresh:
+            return
+        for layer in self.attn_layers:
+            key = (layer.ring, layer.window or 0)
+            if layer.backend != "torch" or key in layer.dev.plans or q_len > (layer.chunk if layer.ring else q_len):
+                continue
+            first = max(0, length - layer.window + 1) if layer.window else 0
+            layer.dev.plans[key] = torchpath.plan(
+                layer.block_table, layer.cache_seqlens, layer.dev.starts, layer.dev.valid if self.state.holes else None,
+                batch, q_len, q_len, key[1], True, self.config.block_size, self.config.nheads_k,
+                (first, length + q_len), length=length,
+                rows=self.paging.tables[None].rows if layer.ring is None else None)  # a ring's repeat on the device
 
     def enter(self, layer_idx: int, k: torch.Tensor) -> PlugLayer:
         """An attention forward reaches layer `layer_idx` with new keys `k [B, L, nheads_k, D]`: its checks, and the

@@ -222,7 +222,7 @@ class PlugLayer(CacheLayerMixin):
     def attend(self, q, k, v, softmax_scale: float, holes: bool) -> torch.Tensor:
         """Fused write + attention for `q [B, L, nheads, D]`, `k, v [B, L, nheads_k, D]`; advances the lengths.
         `holes`: the recorded mask has holes, so the kernels read the slot mask."""
-        out = self._attend(q, k, v, softmax_scale, self.cache_seqlens, self.dev.valid if holes else None)
+        out = self._attend(q, k, v, softmax_scale, self.cache_seqlens, self.dev.valid if holes else self.dev.no_valid)
         self._advance(*q.shape[:2])
         return out
 
@@ -249,8 +249,12 @@ class PlugLayer(CacheLayerMixin):
         return out, weights
 
     def _attend(self, q, k, v, softmax_scale, seqlens, valid):
+        plan = self.dev.plans.get((self.ring, self.window or 0))  # the forward's, when off CUDA (ForwardHost._plan)
+        if plan is not None and (plan.batch, plan.q_len) != q.shape[:2]:
+            plan = None
         return ops.attend_with_kvcache(q, k, v, *self.kv, self.block_table, seqlens, self.dev.starts, softmax_scale,
-                                       self.window, cache_valid=valid, status=self.dev.status, backend=self.backend)
+                                       self.window, cache_valid=valid, status=self.dev.status, backend=self.backend,
+                                       plan=plan)
 
     def _store(self, k, v, table, seqlens) -> None:
         """Write `k, v [B, L, nheads_k, D]` at slots seqlens[b] + i."""
@@ -306,7 +310,7 @@ class RingLayer(PlugLayer):
         return f"{super().__repr__()[:-1]}, ring={self.ring_slots})"
 
     def attend(self, q, k, v, softmax_scale: float, holes: bool) -> torch.Tensor:
-        valid = self.dev.valid if holes else None
+        valid = self.dev.valid if holes else self.dev.no_valid
         q_len, step = q.shape[1], self.chunk
         outs = [self._attend(q[:, i:i + step], k[:, i:i + step], v[:, i:i + step], softmax_scale,
                              self.cache_seqlens + i if i else self.cache_seqlens, valid)

@@ -18,9 +18,10 @@ import os
 
 import torch
 
+from . import torchpath
 from .reference import attend_with_kvcache_ref, write_kvcache_ref
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "torch", "reference")
 
 try:  # Triton is optional: without it (macOS, Windows) every device but CUDA uses the reference.
     from . import kernels as _kernels
@@ -34,13 +35,14 @@ _MUTATED = ("k_cache", "v_cache", "k_scale", "v_scale", "status")
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """'triton' or 'reference' for buffers on `device`, honouring HF_KVPLUG_BACKEND when `backend` is None/auto."""
+    """'triton', 'torch' or 'reference' for buffers on `device`, honouring HF_KVPLUG_BACKEND when `backend` is
+    None/auto: auto is Triton for CUDA tensors, the PyTorch fast path (`torchpath`) for every other device."""
     choice = backend if backend not in (None, "auto") else (os.environ.get("HF_KVPLUG_BACKEND") or "auto")
     if choice not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r} (argument or HF_KVPLUG_BACKEND)")
     if choice == "auto":
         if device.type != "cuda":
-            return "reference"
+            return "torch"
         if _kernels is None:  # never a silent fallback where the kernels belong
             raise RuntimeError(f"hf_kvplug's Triton kernels failed to import ({_KERNELS_IMPORT_ERROR!r}), so CUDA "
                                "tensors cannot run them; install Triton, or ask for the PyTorch reference with "
@@ -78,6 +80,17 @@ def _attend_ref_bounded(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table
     return attend_with_kvcache_ref(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
                                    cache_starts, cache_valid, status, softmax_scale, window, num_blocks=num_blocks,
                                    causal=causal, **flash)
+
+
+def _cpu_plan(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid,
+              window: int, causal: bool) -> torchpath.Plan:
+    """The fast path's plan of a call on CPU tensors, its span read from the lengths (free to read there)."""
+    batch, q_len, n_new = q.shape[0], q.shape[1], k.shape[1]
+    lengths = cache_seqlens[:batch]
+    end = int(lengths.max()) + n_new if batch else 0
+    first = max(0, int(lengths.min()) + n_new - q_len - window + 1) if window and batch else 0
+    return torchpath.plan(block_table, cache_seqlens, cache_starts, cache_valid, batch, q_len, n_new, window, causal,
+                          k_cache.shape[2], k_cache.shape[1], (first, end))
 
 
 @torch.library.custom_op("hf_kvplug::attend_with_kvcache_ref", mutates_args=_MUTATED)
@@ -135,21 +148,17 @@ if _kernels is not None:
 
 # ---------------------------------------------------------------- public functions
 
-_NONE = {}  # device -> a 0-element tensor standing for "no cache_valid" / "no status"
-
-
 def _empty(device, dtype) -> torch.Tensor:
-    key = (device, dtype)
-    if key not in _NONE:
-        _NONE[key] = torch.empty(0, dtype=dtype, device=device)
-    return _NONE[key]
+    """A 0-element tensor standing for "no cache_valid" / "no scale" / "no status" (made anew: a memo of them would be
+    a dict torch.compile guards on)."""
+    return torch.empty(0, dtype=dtype, device=device)
 
 
 def attend_with_kvcache(
     q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
     softmax_scale: float, window: int | None = None, cache_valid=None, status=None, backend: str = "auto",
     causal: bool = True, *, right: int = -1, alibi_slopes: torch.Tensor | None = None, softcap: float = 0.0,
-    return_lse: bool = False, num_splits: int | None = None,
+    return_lse: bool = False, num_splits: int | None = None, plan: torchpath.Plan | None = None,
 ):
     """Write the new K/V into the paged cache and attend over each row's visible slots, in one call.
 
@@ -180,6 +189,10 @@ def attend_with_kvcache(
             the natural log-sum-exp `[batch, nheads, q_len]` fp32; the split-KV count for one query (None: the
             launcher's choice). A call with any of them runs the kernels or the reference directly, not through the
             registered ops (torch.compile does not trace it).
+        plan: for the PyTorch fast path (backend "torch"), where this call reads and writes, built by the caller
+            from what it knows on the host (`torchpath.plan`: a PlugCache builds one per forward and group of
+            layers); the caller vouches that every new token has a mapped slot. Without one, the CPU builds it
+            from the tensors (reading them is free there) and other devices run the reference.
 
     Returns:
         `[batch, q_len, nheads, head_dim]` attention output in the dtype of `q`; 0 for a query that sees no slot
@@ -187,6 +200,8 @@ def attend_with_kvcache(
         block) is not written, sets `status`, and the queries that would see it (and the one at its slot) get NaN;
         on CPU tensors that raises a ValueError instead, before anything is written.
     """
+    if plan is not None and not torch.compiler.is_compiling():  # the cache's own call: everything checked on the host
+        return torchpath.attend(q, k, v, k_cache, v_cache, k_scale, v_scale, plan, softmax_scale)
     window = int(window or 0)
     if (k is None) != (v is None):
         raise ValueError("k and v: both tensors, or both None (attend only)")
@@ -200,7 +215,8 @@ def attend_with_kvcache(
             no_scale if v_scale is None else v_scale, block_table, cache_seqlens, cache_starts,
             _empty(q.device, torch.uint8) if cache_valid is None else cache_valid,
             _empty(q.device, torch.int32) if status is None else status, softmax_scale, window, bool(causal))
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if q.device.type == "cpu" and not compiling:
         _check_writable_on_host(block_table, cache_seqlens, q.shape[0], k.shape[1], k_cache.shape[2])
     flash = dict(right=right, alibi_slopes=alibi_slopes, softcap=softcap)
     if right >= 0 or alibi_slopes is not None or softcap or return_lse or num_splits is not None:
@@ -209,14 +225,17 @@ def attend_with_kvcache(
             out = _kernels.attend_with_kvcache(*args, **flash, lse=lse, num_splits=num_splits)
             return (out, lse) if return_lse else out
         return _attend_ref_bounded(*args, **flash, return_lse=return_lse)
-    if resolve_backend(backend, q.device) == "triton":
+    choice = resolve_backend(backend, q.device)
+    if choice == "triton":
         if q.device.type != "cuda":  # the CPU interpreter: launch directly, there is nothing to trace
             return _kernels.attend_with_kvcache(*args)
         return torch.ops.hf_kvplug.attend_with_kvcache(*args)
     if q.device.type == "cpu":
-        if not torch.compiler.is_compiling():  # eager: skip the op dispatcher's overhead, same function
-            return _attend_ref_bounded(*args)
-        return torch.ops.hf_kvplug.attend_with_kvcache_ref(*args)
+        if compiling:
+            return torch.ops.hf_kvplug.attend_with_kvcache_ref(*args)
+        if choice == "torch" and k.shape[1] in (0, q.shape[1]):
+            return torchpath.attend(*args[:7], _cpu_plan(*args[:11], window, causal), softmax_scale)
+        return _attend_ref_bounded(*args)  # eager: skip the op dispatcher's overhead, same function
     # Reference forced on an accelerator: plain torch ops over the whole row with a mask (no host sync).
     return attend_with_kvcache_ref(*args[:-1], causal=args[-1])
 

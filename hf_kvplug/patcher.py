@@ -73,6 +73,7 @@ def patch(model):
         module.__dict__[_MARK] = getattr(module, attr)
         module.__dict__["_kvplug_attr"] = (attr, module.__dict__.get(attr))
         module._kvplug_family = spec
+        module._kvplug_num_layers = module.config.num_hidden_layers
         setattr(module, attr, types.MethodType(plug_attention_forward, module))
     if "_kvplug_generate" in model.__dict__:
         return model
@@ -104,6 +105,7 @@ def unpatch(model):
         attr, previous = module.__dict__.pop("_kvplug_attr")
         del module.__dict__[_MARK]
         del module.__dict__["_kvplug_family"]
+        del module.__dict__["_kvplug_num_layers"]
         if previous is None:
             module.__dict__.pop(attr, None)
         else:

@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each module's level: a module imports only modules of a lower level (docs/architecture.md says what each owns).
 LEVELS = [
     {"compat", "families", "state", "reference", "blocks", "kernels"},  # leaves: no import from the package
-    {"geometry", "ops", "device"},
-    {"config"},
+    {"geometry", "torchpath", "device"},
+    {"ops", "config"},
     {"layers"},
     {"forward", "storage"},
     {"cache"},
@@ -110,4 +110,4 @@ def test_cuda_never_falls_back_silently(monkeypatch):
     with pytest.raises(RuntimeError, match="failed to import.*backend='reference'"):
         ops.resolve_backend("auto", torch.device("cuda", 0))
     assert ops.resolve_backend("reference", torch.device("cuda", 0)) == "reference"
-    assert ops.resolve_backend("auto", torch.device("cpu")) == "reference"
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"

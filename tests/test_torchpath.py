@@ -1,0 +1,150 @@
+"""The PyTorch fast path (`hf_kvplug.torchpath`, the non-CUDA backend "torch") equals the reference, its oracle: the
+same cache contents bit for bit after the write, outputs within same-dtype rounding, in every layout a cache gives
+it (consecutive blocks per row, rows one after another, shuffled and shared blocks), with windows, left padding,
+holes, blind queries, attend-only calls, non-causal queries, INT8 and INT4, and stale NaN / Inf in slots no query
+sees."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from hf_kvplug import ops, torchpath
+from hf_kvplug.reference import attend_with_kvcache_ref, quantize
+
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _cache(batch, nheads_k, head_dim, block_size, max_blocks, dtype, kv, layout, seed, used=None):
+    """Buffers and a block table `[batch, max_blocks]` of `layout`; "adjacent": the first `used` blocks of each row
+    follow the previous row's."""
+    g = torch.Generator().manual_seed(seed)
+    nblocks = batch * max_blocks + 3
+    storage = {"int8": torch.int8, "int4": torch.uint8}.get(kv, dtype)
+    width = head_dim // 2 if kv == "int4" else head_dim
+    shape = (nblocks, nheads_k, block_size, width)
+    if kv is None:
+        k_cache, v_cache = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+    else:  # valid codes and scales of random vectors
+        codes = [quantize(torch.randn(*shape[:3], head_dim, generator=g), storage) for _ in range(2)]
+        (k_cache, k_scale), (v_cache, v_scale) = codes
+    if kv is None:
+        k_scale = v_scale = torch.empty(0)
+    if layout == "runs":  # each row's blocks consecutive, rows apart (a fresh pool, rows mapped ahead)
+        table = torch.stack([torch.arange(max_blocks) + 3 + b * max_blocks for b in range(batch)])
+    elif layout == "adjacent":
+        table = torch.arange(batch * max_blocks).view(batch, max_blocks) + 1
+        table[:, :used] = torch.arange(batch * used).view(batch, used) + 1
+        table[:, used:] = torch.arange(batch * (max_blocks - used)).view(batch, -1) + 1 + batch * used
+    elif layout == "shared":  # every row maps row 0's first blocks (a prompt stored once), then blocks of its own
+        table = torch.randperm(nblocks, generator=g)[:batch * max_blocks].view(batch, max_blocks)
+        table[:, :2] = table[0, :2]
+    else:
+        table = torch.randperm(nblocks, generator=g)[:batch * max_blocks].view(batch, max_blocks)
+    return [k_cache, v_cache, k_scale, v_scale, table.to(torch.int32).contiguous()]
+
+
+CASES = list(itertools.product(
+    [torch.float32, torch.bfloat16, torch.float16], [None, "int8", "int4"], ["runs", "adjacent", "shuffled", "shared"],
+    [(1, 0, True), (3, 0, True), (1, 5, True), (4, 6, True), (3, 0, False), (0, 0, True)]))
+
+
+@pytest.mark.parametrize("path", ["dense", "blocks"])
+@pytest.mark.parametrize("dtype, kv, layout, shape", CASES,
+                         ids=[f"{str(d)[6:]}-{kv}-{lay}-L{s[0]}w{s[1]}{'' if s[2] else 'nc'}"
+                              for d, kv, lay, s in CASES])
+def test_fast_path_equals_the_reference(dtype, kv, layout, shape, path, monkeypatch):
+    """Both ways of attending: a dense copy and SDPA (small calls, and rows whose blocks are not consecutive), and
+    the blocks read where they lie (rows of consecutive blocks, past DENSE_SLOTS)."""
+    if path == "blocks" and layout not in ("runs", "adjacent"):
+        pytest.skip("scattered blocks are always gathered into a dense copy")
+    monkeypatch.setattr(torchpath, "DENSE_SLOTS", 0 if path == "blocks" else 1 << 30)
+    q_len, window, causal = shape
+    n_new = q_len if q_len else 0
+    q_len = q_len or 2  # attend only: two queries, nothing written
+    if kv == "int4" and dtype != torch.float32:
+        pytest.skip("one dtype is enough for INT4's code path")
+    batch, nheads, nheads_k, head_dim, bs, max_blocks = 3, 6, 2, 16, 4, 6
+    seed = hash((str(dtype), kv, layout, shape)) % 1000
+    g = torch.Generator().manual_seed(seed)
+    bufs = _cache(batch, nheads_k, head_dim, bs, max_blocks, dtype, kv, layout, seed, used=-(-(13 + n_new) // bs))
+    lengths = torch.tensor([7, 12, 16], dtype=torch.int32)
+    if layout in ("runs", "adjacent"):  # all rows hold the same count, as a PlugCache's do
+        lengths = torch.full((batch,), 13, dtype=torch.int32)
+    starts = torch.tensor([0, 2, 5], dtype=torch.int32)
+    valid = torch.ones(batch, max_blocks * bs, dtype=torch.uint8)
+    valid[1, 4:7] = 0  # a hole
+    valid[2, int(lengths[2]):] = 0  # the new tokens of row 2 hidden: right padding
+    q = torch.randn(batch, q_len, nheads, head_dim, generator=g).to(dtype)
+    k = torch.randn(batch, n_new, nheads_k, head_dim, generator=g).to(dtype)
+    v = torch.randn(batch, n_new, nheads_k, head_dim, generator=g).to(dtype)
+    for holes in (False, True):
+        ref = [t.clone() for t in bufs]
+        cv = valid if holes else torch.empty(0, dtype=torch.uint8)
+        status = torch.zeros(1, dtype=torch.int32)
+        want = attend_with_kvcache_ref(q, k, v, *ref, lengths, starts, cv, status, 0.3, window, causal=causal)
+        first = max(0, int(lengths.min()) + n_new - q_len - window + 1) if window else 0
+        span = (first, int(lengths.max()) + n_new)
+        # from the tensors alone, and with what a PlugCache's host knows (its rows, and one length for all rows)
+        hosts = [{}] + ([{"rows": bufs[4].tolist(), "length": 13}] if layout in ("runs", "adjacent") else [])
+        for host in hosts:
+            mine = [t.clone() for t in bufs]
+            plan = torchpath.plan(mine[4], lengths, starts, cv, batch, q_len, n_new, window, causal, bs, nheads_k,
+                                  span, **host)
+            assert (plan.runs is not None) == (layout in ("runs", "adjacent"))
+            assert plan.adjacent == (layout == "adjacent" and not window)  # a window reads from a later block
+            got = torchpath.attend(q, k, v, *mine[:4], plan, 0.3)
+            for a, b in zip(mine[:4], ref[:4]):
+                assert torch.equal(a, b)  # the same bytes written
+            tol = TOL[dtype] * (8 if kv else 1)
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+            assert torch.equal(got == 0, want == 0)  # queries that see nothing: 0 in both
+
+
+@pytest.mark.parametrize("path", ["dense", "blocks"])
+@pytest.mark.parametrize("kv", [None, "int8", "int4"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_stale_values_in_hidden_slots_never_leak(kv, value, path, monkeypatch):
+    monkeypatch.setattr(torchpath, "DENSE_SLOTS", 0 if path == "blocks" else 1 << 30)
+    """NaN / Inf in slots past a row's length, before its start and in a hole: never in any output (K and V)."""
+    batch, nheads, nheads_k, head_dim, bs, max_blocks = 2, 4, 2, 8, 4, 5
+    bufs = _cache(batch, nheads_k, head_dim, bs, max_blocks, torch.float32, kv, "runs", 1)
+    lengths = torch.full((batch,), 9, dtype=torch.int32)
+    starts = torch.tensor([0, 3], dtype=torch.int32)
+    valid = torch.ones(batch, max_blocks * bs, dtype=torch.uint8)
+    valid[0, 5] = 0
+    table = bufs[4]
+    for buf in bufs[:2]:
+        poison = value if kv is None else 255 if kv == "int4" else 127
+        for b, slot in ((0, 5), (1, 1), (0, 11), (1, 14)):  # the hole, before row 1's start, past the lengths
+            buf[table[b, slot // bs], :, slot % bs] = poison
+    for scale in bufs[2:4]:
+        if scale.numel():
+            for b, slot in ((0, 5), (1, 1), (0, 11), (1, 14)):
+                scale[table[b, slot // bs], :, slot % bs] = value
+    q = torch.randn(batch, 1, nheads, head_dim)
+    k, v = torch.randn(batch, 1, nheads_k, head_dim), torch.randn(batch, 1, nheads_k, head_dim)
+    plan = torchpath.plan(table, lengths, starts, valid, batch, 1, 1, 0, True, bs, nheads_k, (0, 10))
+    out = torchpath.attend(q, k, v, *bufs[:4], plan, 0.5)
+    assert torch.isfinite(out).all()
+
+
+def test_ops_dispatch_takes_the_fast_path_on_the_cpu(monkeypatch):
+    """backend auto on CPU tensors runs the fast path (and a planless call builds its plan); 'reference' forces the
+    oracle; both give the same output."""
+    bufs = _cache(2, 2, 8, 4, 4, torch.float32, None, "shuffled", 3)
+    lengths = torch.tensor([5, 9], dtype=torch.int32)
+    starts = torch.zeros(2, dtype=torch.int32)
+    q, k, v = torch.randn(2, 1, 4, 8), torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8)
+    calls = []
+    real = torchpath.attend
+    monkeypatch.setattr(torchpath, "attend", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    mine, ref = [t.clone() for t in bufs], [t.clone() for t in bufs]
+    got = ops.attend_with_kvcache(q, k, v, *mine, lengths, starts, 0.4)
+    want = ops.attend_with_kvcache(q, k, v, *ref, lengths, starts, 0.4, backend="reference")
+    assert calls == [1]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="no cache slot"):  # a new token without a slot: raised before any write
+        ops.attend_with_kvcache(q, k, v, *mine, torch.tensor([5, 16], dtype=torch.int32), starts, 0.4)
