@@ -13,6 +13,8 @@ This is the front transformers sees: the Cache API, and the operations that chan
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
@@ -84,9 +86,12 @@ class PlugCache(ForwardHost, DynamicCache):
         self._build(config, backend, _pools(config), kvs=None,
                     linear=LinearLayers.build(self._hf_config, config.layer_kinds))
 
-    def _build(self, config: PlugConfig, backend: str, pools: dict, kvs, linear: dict) -> None:
+    def _build(self, config: PlugConfig, backend: str, pools: dict, kvs, linear: dict,
+               paging: Paging | None = None) -> None:
         self.config, self.backend = config, backend
-        self.paging = Paging(pools, config.max_batch_size, config.max_blocks_per_row, config.block_size)
+        self.paging = paging or Paging(pools, config.max_batch_size, config.max_blocks_per_row, config.block_size)
+        # a cache dropped without reset() gives its blocks back (a fork shares its pools with others that go on)
+        weakref.finalize(self, self.paging.release)
         self.state = ForwardState(sync=self.sync_lengths)
         devices = dict.fromkeys(config.layer_devices[i] for i in config.attention_layers)
         self.device_states = {d: DeviceState(config.groups, config.max_batch_size, config.max_blocks_per_row,
@@ -245,14 +250,14 @@ class PlugCache(ForwardHost, DynamicCache):
         draw from one pool (`stats()` counts it once)."""
         self._settle()
         self._compiled_rows = 0  # its rows share blocks now: a forward compiled as a whole needs reserve() again
-        return self._twin(self.pools, [layer.kv for layer in self.attn_layers], lambda other: self.paging.fork())
+        return self._twin(self.pools, [layer.kv for layer in self.attn_layers], self.paging.fork())
 
     def __deepcopy__(self, memo) -> "PlugCache":
         """An independent copy with a pool of its own (HF's prompt-reuse recipe deep-copies a prefilled cache per
         request); `fork()` gives the same without copying any block."""
         self._settle()
-        other = self._twin(_pools(self.config), [layer.kv.clone() for layer in self.attn_layers],
-                           lambda other: self.paging.copy_onto(other.pools))
+        pools = _pools(self.config)
+        other = self._twin(pools, [layer.kv.clone() for layer in self.attn_layers], self.paging.copy_onto(pools))
         memo[id(self)] = other
         return other
 
@@ -261,12 +266,11 @@ class PlugCache(ForwardHost, DynamicCache):
         if self.state.open:
             self.sync_lengths()
 
-    def _twin(self, pools: dict, kvs: list[KV], paging) -> "PlugCache":
-        """A cache over `pools` and buffers `kvs` holding what this one holds (`paging(other)`: its block tables)."""
+    def _twin(self, pools: dict, kvs: list[KV], paging: Paging) -> "PlugCache":
+        """A cache over `pools` and buffers `kvs` holding what this one holds (`paging`: its block tables)."""
         other = object.__new__(PlugCache)
         other._hf_config = self._hf_config
-        other._build(self.config, self.backend, pools, kvs, linear=self.linear.copies())
-        other.paging = paging(other)
+        other._build(self.config, self.backend, pools, kvs, linear=self.linear.copies(), paging=paging)
         other.linear.batch = self.linear.batch
         other.state.restore(self.state.batch, self.state.length, self.state.holes, self.state.top)
         for layer, theirs in zip(other.attn_layers, self.attn_layers):

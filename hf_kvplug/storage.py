@@ -73,7 +73,8 @@ def save_cache(cache, path) -> None:
     if cache.holes:
         tensors["valid"] = dev.valid[:batch, :length].cpu().clone()
     meta = dict(format=FORMAT, config=_fingerprint(cfg), length=length, batch=batch, holes=cache.holes,
-                max_cache_len=cfg.max_cache_len, top=cache.state.top, window_slack=cfg.window_slack,
+                max_batch_size=cfg.max_batch_size, max_cache_len=cfg.max_cache_len, max_tokens=cfg.max_tokens,
+                top=cache.state.top, window_slack=cfg.window_slack,
                 fresh=cache.attn_layers[0].fresh, sha256=_digest(tensors))
     save_file(tensors, str(path), metadata={"hf_kvplug": json.dumps(meta)})
 
@@ -100,10 +101,14 @@ def _read(path) -> tuple[dict, dict]:
 def load_cache(cls, path, model_or_config, **kwargs):
     meta, tensors = _read(path)
     length, batch = meta["length"], meta["batch"]
-    kwargs.setdefault("max_batch_size", batch)
-    # a cache with sliding-window rings is rebuilt at its own size by default (a ring exists only where it is
-    # smaller than max_cache_len); without rings, the tokens held are enough
-    kwargs.setdefault("max_cache_len", meta["max_cache_len"] if "layer_rings" in meta["config"] else max(length, 1))
+    # the capacity the cache was saved with, unless told otherwise (files from before it was recorded: the rows and
+    # tokens held, or a ring cache's own max_cache_len, as a ring exists only where it is smaller than that)
+    kwargs.setdefault("max_batch_size", meta.get("max_batch_size", batch))
+    if "max_batch_size" in meta or "layer_rings" in meta["config"]:
+        kwargs.setdefault("max_cache_len", meta["max_cache_len"])
+    kwargs.setdefault("max_cache_len", max(length, 1))
+    if meta.get("max_tokens") is not None:
+        kwargs.setdefault("max_tokens", meta["max_tokens"])
     kwargs.setdefault("trim_windows", "layer_rings" in meta["config"])  # the file's layout unless told otherwise
     # files from before window_slack existed kept rings of 2 x window - 1 slots: a slack of the (widest) window
     old = max((w for w in meta["config"].get("layer_windows") or [] if w), default=None)

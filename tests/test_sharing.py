@@ -207,3 +207,50 @@ def test_fork_makes_a_loop_compiled_as_a_whole_reserve_again():
     cache.reserve(rows=1)  # copies the shared blocks: the fork keeps the originals
     cache.traced_forward(1, 1, None)
     assert fork.get_seq_length() == 9
+
+
+@pytest.mark.parametrize("how", ["fork", "deepcopy"])
+def test_dropped_forks_and_copies_give_their_blocks_back(how):
+    """A server forks a prefilled system prompt per request: each fork's private blocks return to the pool once the
+    fork is dropped (no reset()), so blocks in use stay flat over many requests instead of running out."""
+    import copy
+    import gc
+
+    stock, plugged, _ = _pair("llama")
+    base = hf_kvplug.PlugCache(plugged, max_batch_size=1, max_cache_len=128, block_size=16)
+    prefix = torch.randint(2, 128, (1, 50))
+    ref_cache = DynamicCache(config=stock.config)
+    with torch.no_grad():
+        plugged(prefix, **kv(base))
+        stock(prefix, **kv(ref_cache))
+    start = base.stats()["blocks_in_use"]
+    for request in range(12):  # 12 x 2 private blocks would not fit: the pool holds 8 blocks
+        c = base.fork() if how == "fork" else copy.deepcopy(base)
+        ids = torch.cat([prefix, torch.randint(2, 128, (1, 3 + request % 4))], 1)
+        out = plugged.generate(ids, **kv(c), max_new_tokens=9, do_sample=False)
+        want = stock.generate(ids, **kv(copy.deepcopy(ref_cache)), max_new_tokens=9, do_sample=False)
+        assert torch.equal(out, want)
+        del c
+        gc.collect()
+        assert base.stats()["blocks_in_use"] == start
+    assert base.stats()["blocks_in_use"] == start and base.get_seq_length() == 50
+
+
+def test_load_restores_the_capacity_saved_with(tmp_path):
+    """A 40-token prefix saved from a 96-token cache loads as a 96-token cache (rows, max_tokens too), and the loaded
+    prompt continues as stock does; an explicit size still wins."""
+    stock, plugged, _ = _pair("qwen3")
+    cache = hf_kvplug.PlugCache(plugged, max_batch_size=2, max_cache_len=96, block_size=8, max_tokens=160)
+    ids = torch.randint(2, 128, (1, 40))
+    ref_cache = DynamicCache(config=stock.config)
+    with torch.no_grad():
+        plugged(ids, **kv(cache))
+        stock(ids, **kv(ref_cache))
+    cache.save(tmp_path / "prefix.safetensors")
+    loaded = hf_kvplug.PlugCache.load(tmp_path / "prefix.safetensors", plugged)
+    assert (loaded.max_batch_size, loaded.max_cache_len, loaded.config.max_tokens) == (2, 96, 160)
+    turn = torch.cat([ids, torch.randint(2, 128, (1, 5))], 1)
+    kw = dict(max_new_tokens=30, do_sample=False)
+    assert torch.equal(plugged.generate(turn, **kv(loaded), **kw), stock.generate(turn, **kv(ref_cache), **kw))
+    small = hf_kvplug.PlugCache.load(tmp_path / "prefix.safetensors", plugged, max_cache_len=48)
+    assert small.max_cache_len == 48
