@@ -38,6 +38,21 @@ class BlockPool:
         self.nfree = num_blocks
         # candidate free ids, lowest first; an id taken out of turn stays until popped (its count says it is taken)
         self._heap = list(range(num_blocks))
+        self.index: PrefixIndex | None = None  # full blocks kept for later requests (prefix caching), evictable
+
+    def available(self) -> int:
+        """Free blocks, and blocks only the prefix index holds (it gives them up when room is needed)."""
+        return self.nfree + (self.index.idle() if self.index is not None else 0)
+
+    def make_room(self, n: int) -> None:
+        """Make `n` blocks free, taking them from the prefix index's least recently used idle blocks if needed;
+        raises PoolExhausted, giving nothing up, if even that is not enough."""
+        if n <= self.nfree:
+            return
+        if self.index is None or n > self.available():
+            raise PoolExhausted(f"{self.name} has {self.nfree} free blocks of {self.num_blocks} and {n} more are "
+                                f"needed{self.hint}")
+        self.index.evict(n - self.nfree)
 
     @property
     def free(self) -> list[int]:
@@ -47,9 +62,7 @@ class BlockPool:
     def allocate(self, n: int, prefer=()) -> list[int]:
         """`n` free block ids, each with one reference: those of `prefer` that are free, in its order, then the lowest
         free ones; raises PoolExhausted (allocating nothing) if fewer than `n` are free."""
-        if n > self.nfree:
-            raise PoolExhausted(f"{self.name} has {self.nfree} free blocks of {self.num_blocks} and {n} more are "
-                                f"needed{self.hint}")
+        self.make_room(n)
         ids = []
         for i in prefer:
             if len(ids) == n:
@@ -150,8 +163,7 @@ class BlockTable:
         needed = self.blocks_needed(rows, start, end, reserve, block_size)
         if needed == 0:
             return []
-        if needed > self.pool.nfree:
-            self.pool.allocate(needed)  # raises, naming the pool
+        self.pool.make_room(needed)  # all or nothing: raises before any change, naming the pool
         # Each block goes where it keeps the row's blocks consecutive if that one is free: after the row's previous
         # block, or at the row's home (row b of a pool with room for every row: blocks [b * width, (b + 1) * width)).
         copies, taken = [], 0
@@ -230,8 +242,7 @@ class Paging:
         reserve)`; all or nothing across groups."""
         for table in self.tables.values():
             need = table.blocks_needed(list(range(rows)), start, end, reserve, self.block_size)
-            if need > table.pool.nfree:
-                table.pool.allocate(need)  # raises, naming the pool
+            table.pool.make_room(need)  # raises, naming the pool
 
     def prepare(self, rows: int, start: int, end: int, reserve: int, share: int, copy) -> list[int] | None:
         """Make slots [start, end) of rows < `rows` writable, each row covering max(end, reserve) slots;
@@ -304,3 +315,75 @@ class Paging:
     def mark_dirty(self) -> None:
         for table in self.tables.values():
             table.dirty = True
+
+
+class PrefixIndex:
+    """Full blocks of finished requests, kept for later ones by what they hold (prefix caching, as vLLM's and
+    SGLang's): an entry is keyed by its parent entry (the block before it in the row; the root names the model and
+    cache format), the tokens of its slots and which of them the attention mask showed, so a key says exactly what
+    K/V the block holds. Keys are compared whole, never by a hash alone, and a parent is named by a serial number that
+    is never reused, so no stale entry can match. The index holds one reference to each block; blocks only it holds
+    are "idle" and given back to the pool, least recently used first, when the pool needs room."""
+
+    def __init__(self, pool: BlockPool):
+        self.pool = pool
+        self.root = None
+        self.entries: dict = {}  # key -> (serial, block), least recently used first
+        self.next_serial = 1
+        self.hit_tokens = 0  # tokens requests did not prefill thanks to the index (since reset_stats())
+
+    def set_root(self, root) -> None:
+        """Entries made for another model or format (`root`) can never match again: give them up."""
+        if root != self.root:
+            self.clear()
+            self.root = root
+
+    def clear(self) -> None:
+        self.pool.decref([block for _, block in self.entries.values()])
+        self.entries.clear()
+
+    def _keys(self, blocks):
+        """Walk `blocks` (per block: a hashable of its tokens and mask bits), yielding (key, entry or None)."""
+        parent = ("root", self.root)
+        for content in blocks:
+            key = (parent, content)
+            entry = self.entries.get(key)
+            yield key, entry
+            if entry is None:
+                return
+            parent = entry[0]
+
+    def match(self, blocks) -> list[int]:
+        """The block ids of the longest indexed prefix of a row whose blocks hold `blocks` (per block, its
+        tokens and mask bits); each found entry becomes the most recently used."""
+        found = []
+        for key, entry in self._keys(blocks):
+            if entry is None:
+                break
+            self.entries[key] = self.entries.pop(key)  # most recently used last
+            found.append(entry[1])
+        return found
+
+    def insert(self, blocks, ids: list[int]) -> None:
+        """Index a row's full blocks `ids` holding `blocks` (as `match` takes them); entries already there stay."""
+        parent = ("root", self.root)
+        for content, block in zip(blocks, ids):
+            key = (parent, content)
+            entry = self.entries.get(key)
+            if entry is None:
+                entry = (self.next_serial, block)
+                self.next_serial += 1
+                self.pool.incref([block])
+            else:
+                self.entries.pop(key)
+            self.entries[key] = entry  # most recently used last
+            parent = entry[0]
+
+    def idle(self) -> int:
+        return sum(self.pool.refs[block] == 1 for _, block in self.entries.values())
+
+    def evict(self, n: int) -> None:
+        """Give up to `n` idle blocks back to the pool, least recently used first."""
+        for key in [k for k, (_, block) in self.entries.items() if self.pool.refs[block] == 1][:n]:
+            _, block = self.entries.pop(key)
+            self.pool.decref([block])

@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from . import compat, ops
-from .blocks import BlockPool, Paging
+from .blocks import BlockPool, Paging, PrefixIndex
 from .config import PlugConfig
 from .device import DeviceState
 from .forward import KEEP_MASK, ForwardHost, inference_mode_explained
@@ -61,6 +61,11 @@ class PlugCache(ForwardHost, DynamicCache):
             rejected drafts, well within it); False keeps every token, as for full-attention layers.
         window_slack: slots a ring holds past its window (rounded up to blocks): the longest forward that runs in
             one piece and about the longest crop. Default `min(window, 256)`.
+        prefix_caching: keep the full blocks of finished requests in an index (keyed by their tokens, mask and
+            what else decides their K/V); a generate() call into an empty cache maps the longest indexed prefix of
+            its prompts and prefills only the rest. Idle indexed blocks go back to the pool, least recently used
+            first, when it needs room. Refused for hybrid models and sliding-window rings (their state at a block
+            boundary is not in the blocks).
 
     Buffers are allocated once here and never re-assigned: `reset()`, `crop()` and `reorder_cache()` work in place,
     so their addresses stay fixed for torch.compile / CUDA graphs.
@@ -69,7 +74,7 @@ class PlugCache(ForwardHost, DynamicCache):
     def __init__(self, model_or_config, max_batch_size: int = 4, max_cache_len: int = 2048, kv_dtype: str | None = None,
                  *, dtype: torch.dtype | None = None, device=None, block_size: int = 64, max_tokens: int | None = None,
                  backend: str = "auto", layout: RankLayout | None = None, trim_windows: bool = True,
-                 window_slack: int | None = None):
+                 window_slack: int | None = None, prefix_caching: bool = False):
         if hasattr(model_or_config, "config") and hasattr(model_or_config, "parameters"):
             hf_config = model_or_config.config
             geometry = Geometry.from_model(model_or_config, layout, dtype=dtype, device=device)
@@ -80,7 +85,7 @@ class PlugCache(ForwardHost, DynamicCache):
             geometry = Geometry.from_hf_config(hf_config, dtype=dtype, device=device, layout=layout)
         config = PlugConfig(geometry, max_batch_size=max_batch_size, max_cache_len=max_cache_len, kv_dtype=kv_dtype,
                             block_size=block_size, max_tokens=max_tokens, trim_windows=trim_windows,
-                            window_slack=window_slack)
+                            window_slack=window_slack, prefix_caching=prefix_caching)
         ops.resolve_backend(backend, config.layer_devices[0])  # a bad backend fails here, before any allocation
         self._hf_config = getattr(hf_config, "text_config", None) or hf_config
         self._build(config, backend, _pools(config), kvs=None,
@@ -90,6 +95,8 @@ class PlugCache(ForwardHost, DynamicCache):
                paging: Paging | None = None) -> None:
         self.config, self.backend = config, backend
         self.paging = paging or Paging(pools, config.max_batch_size, config.max_blocks_per_row, config.block_size)
+        if config.prefix_caching and pools[None].index is None:  # one index per pool: forks share it
+            pools[None].index = PrefixIndex(pools[None])
         # a cache dropped without reset() gives its blocks back (a fork shares its pools with others that go on)
         weakref.finalize(self, self.paging.release)
         self.state = ForwardState(sync=self.sync_lengths)
@@ -144,6 +151,9 @@ class PlugCache(ForwardHost, DynamicCache):
                "block_size": self.config.block_size, "bytes_per_block": main[1],
                "bytes_in_use": sum(pool.in_use * per for pool, per in groups.values()),
                "bytes_total": self.nbytes, "rows": self.batch, "tokens": self.seq_length_now()}
+        index = self.pools.get(None) and self.pools[None].index
+        if index is not None:
+            out.update(prefix_cached_blocks=len(index.entries), prefix_hit_tokens=index.hit_tokens)
         rings = [pool for ring, (pool, _) in groups.items() if ring is not None]
         if rings:
             out.update(window_blocks_total=sum(p.num_blocks for p in rings),
@@ -307,20 +317,34 @@ class PlugCache(ForwardHost, DynamicCache):
             raise ValueError("This PlugCache was built for another model (cache vs model: " + "; ".join(diffs)
                              + "). Build one with hf_kvplug.PlugCache(model, ...).")
 
-    def generate_begins(self, reserve: int, share: int) -> None:
+    def reset_stats(self) -> None:
+        """Start counting `stats()["prefix_hit_tokens"]` again."""
+        if self.pools.get(None) and self.pools[None].index is not None:
+            self.pools[None].index.hit_tokens = 0
+
+    def generate_begins(self, reserve: int, share: int, root=None, prompt=None) -> None:
         """Hints for the generate() call about to run: map `reserve` tokens per row ahead (so no decode step maps a
-        block), and let groups of `share` rows expanded from one prompt store it once."""
+        block), and let groups of `share` rows expanded from one prompt store it once. With prefix caching, `root`
+        names the model and format (`prefix.fingerprint`: the index keeps only entries made under it) and
+        `prompt = (input_ids, attention_mask)` maps what the index holds of the prompts (`reuse_prefix`)."""
         if self.state.open:
             self.sync_lengths()
+        if root is not None and self.config.prefix_caching:
+            self.pools[None].index.set_root(root)
+            if prompt is not None:
+                self.reuse_prefix(*prompt, share)
         self._generate = {"reserve": reserve, "share": share, "recording": self.linear.recording}
 
-    def generate_ends(self, failed: bool) -> None:
+    def generate_ends(self, failed: bool, finished=None) -> None:
         """After the generate() call: linear-attention layers stop recording their past if the call switched it on
         (assisted decoding), so later calls keep no state copies and compile again. A call that failed leaves the
-        count as the layers hold it: a forward stopped part-way is still open, and the next use checks it."""
+        count as the layers hold it: a forward stopped part-way is still open, and the next use checks it. With
+        prefix caching, the rows `finished` lists (`index_rows`) go into the index."""
         hints, self._generate = self._generate or {}, None
         if failed:
             self.state.abandon()  # a forward prepared for a step that never ran: the next one prepares again
+        elif finished and self.config.prefix_caching:
+            self.index_rows(finished)
         if not hints.get("recording", True):
             self.linear.stop_recording()
 

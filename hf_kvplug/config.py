@@ -36,6 +36,7 @@ class PlugConfig:
     max_tokens: int | None = None  # the block pool's size in tokens (all rows); None: max_batch_size x max_cache_len
     trim_windows: bool = True
     window_slack: int | None = None  # ring slots past a window's own; None: min(window, DEFAULT_WINDOW_SLACK)
+    prefix_caching: bool = False  # keep full blocks of finished requests for later ones (`blocks.PrefixIndex`)
 
     num_layers = _read_through("num_layers")
     nheads = _read_through("nheads")
@@ -62,6 +63,13 @@ class PlugConfig:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
         if self.kv_dtype == "int4" and self.head_dim % 2:
             raise ValueError(f"kv_dtype='int4' packs two values a byte: head_dim must be even, got {self.head_dim}")
+        if self.prefix_caching and ("linear" in self.layer_kinds or any(self.layer_rings)):
+            raise ValueError(
+                "prefix_caching=True needs every layer's state at a block boundary to come from the cached blocks "
+                "alone: " + ("this hybrid model's linear-attention layers keep a recurrent state of the whole "
+                             "prefix, which the block index does not hold" if "linear" in self.layer_kinds else
+                             "its sliding-window layers keep rings that overwrite a prompt's early blocks; pass "
+                             "trim_windows=False to keep every token (then they reuse as full attention does)"))
 
     @property
     def max_blocks_per_row(self) -> int:

@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from . import torchpath
+from . import prefix, torchpath
 from .device import read_mask, read_mask_traced
 from .layers import PlugLayer
 
@@ -95,6 +95,43 @@ class ForwardHost:
                 batch, q_len, q_len, key[1], True, self.config.block_size, self.config.nheads_k,
                 (first, length + q_len), length=length,
                 rows=self.paging.tables[None].rows if layer.ring is None else None)  # a ring's repeat on the device
+
+    def reuse_prefix(self, ids: torch.Tensor, mask: torch.Tensor | None, expand: int) -> int:
+        """Before a generate() call into an empty cache (prefix caching): map the longest prefix of full blocks every
+        prompt of `ids [B, P]` (with `mask`) finds in the index, to each of its `expand` rows, shared; the cache then
+        holds that many tokens, and generate() feeds only the rest (at least one token). Returns the tokens reused
+        per row."""
+        index, table, bs = self.pools[None].index, self.paging.tables[None], self.config.block_size
+        batch, length = ids.shape
+        rows = batch * expand
+        if self.state.length or length < 2 or any(table.rows[:rows]):
+            return 0
+        tokens, bits = ids.tolist(), (mask.tolist() if mask is not None else [[1] * length] * batch)
+        found = [index.match(prefix.row_blocks(tokens[b], bits[b], bs, (length - 1) // bs)) for b in range(batch)]
+        reused = min(len(f) for f in found)
+        if not reused:
+            return 0
+        for r in range(rows):
+            table.rows[r] = list(found[r // expand][:reused])
+            table.pool.incref(table.rows[r])
+        table.dirty = True
+        self._sync_tables()
+        for layer in self.attn_layers:
+            layer.cache_seqlens[:rows].fill_(reused * bs)
+            layer.fresh = False
+        self.state.restore(rows, reused * bs, False, reused * bs)  # the first forward records the mask over all
+        index.hit_tokens += batch * reused * bs
+        return reused * bs
+
+    def index_rows(self, finished: list[tuple[int, list[int], list[int]]]) -> None:
+        """After a generate() call (prefix caching): index the full blocks of rows `(row, tokens, mask bits)` the
+        cache holds, their tokens and mask over (at least) the tokens the cache holds."""
+        index, table, bs = self.pools[None].index, self.paging.tables[None], self.config.block_size
+        length = self.seq_length_now()
+        for row, tokens, bits in finished:
+            count = min(len(tokens), length) // bs
+            if len(tokens) >= count * bs and len(bits) >= count * bs and len(table.rows[row]) >= count:
+                index.insert(prefix.row_blocks(tokens, bits, bs, count), table.rows[row][:count])
 
     def enter(self, layer_idx: int, k: torch.Tensor) -> PlugLayer:
         """An attention forward reaches layer `layer_idx` with new keys `k [B, L, nheads_k, D]`: its checks, and the

@@ -7,10 +7,12 @@ import functools
 import importlib
 import inspect
 import types
+from typing import NamedTuple
+
 import torch
 from transformers.generation.utils import GenerationMixin
 
-from . import compat
+from . import compat, prefix
 from .attention import plug_attention_forward
 from .cache import PlugCache
 from .families import FAMILIES, Family
@@ -246,16 +248,19 @@ def _checked_generate(generate):
             # generate(use_cache=False): stock would re-feed the whole sequence every step into the cache it was
             # given; the PlugCache is left untouched and generate() runs without a cache, as asked.
             return generate(self, *args, **{k: v for k, v in kwargs.items() if k not in compat.CACHE_KWARGS})
-        reserve, share = validate_generate(self, cache, args, kwargs)
-        cache.generate_begins(reserve, share)
-        failed = True
+        call = validate_generate(self, cache, args, kwargs)
         assisted = bool(kwargs.get("prompt_lookup_num_tokens")) or kwargs.get("assistant_model") is not None
+        indexing = cache.config.prefix_caching and call.ids is not None
+        # (assisted decoding feeds its whole first candidate sequence whatever the cache holds: no prefix there)
+        cache.generate_begins(call.reserve, call.share, prefix.fingerprint(self, cache.config) if indexing else None,
+                              (call.ids, call.mask) if indexing and call.empty and not assisted else None)
+        failed, out = True, None
         try:
             with compat.eager_only_for_assisted(cache, assisted):
                 out = generate(self, *args, **kwargs)
             failed = False
         finally:
-            cache.generate_ends(failed)
+            cache.generate_ends(failed, _finished_rows(out, call) if indexing and not failed else None)
         cache.check_status()  # one device read per call: a write that found no slot is never silent
         return out
 
@@ -279,17 +284,30 @@ def _uses_cache(model, args, kwargs) -> bool:
     return config.use_cache is not False and model_kwargs.get("use_cache") is not False
 
 
-def validate_generate(model, cache: PlugCache, args, kwargs) -> tuple[int, int]:
+class GenerateCall(NamedTuple):
+    """What a generate() call means for its cache: tokens per row to map ahead, rows expanded from each prompt (and
+    how many of them share its blocks: 1 when the cache already holds tokens), the prompt's token ids (None for
+    inputs_embeds) and 2D mask, whether it runs beam search, and whether the cache was empty when it began."""
+
+    reserve: int
+    expand: int
+    share: int
+    ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    beams: bool = False
+    empty: bool = True
+
+
+def validate_generate(model, cache: PlugCache, args, kwargs) -> GenerateCall:
     """Raise a ValueError, before anything is written, if a generate() call cannot run in `cache`. Reads the
-    call as generate() does (inputs and generation_config by keyword or position, kwargs over the config).
-    Returns (tokens per row to map ahead, rows expanded from each prompt)."""
+    call as generate() does (inputs and generation_config by keyword or position, kwargs over the config)."""
     call, config, _ = _generation_call(model, args, kwargs)
     cache.check_model(model)
     inputs = call.get("inputs")
     for name in ("input_ids", "inputs_embeds"):
         inputs = inputs if inputs is not None else kwargs.get(name)
     if inputs is None:
-        return 0, 1
+        return GenerateCall(0, 1, 1)
     batch, prompt = inputs.shape[0], inputs.shape[1]
     # Tokens the cache will hold before generating: the full history when input_ids carry it, the mask's length when
     # only the new turn is passed with a whole-conversation mask, cached + new when neither says more.
@@ -312,4 +330,20 @@ def validate_generate(model, cache: PlugCache, args, kwargs) -> tuple[int, int]:
     if total > cache.max_cache_len:
         raise ValueError(f"prompt ({seen} tokens) + new tokens = {total} exceeds the PlugCache's max_cache_len="
                          f"{cache.max_cache_len}; build it with max_cache_len >= {total}")
-    return total, expand if past == 0 else 1
+    ids = inputs if not inputs.is_floating_point() else None
+    return GenerateCall(total, expand, expand if past == 0 else 1, ids, mask, (config.num_beams or 1) > 1, past == 0)
+
+
+def _finished_rows(out, call: GenerateCall) -> list[tuple[int, list[int], list[int]]] | None:
+    """(row, tokens, mask bits) of the cache rows a generate() call into an empty cache leaves, for its prefix
+    index: every row's sequence; with beam search, where rows do not follow the returned sequences, each prompt's
+    first row and the prompt alone. None when the call's tokens are not all known (inputs_embeds)."""
+    if call.ids is None or not call.empty:
+        return None
+    batch, length = call.ids.shape
+    bits = call.mask.tolist() if call.mask is not None else [[1] * length] * batch
+    sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+    if call.beams or sequences is None:
+        return [(b * call.expand, row, bits[b]) for b, row in enumerate(call.ids.tolist())]
+    new = sequences.shape[1] - length
+    return [(r, row, bits[r // call.expand] + [1] * new) for r, row in enumerate(sequences.tolist())]
