@@ -48,6 +48,23 @@ def test_plan_other_shapes(capsys):
                                                                     36 * 8 * (128 + 16)]
 
 
+def test_plan_mla_prefix_index_and_attention_kinds(capsys):
+    """DeepSeek-V3's latent cache as arithmetic (61 layers x (512 + 64) x 2 bytes in bf16: 70,272 bytes per token,
+    the published figure), a prefix index beside the batch, and the table of attention kinds."""
+    assert main(["plan", "--model", "deepseek-v3", "--batch", "1", "--context", "1k", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert _number(out, "KV bytes / token") == [61 * 576 * 2, 61 * (576 + 4), 61 * (288 + 8)]
+    assert "671.03 B parameters" in out and "holds no MLA model" in out
+    assert _number(out, "  MLA  latent 512 + rope 64 (this model)") == [1152]
+    assert _number(out, "  MHA  128 heads x (K 192 + V 128)") == [128 * 320 * 2]
+    n = plan_numbers(shapes.llama3_8b(), batch=2, context=1000, dtype=torch.bfloat16, block_size=64, free=10**11,
+                     prefix_cache=1000)
+    assert n["prefix_tokens"] == 1024 and n["prefix_int8"] == 1024 * 67584
+    assert n["fit_int8"] == (10**11 - n["weights"] - 1024 * 67584) // 67584
+    kinds = {k: size for k, (_, size) in n["kinds"].items()}
+    assert kinds == {"MHA": 32 * 128 * 2 * 2, "GQA": 8 * 128 * 2 * 2, "MQA": 128 * 2 * 2, "MLA": 576 * 2}
+
+
 def test_plan_per_rank_hybrid_and_shared_prompts(capsys):
     """--tp / --pp: a rank's heads and layers; a hybrid model counts its attention layers and its linear-attention
     state; --share / --prompt: rows expanded from one prompt store it once."""

@@ -5,7 +5,11 @@ total for batch x context and what a PlugCache allocates by default (rows in who
 state of hybrid models, and how many tokens fit in the device's free memory beside the weights. Per rank under
 tensor / pipeline parallelism (`--tp`, `--pp`: heads split over tp, layers over pp; the largest stage is shown), and
 with `--share N --prompt P`, what groups of N rows expanded from one P-token prompt (beams, return sequences) hold
-when they store it once.
+when they store it once; with `--prefix-cache TOKENS`, what a prefix-caching index of that many tokens takes beside
+the batch. Last, the bytes per token and layer of each kind of attention at the model's dimensions: multi-head,
+grouped-query (the model's own), multi-query, and DeepSeek's multi-head latent attention (MLA), whose cache holds a
+`kv_lora_rank` latent and a `qk_rope_head_dim` rotary key per token and layer (the DeepSeek-V2 / V3 shapes are known:
+their own figures are that latent; hf_kvplug holds no MLA model, so for them this is arithmetic only).
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows expanded from each prompt (num_return_sequences or beams; default 1: no sharing)")
     p.add_argument("--prompt", type=lambda s: parse_sizes(s)[0], default=0,
                    help="prompt tokens the --share rows have in common (default 0)")
+    p.add_argument("--prefix-cache", type=lambda s: parse_sizes(s)[0], default=0,
+                   help="tokens a prefix-caching index keeps beside the batch (PlugCache(prefix_caching=True); "
+                        "default 0)")
     p.add_argument("--window-slack", type=int, default=None,
                    help="slots a sliding-window ring holds past its window (PlugCache's window_slack; default "
                         "min(window, 256))")
@@ -52,19 +59,62 @@ def _rank_layout(config, tp: int, pp: int) -> RankLayout:
     return RankLayout(tp, tuple(range(first)) if pp > 1 else None)
 
 
+def token_bytes(values: int, fmt: str, dtype: torch.dtype) -> int:
+    """Bytes of one cached vector of `values` numbers in format `fmt`: the model dtype; INT8 with an fp32 scale;
+    INT4 with an fp16 scale and minimum per half (hf_kvplug's formats)."""
+    return {"int8": values + 4, "int4": values // 2 + 8}.get(fmt, values * shapes.dtype_bytes(dtype))
+
+
+def attention_kinds(config, dtype: torch.dtype) -> dict[str, tuple[str, int]]:
+    """Per token and layer, in the model dtype: (what is cached, bytes) for multi-head, grouped-query, multi-query and
+    multi-head latent attention at `config`'s dimensions (MLA: the model's own latent, else DeepSeek-V3's 512 + 64)."""
+    text = getattr(config, "text_config", None) or config
+    b = shapes.dtype_bytes(dtype)
+    heads = text.num_attention_heads
+    rank, rope = getattr(text, "kv_lora_rank", None), getattr(text, "qk_rope_head_dim", None)
+    if rank:  # an MLA model: its heads' K (nope + rope) and V, expanded, are what MHA would cache
+        k, v = text.qk_nope_head_dim + rope, text.v_head_dim
+        return {"MHA": (f"{heads} heads x (K {k} + V {v})", heads * (k + v) * b),
+                "MLA": (f"latent {rank} + rope {rope} (this model)", (rank + rope) * b)}
+    d = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    return {"MHA": (f"{heads} heads x K, V {d}", 2 * heads * d * b),
+            "GQA": (f"{kv} KV heads x K, V {d} (this model)" if kv not in (1, heads) else "-",
+                    2 * kv * d * b if kv not in (1, heads) else 0),
+            "MQA": (f"1 KV head x K, V {d}", 2 * d * b),
+            "MLA": ("latent 512 + rope 64 (DeepSeek-V3's)", (512 + 64) * b)}
+
+
+def _mla_numbers(config, batch, context, dtype, block_size, layout, tp, pp) -> tuple[dict, int]:
+    """An MLA model's cache as vLLM and SGLang hold it (the latent and the rotary key per token and layer, shared by
+    every head, so not split over tensor-parallel ranks), in each format: {fmt: bytes per token}, layers."""
+    text = getattr(config, "text_config", None) or config
+    layers = len(layout.layers) if layout.layers else text.num_hidden_layers
+    values = text.kv_lora_rank + text.qk_rope_head_dim
+    return {fmt: layers * token_bytes(values, fmt, dtype) for fmt in FORMATS}, layers
+
+
 def plan_numbers(config, batch: int, context: int, dtype: torch.dtype, block_size: int, free: int | None, *,
-                 tp: int = 1, pp: int = 1, share: int = 1, prompt: int = 0, window_slack: int | None = None) -> dict:
+                 tp: int = 1, pp: int = 1, share: int = 1, prompt: int = 0, window_slack: int | None = None,
+                 prefix_cache: int = 0) -> dict:
     """Bytes per token, totals, weights and fitting tokens for one config, per rank (keys `<what>_<format>`)."""
     layout = _rank_layout(config, tp, pp)
-    per = {fmt: PlugConfig.from_hf_config(config, max_batch_size=batch, max_cache_len=context, dtype=dtype,
-                                          device="cpu", kv_dtype=None if fmt == "fp" else fmt,
-                                          block_size=block_size, layout=layout, window_slack=window_slack)
-           for fmt in FORMATS}
     params, _ = shapes.param_count(config)
     weights = params * shapes.dtype_bytes(dtype) // (tp * pp)  # an even share: embeddings and heads are close enough
     blocks_row = math.ceil(context / block_size)
+    text = getattr(config, "text_config", None) or config
+    if getattr(text, "kv_lora_rank", None):  # MLA: arithmetic only
+        mla, layers = _mla_numbers(config, batch, context, dtype, block_size, layout, tp, pp)
+        per = {fmt: _Flat(bpt, layers, text) for fmt, bpt in mla.items()}
+    else:
+        per = {fmt: PlugConfig.from_hf_config(config, max_batch_size=batch, max_cache_len=context, dtype=dtype,
+                                              device="cpu", kv_dtype=None if fmt == "fp" else fmt,
+                                              block_size=block_size, layout=layout, window_slack=window_slack)
+               for fmt in FORMATS}
     out = dict(params=params, weights=weights, free=free, alloc_tokens=batch * blocks_row * block_size,
-               linear_state=batch * per["fp"].linear_state_bytes, tp=tp, pp=pp)
+               linear_state=batch * per["fp"].linear_state_bytes, tp=tp, pp=pp,
+               mla=getattr(text, "kv_lora_rank", None) is not None, kinds=attention_kinds(config, dtype),
+               prefix_tokens=math.ceil(prefix_cache / block_size) * block_size)
     if share > 1:  # shared prompts: its full blocks once per group, the rest (and a copy of a partial block) per row
         groups, full = math.ceil(batch / share), prompt // block_size
         out["shared_tokens"] = (groups * full + batch * (blocks_row - full)) * block_size
@@ -76,9 +126,10 @@ def plan_numbers(config, batch: int, context: int, dtype: torch.dtype, block_siz
         out[f"ring_{fmt}"] = ring
         out[f"total_{fmt}"] = batch * context * bpt + ring
         out[f"alloc_{fmt}"] = out["alloc_tokens"] * bpt + fixed
+        out[f"prefix_{fmt}"] = out["prefix_tokens"] * bpt
         if share > 1:
             out[f"shared_{fmt}"] = out["shared_tokens"] * bpt + fixed
-        room = None if free is None else max(0, free - weights - fixed)
+        room = None if free is None else max(0, free - weights - fixed - out[f"prefix_{fmt}"])
         # tokens that fit: unbounded (None) where every layer keeps only its window
         out[f"fit_{fmt}"] = None if room is None or bpt == 0 else room // bpt
         out[f"fits_any_{fmt}"] = room is not None and bpt == 0 and free - weights - fixed >= 0
@@ -89,6 +140,21 @@ def plan_numbers(config, batch: int, context: int, dtype: torch.dtype, block_siz
                ring_slots=max((r for r in cfg.layer_rings if r), default=0) * block_size,
                windows=sorted(set(windowed)))
     return out
+
+
+class _Flat:
+    """What `plan_numbers` reads of a PlugConfig, for an MLA model's latent cache (every layer keeps every token)."""
+
+    def __init__(self, bpt: int, layers: int, text):
+        self._bpt, self.num_layers = bpt, text.num_hidden_layers
+        self.attention_layers = list(range(layers))
+        self.nheads, self.nheads_k = text.num_attention_heads, 1
+        self.head_dim = text.kv_lora_rank + text.qk_rope_head_dim
+        self.linear_state_bytes, self.ring_bytes_per_row = 0, 0
+        self.layer_windows, self.layer_rings = [None] * layers, [None] * layers
+
+    def bytes_per_token(self) -> int:
+        return self._bpt
 
 
 def _gb(n: float) -> str:
@@ -106,7 +172,8 @@ def run(args) -> int:
     free = bm.free_memory_bytes(device)
     try:
         n = plan_numbers(config, args.batch, args.context, dtype, args.block_size, free, tp=args.tp, pp=args.pp,
-                         share=args.share, prompt=min(args.prompt, args.context), window_slack=args.window_slack)
+                         share=args.share, prompt=min(args.prompt, args.context), window_slack=args.window_slack,
+                         prefix_cache=args.prefix_cache)
     except ValueError as e:  # heads that do not split over --tp
         raise SystemExit(f"error: {e}") from None
     fp = bm.dtype_name(dtype)
@@ -114,8 +181,14 @@ def run(args) -> int:
     rank = f" (per rank: tp {n['tp']}, pp {n['pp']}, the largest stage)" if n["tp"] * n["pp"] > 1 else ""
     layers = (f"{n['layers']} attention layers of {n['all_layers']}" if n["layers"] != n["all_layers"]
               else f"{n['layers']} layers")
-    print(f"model {args.model}: {layers}, {n['nheads']} query / {n['nheads_k']} KV heads x head_dim "
-          f"{n['head_dim']}{rank}, {params} parameters")
+    if n["mla"]:
+        print(f"model {args.model}: {layers}, {n['nheads']} heads, multi-head latent attention: a latent of "
+              f"{n['head_dim']} values (kv_lora_rank + rope) per token and layer{rank}, {params} parameters\n"
+              "(hf_kvplug holds no MLA model: the figures are arithmetic, the latent as vLLM and SGLang cache it, in "
+              "the model dtype or quantized as hf_kvplug quantizes K)")
+    else:
+        print(f"model {args.model}: {layers}, {n['nheads']} query / {n['nheads_k']} KV heads x head_dim "
+              f"{n['head_dim']}{rank}, {params} parameters")
     print(f"batch {args.batch} x context {args.context} tokens (a PlugCache allocates rows in {args.block_size}-token "
           f"blocks: {n['alloc_tokens']} slots)\n")
     w, c = 34, 18
@@ -138,11 +211,14 @@ def run(args) -> int:
     row("allocated by PlugCache", [_gb(n["alloc_" + f]) for f in FORMATS])
     if "shared_tokens" in n:
         row(f"  rows sharing {args.share} x {args.prompt}-token prompts", [_gb(n["shared_" + f]) for f in FORMATS])
+    if n["prefix_tokens"]:
+        row(f"prefix index ({n['prefix_tokens']} tokens)", [_gb(n["prefix_" + f]) for f in FORMATS])
     row(f"weights ({fp})", [_gb(n["weights"])])
     where = f"free memory ({device})"
     if free is None:
         row(where, ["n/a"])
         row("tokens that fit", ["n/a"] * len(FORMATS))
+        _print_kinds(n, fp)
         return 0
     source = "torch.cuda.mem_get_info" if device.type == "cuda" else "/proc/meminfo MemAvailable"
     print(f"{where:<{w}}{_gb(free):>{c}}   ({source})")
@@ -154,7 +230,16 @@ def run(args) -> int:
     row("tokens that fit after weights", [fit(f) for f in FORMATS])
     row(f"  per row at batch {args.batch}", [fit(f, args.batch) for f in FORMATS])
     need = "shared" if "shared_tokens" in n else "alloc"
-    row("this batch x context", ["fits" if n[f"{need}_{f}"] + n["weights"] <= free else "does NOT fit"
-                                 for f in FORMATS])
+    beside = " + the prefix index" if n["prefix_tokens"] else ""
+    row(f"this batch x context{beside}", ["fits" if n[f"{need}_{f}"] + n[f"prefix_{f}"] + n["weights"] <= free
+                                          else "does NOT fit" for f in FORMATS])
     print("\n(activations, the CUDA context and allocator slack also need memory: keep a margin)")
+    _print_kinds(n, fp)
     return 0
+
+
+def _print_kinds(n: dict, fp: str) -> None:
+    print(f"\nKV bytes per token and layer by kind of attention at this model's dimensions ({fp}):")
+    for kind, (what, size) in n["kinds"].items():
+        if size:
+            print(f"  {kind:<5}{what:<44}{size:>10,}")

@@ -111,6 +111,37 @@ def mistral_7b() -> object:
                          max_position_embeddings=32768, sliding_window=4096, tie_word_embeddings=False)
 
 
+def _deepseek(**kw):
+    """A DeepSeek-V2 / V3 shape: multi-head latent attention (MLA) caches a `kv_lora_rank` latent and a
+    `qk_rope_head_dim` rotary key per token and layer. Arithmetic only for `plan` (PlugCache holds no MLA model)."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
+
+    cls = DeepseekV3Config if kw.pop("v3", False) else DeepseekV2Config
+    return cls(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+               max_position_embeddings=163840, **kw)
+
+
+def deepseek_v2_lite():
+    """DeepSeek-V2-Lite: hidden 2048, 27 layers, 16 heads, MLA latent 512 + rope 64, MoE 64 experts (top 6)."""
+    return _deepseek(hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
+                     num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None, n_routed_experts=64,
+                     num_experts_per_tok=6, first_k_dense_replace=1, vocab_size=102400)
+
+
+def deepseek_v2():
+    """DeepSeek-V2: hidden 5120, 60 layers, 128 heads, MLA latent 512 + rope 64, MoE 160 experts (top 6)."""
+    return _deepseek(hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536, num_hidden_layers=60,
+                     num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, n_routed_experts=160,
+                     num_experts_per_tok=6, first_k_dense_replace=1, vocab_size=102400)
+
+
+def deepseek_v3():
+    """DeepSeek-V3: hidden 7168, 61 layers, 128 heads, MLA latent 512 + rope 64, MoE 256 experts (top 8)."""
+    return _deepseek(v3=True, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                     num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536,
+                     n_routed_experts=256, num_experts_per_tok=8, first_k_dense_replace=3, vocab_size=129280)
+
+
 def tiny() -> LlamaConfig:
     """A 2-layer Llama for tests (hidden 64, 4/2 heads, head_dim 16)."""
     return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -128,6 +159,9 @@ SHAPES: dict[str, Callable[[], object]] = {
     "qwen3-next-80b-a3b": qwen3_next_80b_a3b,
     "mixtral-8x7b": mixtral_8x7b,
     "mistral-7b": mistral_7b,
+    "deepseek-v2-lite": deepseek_v2_lite,
+    "deepseek-v2": deepseek_v2,
+    "deepseek-v3": deepseek_v3,
     "tiny": tiny,
 }
 
