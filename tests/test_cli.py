@@ -113,7 +113,7 @@ def test_demo_default_model_completes_python(capsys):
     assert "kvplug (fp32) vs stock (DynamicCache): identical tokens (8/8)" in out
     assert "kvplug (int8) vs stock (DynamicCache)" in out
     assert re.search(r"stock \(DynamicCache\)\s+prefill\s+[\d.]+ ms \| decode\s+[\d.]+ ms/token", out)
-    assert "On cpu the plugged runs use the PyTorch reference" in out
+    assert "On cpu the plugged runs take hf_kvplug's PyTorch path" in out
 
 
 def test_demo_random_model_and_marked_difference(capsys):

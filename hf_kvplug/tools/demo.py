@@ -230,8 +230,7 @@ def run(args) -> int:
                   "logits), so a small change in the logits picks the other one, and the texts part from there "
                   "(`hf-kvplug quality` measures how often that happens over many positions)")
     if device.type != "cuda":
-        print(f"\nOn {device.type} the plugged runs use the PyTorch reference (hf_kvplug/reference.py): the path for "
-              "correctness and portability, which gathers and (for INT8) dequantizes the whole cache in plain PyTorch "
-              "every step, so it is no faster than stock here and is not meant to be. The speed comes from the Triton "
-              "kernels on a CUDA GPU (`hf-kvplug bench` there).")
+        print(f"\nOn {device.type} the plugged runs take hf_kvplug's PyTorch path (hf_kvplug/torchpath.py): each row's "
+              "blocks read where they lie, a plan per forward shared by every layer; `benchmarks/bench_cpu.py` puts it "
+              "beside every transformers cache. On a CUDA GPU the Triton kernels run instead (`hf-kvplug bench`).")
     return 0
