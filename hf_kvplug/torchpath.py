@@ -166,12 +166,14 @@ def _runs(rows, batch: int, first: int, nb: int) -> list[int] | None:
 
 def write(k, v, k_cache, v_cache, k_scale, v_scale, p: Plan) -> None:
     """Write `k, v [B, n_new, nheads_k, D]` at the plan's slots (quantized for int8 / int4 caches), in place."""
-    for new, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
-        new = new.reshape(-1, new.shape[-1])  # [B * n_new * Hk, D]
-        if cache.dtype != new.dtype:
-            new, s = quantize(new, cache.dtype)
-            scale.view(-1, *scale.shape[3:]).index_copy_(0, p.wflat, s)
-        cache.view(-1, cache.shape[-1]).index_copy_(0, p.wflat, new)
+    rows = k.shape[0] * k.shape[1] * k.shape[2]
+    new = torch.stack([k.reshape(rows, -1), v.reshape(rows, -1)])  # [2, B * n_new * Hk, D]: K and V in one pass
+    if k_cache.dtype != new.dtype:
+        new, s = quantize(new, k_cache.dtype)
+        for scale, part in zip((k_scale, v_scale), s):
+            scale.view(-1, *scale.shape[3:]).index_copy_(0, p.wflat, part)
+    for cache, part in zip((k_cache, v_cache), new):
+        cache.view(-1, cache.shape[-1]).index_copy_(0, p.wflat, part)
 
 
 def _blocks(buf: torch.Tensor, p: Plan) -> list[torch.Tensor]:
