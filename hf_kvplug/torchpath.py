@@ -97,18 +97,18 @@ def plan(block_table, cache_seqlens, cache_starts, cache_valid, batch: int, q_le
         t1 = max(t0 + 1, min(span[1], (fb + nb) * bs))
     else:  # whole blocks
         t0, t1 = fb * bs, (fb + nb) * bs
-    heads = torch.arange(nheads_k, device=device) * bs  # a head's offset in a block, in rows of [-1, head_dim]
-    wflat = _write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, heads, rows, length) if n_new \
-        else None
+    wflat = _write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, rows, length) if n_new else None
     seen = _seen(cache_seqlens, cache_starts, cache_valid, batch, q_len, n_new, window, causal, t0, t1, length)
     blind = ~seen.any(-1)  # [B, 1, L]
     if cpu and not bool(blind.any()):  # free on the CPU: most calls have no blind query
         blind = None
     flat = bias = None
     if dense:
-        t = torch.arange(t0 - fb * bs, t1 - fb * bs, device=device)
-        at = ids[:, t // bs] * (nheads_k * bs) + t % bs  # [B, T]: each slot's row (head 0)
-        flat = (at.unsqueeze(1) + heads.unsqueeze(-1)).reshape(-1)
+        # every slot of the row's blocks as a row of the buffer viewed [-1, head_dim]: block * Hk * bs + h * bs + s,
+        # ordered [B, Hk, nb * bs]; then the span's
+        at = ids.view(batch, 1, nb, 1) * (nheads_k * bs) + torch.arange(nheads_k * bs, device=device).view(
+            1, nheads_k, 1, bs)
+        flat = at.view(batch, nheads_k, nb * bs)[:, :, t0 - fb * bs:t1 - fb * bs].reshape(-1)
         if not (cpu and bool(seen.all())):
             bias = torch.zeros(seen.shape, device=device).masked_fill_(~seen, float("-inf"))
     else:
@@ -118,14 +118,16 @@ def plan(block_table, cache_seqlens, cache_starts, cache_valid, batch: int, q_le
                 None if blind is None else blind.unsqueeze(-1))
 
 
-def _write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, heads, rows, length) -> torch.Tensor:
-    """`[batch * n_new * nheads_k]`: the row of a `[-1, head_dim]` view each new token's K / V goes to."""
+def _write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, rows, length) -> torch.Tensor:
+    """`[batch * n_new * nheads_k]`: the row of a `[-1, head_dim]` view each new token's K / V goes to (block *
+    nheads_k * bs + head * bs + slot in the block)."""
+    device = block_table.device
     if rows is not None and length is not None and batch * n_new <= 64:  # a decode step: on the host
-        slots = range(length, length + n_new)
-        at = [rows[b][s // bs] * (nheads_k * bs) + s % bs for b in range(batch) for s in slots]
-        return (torch.tensor(at, dtype=torch.long, device=heads.device).unsqueeze(-1) + heads).reshape(-1)
-    new = cache_seqlens[:batch].long().unsqueeze(1) + torch.arange(n_new, device=heads.device)  # [B, n_new] slots
+        return torch.tensor([rows[b][s // bs] * (nheads_k * bs) + h * bs + s % bs for b in range(batch)
+                             for s in range(length, length + n_new) for h in range(nheads_k)], device=device)
+    new = cache_seqlens[:batch].long().unsqueeze(1) + torch.arange(n_new, device=device)  # [B, n_new] slots
     blk = block_table[:batch].long().gather(1, new // bs)
+    heads = torch.arange(nheads_k, device=device) * bs
     return ((blk * (nheads_k * bs) + new % bs).unsqueeze(-1) + heads).reshape(-1)
 
 
@@ -167,9 +169,9 @@ def _runs(rows, batch: int, first: int, nb: int) -> list[int] | None:
 def write(k, v, k_cache, v_cache, k_scale, v_scale, p: Plan) -> None:
     """Write `k, v [B, n_new, nheads_k, D]` at the plan's slots (quantized for int8 / int4 caches), in place."""
     rows = k.shape[0] * k.shape[1] * k.shape[2]
-    new = torch.stack([k.reshape(rows, -1), v.reshape(rows, -1)])  # [2, B * n_new * Hk, D]: K and V in one pass
-    if k_cache.dtype != new.dtype:
-        new, s = quantize(new, k_cache.dtype)
+    new = (k.reshape(rows, -1), v.reshape(rows, -1))  # [B * n_new * Hk, D] each
+    if k_cache.dtype != k.dtype:  # K and V quantized in one pass
+        new, s = quantize(torch.stack(new), k_cache.dtype)
         for scale, part in zip((k_scale, v_scale), s):
             scale.view(-1, *scale.shape[3:]).index_copy_(0, p.wflat, part)
     for cache, part in zip((k_cache, v_cache), new):
@@ -218,8 +220,9 @@ def _attend_dense(q, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale:
                                                            enable_gqa=nheads != keys.shape[1])
     if p.blind is not None:
         out = out.masked_fill(p.blind, 0.0)
-    finite = _finite(out)
-    if not finite:  # a slot no query sees may hold NaN / Inf from an earlier request: zero those, as the reference
+    # a slot no query sees may hold NaN / Inf from an earlier request: zero those, as the reference (without a mask,
+    # every query sees every slot gathered: nothing to zero)
+    if p.bias is not None and not _finite(out):
         hidden = ~p.mask.any(2, keepdim=True).transpose(2, 3)  # [B, 1, T, 1]
         out = torch.nn.functional.scaled_dot_product_attention(
             qt, keys.masked_fill_(hidden, 0), values.masked_fill_(hidden, 0), attn_mask=p.bias, scale=softmax_scale,
