@@ -51,7 +51,8 @@ class PlugCache(ForwardHost, DynamicCache):
         max_tokens: the pool's size in tokens (all rows together); default `max_batch_size x max_cache_len`. Rows
             take blocks as they grow and rows that `generate()` expands from one prompt share its blocks, so a
             ragged batch or shared prompts fit in less than the rectangle.
-        backend: "auto" (Triton kernels on CUDA, the PyTorch reference elsewhere), "triton" or "reference".
+        backend: "auto" (Triton kernels on CUDA, the PyTorch fast path `torchpath` on every other device),
+            "triton", "torch" or "reference" (the oracle, slow).
         layout: the `RankLayout` of this process under transformers' tensor / pipeline parallelism: read from the
             model when one is given, stated here with a config (default: one process). Each rank's cache holds its
             own heads of the layers it runs.

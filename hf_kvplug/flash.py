@@ -17,7 +17,8 @@ Where flash-attention leaves behaviour undefined, this is defined and loud:
   * `cache_batch_idx` with `block_table` raises: flash-attention neither supports nor defines the pair.
 
 CUDA tensors run the Triton kernels (the split-KV decode kernel for one query, else the write and extend kernels),
-CPU tensors the PyTorch reference; `backend=` or HF_KVPLUG_BACKEND force either (`hf_kvplug.ops`). No backward.
+other tensors the PyTorch fast path (`torchpath`); `backend=` or HF_KVPLUG_BACKEND force one, or the reference
+(`hf_kvplug.ops`). No backward.
 """
 
 from __future__ import annotations
