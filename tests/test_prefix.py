@@ -80,7 +80,7 @@ def test_every_mode_gives_stock_tokens(mode):
     stock, plugged, cache = _pair(max_batch_size=6)
     kw = {"sample": dict(do_sample=True, top_k=20), "beams": dict(num_beams=3, num_return_sequences=2),
           "return_sequences": dict(do_sample=True, num_return_sequences=3),
-          "assisted": dict(prompt_lookup_num_tokens=3, do_sample=False)}[mode]
+          "assisted": dict(prompt_lookup_num_tokens=3, do_sample=False, eos_token_id=127)}[mode]
     base = _ids(26, 3)
     for request in range(3):
         ids = torch.cat([base, _ids(3, 50 + request)], 1)
