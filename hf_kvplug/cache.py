@@ -25,6 +25,7 @@ from .device import DeviceState
 from .forward import KEEP_MASK, ForwardHost, inference_mode_explained
 from .geometry import Geometry, RankLayout
 from .layers import KV, LinearLayers, PlugLayer, RemoteLayer, attention_layer
+from .rotation import key_rotation, rotation_gain
 from .state import ForwardState
 from .storage import load_cache, save_cache
 
@@ -45,7 +46,7 @@ class PlugCache(ForwardHost, DynamicCache):
         max_cache_len: tokens per row (prompt + generated); rounded up to a whole number of blocks internally.
         kv_dtype: None (store K/V in the model dtype), "int8" (symmetric, a scale per token and head) or "int4"
             (asymmetric, a scale and minimum per token, head and half of head_dim); quantized when written, no
-            calibration.
+            calibration. Quantized keys are stored rotated (`rotate_keys`).
         dtype, device: required with a config; `device` may be a list with one device per layer.
         block_size: tokens per paged block.
         max_tokens: the pool's size in tokens (all rows together); default `max_batch_size x max_cache_len`. Rows
@@ -67,6 +68,9 @@ class PlugCache(ForwardHost, DynamicCache):
             its prompts and prefills only the rest. Idle indexed blocks go back to the pool, least recently used
             first, when it needs room. Refused for hybrid models and sliding-window rings (their state at a block
             boundary is not in the blocks).
+        rotate_keys: store keys rotated by an orthonormal signed Hadamard matrix and attend with queries rotated
+            alike (`hf_kvplug.rotation`): scores are unchanged, and outlier key channels no longer take a quantized
+            key's range. None (default): on for kv_dtype "int8" / "int4", off otherwise.
 
     Buffers are allocated once here and never re-assigned: `reset()`, `crop()` and `reorder_cache()` work in place,
     so their addresses stay fixed for torch.compile / CUDA graphs.
@@ -75,7 +79,7 @@ class PlugCache(ForwardHost, DynamicCache):
     def __init__(self, model_or_config, max_batch_size: int = 4, max_cache_len: int = 2048, kv_dtype: str | None = None,
                  *, dtype: torch.dtype | None = None, device=None, block_size: int = 64, max_tokens: int | None = None,
                  backend: str = "auto", layout: RankLayout | None = None, trim_windows: bool = True,
-                 window_slack: int | None = None, prefix_caching: bool = False):
+                 window_slack: int | None = None, prefix_caching: bool = False, rotate_keys: bool | None = None):
         if hasattr(model_or_config, "config") and hasattr(model_or_config, "parameters"):
             hf_config = model_or_config.config
             geometry = Geometry.from_model(model_or_config, layout, dtype=dtype, device=device)
@@ -86,7 +90,7 @@ class PlugCache(ForwardHost, DynamicCache):
             geometry = Geometry.from_hf_config(hf_config, dtype=dtype, device=device, layout=layout)
         config = PlugConfig(geometry, max_batch_size=max_batch_size, max_cache_len=max_cache_len, kv_dtype=kv_dtype,
                             block_size=block_size, max_tokens=max_tokens, trim_windows=trim_windows,
-                            window_slack=window_slack, prefix_caching=prefix_caching)
+                            window_slack=window_slack, prefix_caching=prefix_caching, rotate_keys=rotate_keys)
         ops.resolve_backend(backend, config.layer_devices[0])  # a bad backend fails here, before any allocation
         self._hf_config = getattr(hf_config, "text_config", None) or hf_config
         self._build(config, backend, _pools(config), kvs=None,
@@ -102,8 +106,10 @@ class PlugCache(ForwardHost, DynamicCache):
         weakref.finalize(self, self.paging.release)
         self.state = ForwardState(sync=self.sync_lengths)
         devices = dict.fromkeys(config.layer_devices[i] for i in config.attention_layers)
+        rotation = key_rotation(config.head_dim).to(config.dtype) if config.key_rotation else None
         self.device_states = {d: DeviceState(config.groups, config.max_batch_size, config.max_blocks_per_row,
-                                             config.max_cache_len, d) for d in devices}
+                                             config.max_cache_len, d, rotation, rotation_gain(config.head_dim))
+                              for d in devices}
         kvs = iter(kvs or [])
         layers = [linear[i] if kind == "linear" else RemoteLayer(config, i, self.state) if kind == "remote" else
                   attention_layer(config, i, self.device_states[config.layer_devices[i]], self.state,

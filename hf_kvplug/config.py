@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .geometry import Geometry, RankLayout
+from .rotation import VERSION as ROTATION
 
 __all__ = ["DEFAULT_WINDOW_SLACK", "KV_DTYPES", "PlugConfig", "RankLayout"]
 
@@ -23,7 +24,8 @@ def _read_through(name: str):
 class PlugConfig:
     """What a PlugCache holds for a model `geometry`: `max_batch_size` rows of up to `max_cache_len` tokens in
     blocks of `block_size` (a pool of `max_tokens` slots, all rows together; None: the rectangle), K/V in
-    `kv_dtype` (None: the model dtype). With `trim_windows` (the default) a sliding-window layer keeps a ring of
+    `kv_dtype` (None: the model dtype), keys rotated before quantizing when `rotate_keys` (None: whenever quantized;
+    see `hf_kvplug.rotation`). With `trim_windows` (the default) a sliding-window layer keeps a ring of
     `layer_rings[i]` blocks per row, its window and `window_slack` more slots, instead of `max_cache_len` (see
     `layer_rings`). The geometry's fields read through (`config.nheads_k` is `config.geometry.nheads_k`).
     """
@@ -37,6 +39,7 @@ class PlugConfig:
     trim_windows: bool = True
     window_slack: int | None = None  # ring slots past a window's own; None: min(window, DEFAULT_WINDOW_SLACK)
     prefix_caching: bool = False  # keep full blocks of finished requests for later ones (`blocks.PrefixIndex`)
+    rotate_keys: bool | None = None  # store k R, attend with q R (`hf_kvplug.rotation`); None: when kv_dtype is set
 
     num_layers = _read_through("num_layers")
     nheads = _read_through("nheads")
@@ -70,6 +73,12 @@ class PlugConfig:
                              "prefix, which the block index does not hold" if "linear" in self.layer_kinds else
                              "its sliding-window layers keep rings that overwrite a prompt's early blocks; pass "
                              "trim_windows=False to keep every token (then they reuse as full attention does)"))
+
+    @property
+    def key_rotation(self) -> str | None:
+        """The rotation the stored keys carry (`rotation.VERSION`), or None for none."""
+        on = self.kv_dtype is not None if self.rotate_keys is None else bool(self.rotate_keys)
+        return ROTATION if on else None
 
     @property
     def max_blocks_per_row(self) -> int:
@@ -154,12 +163,14 @@ class PlugConfig:
     @classmethod
     def from_hf_config(cls, config, *, max_batch_size, max_cache_len, dtype, device, kv_dtype=None, block_size=64,
                        max_tokens=None, layout: RankLayout | None = None, tp_plan: dict | None = None,
-                       trim_windows: bool = True, window_slack: int | None = None) -> "PlugConfig":
+                       trim_windows: bool = True, window_slack: int | None = None,
+                       rotate_keys: bool | None = None) -> "PlugConfig":
         """Sizes for the geometry of a transformers config (`Geometry.from_hf_config`: `dtype`, `device`, `layout`,
         `tp_plan`)."""
         geometry = Geometry.from_hf_config(config, dtype=dtype, device=device, layout=layout, tp_plan=tp_plan)
         return cls(geometry, max_batch_size=max_batch_size, max_cache_len=max_cache_len, kv_dtype=kv_dtype,
-                   block_size=block_size, max_tokens=max_tokens, trim_windows=trim_windows, window_slack=window_slack)
+                   block_size=block_size, max_tokens=max_tokens, trim_windows=trim_windows, window_slack=window_slack,
+                   rotate_keys=rotate_keys)
 
 
 def layer_token_bytes(geometry: Geometry, kv_dtype: str | None) -> int:

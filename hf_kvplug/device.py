@@ -1,6 +1,7 @@
 """What the kernels read on one device besides the K/V buffers, shared by the layers there: the block table of each
 group of layers, each row's first visible slot (`starts`), the slot mask for masks with holes (`valid`) and an
-overflow flag (`status`). Allocated once; every update is in place (static addresses for CUDA graphs)."""
+overflow flag (`status`), and the key rotation of a quantized cache (`rotation`). Allocated once; every update is in
+place (static addresses for CUDA graphs)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,16 @@ class DeviceState:
         of layers (None: layers that keep max_cache_len; a ring size: sliding-window layers, the ring repeated).
     starts: `[max_batch]` int32, the first slot each row may attend. valid: `[max_batch, max_cache_len]` uint8, 0 where
         the recorded mask hides a slot (read only when the mask has holes). status: `[1]` int32, set by a write that
-        found no slot.
+        found no slot. rotation: `[head_dim, head_dim]` in the model dtype, the R by which a quantized cache's layers
+        rotate keys before storing them and queries before attending (`hf_kvplug.rotation`), or None;
+        `R R^T = rotation_gain I`.
     """
 
-    def __init__(self, groups, max_batch_size: int, max_blocks: int, max_cache_len: int, device: torch.device):
+    def __init__(self, groups, max_batch_size: int, max_blocks: int, max_cache_len: int, device: torch.device,
+                 rotation: torch.Tensor | None = None, rotation_gain: float = 1.0):
         self.device = device
+        self.rotation = None if rotation is None else rotation.to(device)
+        self.rotation_gain = rotation_gain
         self.block_tables = {ring: torch.full((max_batch_size, max_blocks), -1, dtype=torch.int32, device=device)
                              for ring in groups}
         self.starts = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
@@ -35,7 +41,20 @@ class DeviceState:
         self.plans: dict = {}
 
     def tensors(self) -> list[torch.Tensor]:
-        return [*self.block_tables.values(), self.starts, self.valid, self.status, self.no_valid]
+        return [*self.block_tables.values(), self.starts, self.valid, self.status, self.no_valid,
+                *([] if self.rotation is None else [self.rotation])]
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """`x [..., head_dim] @ rotation` (one matmul in x's dtype; x itself without a rotation)."""
+        return x if self.rotation is None else x @ self.rotation
+
+    def unrotate(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `rotate`: `x R^T / g`."""
+        return x if self.rotation is None else x @ self.rotation.T / self.rotation_gain
+
+    def softmax_scale(self, scale: float) -> float:
+        """The scale that gives rotated queries and keys the scores `scale` gives the model's (exact: g is 1 or 1/2)."""
+        return scale if self.rotation is None else scale / self.rotation_gain
 
     @property
     def block_table(self) -> torch.Tensor:
@@ -49,6 +68,8 @@ class DeviceState:
         other.block_tables = {ring: t.clone() for ring, t in self.block_tables.items()}
         other.starts, other.valid, other.status = self.starts.clone(), self.valid.clone(), self.status.clone()
         other.no_valid = self.no_valid.clone()
+        other.rotation = None if self.rotation is None else self.rotation.clone()
+        other.rotation_gain = self.rotation_gain
         compat.mark_static(*other.tensors())
         other.plans = {}
         return other

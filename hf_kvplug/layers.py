@@ -119,7 +119,7 @@ class PlugLayer(CacheLayerMixin):
     def keys(self) -> torch.Tensor:
         """`[batch, nheads_k, seq_len, head_dim]` in the model dtype: a copy gathered from the paged pool. A
         sliding-window layer gives its last `window - 1` tokens, as transformers' sliding layers keep."""
-        return self.gather(self.kv.k, self.kv.k_scale)
+        return self.dev.unrotate(self.gather(self.kv.k, self.kv.k_scale))
 
     @keys.setter
     def keys(self, value):
@@ -212,6 +212,7 @@ class PlugLayer(CacheLayerMixin):
         """Store `k, v [B, L, nheads_k, D]` into an empty cache (the first forward); advances the lengths. Rows
         that share a leader's prompt blocks (generate()'s expanded rows) are not written: the leader's K/V serve."""
         batch, q_len = k.shape[:2]
+        k = self.dev.rotate(k)
         table, seqlens = self.block_table, self.cache_seqlens
         if leaders is not None:
             rows = torch.tensor(leaders, device=self.device)
@@ -221,10 +222,16 @@ class PlugLayer(CacheLayerMixin):
 
     def attend(self, q, k, v, softmax_scale: float, holes: bool) -> torch.Tensor:
         """Fused write + attention for `q [B, L, nheads, D]`, `k, v [B, L, nheads_k, D]`; advances the lengths.
-        `holes`: the recorded mask has holes, so the kernels read the slot mask."""
-        out = self._attend(q, k, v, softmax_scale, self.cache_seqlens, self.dev.valid if holes else self.dev.no_valid)
+        `holes`: the recorded mask has holes, so the kernels read the slot mask. A quantized cache's keys and
+        queries go in rotated alike (`DeviceState.rotate`)."""
+        q, k = self.dev.rotate(q), self.dev.rotate(k)
+        out = self._attend_rows(q, k, v, self.dev.softmax_scale(softmax_scale),
+                                self.dev.valid if holes else self.dev.no_valid)
         self._advance(*q.shape[:2])
         return out
+
+    def _attend_rows(self, q, k, v, softmax_scale, valid):
+        return self._attend(q, k, v, softmax_scale, self.cache_seqlens, valid)
 
     def attend_dense(self, module, q, k, v, attention_fn, total: int, holes: bool):
         """The slow path for `output_attentions=True`: write the new K/V, gather this layer's K/V and run the
@@ -233,6 +240,7 @@ class PlugLayer(CacheLayerMixin):
         layers give it). q `[B, nheads, L, D]`, k `[B, L, nheads_k, D]`, v likewise; `total`: tokens each row holds
         after this forward. Returns `(out [B, L, nheads, D], weights)`."""
         batch, q_len = k.shape[:2]
+        q, k = self.dev.rotate(q), self.dev.rotate(k)  # the weights are unchanged: (q R) . (k R) / g = q . k
         before = total - q_len
         lo = self.first_seen(before)
         past = [self.gather_slots(buf, scale, lo, before, batch)  # read before the write: a ring reuses places
@@ -244,7 +252,8 @@ class PlugLayer(CacheLayerMixin):
         seen = visible_slots(self.cache_seqlens, dev.starts, dev.valid if holes else dev.valid[:0], batch, q_len,
                              self.window or 0, total)[..., lo:]
         mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, torch.finfo(q.dtype).min)
-        out, weights = attention_fn(module, q, keys, values, mask.unsqueeze(1), dropout=0.0, scaling=module.scaling)
+        out, weights = attention_fn(module, q, keys, values, mask.unsqueeze(1), dropout=0.0,
+                                    scaling=dev.softmax_scale(module.scaling))
         self._advance(batch, q_len)
         return out, weights
 
@@ -309,13 +318,11 @@ class RingLayer(PlugLayer):
     def __repr__(self):
         return f"{super().__repr__()[:-1]}, ring={self.ring_slots})"
 
-    def attend(self, q, k, v, softmax_scale: float, holes: bool) -> torch.Tensor:
-        valid = self.dev.valid if holes else self.dev.no_valid
+    def _attend_rows(self, q, k, v, softmax_scale, valid):
         q_len, step = q.shape[1], self.chunk
         outs = [self._attend(q[:, i:i + step], k[:, i:i + step], v[:, i:i + step], softmax_scale,
                              self.cache_seqlens + i if i else self.cache_seqlens, valid)
                 for i in range(0, q_len, step)]
-        self._advance(*q.shape[:2])
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     def _store(self, k, v, table, seqlens) -> None:

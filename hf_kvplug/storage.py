@@ -26,6 +26,8 @@ def _fingerprint(config) -> dict:
     out["dtype"] = str(config.dtype).replace("torch.", "")
     if any(config.layer_rings):  # (absent from files without rings, which stay readable)
         out["layer_rings"] = config.layer_rings
+    if config.key_rotation:  # (absent from files of unrotated keys: fp caches' files stay readable)
+        out["key_rotation"] = config.key_rotation
     return out
 
 
@@ -110,6 +112,8 @@ def load_cache(cls, path, model_or_config, **kwargs):
     if meta.get("max_tokens") is not None:
         kwargs.setdefault("max_tokens", meta["max_tokens"])
     kwargs.setdefault("trim_windows", "layer_rings" in meta["config"])  # the file's layout unless told otherwise
+    # keys as the file stores them: files from before quantized keys were rotated load as caches that do not rotate
+    kwargs.setdefault("rotate_keys", "key_rotation" in meta["config"])
     # files from before window_slack existed kept rings of 2 x window - 1 slots: a slack of the (widest) window
     old = max((w for w in meta["config"].get("layer_windows") or [] if w), default=None)
     kwargs.setdefault("window_slack", meta["window_slack"] if "window_slack" in meta else old)
@@ -125,7 +129,9 @@ def load_cache(cls, path, model_or_config, **kwargs):
         rings = " (sliding-window rings: pass trim_windows=, window_slack= and max_cache_len= as the saved cache " \
             "had them)" \
             if any(d.startswith("layer_rings") for d in diffs) else ""
-        raise ValueError(f"{path} was saved for another model or cache (" + "; ".join(diffs) + ")" + rings)
+        rotation = " (rotate_keys= must match how the file stores keys)" \
+            if any(d.startswith("key_rotation") for d in diffs) else ""
+        raise ValueError(f"{path} was saved for another model or cache (" + "; ".join(diffs) + ")" + rings + rotation)
     if batch > cache.max_batch_size or length > cache.max_cache_len:
         raise ValueError(f"{path} holds {batch} rows of {length} tokens; build the cache with max_batch_size >= "
                          f"{batch} and max_cache_len >= {length}")

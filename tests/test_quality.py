@@ -95,7 +95,7 @@ def test_round_trip_emulation_matches_the_int8_cache(model_and_stream):
     plug = hf_kvplug.PlugCache(model, max_batch_size=1, max_cache_len=96, kv_dtype="int8")
     fmts = [quality.Format("plug-int8", "int8", lambda: (plug.reset(), plug)[1], is_reference=True),
             quality.Format("emul-int8", "int8", lambda: quality.RoundTripCache(
-                model.config, quality.ROUND_TRIPS["int8"], keys=True, values=True))]
+                model.config, quality.ROUND_TRIPS["int8"], keys=True, values=True, rotate_keys=True))]
     stats = {f.name: quality.Stats() for f in fmts}
     quality.teacher_forced(model, stream[None, 1000:1097], fmts, prefill=16, chunk=1, stats=stats)
     assert stats["emul-int8"].positions == 80

@@ -46,6 +46,7 @@ from ..compat import cache_kwargs as kv
 from ..config import KV_DTYPES
 from ..patcher import patched
 from ..reference import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from ..rotation import key_rotation, rotation_gain
 
 ROUND_TRIPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "int8": lambda x: dequantize_int8(*quantize_int8(x), x.dtype),
@@ -161,16 +162,24 @@ class GreedyRow:
 
 
 class RoundTripCache(DynamicCache):
-    """Stock DynamicCache that stores K and/or V through `round_trip` (quantize, dequantize). As in hf_kvplug, the
-    prefill attends over the exact K/V it was given; every later forward reads the stored ones."""
+    """Stock DynamicCache that stores K and/or V through `round_trip` (quantize, dequantize); with `rotate_keys`,
+    keys as a quantized PlugCache stores them: `round_trip(k R) R^T / g` (`hf_kvplug.rotation`). As in hf_kvplug,
+    the prefill attends over the exact K/V it was given; every later forward reads the stored ones."""
 
-    def __init__(self, config, round_trip: Callable[[torch.Tensor], torch.Tensor], keys: bool, values: bool):
+    def __init__(self, config, round_trip: Callable[[torch.Tensor], torch.Tensor], keys: bool, values: bool,
+                 rotate_keys: bool = False):
         super().__init__(config=config)
-        self.round_trip, self.keys, self.values = round_trip, keys, values
+        self.round_trip, self.keys, self.values, self.rotate_keys = round_trip, keys, values, rotate_keys
+
+    def _key_round_trip(self, k: torch.Tensor) -> torch.Tensor:
+        if not self.rotate_keys:
+            return self.round_trip(k)
+        r = key_rotation(k.shape[-1]).to(k.device, k.dtype)
+        return self.round_trip(k @ r) @ r.T / rotation_gain(k.shape[-1])
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         prefill = self.get_seq_length(layer_idx) == 0
-        k = self.round_trip(key_states) if self.keys else key_states
+        k = self._key_round_trip(key_states) if self.keys else key_states
         v = self.round_trip(value_states) if self.values else value_states
         k_all, v_all = super().update(k, v, layer_idx, *args, **kwargs)
         return (key_states, value_states) if prefill else (k_all, v_all)
@@ -246,7 +255,8 @@ def formats(model, max_cache_len: int, split_kv: bool, half_baselines: bool = Fa
             if kv_dtype in ROUND_TRIPS:
                 rt = ROUND_TRIPS[kv_dtype]
                 out.append(Format(f"emul-{kv_dtype}-k-only", kv_dtype,
-                                  lambda rt=rt: RoundTripCache(model.config, rt, keys=True, values=False)))
+                                  lambda rt=rt: RoundTripCache(model.config, rt, keys=True, values=False,
+                                                               rotate_keys=True)))
                 out.append(Format(f"emul-{kv_dtype}-v-only", kv_dtype,
                                   lambda rt=rt: RoundTripCache(model.config, rt, keys=False, values=True)))
     if half_baselines and model.dtype == torch.float32:
