@@ -121,8 +121,8 @@ def main(argv=None) -> int:
     cached = run(model, with_index, prompts, args.new_tokens, device)
     env = environment()
     first = cached[0]["ttft_ms"]
-    lines = [f"| request | fed, first forward | TTFT (no prefix caching) | TTFT (prefix caching) | TTFT / request 1's | "
-             "generate() (no / with) | same tokens |", "|---|---|---|---|---|---|---|"]
+    lines = ["| request | fed, first forward | TTFT (no prefix caching) | TTFT (prefix caching) | TTFT / request 1's "
+             "| generate() (no / with) | same tokens |", "|---|---|---|---|---|---|---|"]
     ok = True
     for i, (a, b) in enumerate(zip(base, cached)):
         same = a["tokens"] == b["tokens"]
@@ -133,9 +133,10 @@ def main(argv=None) -> int:
                      f"{b['ttft_ms']:.1f} ms | {b['ttft_ms'] / first:.2f} | {a['generate_ms']:.0f} / "
                      f"{b['generate_ms']:.0f} ms | {'yes' if same else 'NO'} |")
     later = [b["ttft_ms"] for b in cached[1:]]
-    summary = (f"requests 2-{len(cached)}: TTFT {min(later):.1f}-{max(later):.1f} ms against request 1's {first:.1f} ms "
-               f"({max(later) / first:.2f}x at most; target <= 0.20x), first forward fed at most "
-               f"{max(b['first_forward_tokens'] for b in cached[1:])} tokens (target <= {args.block_size + args.turn}); "
+    summary = (f"requests 2-{len(cached)}: TTFT {min(later):.1f}-{max(later):.1f} ms against request 1's "
+               f"{first:.1f} ms ({max(later) / first:.2f}x at most; target <= 0.20x), first forward fed at most "
+               f"{max(b['first_forward_tokens'] for b in cached[1:])} tokens "
+               f"(target <= {args.block_size + args.turn}); "
                f"prefix_hit_tokens {cached[-1]['hit_tokens']}; targets {'met' if ok else 'MISSED'}")
     text = "\n".join(lines) + "\n\n" + summary
     print(f"# prefix caching, chat ({args.model}, {args.dtype}, {device}): " + ", ".join(

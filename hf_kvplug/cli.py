@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .tools import bench, cases, demo, plan, quality, shapes
+from .tools import bench, cases, demo, models, plan, quality, shapes
 from .tools.plan import plan_numbers  # noqa: F401  (the plan's arithmetic, for callers of the CLI module)
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             quality.run(args)
             return 0
         bench.run(args)
-    except shapes.UnknownModelError as e:
+    except (shapes.UnknownModelError, models.ModelFileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     return 0
 

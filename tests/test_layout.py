@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each module's level: a module imports only modules of a lower level (docs/architecture.md says what each owns).
 LEVELS = [
-    {"compat", "families", "state", "reference", "blocks", "kernels", "prefix", "rotation"},  # leaves: no import from the package
+    # leaves: no import from the package
+    {"compat", "families", "state", "reference", "blocks", "kernels", "prefix", "rotation"},
     {"geometry", "torchpath", "device"},
     {"ops", "config"},
     {"layers"},

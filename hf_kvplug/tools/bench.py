@@ -55,7 +55,8 @@ def parse_providers(text: str) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="llama3-8b",
-                   help=f"a known shape with random weights ({', '.join(shapes.SHAPES)}) or a local checkpoint dir")
+                   help=f"a known shape with random weights ({', '.join(shapes.SHAPES)}), a local checkpoint dir or a "
+                        "GGUF model ('smollm2', a .gguf file)")
     p.add_argument("--batch", type=parse_sizes, default=parse_sizes("1,8,32"), help="batch sizes (default 1,8,32)")
     p.add_argument("--context", type=parse_sizes, default=parse_sizes("1k,4k,16k,32k"),
                    help="prompt lengths, k = 1024 (default 1k,4k,16k,32k)")

