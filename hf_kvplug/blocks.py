@@ -237,6 +237,24 @@ class Paging:
     def pools(self) -> dict:
         return {ring: table.pool for ring, table in self.tables.items()}
 
+    def stats(self, bytes_per_block: dict, **counts) -> dict:
+        """Blocks of the main pool in use and shared, bytes in use over every pool (`bytes_per_block[ring]`), the
+        owner's `counts`, the prefix index's counts when there is one, the ring pools' blocks as
+        `window_blocks_*`."""
+        pools = self.pools
+        main = pools.get(None) or BlockPool(0)
+        out = {"blocks_total": main.num_blocks, "blocks_in_use": main.in_use, "blocks_shared": main.shared,
+               "block_size": self.block_size, "bytes_per_block": bytes_per_block.get(None, 0),
+               "bytes_in_use": sum(pool.in_use * bytes_per_block[ring] for ring, pool in pools.items()), **counts}
+        if main.index is not None:
+            out.update(prefix_cached_blocks=len(main.index.entries), prefix_hit_tokens=main.index.hit_tokens)
+        rings = [pool for ring, pool in pools.items() if ring is not None]
+        if rings:
+            out.update(window_blocks_total=sum(p.num_blocks for p in rings),
+                       window_blocks_in_use=sum(p.in_use for p in rings),
+                       window_blocks_shared=sum(p.shared for p in rings))
+        return out
+
     def check_room(self, rows: int, start: int, end: int, reserve: int) -> None:
         """Raise PoolExhausted, naming the pool, unless every group has room for `prepare(rows, start, end,
         reserve)`; all or nothing across groups."""

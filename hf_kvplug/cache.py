@@ -151,22 +151,10 @@ class PlugCache(ForwardHost, DynamicCache):
     def stats(self) -> dict:
         """Memory in use, as a plain dict: blocks of the main pool (each spans every layer that keeps max_cache_len)
         in use and shared (by rows or forked caches), bytes all pools hold in use and in total, and the rows /
-        tokens of this cache. With sliding-window rings, `window_blocks_*` count the ring pools' blocks."""
-        groups = {ring: (pool, self.nbytes_of(ring) // pool.num_blocks) for ring, pool in self.pools.items()}
-        main = groups.get(None, (BlockPool(0), 0))
-        out = {"blocks_total": main[0].num_blocks, "blocks_in_use": main[0].in_use, "blocks_shared": main[0].shared,
-               "block_size": self.config.block_size, "bytes_per_block": main[1],
-               "bytes_in_use": sum(pool.in_use * per for pool, per in groups.values()),
-               "bytes_total": self.nbytes, "rows": self.batch, "tokens": self.seq_length_now()}
-        index = self.pools.get(None) and self.pools[None].index
-        if index is not None:
-            out.update(prefix_cached_blocks=len(index.entries), prefix_hit_tokens=index.hit_tokens)
-        rings = [pool for ring, (pool, _) in groups.items() if ring is not None]
-        if rings:
-            out.update(window_blocks_total=sum(p.num_blocks for p in rings),
-                       window_blocks_in_use=sum(p.in_use for p in rings),
-                       window_blocks_shared=sum(p.shared for p in rings))
-        return out
+        tokens of this cache (`Paging.stats`). With sliding-window rings, `window_blocks_*` count the ring pools'
+        blocks; with prefix caching, `prefix_cached_blocks` and `prefix_hit_tokens`."""
+        per_block = {ring: self.nbytes_of(ring) // pool.num_blocks for ring, pool in self.pools.items()}
+        return self.paging.stats(per_block, bytes_total=self.nbytes, rows=self.batch, tokens=self.seq_length_now())
 
     # --- what transformers asks ------------------------------------------------------------------------
 

@@ -192,6 +192,16 @@ def test_paging_shares_a_prompt_and_returns_leaders():
     _check_paging(paging)
 
 
+def test_paging_stats_count_every_group():
+    paging = _paging(main=20, ring=12, rows=4)
+    paging.prepare(4, 0, 6, 6, 2, lambda ring, pairs: None)  # two prompts, each shared by two rows
+    got = paging.stats({None: 100, 2: 10}, rows=4)
+    assert got == {"blocks_total": 20, "blocks_in_use": 4, "blocks_shared": 4, "block_size": BS,
+                   "bytes_per_block": 100, "bytes_in_use": 4 * 100 + paging.tables[2].pool.in_use * 10, "rows": 4,
+                   "window_blocks_total": 12, "window_blocks_in_use": paging.tables[2].pool.in_use,
+                   "window_blocks_shared": paging.tables[2].pool.shared}
+
+
 def test_paging_check_room_is_all_or_nothing_across_groups():
     paging = _paging(main=12, ring=3)  # the ring pool fits one row's ring and a half
     with pytest.raises(PoolExhausted, match="3 free blocks of 3 and 4 more"):
