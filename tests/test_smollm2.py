@@ -20,8 +20,8 @@ from hf_kvplug.tools import quality
 from hf_kvplug.tools.demo import CHAT_PROMPTS, chat_ids
 
 # Bounds on the teacher-forced figures against the fp32 PlugCache (NLL increase in nats/token, top-1 agreement).
-INT8_NLL_DELTA = 0.004
-INT8_TOP1 = 0.98
+INT8_NLL_DELTA = 0.004  # measured +0.0016 (these 4 windows, 320 positions)
+INT8_TOP1 = 0.975  # measured 99.06% (3 flips, all near-ties); 2.5% leaves room for another CPU's rounding
 INT4_NLL_DELTA = 0.08  # measured +0.050 (12 windows), +0.054 (these 4): issue 23's 0.01 is missed (docs/int4.md)
 INT4_TOP1 = 0.85
 STOCK_LOGIT_TOL = 1e-3  # stock DynamicCache vs the fp32 PlugCache: max |logit difference|, argmax identical
