@@ -7,6 +7,7 @@ sees."""
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -67,7 +68,7 @@ def test_fast_path_equals_the_reference(dtype, kv, layout, shape, path, monkeypa
     if kv == "int4" and dtype != torch.float32:
         pytest.skip("one dtype is enough for INT4's code path")
     batch, nheads, nheads_k, head_dim, bs, max_blocks = 3, 6, 2, 16, 4, 6
-    seed = hash((str(dtype), kv, layout, shape)) % 1000
+    seed = zlib.crc32(repr((str(dtype), kv, layout, shape)).encode()) % 1000  # the same in every process
     g = torch.Generator().manual_seed(seed)
     bufs = _cache(batch, nheads_k, head_dim, bs, max_blocks, dtype, kv, layout, seed, used=-(-(13 + n_new) // bs))
     lengths = torch.tensor([7, 12, 16], dtype=torch.int32)
@@ -100,7 +101,8 @@ def test_fast_path_equals_the_reference(dtype, kv, layout, shape, path, monkeypa
                 assert torch.equal(a, b)  # the same bytes written
             tol = TOL[dtype] * (8 if kv else 1)
             torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-            assert torch.equal(got == 0, want == 0)  # queries that see nothing: 0 in both
+            # queries that see nothing: all 0 in both (an element may round to 0 on its own in bf16)
+            assert torch.equal((got == 0).all(-1), (want == 0).all(-1))
 
 
 @pytest.mark.parametrize("path", ["dense", "blocks"])
