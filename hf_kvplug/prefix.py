@@ -1,9 +1,9 @@
 """Prefix caching across generate() calls: what decides the K/V a block holds, as keys of `blocks.PrefixIndex`.
 
-A block's K/V are a function of the model (weights, config, adapters), the cache's format (dtype, kv_dtype, block
-size), the tokens in every slot up to the block's end and which of them the attention mask shows (positions come
-from the mask's running count, visibility from its bits). The index chains blocks to their parents, so a block's key
-holds its own slots' tokens and mask bits; the root holds the rest (`fingerprint`).
+A block's K/V are a function of the model (weights, config, adapters), the cache's format (dtype, kv_dtype, key
+rotation, block size), the tokens in every slot up to the block's end and which of them the attention mask shows
+(positions come from the mask's running count, visibility from its bits). The index chains blocks to their parents,
+so a block's key holds its own slots' tokens and mask bits; the root holds the rest (`fingerprint`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ _IDENTITIES = itertools.count(1)
 def fingerprint(model, config) -> tuple:
     """What besides tokens and mask decides a block's K/V for `model` in a cache of `config`: the model object (a
     number it keeps for its life, never reused), its weights' in-place versions (a load_state_dict or an optimizer
-    step changes them), its active adapters, its config, and the cache's dtype, kv_dtype and block size."""
+    step changes them), its active adapters, its config, and the cache's dtype, kv_dtype, key rotation and block
+    size."""
     identity = model.__dict__.setdefault("_kvplug_identity", next(_IDENTITIES))
     versions = sum(p._version for p in model.parameters())
     try:
@@ -24,7 +25,7 @@ def fingerprint(model, config) -> tuple:
     except (ValueError, AttributeError):
         adapters = ()
     return (identity, versions, adapters, model.config.to_json_string(), str(config.dtype), config.kv_dtype,
-            config.block_size)
+            config.key_rotation, config.block_size)
 
 
 def row_blocks(tokens: list[int], mask: list[int], block_size: int, count: int) -> list[tuple]:

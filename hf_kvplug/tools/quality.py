@@ -175,12 +175,15 @@ class RoundTripCache(DynamicCache):
                  rotate_keys: bool = False):
         super().__init__(config=config)
         self.round_trip, self.keys, self.values, self.rotate_keys = round_trip, keys, values, rotate_keys
+        self._rotation = None
 
     def _key_round_trip(self, k: torch.Tensor) -> torch.Tensor:
         if not self.rotate_keys:
             return self.round_trip(k)
-        r = key_rotation(k.shape[-1]).to(k.device, k.dtype)
-        return self.round_trip(k @ r) @ r.T / rotation_gain(k.shape[-1])
+        if self._rotation is None:  # built once, at the first key seen (head_dim, device, dtype)
+            self._rotation = key_rotation(k.shape[-1]).to(k.device, k.dtype), rotation_gain(k.shape[-1])
+        r, g = self._rotation
+        return self.round_trip(k @ r) @ r.T / g
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         prefill = self.get_seq_length(layer_idx) == 0
