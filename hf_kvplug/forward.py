@@ -94,7 +94,8 @@ class ForwardHost:
                 layer.block_table, layer.cache_seqlens, layer.dev.starts, layer.dev.valid if self.state.holes else None,
                 batch, q_len, q_len, key[1], True, self.config.block_size, self.config.nheads_k,
                 (first, length + q_len), length=length,
-                rows=self.paging.tables[None].rows if layer.ring is None else None)  # a ring's repeat on the device
+                rows=self.paging.tables[None].rows if layer.ring is None else None,  # a ring's repeat on the device
+                strides=torchpath.slot_strides(layer.kv.k))
 
     def reuse_prefix(self, ids: torch.Tensor, mask: torch.Tensor | None, expand: int) -> int:
         """Before a generate() call into an empty cache (prefix caching): map the longest prefix of full blocks every

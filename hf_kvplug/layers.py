@@ -31,7 +31,8 @@ from .state import ForwardState
 class KV(NamedTuple):
     """One layer's paged buffers: K and V `[num_blocks, nheads_k, block_size, head_dim]` (model dtype or int8;
     uint8 `[..., head_dim / 2]`, two codes a byte, for int4) and their scales (int8: `[num_blocks, nheads_k,
-    block_size]` fp32; int4: `[..., 4]` fp16; else empty)."""
+    block_size]` fp32; int4: `[..., 4]` fp16; else empty). Stored blocks first (contiguous, as the kernels read
+    them) or heads first (the PyTorch path's: the same indices, the storage `[nheads_k, num_blocks, ...]`)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -39,11 +40,18 @@ class KV(NamedTuple):
     v_scale: torch.Tensor
 
     @classmethod
-    def allocate(cls, config: PlugConfig, ring: int | None, device: torch.device) -> "KV":
+    def allocate(cls, config: PlugConfig, ring: int | None, device: torch.device, heads_first: bool = False) -> "KV":
+        """Zeroed buffers; `heads_first`: each KV head's blocks follow one another in memory, so that a row's
+        consecutive blocks are one span per head (`torchpath`)."""
         shape, scale_shape, scale_dtype = config.storage_shapes(ring)
-        return cls(*(torch.zeros(s, dtype=d, device=device) for s, d in (
-            (shape, config.storage_dtype), (shape, config.storage_dtype), (scale_shape, scale_dtype),
-            (scale_shape, scale_dtype))))
+
+        def zeros(s, d):
+            if not heads_first or len(s) < 3:  # (an empty scale buffer)
+                return torch.zeros(s, dtype=d, device=device)
+            return torch.zeros((s[1], s[0], *s[2:]), dtype=d, device=device).transpose(0, 1)
+
+        return cls(*(zeros(s, d) for s, d in ((shape, config.storage_dtype), (shape, config.storage_dtype),
+                                               (scale_shape, scale_dtype), (scale_shape, scale_dtype))))
 
     def clone(self) -> "KV":
         return KV(*(t.clone() for t in self))
@@ -91,7 +99,7 @@ class PlugLayer(CacheLayerMixin):
         self.window = config.layer_windows[layer_idx]
         self.is_sliding = self.window is not None
         self.backend = ops.resolve_backend(backend, self.device)
-        self.kv = KV.allocate(config, self.ring, self.device) if kv is None else kv
+        self.kv = KV.allocate(config, self.ring, self.device, self.backend == "torch") if kv is None else kv
         self.cache_seqlens = torch.zeros(config.max_batch_size, dtype=torch.int32, device=self.device)
         compat.mark_static(*self.kv, self.cache_seqlens)
         self.is_initialized = True

@@ -90,7 +90,7 @@ def _cpu_plan(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_se
     end = int(lengths.max()) + n_new if batch else 0
     first = max(0, int(lengths.min()) + n_new - q_len - window + 1) if window and batch else 0
     return torchpath.plan(block_table, cache_seqlens, cache_starts, cache_valid, batch, q_len, n_new, window, causal,
-                          k_cache.shape[2], k_cache.shape[1], (first, end))
+                          k_cache.shape[2], k_cache.shape[1], (first, end), strides=torchpath.slot_strides(k_cache))
 
 
 @torch.library.custom_op("hf_kvplug::attend_with_kvcache_ref", mutates_args=_MUTATED)

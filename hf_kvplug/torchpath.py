@@ -7,11 +7,14 @@ What makes it cheap:
     first slot of a window to the last token), the slot of each new token, and which of those slots each query
     attends. It is the same for every layer of a group of layers in one forward, so the cache builds it once per
     forward, in its host work (`ForwardHost.begin_forward`), where the rows' lengths and blocks are known;
-  * K and V are read where they lie. A row whose blocks are consecutive (what a fresh pool gives each row
-    `generate()` maps ahead) is a view of the buffer, and the attention is a batched matmul over its blocks
-    (`[blocks x nheads_k]` small products, summed), so the history is never copied; other rows (shared, forked or
-    ring blocks) are gathered once, in the same layout. INT8 and INT4 codes become floats there; their scales and
-    minima are applied on the scores and on the probabilities, as the kernels apply them;
+  * K and V are read where they lie. A PlugCache on this path stores its pools heads first (`KV.allocate`): each
+    KV head's blocks follow one another, so a row whose blocks are consecutive (what a fresh pool gives each row
+    `generate()` maps ahead) is one `[nheads_k, slots, head_dim]` view per buffer, exactly its span, and PyTorch's
+    SDPA attends over it, each KV head's queries as its rows (no GQA expansion); rows spaced evenly in the pool are
+    one strided view, one SDPA call. In the kernels' layout (blocks first) such a row is attended block by block
+    (`[blocks x nheads_k]` small products, summed); other rows (shared, forked or ring blocks) are gathered once, in
+    SDPA's layout. INT8 and INT4 codes become floats on the way; their scales and minima apply as the kernels apply
+    them;
   * a slot no query sees never reaches an output: its score is -inf, and its V is zeroed whenever the output would
     not be finite otherwise (a NaN or Inf an earlier request left there), as the reference zeroes it.
 """
@@ -34,32 +37,38 @@ DENSE_SLOTS = 1024
 class Plan(NamedTuple):
     """Where one call on a paged cache reads and writes, for rows < `batch` and `q_len` queries.
 
-    dense: gather the slots into one dense copy and run SDPA (small calls, and rows whose blocks are scattered);
-        else read each row's consecutive blocks where they lie.
-    nb: blocks read per row (logical blocks [first, first + nb)); the slots read are [t0, t0 + slots): exactly the
-        span when dense, whole blocks otherwise.
+    mode: "dense": gather the slots into one dense copy and run SDPA (small calls, and rows whose blocks are
+        scattered); "spans": each row's consecutive blocks, stored heads first, are one span per KV head, viewed
+        where it lies and attended by SDPA; "blocks": each row's consecutive blocks, stored blocks first, read where
+        they lie block by block.
+    nb: blocks read per row (logical blocks [fb, fb + nb)); the slots read are [t0, t0 + slots): exactly the span
+        (dense, spans), whole blocks (blocks).
     runs: per row, the first physical block of its `nb` consecutive blocks, when every row's are consecutive; then
-        `adjacent` says whether the rows' runs follow each other (one view holds them all).
+        `adjacent` says whether the rows' runs follow each other (one view holds them all, blocks), and `spacing`
+        whether they are evenly spaced, by that many blocks (one strided view holds them all, spans), or None.
     ids: `[batch * nb]` int64, the physical blocks row by row.
-    flat: `[batch * nheads_k * slots]` int64 (dense only): the slots as rows of a buffer viewed `[-1, head_dim]`,
+    flat: `[batch * nheads_k * slots]` int64 (dense only): the slots as rows of the buffer's storage (`_slot_rows`),
         ordered `[batch, nheads_k, slots]`, so one `index_select` gathers them in SDPA's layout.
-    wflat: `[batch * n_new * nheads_k]` int64, the rows of that view each new token's K (or V) goes to, ordered as
+    wflat: `[batch * n_new * nheads_k]` int64, the rows of the storage each new token's K (or V) goes to, ordered as
         the new tokens `[batch, n_new, nheads_k]`; None when nothing is written.
     mask: `[batch, 1, q_len, slots]` bool, which slot each query attends.
-    bias: dense: the same as SDPA's additive mask (0 / -inf, fp32), or None where every query sees every slot.
-        Otherwise `[batch, nb, 1, 1, q_len, block_size]` bool, the slots each query does NOT see, laid out as the
-        scores of the blocks (`[batch, nb, nheads_k, group, q_len, block_size]`).
+    bias: the additive mask (0 / -inf, fp32), or None where every query sees every slot. dense and spans: SDPA's
+        `[batch, 1, q_len, slots]`; blocks: `[batch * nb * nheads_k, q_len, block_size]`, laid out as the scores of
+        the blocks (`[batch, nb, nheads_k, group, q_len, block_size]`, the same for every query of a group), so
+        that one `baddbmm` adds it.
     blind: `[batch, 1, q_len, 1]` bool, the queries that see no slot (their output is 0), or None: none.
     """
 
     batch: int
     q_len: int
-    dense: bool
+    mode: str
+    fb: int
     nb: int
     t0: int
     slots: int
     runs: list[int] | None
     adjacent: bool
+    spacing: int | None
     ids: torch.Tensor
     flat: torch.Tensor | None
     wflat: torch.Tensor | None
@@ -68,18 +77,36 @@ class Plan(NamedTuple):
     blind: torch.Tensor | None
 
 
+def slot_strides(buf: torch.Tensor) -> tuple[int, int]:
+    """The (block, head) strides of a paged buffer `[num_blocks, nheads_k, block_size, ...]`, counted in slots:
+    `(nheads_k * block_size, block_size)` blocks first (the kernels' layout), `(block_size, num_blocks *
+    block_size)` heads first (the PyTorch path's, `KV.allocate`)."""
+    return buf.stride(0) // buf.stride(2), buf.stride(1) // buf.stride(2)
+
+
+def _slot_rows(buf: torch.Tensor) -> torch.Tensor:
+    """The buffer's storage as one row per slot, `[num_blocks * nheads_k * block_size, ...]` (a view; slot t of
+    block i, head h is row `i * sb + h * sh + t` for `slot_strides`). Either layout; anything else is refused."""
+    if not (buf.is_contiguous() or buf.transpose(0, 1).is_contiguous()):
+        raise ValueError(f"a paged buffer must be contiguous, blocks first or heads first (strides {buf.stride()})")
+    tail = buf.shape[3:]
+    return buf.as_strided((buf.shape[0] * buf.shape[1] * buf.shape[2], *tail), (buf.stride(2), *buf.stride()[3:]))
+
 
 def plan(block_table, cache_seqlens, cache_starts, cache_valid, batch: int, q_len: int, n_new: int, window: int,
          causal: bool, block_size: int, nheads_k: int, span: tuple[int, int],
-         rows: list[list[int]] | None = None, length: int | None = None) -> Plan:
+         rows: list[list[int]] | None = None, length: int | None = None,
+         strides: tuple[int, int] | None = None) -> Plan:
     """The plan of a call whose queries see slots within `span = (first, end)`: host-known bounds, the first slot any
-    query may see and one past the row's last token. What the host knows makes it cheaper: `rows`, its copy of the
-    table's rows (logical block i of row b is rows[b][i]; a PlugCache's paging), says which rows are consecutive and
-    where new tokens go; `length`, the tokens every row holds before the call (a PlugCache's rows hold the same
-    count), gives the queries' slots. Without them the CPU reads the tensors (free there). Every new token must have
-    a mapped slot (the caller made sure: the cache maps them before the forward; on the CPU `ops` checks first)."""
+    query may see and one past the row's last token. `strides`: the buffers' `slot_strides` (default blocks first).
+    What the host knows makes it cheaper: `rows`, its copy of the table's rows (logical block i of row b is
+    rows[b][i]; a PlugCache's paging), says which rows are consecutive and where new tokens go; `length`, the tokens
+    every row holds before the call (a PlugCache's rows hold the same count), gives the queries' slots. Without them
+    the CPU reads the tensors (free there). Every new token must have a mapped slot (the caller made sure: the cache
+    maps them before the forward; on the CPU `ops` checks first)."""
     device, bs = block_table.device, block_size
     cpu = device.type == "cpu"
+    sb, sh = strides if strides is not None else (nheads_k * bs, bs)
     first = max(0, span[0])
     fb = first // bs
     nb = max(1, min(-(-span[1] // bs), block_table.shape[1]) - fb)
@@ -91,44 +118,59 @@ def plan(block_table, cache_seqlens, cache_starts, cache_valid, batch: int, q_le
         if cpu:
             rows = [[-1] * fb + r for r in ids.tolist()]  # free to read here
     runs = _runs(rows, batch, fb, nb) if rows is not None else None
-    dense = runs is None or batch * nb * bs <= DENSE_SLOTS
-    if dense:  # exactly the span
+    if runs is None:
+        mode = "dense"
+    elif sb == bs:  # heads first: a row's consecutive blocks are one span per head
+        mode = "spans"
+    else:
+        mode = "dense" if batch * nb * bs <= DENSE_SLOTS else "blocks"
+    if mode == "blocks":  # whole blocks
+        t0, t1 = fb * bs, (fb + nb) * bs
+    else:  # exactly the span
         t0 = max(first, fb * bs)
         t1 = max(t0 + 1, min(span[1], (fb + nb) * bs))
-    else:  # whole blocks
-        t0, t1 = fb * bs, (fb + nb) * bs
-    wflat = _write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, rows, length) if n_new else None
+    wflat = (_write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, sb, sh, rows, length)
+             if n_new else None)
     seen = _seen(cache_seqlens, cache_starts, cache_valid, batch, q_len, n_new, window, causal, t0, t1, length)
     blind = ~seen.any(-1)  # [B, 1, L]
     if cpu and not bool(blind.any()):  # free on the CPU: most calls have no blind query
         blind = None
     flat = bias = None
-    if dense:
-        # every slot of the row's blocks as a row of the buffer viewed [-1, head_dim]: block * Hk * bs + h * bs + s,
-        # ordered [B, Hk, nb * bs]; then the span's
-        at = ids.view(batch, 1, nb, 1) * (nheads_k * bs) + torch.arange(nheads_k * bs, device=device).view(
-            1, nheads_k, 1, bs)
+    everything = cpu and bool(seen.all())  # free on the CPU: no slot to hide
+    if mode == "dense":
+        # every slot of the row's blocks as a row of the storage, ordered [B, Hk, nb * bs]; then the span's
+        at = (ids.view(batch, 1, nb, 1) * sb + (torch.arange(nheads_k, device=device) * sh).view(1, nheads_k, 1, 1)
+              + torch.arange(bs, device=device))
         flat = at.view(batch, nheads_k, nb * bs)[:, :, t0 - fb * bs:t1 - fb * bs].reshape(-1)
-        if not (cpu and bool(seen.all())):
-            bias = torch.zeros(seen.shape, device=device).masked_fill_(~seen, float("-inf"))
+    if everything:
+        pass
+    elif mode == "blocks":
+        hidden = (~seen).reshape(batch, 1, q_len, nb, bs).permute(0, 3, 1, 2, 4)  # [B, nb, 1, L, BS]
+        bias = torch.zeros((batch, nb, nheads_k, q_len, bs), device=device).masked_fill_(hidden, float("-inf"))
+        bias = bias.view(batch * nb * nheads_k, q_len, bs)
     else:
-        bias = (~seen).reshape(batch, q_len, nb, bs).permute(0, 2, 1, 3).contiguous()[:, :, None, None]
+        bias = torch.zeros(seen.shape, device=device).masked_fill_(~seen, float("-inf"))
     adjacent = runs is not None and all(r == runs[0] + b * nb for b, r in enumerate(runs))
-    return Plan(batch, q_len, dense, nb, t0, t1 - t0, runs, adjacent, ids.reshape(-1), flat, wflat, seen, bias,
-                None if blind is None else blind.unsqueeze(-1))
+    spacing = None
+    if runs is not None:
+        step = runs[1] - runs[0] if batch > 1 else 0
+        if step >= 0 and all(r == runs[0] + b * step for b, r in enumerate(runs)):
+            spacing = step
+    return Plan(batch, q_len, mode, fb, nb, t0, t1 - t0, runs, adjacent, spacing, ids.reshape(-1), flat, wflat, seen,
+                bias, None if blind is None else blind.unsqueeze(-1))
 
 
-def _write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, rows, length) -> torch.Tensor:
-    """`[batch * n_new * nheads_k]`: the row of a `[-1, head_dim]` view each new token's K / V goes to (block *
-    nheads_k * bs + head * bs + slot in the block)."""
+def _write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, sb, sh, rows, length) -> torch.Tensor:
+    """`[batch * n_new * nheads_k]`: the row of the storage (`_slot_rows`) each new token's K / V goes to (block *
+    sb + head * sh + slot in the block)."""
     device = block_table.device
     if rows is not None and length is not None and batch * n_new <= 64:  # a decode step: on the host
-        return torch.tensor([rows[b][s // bs] * (nheads_k * bs) + h * bs + s % bs for b in range(batch)
+        return torch.tensor([rows[b][s // bs] * sb + h * sh + s % bs for b in range(batch)
                              for s in range(length, length + n_new) for h in range(nheads_k)], device=device)
     new = cache_seqlens[:batch].long().unsqueeze(1) + torch.arange(n_new, device=device)  # [B, n_new] slots
     blk = block_table[:batch].long().gather(1, new // bs)
-    heads = torch.arange(nheads_k, device=device) * bs
-    return ((blk * (nheads_k * bs) + new % bs).unsqueeze(-1) + heads).reshape(-1)
+    heads = torch.arange(nheads_k, device=device) * sh
+    return ((blk * sb + new % bs).unsqueeze(-1) + heads).reshape(-1)
 
 
 def _seen(cache_seqlens, cache_starts, cache_valid, batch, q_len, n_new, window, causal, t0, t1,
@@ -173,9 +215,9 @@ def write(k, v, k_cache, v_cache, k_scale, v_scale, p: Plan) -> None:
     if k_cache.dtype != k.dtype:  # K and V quantized in one pass
         new, s = quantize(torch.stack(new), k_cache.dtype)
         for scale, part in zip((k_scale, v_scale), s):
-            scale.view(-1, *scale.shape[3:]).index_copy_(0, p.wflat, part)
+            _slot_rows(scale).index_copy_(0, p.wflat, part)
     for cache, part in zip((k_cache, v_cache), new):
-        cache.view(-1, cache.shape[-1]).index_copy_(0, p.wflat, part)
+        _slot_rows(cache).index_copy_(0, p.wflat, part)
 
 
 def _blocks(buf: torch.Tensor, p: Plan) -> list[torch.Tensor]:
@@ -194,129 +236,199 @@ def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: 
     if p.wflat is not None:
         write(k, v, k_cache, v_cache, k_scale, v_scale, p)
     kind = {torch.int8: "int8", torch.uint8: "int4"}.get(k_cache.dtype, "fp")
-    if p.dense:
-        return _attend_dense(q, k_cache, v_cache, k_scale, v_scale, p, softmax_scale, kind)
-    return _attend_blocks(q, k_cache, v_cache, k_scale, v_scale, p, softmax_scale, kind)
+    if p.mode == "blocks":
+        return _attend_blocks(q, k_cache, v_cache, k_scale, v_scale, p, softmax_scale, kind)
+    read = _spans if p.mode == "spans" else _gathered
+    bufs = (k_cache, v_cache) + ((k_scale, v_scale) if kind != "fp" else (k_cache[:0], v_cache[:0]))
+    return _attend_rows(q, list(zip(*(read(buf, p) for buf in bufs))), p, softmax_scale, kind)
 
 
-def _dense(buf, scale, p: Plan, kind: str, ct) -> torch.Tensor:
-    """The plan's slots of one buffer as `[B, Hk, slots, D]` in `ct`: gathered (one `index_select`), dequantized."""
-    x = buf.view(-1, buf.shape[-1]).index_select(0, p.flat)  # [B * Hk * T, Dc]
-    if kind == "int8":
-        x = x.to(ct).mul_(scale.view(-1).index_select(0, p.flat).unsqueeze(-1))
-    elif kind == "int4":
-        sp = scale.view(-1, 4).index_select(0, p.flat).to(ct)  # [B * Hk * T, 4]: scale, minimum of each half
-        x = torch.cat([(x & 15).to(ct).mul_(sp[:, 0:1]).add_(sp[:, 1:2]),
-                       (x >> 4).to(ct).mul_(sp[:, 2:3]).add_(sp[:, 3:4])], dim=-1)
-    return x.view(p.batch, buf.shape[1], p.slots, x.shape[-1]).to(ct)
+def _gathered(buf, p: Plan) -> list[torch.Tensor]:
+    """The plan's slots of `buf` gathered into one `[B, Hk, slots, ...]` copy (one `index_select`), codes as codes."""
+    if not buf.numel():
+        return [None]
+    return [_slot_rows(buf).index_select(0, p.flat).view(p.batch, buf.shape[1], p.slots, *buf.shape[3:])]
 
 
-def _attend_dense(q, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: float, kind: str) -> torch.Tensor:
+def _spans(buf, p: Plan) -> list[torch.Tensor]:
+    """The plan's span of each row of `buf` (heads first, the row's blocks consecutive) as `[b, Hk, slots, ...]`
+    views where it lies: one for all rows when their runs are evenly spaced, else one per row."""
+    if not buf.numel():
+        return [None] * (1 if p.spacing is not None else len(p.runs))
+    s0, s1, s2 = buf.stride()[:3]
+    assert s0 == buf.shape[2] * s2, "spans need each head's blocks to follow one another (heads first)"
+    tail, tail_strides = buf.shape[3:], buf.stride()[3:]
+    skip = (p.t0 - p.fb * buf.shape[2]) * s2  # the span's first slot in the row's first block read
+
+    def view(run: int, rows: int, step: int) -> torch.Tensor:
+        return buf.as_strided((rows, buf.shape[1], p.slots, *tail), (step * s0, s1, s2, *tail_strides),
+                              buf.storage_offset() + run * s0 + skip)
+
+    if p.spacing is not None:
+        return [view(p.runs[0], p.batch, p.spacing)]
+    return [view(r, 1, 0) for r in p.runs]
+
+
+def _attend_rows(q, parts, p: Plan, softmax_scale: float, kind: str) -> torch.Tensor:
+    """Attention of `q [B, L, nheads, D]` over `parts`, the plan's slots as `(k, v, k_scale, v_scale)` tensors
+    `[b, Hk, slots, ...]` of consecutive rows (views of the spans, or one gathered copy): `[B, L, nheads, D]`.
+
+    Each KV head's queries are the rows of its SDPA call, ordered (group, query), so there is no GQA expansion; K/V
+    in the model dtype go to SDPA in it, as stock attends, codes through two products with their scales applied
+    to the scores and probabilities. The same arithmetic whichever way the slots were read, so a fork, a copy or
+    a loaded file (whose blocks may lie elsewhere) gives the same bits as the cache it came from."""
     batch, q_len, nheads, head_dim = q.shape
-    ct = torch.float32
-    keys, values = _dense(k_cache, k_scale, p, kind, ct), _dense(v_cache, v_scale, p, kind, ct)
-    qt = q.transpose(1, 2).to(ct)
-    out = torch.nn.functional.scaled_dot_product_attention(qt, keys, values, attn_mask=p.bias, scale=softmax_scale,
-                                                           enable_gqa=nheads != keys.shape[1])
-    if p.blind is not None:
-        out = out.masked_fill(p.blind, 0.0)
-    # a slot no query sees may hold NaN / Inf from an earlier request: zero those, as the reference (without a mask,
-    # every query sees every slot gathered: nothing to zero)
-    if p.bias is not None and not _finite(out):
-        hidden = ~p.mask.any(2, keepdim=True).transpose(2, 3)  # [B, 1, T, 1]
-        out = torch.nn.functional.scaled_dot_product_attention(
-            qt, keys.masked_fill_(hidden, 0), values.masked_fill_(hidden, 0), attn_mask=p.bias, scale=softmax_scale,
-            enable_gqa=nheads != keys.shape[1])
-        if p.blind is not None:
-            out = out.masked_fill(p.blind, 0.0)
-    return out.transpose(1, 2).to(q.dtype)
-
-
-def _attend_blocks(q, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: float, kind: str) -> torch.Tensor:
-    batch, q_len, nheads, head_dim = q.shape
-    nheads_k, block_size = k_cache.shape[1], k_cache.shape[2]
+    nheads_k = parts[0][0].shape[1]
     group = nheads // nheads_k
-    ct = torch.float32
-    # per KV head, its queries, rows ordered (group, query): [B, Hk, R, D], R = group * q_len
-    qh = (q.to(ct) * softmax_scale).view(batch, q_len, nheads_k, group, head_dim).permute(0, 2, 3, 1, 4)
-    qh = qh.reshape(batch, 1, nheads_k, group * q_len, head_dim)
-    rows = _blocks(k_cache, p)
-    per = len(rows) == p.batch and p.batch > 1  # one piece per row
-    scales = _blocks(k_scale, p) if kind != "fp" else [None] * len(rows)
-    parts = []
-    for i, (keys, ks) in enumerate(zip(rows, scales)):
-        qi = qh[i:i + 1] if per else qh  # [b, 1, Hk, R, D]
-        n = keys.shape[0] // qi.shape[0]  # blocks per row in this piece
-        qx = qi.expand(-1, n, -1, -1, -1).reshape(-1, group * q_len, head_dim)  # [b * nb * Hk, R, D]
-        parts.append(_scores(qx, keys.flatten(0, 1), None if ks is None else ks.flatten(0, 1), kind, head_dim))
-    scores = torch.cat(parts) if len(parts) > 1 else parts[0]  # [B * nb * Hk, R, BS]
-    scores = scores.view(batch, p.nb, nheads_k, group, q_len, block_size)
-    scores.masked_fill_(p.bias, float("-inf"))
-    top = scores.amax(dim=(1, 5), keepdim=True)  # the softmax over every slot of a row: its blocks and their slots
-    probs = torch.exp_(scores.sub_(top))
-    probs.div_(probs.sum(dim=(1, 5), keepdim=True))
-    probs = probs.view(-1, group * q_len, block_size)  # [B * nb * Hk, R, BS]
-    # [B, 1, R, 1]: the queries that see nothing, in each KV head's rows (group, query)
+    rows = group * q_len
+    ct = q.dtype if kind == "fp" else torch.float32
+    qh = q.view(batch, q_len, nheads_k, group, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, nheads_k, rows,
+                                                                                       head_dim).to(ct)
+    bias = p.bias  # [B, 1, L, T], the same for every query of a group
+    if bias is not None:
+        bias = bias.to(ct)
+        if group > 1 and q_len > 1:
+            bias = bias.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(batch, 1, rows, p.slots)
     blind = None if p.blind is None else p.blind.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(
-        batch, 1, group * q_len, 1)
-    out = _attend_values(probs, v_cache, v_scale, p, kind, batch, nheads_k, group * q_len, head_dim)
-    if blind is not None:
-        out = out.masked_fill(blind, 0.0)
-    finite = _finite(out)
-    if not finite:  # a slot no query sees may hold NaN / Inf from an earlier request: zero those, as the reference
-        hidden = ~p.mask.any(2).reshape(batch * p.nb, 1, block_size)  # [B * nb, 1, BS]
-        out = _attend_values(probs, v_cache, v_scale, p, kind, batch, nheads_k, group * q_len, head_dim, hidden)
-        if blind is not None:
-            out = out.masked_fill(blind, 0.0)
+        batch, 1, rows, 1)
+    out = _rows_pass(qh, parts, softmax_scale, kind, bias, blind, False)
+    if bias is not None and not _finite(out):
+        # a slot no query sees held NaN / Inf (an earlier request's): again, with its K and V zeroed, as the reference
+        out = _rows_pass(qh, parts, softmax_scale, kind, bias, blind, True)
     out = out.view(batch, nheads_k, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(batch, q_len, nheads, head_dim).to(q.dtype)
 
 
-def _scores(qx, keys, ks, kind: str, head_dim: int) -> torch.Tensor:
-    """`qx [N, R, D] . keys [N, BS, Dc]` for N = blocks x KV heads: `[N, R, BS]` fp32, scales applied."""
+def _rows_pass(qh, parts, softmax_scale: float, kind: str, bias, blind, safe: bool) -> torch.Tensor:
+    """`qh [B, Hk, R, D]` over `parts` (`_attend_rows`): `[B, Hk, R, D]`. `safe`: the K and V of slots no query
+    sees zeroed (their scores -inf)."""
+    hidden = torch.isinf(bias) if safe else None  # [B, 1, R or 1, T]
+    outs, b = [], 0
+    for kb, vb, ks, vs in parts:
+        n = kb.shape[0]
+        bn = None if bias is None else bias[b:b + n]
+        if hidden is not None:
+            unseen = hidden[b:b + n].all(2).unsqueeze(-1)  # [n, 1, T, 1]: no query sees it
+            kb, vb = kb.masked_fill(unseen, 0), vb.masked_fill(unseen, 0)
+            ks, vs = (None if x is None else x.masked_fill(unseen if x.dim() == 4 else unseen.squeeze(-1), 0)
+                      for x in (ks, vs))
+        if kind == "fp":
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                qh[b:b + n], kb.to(qh.dtype), vb.to(qh.dtype), attn_mask=bn, scale=softmax_scale))
+        else:
+            scores = _scores(qh[b:b + n] * softmax_scale, kb, ks, kind, qh.shape[-1], bn)  # [n, Hk, R, T]
+            if hidden is not None:
+                scores.masked_fill_(hidden[b:b + n], float("-inf"))
+            outs.append(_values(torch.softmax(scores, -1), vb, vs, kind))
+        b += n
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return out if blind is None else out.masked_fill(blind, 0.0)
+
+
+def _attend_blocks(q, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: float, kind: str) -> torch.Tensor:
+    out = _blocks_pass(q, k_cache, v_cache, k_scale, v_scale, p, softmax_scale, kind, safe=False)
+    if p.bias is not None and not _finite(out):
+        # a slot no query sees held NaN / Inf (an earlier request's), which the additive mask cannot hide: again,
+        # with those scores replaced and their V zeroed, as the reference
+        out = _blocks_pass(q, k_cache, v_cache, k_scale, v_scale, p, softmax_scale, kind, safe=True)
+    batch, q_len, nheads, head_dim = q.shape
+    nheads_k = k_cache.shape[1]
+    out = out.view(batch, nheads_k, nheads // nheads_k, q_len, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(batch, q_len, nheads, head_dim).to(q.dtype)
+
+
+def _blocks_pass(q, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: float, kind: str,
+                 safe: bool) -> torch.Tensor:
+    """The attention over the plan's blocks read where they lie: `[B, Hk, R, D]` fp32, each KV head's rows R ordered
+    (group, query). `safe`: hidden slots' scores set to -inf and their V to 0 (else the bias is added)."""
+    batch, q_len, nheads, head_dim = q.shape
+    nheads_k, block_size = k_cache.shape[1], k_cache.shape[2]
+    group = nheads // nheads_k
+    rows = group * q_len
+    qh = (q.to(torch.float32) * softmax_scale).view(batch, q_len, nheads_k, group, head_dim).permute(0, 2, 3, 1, 4)
+    qh = qh.reshape(batch, 1, nheads_k, rows, head_dim)
+    bias, hidden = p.bias, None  # bias [B * nb * Hk, L, BS], the same for each query's group
+    if bias is not None and group > 1 and q_len > 1:
+        bias = bias.unsqueeze(1).expand(-1, group, -1, -1).reshape(-1, rows, block_size)
+    if safe:
+        hidden, bias = torch.isinf(bias), None  # [B * nb * Hk, R or 1, BS]
+    keys = _blocks(k_cache, p)
+    per = len(keys) == p.batch and p.batch > 1  # one piece per row
+    scales = _blocks(k_scale, p) if kind != "fp" else [None] * len(keys)
+    parts, start = [], 0
+    for i, (kb, ks) in enumerate(zip(keys, scales)):
+        qi = qh[i:i + 1] if per else qh  # [b, 1, Hk, R, D]
+        n = kb.shape[0] // qi.shape[0]  # blocks per row in this piece
+        m = kb.shape[0] * nheads_k
+        qx = qi.expand(-1, n, -1, -1, -1).reshape(-1, rows, head_dim)  # [b * nb * Hk, R, D]
+        parts.append(_scores(qx, kb.flatten(0, 1), None if ks is None else ks.flatten(0, 1), kind, head_dim,
+                             None if bias is None else bias[start:start + m]))
+        start += m
+    scores = torch.cat(parts) if len(parts) > 1 else parts[0]  # [B * nb * Hk, R, BS]
+    if hidden is not None:
+        scores.masked_fill_(hidden, float("-inf"))
+    scores = scores.view(batch, p.nb, nheads_k, rows, block_size)
+    top = scores.amax(dim=(1, 4), keepdim=True)  # the softmax over every slot of a row: its blocks and their slots
+    probs = torch.exp_(scores.sub_(top))
+    total = probs.sum(dim=(1, 4)).unsqueeze(-1)  # [B, Hk, R, 1]: divides the output, not every probability
+    out = _attend_values(probs.view(-1, rows, block_size), v_cache, v_scale, p, kind, batch, nheads_k, rows,
+                         head_dim, None if hidden is None else hidden.all(1, keepdim=True))
+    out = out.div_(total)
+    if p.blind is not None:  # [B, 1, L, 1]: the queries that see nothing, in each KV head's rows (group, query)
+        out = out.masked_fill(p.blind.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(batch, 1, rows, 1), 0.0)
+    return out
+
+
+def _scores(qx, keys, ks, kind: str, head_dim: int, bias) -> torch.Tensor:
+    """`qx [..., R, D] . keys [..., T, Dc]` (N = blocks x KV heads, or rows x KV heads): `[..., R, T]` fp32, scales
+    applied, plus `bias` (broadcast to it) when given."""
     if kind == "int4":
         half = head_dim // 2
-        kp = ks.float()  # [N, BS, 4]: scale and minimum of each half
+        kp = ks.float()  # [..., T, 4]: scale and minimum of each half
         q_lo, q_hi = qx[..., :half], qx[..., half:]
-        s = torch.bmm(q_lo, (keys & 15).float().transpose(1, 2)).mul_(kp[:, None, :, 0])
-        s.addcmul_(torch.bmm(q_hi, (keys >> 4).float().transpose(1, 2)), kp[:, None, :, 2])
-        s.addcmul_(q_lo.sum(-1, keepdim=True), kp[:, None, :, 1])  # the minima's terms
-        return s.addcmul_(q_hi.sum(-1, keepdim=True), kp[:, None, :, 3])
-    s = torch.bmm(qx, keys.to(qx.dtype).transpose(1, 2))
-    return s.mul_(ks.unsqueeze(1)) if kind == "int8" else s
+        s = torch.matmul(q_lo, (keys & 15).float().transpose(-1, -2)).mul_(kp[..., None, :, 0])
+        s.addcmul_(torch.matmul(q_hi, (keys >> 4).float().transpose(-1, -2)), kp[..., None, :, 2])
+        s.addcmul_(q_lo.sum(-1, keepdim=True), kp[..., None, :, 1])  # the minima's terms
+        s.addcmul_(q_hi.sum(-1, keepdim=True), kp[..., None, :, 3])
+    elif kind == "int8":
+        s = torch.matmul(qx, keys.to(qx.dtype).transpose(-1, -2)).mul_(ks.unsqueeze(-2))
+    elif bias is not None and qx.dim() == 3:
+        return torch.baddbmm(bias, qx, keys.to(qx.dtype).transpose(1, 2))
+    else:
+        s = torch.matmul(qx, keys.to(qx.dtype).transpose(-1, -2))
+    return s if bias is None else s.add_(bias)
 
 
 def _attend_values(probs, v_cache, v_scale, p: Plan, kind: str, batch: int, nheads_k: int, rows: int, head_dim: int,
                    hidden=None) -> torch.Tensor:
-    """`probs [B * nb * Hk, R, BS] @ V`, summed over each row's blocks: `[B, Hk, R, D]`. `hidden [B * nb, 1, BS]`:
-    slots zeroed first."""
+    """`probs [B * nb * Hk, R, BS] @ V`, summed over each row's blocks: `[B, Hk, R, D]`. `hidden [B * nb * Hk, 1,
+    BS]`: slots whose V is zeroed first."""
     values = _blocks(v_cache, p)
     scales = _blocks(v_scale, p) if kind != "fp" else [None] * len(values)
-    per = len(values) == p.batch and p.batch > 1
     parts, start = [], 0
-    for i, (vals, vs) in enumerate(zip(values, scales)):
+    for vals, vs in zip(values, scales):
         n = vals.shape[0] * nheads_k
-        pr = probs[start:start + n]
-        h = None if hidden is None else hidden[i * p.nb:(i + 1) * p.nb] if per else hidden
-        if h is not None:  # [n, 1, BS]: over the KV heads, and the head_dim (or the scale / minimum pairs)
-            vals = vals.masked_fill(h.unsqueeze(-1), 0)
-            vs = None if vs is None else vs.masked_fill(h if vs.dim() == 3 else h.unsqueeze(-1), 0)
-        parts.append(_values(pr, vals.flatten(0, 1), None if vs is None else vs.flatten(0, 1), kind))
+        vals, vs = vals.flatten(0, 1), None if vs is None else vs.flatten(0, 1)  # [n, BS, Dc], [n, BS(, 4)]
+        if hidden is not None:  # over the head_dim (or the scale / minimum pairs)
+            h = hidden[start:start + n].transpose(1, 2)  # [n, BS, 1]
+            vals = vals.masked_fill(h, 0)
+            vs = None if vs is None else vs.masked_fill(h if vs.dim() == 3 else h.squeeze(-1), 0)
+        parts.append(_values(probs[start:start + n], vals, vs, kind))
         start += n
     out = torch.cat(parts) if len(parts) > 1 else parts[0]  # [B * nb * Hk, R, D]
     return out.view(batch, p.nb, nheads_k, rows, head_dim).sum(1)
 
 
 def _values(pr, vals, vs, kind: str) -> torch.Tensor:
-    """`pr [N, R, BS] @ vals [N, BS, Dc]` with V's scales: `[N, R, D]`."""
+    """`pr [..., R, T] @ vals [..., T, Dc]` with V's scales: `[..., R, D]`."""
     if kind == "int4":
-        vp = vs.float()  # [N, BS, 4]
-        lo = torch.bmm(pr * vp[:, None, :, 0], (vals & 15).float()) + torch.bmm(pr, vp[..., 1:2])
-        hi = torch.bmm(pr * vp[:, None, :, 2], (vals >> 4).float()) + torch.bmm(pr, vp[..., 3:4])
+        vp = vs.float()  # [..., T, 4]
+        lo = torch.matmul(pr * vp[..., None, :, 0], (vals & 15).float()) + torch.matmul(pr, vp[..., 1:2])
+        hi = torch.matmul(pr * vp[..., None, :, 2], (vals >> 4).float()) + torch.matmul(pr, vp[..., 3:4])
         return torch.cat([lo, hi], dim=-1)
     if kind == "int8":
-        return torch.bmm(pr * vs.unsqueeze(1), vals.float())
-    return torch.bmm(pr, vals.to(pr.dtype))
+        return torch.matmul(pr * vs.unsqueeze(-2), vals.float())
+    return torch.matmul(pr, vals.to(pr.dtype))
 
 
 def _finite(out: torch.Tensor) -> bool:

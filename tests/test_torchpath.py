@@ -18,9 +18,14 @@ from hf_kvplug.reference import attend_with_kvcache_ref, quantize
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def _cache(batch, nheads_k, head_dim, block_size, max_blocks, dtype, kv, layout, seed, used=None):
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    """The same values, stored heads first (as a PlugCache on the PyTorch path stores them)."""
+    return t.transpose(0, 1).contiguous().transpose(0, 1) if t.dim() >= 3 else t
+
+
+def _cache(batch, nheads_k, head_dim, block_size, max_blocks, dtype, kv, layout, seed, used=None, heads_first=False):
     """Buffers and a block table `[batch, max_blocks]` of `layout`; "adjacent": the first `used` blocks of each row
-    follow the previous row's."""
+    follow the previous row's. `heads_first`: the buffers stored heads first."""
     g = torch.Generator().manual_seed(seed)
     nblocks = batch * max_blocks + 3
     storage = {"int8": torch.int8, "int4": torch.uint8}.get(kv, dtype)
@@ -44,7 +49,8 @@ def _cache(batch, nheads_k, head_dim, block_size, max_blocks, dtype, kv, layout,
         table[:, :2] = table[0, :2]
     else:
         table = torch.randperm(nblocks, generator=g)[:batch * max_blocks].view(batch, max_blocks)
-    return [k_cache, v_cache, k_scale, v_scale, table.to(torch.int32).contiguous()]
+    bufs = [k_cache, v_cache, k_scale, v_scale]
+    return [_heads_first(t) if heads_first else t for t in bufs] + [table.to(torch.int32).contiguous()]
 
 
 CASES = list(itertools.product(
@@ -52,16 +58,18 @@ CASES = list(itertools.product(
     [(1, 0, True), (3, 0, True), (1, 5, True), (4, 6, True), (3, 0, False), (0, 0, True)]))
 
 
-@pytest.mark.parametrize("path", ["dense", "blocks"])
+@pytest.mark.parametrize("path", ["dense", "blocks", "heads-first"])
 @pytest.mark.parametrize("dtype, kv, layout, shape", CASES,
                          ids=[f"{str(d)[6:]}-{kv}-{lay}-L{s[0]}w{s[1]}{'' if s[2] else 'nc'}"
                               for d, kv, lay, s in CASES])
 def test_fast_path_equals_the_reference(dtype, kv, layout, shape, path, monkeypatch):
-    """Both ways of attending: a dense copy and SDPA (small calls, and rows whose blocks are not consecutive), and
-    the blocks read where they lie (rows of consecutive blocks, past DENSE_SLOTS)."""
+    """Every way of attending: a dense copy and SDPA (small calls, and rows whose blocks are not consecutive), the
+    blocks read where they lie (rows of consecutive blocks, past DENSE_SLOTS), and buffers stored heads first (a
+    PlugCache's on this path): each row's span viewed where it lies and given to SDPA, scattered rows gathered."""
     if path == "blocks" and layout not in ("runs", "adjacent"):
         pytest.skip("scattered blocks are always gathered into a dense copy")
     monkeypatch.setattr(torchpath, "DENSE_SLOTS", 0 if path == "blocks" else 1 << 30)
+    heads_first = path == "heads-first"
     q_len, window, causal = shape
     n_new = q_len if q_len else 0
     q_len = q_len or 2  # attend only: two queries, nothing written
@@ -70,7 +78,8 @@ def test_fast_path_equals_the_reference(dtype, kv, layout, shape, path, monkeypa
     batch, nheads, nheads_k, head_dim, bs, max_blocks = 3, 6, 2, 16, 4, 6
     seed = zlib.crc32(repr((str(dtype), kv, layout, shape)).encode()) % 1000  # the same in every process
     g = torch.Generator().manual_seed(seed)
-    bufs = _cache(batch, nheads_k, head_dim, bs, max_blocks, dtype, kv, layout, seed, used=-(-(13 + n_new) // bs))
+    bufs = _cache(batch, nheads_k, head_dim, bs, max_blocks, dtype, kv, layout, seed, used=-(-(13 + n_new) // bs),
+                  heads_first=heads_first)
     lengths = torch.tensor([7, 12, 16], dtype=torch.int32)
     if layout in ("runs", "adjacent"):  # all rows hold the same count, as a PlugCache's do
         lengths = torch.full((batch,), 13, dtype=torch.int32)
@@ -93,9 +102,12 @@ def test_fast_path_equals_the_reference(dtype, kv, layout, shape, path, monkeypa
         for host in hosts:
             mine = [t.clone() for t in bufs]
             plan = torchpath.plan(mine[4], lengths, starts, cv, batch, q_len, n_new, window, causal, bs, nheads_k,
-                                  span, **host)
+                                  span, strides=torchpath.slot_strides(mine[0]), **host)
             assert (plan.runs is not None) == (layout in ("runs", "adjacent"))
             assert plan.adjacent == (layout == "adjacent" and not window)  # a window reads from a later block
+            consecutive = layout in ("runs", "adjacent")
+            assert plan.mode == ("dense" if not consecutive else "spans" if heads_first else path)
+            assert (plan.spacing is not None) == consecutive  # each layout's rows are evenly spaced
             got = torchpath.attend(q, k, v, *mine[:4], plan, 0.3)
             for a, b in zip(mine[:4], ref[:4]):
                 assert torch.equal(a, b)  # the same bytes written
@@ -105,14 +117,15 @@ def test_fast_path_equals_the_reference(dtype, kv, layout, shape, path, monkeypa
             assert torch.equal((got == 0).all(-1), (want == 0).all(-1))
 
 
-@pytest.mark.parametrize("path", ["dense", "blocks"])
+@pytest.mark.parametrize("path", ["dense", "blocks", "heads-first"])
 @pytest.mark.parametrize("kv", [None, "int8", "int4"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_stale_values_in_hidden_slots_never_leak(kv, value, path, monkeypatch):
-    monkeypatch.setattr(torchpath, "DENSE_SLOTS", 0 if path == "blocks" else 1 << 30)
     """NaN / Inf in slots past a row's length, before its start and in a hole: never in any output (K and V)."""
+    monkeypatch.setattr(torchpath, "DENSE_SLOTS", 0 if path == "blocks" else 1 << 30)
     batch, nheads, nheads_k, head_dim, bs, max_blocks = 2, 4, 2, 8, 4, 5
-    bufs = _cache(batch, nheads_k, head_dim, bs, max_blocks, torch.float32, kv, "runs", 1)
+    bufs = _cache(batch, nheads_k, head_dim, bs, max_blocks, torch.float32, kv, "runs", 1,
+                  heads_first=path == "heads-first")
     lengths = torch.full((batch,), 9, dtype=torch.int32)
     starts = torch.tensor([0, 3], dtype=torch.int32)
     valid = torch.ones(batch, max_blocks * bs, dtype=torch.uint8)
@@ -128,7 +141,9 @@ def test_stale_values_in_hidden_slots_never_leak(kv, value, path, monkeypatch):
                 scale[table[b, slot // bs], :, slot % bs] = value
     q = torch.randn(batch, 1, nheads, head_dim)
     k, v = torch.randn(batch, 1, nheads_k, head_dim), torch.randn(batch, 1, nheads_k, head_dim)
-    plan = torchpath.plan(table, lengths, starts, valid, batch, 1, 1, 0, True, bs, nheads_k, (0, 10))
+    plan = torchpath.plan(table, lengths, starts, valid, batch, 1, 1, 0, True, bs, nheads_k, (0, 10),
+                          strides=torchpath.slot_strides(bufs[0]))
+    assert plan.mode == ("spans" if path == "heads-first" else path)
     out = torchpath.attend(q, k, v, *bufs[:4], plan, 0.5)
     assert torch.isfinite(out).all()
 
