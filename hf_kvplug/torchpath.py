@@ -46,12 +46,11 @@ class Plan(NamedTuple):
     runs: per row, the first physical block of its `nb` consecutive blocks, when every row's are consecutive; then
         `adjacent` says whether the rows' runs follow each other (one view holds them all, blocks), and `spacing`
         whether they are evenly spaced, by that many blocks (one strided view holds them all, spans), or None.
-    ids: `[batch * nb]` int64, the physical blocks row by row.
     flat: `[batch * nheads_k * slots]` int64 (dense only): the slots as rows of the buffer's storage (`_slot_rows`),
         ordered `[batch, nheads_k, slots]`, so one `index_select` gathers them in SDPA's layout.
     wflat: `[batch * n_new * nheads_k]` int64, the rows of the storage each new token's K (or V) goes to, ordered as
-        the new tokens `[batch, n_new, nheads_k]`; None when nothing is written.
-    mask: `[batch, 1, q_len, slots]` bool, which slot each query attends.
+        the new tokens `[batch, n_new, nheads_k]`; None when nothing is written, or when `tail`: the new tokens are
+        the last slots of every row's span (spans, a PlugCache's rows of one length), written through its views.
     bias: the additive mask (0 / -inf, fp32), or None where every query sees every slot. dense and spans: SDPA's
         `[batch, 1, q_len, slots]`; blocks: `[batch * nb * nheads_k, q_len, block_size]`, laid out as the scores of
         the blocks (`[batch, nb, nheads_k, group, q_len, block_size]`, the same for every query of a group), so
@@ -69,10 +68,9 @@ class Plan(NamedTuple):
     runs: list[int] | None
     adjacent: bool
     spacing: int | None
-    ids: torch.Tensor
     flat: torch.Tensor | None
     wflat: torch.Tensor | None
-    mask: torch.Tensor
+    tail: bool
     bias: torch.Tensor | None
     blind: torch.Tensor | None
 
@@ -87,10 +85,12 @@ def slot_strides(buf: torch.Tensor) -> tuple[int, int]:
 def _slot_rows(buf: torch.Tensor) -> torch.Tensor:
     """The buffer's storage as one row per slot, `[num_blocks * nheads_k * block_size, ...]` (a view; slot t of
     block i, head h is row `i * sb + h * sh + t` for `slot_strides`). Either layout; anything else is refused."""
-    if not (buf.is_contiguous() or buf.transpose(0, 1).is_contiguous()):
+    n, hk, bs, *tail = buf.shape
+    row = math.prod(tail)
+    inner = tuple(math.prod(tail[i + 1:]) for i in range(len(tail)))  # a slot's values, contiguous
+    if buf.stride() not in ((hk * bs * row, bs * row, row, *inner), (bs * row, n * bs * row, row, *inner)):
         raise ValueError(f"a paged buffer must be contiguous, blocks first or heads first (strides {buf.stride()})")
-    tail = buf.shape[3:]
-    return buf.as_strided((buf.shape[0] * buf.shape[1] * buf.shape[2], *tail), (buf.stride(2), *buf.stride()[3:]))
+    return buf.as_strided((n * hk * bs, *tail), (row, *inner))
 
 
 def plan(block_table, cache_seqlens, cache_starts, cache_valid, batch: int, q_len: int, n_new: int, window: int,
@@ -111,12 +111,10 @@ def plan(block_table, cache_seqlens, cache_starts, cache_valid, batch: int, q_le
     fb = first // bs
     nb = max(1, min(-(-span[1] // bs), block_table.shape[1]) - fb)
     fb = min(fb, block_table.shape[1] - nb)
-    if rows is not None and all(len(r) >= fb + nb for r in rows[:batch]):
-        ids = torch.tensor([r[fb:fb + nb] for r in rows[:batch]], dtype=torch.long, device=device)
-    else:
-        ids = block_table[:batch, fb:fb + nb].long().clamp(min=0)  # [B, nb]; an unmapped block reads block 0, unseen
-        if cpu:
-            rows = [[-1] * fb + r for r in ids.tolist()]  # free to read here
+    ids = None  # [B, nb] physical blocks, read from the table where the host's rows do not say
+    if rows is None or not all(len(r) >= fb + nb for r in rows[:batch]):
+        ids = block_table[:batch, fb:fb + nb].long().clamp(min=0)  # an unmapped block reads block 0, unseen
+        rows = [[-1] * fb + r for r in ids.tolist()] if cpu else None  # free to read here
     runs = _runs(rows, batch, fb, nb) if rows is not None else None
     if runs is None:
         mode = "dense"
@@ -129,20 +127,26 @@ def plan(block_table, cache_seqlens, cache_starts, cache_valid, batch: int, q_le
     else:  # exactly the span
         t0 = max(first, fb * bs)
         t1 = max(t0 + 1, min(span[1], (fb + nb) * bs))
+    # a PlugCache's rows hold `length` tokens each: a span ends with the new ones, written through its views
+    tail = mode == "spans" and length is not None and t1 == length + n_new and t1 - t0 >= n_new
     wflat = (_write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, sb, sh, rows, length)
-             if n_new else None)
+             if n_new and not tail else None)
     seen = _seen(cache_seqlens, cache_starts, cache_valid, batch, q_len, n_new, window, causal, t0, t1, length)
-    blind = ~seen.any(-1)  # [B, 1, L]
-    if cpu and not bool(blind.any()):  # free on the CPU: most calls have no blind query
-        blind = None
-    flat = bias = None
-    everything = cpu and bool(seen.all())  # free on the CPU: no slot to hide
+    blind = bias = flat = None
+    if seen is not None:
+        blind = ~seen.any(-1)  # [B, 1, L]
+        if cpu and not bool(blind.any()):  # free on the CPU: most calls have no blind query
+            blind = None
+        if cpu and bool(seen.all()):  # free on the CPU: no slot to hide
+            seen = None
     if mode == "dense":
+        if ids is None:
+            ids = torch.tensor([r[fb:fb + nb] for r in rows[:batch]], dtype=torch.long, device=device)
         # every slot of the row's blocks as a row of the storage, ordered [B, Hk, nb * bs]; then the span's
         at = (ids.view(batch, 1, nb, 1) * sb + (torch.arange(nheads_k, device=device) * sh).view(1, nheads_k, 1, 1)
               + torch.arange(bs, device=device))
         flat = at.view(batch, nheads_k, nb * bs)[:, :, t0 - fb * bs:t1 - fb * bs].reshape(-1)
-    if everything:
+    if seen is None:
         pass
     elif mode == "blocks":
         hidden = (~seen).reshape(batch, 1, q_len, nb, bs).permute(0, 3, 1, 2, 4)  # [B, nb, 1, L, BS]
@@ -154,10 +158,10 @@ def plan(block_table, cache_seqlens, cache_starts, cache_valid, batch: int, q_le
     spacing = None
     if runs is not None:
         step = runs[1] - runs[0] if batch > 1 else 0
-        if step >= 0 and all(r == runs[0] + b * step for b, r in enumerate(runs)):
+        if step >= 0 and runs == list(range(runs[0], runs[0] + batch * step, step) if step else [runs[0]] * batch):
             spacing = step
-    return Plan(batch, q_len, mode, fb, nb, t0, t1 - t0, runs, adjacent, spacing, ids.reshape(-1), flat, wflat, seen,
-                bias, None if blind is None else blind.unsqueeze(-1))
+    return Plan(batch, q_len, mode, fb, nb, t0, t1 - t0, runs, adjacent, spacing, flat, wflat, tail, bias,
+                None if blind is None else blind.unsqueeze(-1))
 
 
 def _write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, sb, sh, rows, length) -> torch.Tensor:
@@ -174,9 +178,16 @@ def _write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, sb, sh, 
 
 
 def _seen(cache_seqlens, cache_starts, cache_valid, batch, q_len, n_new, window, causal, t0, t1,
-          length) -> torch.Tensor:
-    """`[batch, 1, q_len, t1 - t0]` bool: which of slots [t0, t1) each query attends (`reference`'s rules)."""
+          length) -> torch.Tensor | None:
+    """`[batch, 1, q_len, t1 - t0]` bool: which of slots [t0, t1) each query attends (`reference`'s rules); None
+    when the host sees that every query attends every slot."""
     device = cache_starts.device
+    holes = cache_valid is not None and cache_valid.numel()
+    if length is not None and not holes and device.type == "cpu":
+        s = length + n_new - q_len  # the first query's slot
+        lo = s - window + 1 if window > 0 else t0
+        if lo <= t0 and (s if causal else length + n_new - 1) >= t1 - 1 and not bool(cache_starts[:batch].any()):
+            return None  # every query sees every slot (a decode step without padding): no tensor to build
     t = torch.arange(t0, t1, device=device)
     if length is None:
         lo, hi = query_ranges(cache_seqlens, cache_starts, batch, q_len, window, n_new, causal)
@@ -190,7 +201,7 @@ def _seen(cache_seqlens, cache_starts, cache_valid, batch, q_len, n_new, window,
             lo_t, hi_t = (torch.tensor(x, device=device).unsqueeze(-1) for x in (lo, hi))
             seen = seen & (t >= lo_t) & (t <= hi_t)  # [B, L, T]
         seen = seen.expand(batch, q_len, t1 - t0)
-    if cache_valid is not None and cache_valid.numel():
+    if holes:
         valid = cache_valid[:batch, t0:t1].bool()
         if valid.shape[1] < t1 - t0:  # slots past the valid map are never seen
             valid = torch.nn.functional.pad(valid, (0, t1 - t0 - valid.shape[1]))
@@ -202,7 +213,7 @@ def _runs(rows, batch: int, first: int, nb: int) -> list[int] | None:
     runs = []
     for row in rows[:batch]:
         part = row[first:first + nb]
-        if len(part) < nb or part[0] < 0 or any(part[i] != part[0] + i for i in range(1, nb)):
+        if len(part) < nb or part[0] < 0 or part != list(range(part[0], part[0] + nb)):
             return None
         runs.append(part[0])
     return runs
@@ -221,10 +232,8 @@ def write(k, v, k_cache, v_cache, k_scale, v_scale, p: Plan) -> None:
 
 
 def _blocks(buf: torch.Tensor, p: Plan) -> list[torch.Tensor]:
-    """The plan's blocks of `buf [num_blocks, ...]`: one `[batch * nb, ...]` tensor, or one `[nb, ...]` per row (a
-    view where the blocks are consecutive, else a copy)."""
-    if p.runs is None:
-        return [buf.index_select(0, p.ids)]
+    """The plan's blocks of `buf [num_blocks, ...]` (every row's consecutive): one `[batch * nb, ...]` view when the
+    rows' runs follow each other, else one `[nb, ...]` view per row."""
     if p.adjacent:
         return [buf[p.runs[0]:p.runs[0] + p.batch * p.nb]]
     return [buf[r:r + p.nb] for r in p.runs]
@@ -232,29 +241,49 @@ def _blocks(buf: torch.Tensor, p: Plan) -> list[torch.Tensor]:
 
 def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: float) -> torch.Tensor:
     """Write the new K/V (if any) and attend `q [B, L, nheads, D]` over the plan's slots: `[B, L, nheads, D]` in q's
-    dtype, with `reference.attend_with_kvcache_ref`'s semantics (fp32 arithmetic)."""
-    if p.wflat is not None:
-        write(k, v, k_cache, v_cache, k_scale, v_scale, p)
+    dtype, with `reference.attend_with_kvcache_ref`'s semantics (K/V in the model dtype attended in it, as SDPA
+    does; codes in fp32)."""
     kind = {torch.int8: "int8", torch.uint8: "int4"}.get(k_cache.dtype, "fp")
     if p.mode == "blocks":
+        if p.wflat is not None:
+            write(k, v, k_cache, v_cache, k_scale, v_scale, p)
         return _attend_blocks(q, k_cache, v_cache, k_scale, v_scale, p, softmax_scale, kind)
     read = _spans if p.mode == "spans" else _gathered
-    bufs = (k_cache, v_cache) + ((k_scale, v_scale) if kind != "fp" else (k_cache[:0], v_cache[:0]))
-    return _attend_rows(q, list(zip(*(read(buf, p) for buf in bufs))), p, softmax_scale, kind)
+    if p.wflat is not None:
+        write(k, v, k_cache, v_cache, k_scale, v_scale, p)
+    keys, values = read(k_cache, p), read(v_cache, p)
+    scales = (read(k_scale, p), read(v_scale, p)) if kind != "fp" else ([None] * len(keys),) * 2
+    if p.tail and k is not None and k.shape[1]:
+        _write_tail(k, v, keys, values, *scales, kind)
+    return _attend_rows(q, list(zip(keys, values, *scales)), p, softmax_scale, kind)
+
+
+def _write_tail(k, v, keys, values, k_scales, v_scales, kind: str) -> None:
+    """Write `k, v [B, n_new, nheads_k, D]` as the last n_new slots of the rows' spans (`Plan.tail`), through the
+    span views, quantized for int8 / int4 caches: the same bytes `write` stores, with no index to compute."""
+    n = k.shape[1]
+    codes, sc = (k.transpose(1, 2), v.transpose(1, 2)), None  # [B, Hk, n, D] each
+    if kind != "fp":  # K and V quantized in one pass
+        codes, sc = quantize(torch.stack(codes), keys[0].dtype)
+    b = 0
+    for kb, vb, ks, vs in zip(keys, values, k_scales, v_scales):
+        rows = kb.shape[0]
+        kb[:, :, -n:].copy_(codes[0][b:b + rows])
+        vb[:, :, -n:].copy_(codes[1][b:b + rows])
+        if sc is not None:
+            ks[:, :, -n:].copy_(sc[0][b:b + rows])
+            vs[:, :, -n:].copy_(sc[1][b:b + rows])
+        b += rows
 
 
 def _gathered(buf, p: Plan) -> list[torch.Tensor]:
     """The plan's slots of `buf` gathered into one `[B, Hk, slots, ...]` copy (one `index_select`), codes as codes."""
-    if not buf.numel():
-        return [None]
     return [_slot_rows(buf).index_select(0, p.flat).view(p.batch, buf.shape[1], p.slots, *buf.shape[3:])]
 
 
 def _spans(buf, p: Plan) -> list[torch.Tensor]:
     """The plan's span of each row of `buf` (heads first, the row's blocks consecutive) as `[b, Hk, slots, ...]`
     views where it lies: one for all rows when their runs are evenly spaced, else one per row."""
-    if not buf.numel():
-        return [None] * (1 if p.spacing is not None else len(p.runs))
     s0, s1, s2 = buf.stride()[:3]
     assert s0 == buf.shape[2] * s2, "spans need each head's blocks to follow one another (heads first)"
     tail, tail_strides = buf.shape[3:], buf.stride()[3:]
@@ -303,6 +332,9 @@ def _rows_pass(qh, parts, softmax_scale: float, kind: str, bias, blind, safe: bo
     """`qh [B, Hk, R, D]` over `parts` (`_attend_rows`): `[B, Hk, R, D]`. `safe`: the K and V of slots no query
     sees zeroed (their scores -inf)."""
     hidden = torch.isinf(bias) if safe else None  # [B, 1, R or 1, T]
+    if kind != "fp":  # row by row: each row's codes as floats stay in the CPU's caches between the two products
+        parts = [tuple(None if x is None else x[i:i + 1] for x in part) for part in parts
+                 for i in range(part[0].shape[0])]
     outs, b = [], 0
     for kb, vb, ks, vs in parts:
         n = kb.shape[0]
@@ -386,12 +418,12 @@ def _scores(qx, keys, ks, kind: str, head_dim: int, bias) -> torch.Tensor:
         half = head_dim // 2
         kp = ks.float()  # [..., T, 4]: scale and minimum of each half
         q_lo, q_hi = qx[..., :half], qx[..., half:]
-        s = torch.matmul(q_lo, (keys & 15).float().transpose(-1, -2)).mul_(kp[..., None, :, 0])
-        s.addcmul_(torch.matmul(q_hi, (keys >> 4).float().transpose(-1, -2)), kp[..., None, :, 2])
+        s = torch.matmul(q_lo, _floats(keys & 15).transpose(-1, -2)).mul_(kp[..., None, :, 0])
+        s.addcmul_(torch.matmul(q_hi, _floats(keys >> 4).transpose(-1, -2)), kp[..., None, :, 2])
         s.addcmul_(q_lo.sum(-1, keepdim=True), kp[..., None, :, 1])  # the minima's terms
         s.addcmul_(q_hi.sum(-1, keepdim=True), kp[..., None, :, 3])
     elif kind == "int8":
-        s = torch.matmul(qx, keys.to(qx.dtype).transpose(-1, -2)).mul_(ks.unsqueeze(-2))
+        s = torch.matmul(qx, _floats(keys).transpose(-1, -2)).mul_(ks.unsqueeze(-2))
     elif bias is not None and qx.dim() == 3:
         return torch.baddbmm(bias, qx, keys.to(qx.dtype).transpose(1, 2))
     else:
@@ -419,15 +451,21 @@ def _attend_values(probs, v_cache, v_scale, p: Plan, kind: str, batch: int, nhea
     return out.view(batch, p.nb, nheads_k, rows, head_dim).sum(1)
 
 
+def _floats(codes: torch.Tensor) -> torch.Tensor:
+    """Codes as fp32, contiguous (a span view's copy would otherwise keep its heads-first order, which a batched
+    product copies once more)."""
+    return codes.to(torch.float32, memory_format=torch.contiguous_format)
+
+
 def _values(pr, vals, vs, kind: str) -> torch.Tensor:
     """`pr [..., R, T] @ vals [..., T, Dc]` with V's scales: `[..., R, D]`."""
     if kind == "int4":
         vp = vs.float()  # [..., T, 4]
-        lo = torch.matmul(pr * vp[..., None, :, 0], (vals & 15).float()) + torch.matmul(pr, vp[..., 1:2])
-        hi = torch.matmul(pr * vp[..., None, :, 2], (vals >> 4).float()) + torch.matmul(pr, vp[..., 3:4])
+        lo = torch.matmul(pr * vp[..., None, :, 0], _floats(vals & 15)) + torch.matmul(pr, vp[..., 1:2])
+        hi = torch.matmul(pr * vp[..., None, :, 2], _floats(vals >> 4)) + torch.matmul(pr, vp[..., 3:4])
         return torch.cat([lo, hi], dim=-1)
     if kind == "int8":
-        return torch.matmul(pr * vs.unsqueeze(-2), vals.float())
+        return torch.matmul(pr * vs.unsqueeze(-2), _floats(vals))
     return torch.matmul(pr, vals.to(pr.dtype))
 
 
