@@ -233,7 +233,7 @@ def attend_with_kvcache(
     if q.device.type == "cpu":
         if compiling:
             return torch.ops.hf_kvplug.attend_with_kvcache_ref(*args)
-        if choice == "torch" and k.shape[1] in (0, q.shape[1]):
+        if choice == "torch" and k.shape[1] in (0, q.shape[1]) and all(map(torchpath.paged_layout, (k_cache, v_cache))):
             return torchpath.attend(*args[:7], _cpu_plan(*args[:11], window, causal), softmax_scale)
         return _attend_ref_bounded(*args)  # eager: skip the op dispatcher's overhead, same function
     # Reference forced on an accelerator: plain torch ops over the whole row with a mask (no host sync).

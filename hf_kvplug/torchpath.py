@@ -82,15 +82,24 @@ def slot_strides(buf: torch.Tensor) -> tuple[int, int]:
     return buf.stride(0) // buf.stride(2), buf.stride(1) // buf.stride(2)
 
 
-def _slot_rows(buf: torch.Tensor) -> torch.Tensor:
-    """The buffer's storage as one row per slot, `[num_blocks * nheads_k * block_size, ...]` (a view; slot t of
-    block i, head h is row `i * sb + h * sh + t` for `slot_strides`). Either layout; anything else is refused."""
+def paged_layout(buf: torch.Tensor) -> bool:
+    """Whether `buf [num_blocks, nheads_k, block_size, ...]` is stored in a layout this path reads and writes:
+    contiguous blocks first (the kernels') or heads first (a PlugCache's on this path). Other views (say
+    flash-attention's `[blocks, block_size, nheads_k, D]` transposed) go to the reference."""
     n, hk, bs, *tail = buf.shape
     row = math.prod(tail)
     inner = tuple(math.prod(tail[i + 1:]) for i in range(len(tail)))  # a slot's values, contiguous
-    if buf.stride() not in ((hk * bs * row, bs * row, row, *inner), (bs * row, n * bs * row, row, *inner)):
+    return buf.stride() in ((hk * bs * row, bs * row, row, *inner), (bs * row, n * bs * row, row, *inner))
+
+
+def _slot_rows(buf: torch.Tensor) -> torch.Tensor:
+    """The buffer's storage as one row per slot, `[num_blocks * nheads_k * block_size, ...]` (a view; slot t of
+    block i, head h is row `i * sb + h * sh + t` for `slot_strides`). Either `paged_layout`; anything else is
+    refused."""
+    if not paged_layout(buf):
         raise ValueError(f"a paged buffer must be contiguous, blocks first or heads first (strides {buf.stride()})")
-    return buf.as_strided((n * hk * bs, *tail), (row, *inner))
+    n, hk, bs, *tail = buf.shape
+    return buf.as_strided((n * hk * bs, *tail), (buf.stride(2), *buf.stride()[3:]))
 
 
 def plan(block_table, cache_seqlens, cache_starts, cache_valid, batch: int, q_len: int, n_new: int, window: int,
@@ -185,7 +194,7 @@ def _seen(cache_seqlens, cache_starts, cache_valid, batch, q_len, n_new, window,
     holes = cache_valid is not None and cache_valid.numel()
     if length is not None and not holes and device.type == "cpu":
         s = length + n_new - q_len  # the first query's slot
-        lo = s - window + 1 if window > 0 else t0
+        lo = s + q_len - window if window > 0 else t0  # the last query's window starts last
         if lo <= t0 and (s if causal else length + n_new - 1) >= t1 - 1 and not bool(cache_starts[:batch].any()):
             return None  # every query sees every slot (a decode step without padding): no tensor to build
     t = torch.arange(t0, t1, device=device)
@@ -255,7 +264,10 @@ def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: 
     scales = (read(k_scale, p), read(v_scale, p)) if kind != "fp" else ([None] * len(keys),) * 2
     if p.tail and k is not None and k.shape[1]:
         _write_tail(k, v, keys, values, *scales, kind)
-    return _attend_rows(q, list(zip(keys, values, *scales)), p, softmax_scale, kind)
+    parts = list(zip(keys, values, *scales))
+    if torch.is_grad_enabled() and q.requires_grad:  # autograd keeps what it reads: copies, not views of the pool
+        parts = [tuple(None if x is None else x.clone() for x in part) for part in parts]  # (written next step)
+    return _attend_rows(q, parts, p, softmax_scale, kind)
 
 
 def _write_tail(k, v, keys, values, k_scales, v_scales, kind: str) -> None:
@@ -472,4 +484,4 @@ def _values(pr, vals, vs, kind: str) -> torch.Tensor:
 def _finite(out: torch.Tensor) -> bool:
     """Whether every output is finite: one reduction read on the CPU (free there); elsewhere assumed not, so the
     hidden slots are always zeroed (no device read)."""
-    return out.device.type == "cpu" and math.isfinite(out.sum().item())
+    return out.device.type == "cpu" and math.isfinite(out.sum(dtype=torch.float32).item())  # (fp16 would overflow)

@@ -55,7 +55,7 @@ def _cache(batch, nheads_k, head_dim, block_size, max_blocks, dtype, kv, layout,
 
 CASES = list(itertools.product(
     [torch.float32, torch.bfloat16, torch.float16], [None, "int8", "int4"], ["runs", "adjacent", "shuffled", "shared"],
-    [(1, 0, True), (3, 0, True), (1, 5, True), (4, 6, True), (3, 0, False), (0, 0, True)]))
+    [(1, 0, True), (3, 0, True), (1, 5, True), (4, 6, True), (3, 0, False), (3, 5, False), (0, 0, True)]))
 
 
 @pytest.mark.parametrize("path", ["dense", "blocks", "heads-first"])
@@ -165,3 +165,51 @@ def test_ops_dispatch_takes_the_fast_path_on_the_cpu(monkeypatch):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="no cache slot"):  # a new token without a slot: raised before any write
         ops.attend_with_kvcache(q, k, v, *mine, torch.tensor([5, 16], dtype=torch.int32), starts, 0.4)
+
+
+def test_buffers_in_another_layout_go_to_the_reference():
+    """flash-attention's paged layout `[blocks, block_size, nheads_k, D]`, viewed `[blocks, nheads_k, block_size, D]`
+    (what `hf_kvplug.flash` passes): neither layout the fast path indexes, so `ops` runs the reference (writes
+    included) and gives its result."""
+    g = torch.Generator().manual_seed(5)
+    flash = [torch.randn(6, 4, 2, 8, generator=g) for _ in range(2)]
+    table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+    lengths, starts = torch.tensor([5, 7], dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+    q, k, v = torch.randn(2, 1, 4, 8, generator=g), torch.randn(2, 1, 2, 8, generator=g), torch.randn(2, 1, 2, 8,
+                                                                                                     generator=g)
+    empty = torch.empty(0)
+    mine, ref = [t.clone() for t in flash], [t.clone() for t in flash]
+    assert not torchpath.paged_layout(mine[0].transpose(1, 2))
+    got = ops.attend_with_kvcache(q, k, v, *(t.transpose(1, 2) for t in mine), empty, empty, table, lengths, starts,
+                                  0.4)
+    want = ops.attend_with_kvcache(q, k, v, *(t.transpose(1, 2) for t in ref), empty, empty, table, lengths,
+                                   starts, 0.4, backend="reference")
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(mine, ref))
+
+
+@pytest.mark.parametrize("kv", [None, "int8"])
+def test_a_step_with_grad_survives_the_next_write(kv):
+    """A decode step run with grad keeps copies of what it read, not views of the pool: the next step's write (in
+    place) leaves its backward intact, and the gradient is the reference's."""
+    batch, nheads, nheads_k, head_dim, bs, max_blocks = 2, 4, 2, 8, 4, 5
+    lengths, starts = torch.full((batch,), 9, dtype=torch.int32), torch.zeros(batch, dtype=torch.int32)
+    grads = []
+    for fast in (True, False):
+        bufs = _cache(batch, nheads_k, head_dim, bs, max_blocks, torch.float32, kv, "runs", 2, heads_first=True)
+        g = torch.Generator().manual_seed(1)
+        q = torch.randn(batch, 1, nheads, head_dim, generator=g).requires_grad_()
+        k, v = (torch.randn(batch, 1, nheads_k, head_dim, generator=g) for _ in range(2))
+        if fast:
+            plan = torchpath.plan(bufs[4], lengths, starts, None, batch, 1, 1, 0, True, bs, nheads_k, (0, 10),
+                                  rows=bufs[4].tolist(), length=9, strides=torchpath.slot_strides(bufs[0]))
+            assert plan.mode == "spans" and plan.tail
+            out = torchpath.attend(q, k, v, *bufs[:4], plan, 0.5)
+        else:
+            out = attend_with_kvcache_ref(q, k, v, *bufs[:5], lengths, starts, torch.empty(0, dtype=torch.uint8),
+                                          torch.zeros(1, dtype=torch.int32), 0.5)
+        for buf in bufs[:2]:  # the next step writes the pool in place
+            buf[:, :, -1].fill_(3)
+        out.square().sum().backward()
+        grads.append(q.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
