@@ -33,6 +33,8 @@ from .reference import quantize, query_ranges
 # where per-op overhead outweighs the copy. Beyond it, rows whose blocks are consecutive are read where they lie.
 DENSE_SLOTS = 1024
 
+KINDS = {torch.int8: "int8", torch.uint8: "int4"}  # storage dtype -> codes (else K/V in the model dtype)
+
 
 class Plan(NamedTuple):
     """Where one call on a paged cache reads and writes, for rows < `batch` and `q_len` queries.
@@ -252,7 +254,7 @@ def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: 
     """Write the new K/V (if any) and attend `q [B, L, nheads, D]` over the plan's slots: `[B, L, nheads, D]` in q's
     dtype, with `reference.attend_with_kvcache_ref`'s semantics (K/V in the model dtype attended in it, as SDPA
     does; codes in fp32)."""
-    kind = {torch.int8: "int8", torch.uint8: "int4"}.get(k_cache.dtype, "fp")
+    kind = KINDS.get(k_cache.dtype, "fp")
     if p.mode == "blocks":
         if p.wflat is not None:
             write(k, v, k_cache, v_cache, k_scale, v_scale, p)
@@ -323,8 +325,11 @@ def _attend_rows(q, parts, p: Plan, softmax_scale: float, kind: str) -> torch.Te
     group = nheads // nheads_k
     rows = group * q_len
     ct = q.dtype if kind == "fp" else torch.float32
-    qh = q.view(batch, q_len, nheads_k, group, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, nheads_k, rows,
-                                                                                       head_dim).to(ct)
+    if q_len == 1:  # a decode step: [B, 1, nheads, D] is already [B, Hk, group, D]
+        qh = q.reshape(batch, nheads_k, group, head_dim).to(ct)
+    else:
+        qh = q.view(batch, q_len, nheads_k, group, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, nheads_k, rows,
+                                                                                           head_dim).to(ct)
     bias = p.bias  # [B, 1, L, T], the same for every query of a group
     if bias is not None:
         bias = bias.to(ct)
@@ -336,7 +341,8 @@ def _attend_rows(q, parts, p: Plan, softmax_scale: float, kind: str) -> torch.Te
     if bias is not None and not _finite(out):
         # a slot no query sees held NaN / Inf (an earlier request's): again, with its K and V zeroed, as the reference
         out = _rows_pass(qh, parts, softmax_scale, kind, bias, blind, True)
-    out = out.view(batch, nheads_k, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
+    if q_len > 1:
+        out = out.view(batch, nheads_k, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(batch, q_len, nheads, head_dim).to(q.dtype)
 
 
