@@ -165,12 +165,12 @@ def plan(block_table, cache_seqlens, cache_starts, cache_valid, batch: int, q_le
         bias = bias.view(batch * nb * nheads_k, q_len, bs)
     else:
         bias = torch.zeros(seen.shape, device=device).masked_fill_(~seen, float("-inf"))
-    adjacent = runs is not None and all(r == runs[0] + b * nb for b, r in enumerate(runs))
     spacing = None
     if runs is not None:
         step = runs[1] - runs[0] if batch > 1 else 0
         if step >= 0 and runs == list(range(runs[0], runs[0] + batch * step, step) if step else [runs[0]] * batch):
             spacing = step
+    adjacent = runs is not None and (batch == 1 or spacing == nb)  # runs one after another: spaced by a run
     return Plan(batch, q_len, mode, fb, nb, t0, t1 - t0, runs, adjacent, spacing, flat, wflat, tail, bias,
                 None if blind is None else blind.unsqueeze(-1))
 
