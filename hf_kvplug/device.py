@@ -19,9 +19,10 @@ class DeviceState:
         of layers (None: layers that keep max_cache_len; a ring size: sliding-window layers, the ring repeated).
     starts: `[max_batch]` int32, the first slot each row may attend. valid: `[max_batch, max_cache_len]` uint8, 0 where
         the recorded mask hides a slot (read only when the mask has holes). status: `[1]` int32, set by a write that
-        found no slot. rotation: `[head_dim, head_dim]` in the model dtype, the R by which a quantized cache's layers
-        rotate keys before storing them and queries before attending (`hf_kvplug.rotation`), or None;
-        `R R^T = rotation_gain I`.
+        found no slot. lead_free: on the host, True when no row starts past slot 0 (every `starts` is 0), so a
+        forward need not read them; False when some may.
+    rotation: `[head_dim, head_dim]` in the model dtype, the R by which a quantized cache's layers rotate keys before
+        storing them and queries before attending (`hf_kvplug.rotation`), or None; `R R^T = rotation_gain I`.
     """
 
     def __init__(self, groups, max_batch_size: int, max_blocks: int, max_cache_len: int, device: torch.device,
@@ -32,6 +33,7 @@ class DeviceState:
         self.block_tables = {ring: torch.full((max_batch_size, max_blocks), -1, dtype=torch.int32, device=device)
                              for ring in groups}
         self.starts = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
+        self.lead_free = True
         self.valid = torch.ones((max_batch_size, max_cache_len), dtype=torch.uint8, device=device)
         self.status = torch.zeros(1, dtype=torch.int32, device=device)
         self.no_valid = torch.empty(0, dtype=torch.uint8, device=device)  # what the kernels get when nothing has holes
@@ -67,6 +69,7 @@ class DeviceState:
         other.device = self.device
         other.block_tables = {ring: t.clone() for ring, t in self.block_tables.items()}
         other.starts, other.valid, other.status = self.starts.clone(), self.valid.clone(), self.status.clone()
+        other.lead_free = self.lead_free
         other.no_valid = self.no_valid.clone()
         other.rotation = None if self.rotation is None else self.rotation.clone()
         other.rotation_gain = self.rotation_gain
@@ -77,6 +80,7 @@ class DeviceState:
     def copy_from(self, other: "DeviceState") -> None:
         """Take `other`'s row bounds (starts, slot mask); the tables follow the host's."""
         self.starts.copy_(other.starts)
+        self.lead_free = other.lead_free
         self.valid.copy_(other.valid)
 
     def load_table(self, ring, dense: torch.Tensor) -> None:
@@ -86,14 +90,23 @@ class DeviceState:
         """Rows < batch start where `mask` says (slot 0 without one); a mask with holes is copied into the slot
         mask, every later slot marked visible when `mask.visible_after`."""
         if mask.lead is None:
-            self.starts[:batch].zero_()
+            if not self.lead_free:
+                self.starts[:batch].zero_()
+                self.lead_free = batch >= self.starts.shape[0]  # (rows past the batch keep theirs)
             return
-        self.starts[:batch].copy_(mask.lead)
+        self.load_starts(batch, mask.lead)
         if mask.slots is not None:
             total = mask.slots.shape[1]
             self.valid[:batch, :total].copy_(mask.slots)
             if mask.visible_after:
                 self.valid[:batch, total:].fill_(1)
+
+    def load_starts(self, batch: int, lead: torch.Tensor) -> None:
+        """Rows < batch start at `lead [batch]` int32."""
+        self.starts[:batch].copy_(lead)
+        # (rows past the batch keep theirs) read where that is free: on the CPU, outside a compiled graph
+        self.lead_free = ((self.lead_free or batch >= self.starts.shape[0]) and lead.device.type == "cpu"
+                          and not torch.compiler.is_compiling() and not bool(lead.any()))
 
     def select(self, index: list[int], holes: bool) -> None:
         """Row b takes row index[b]'s bounds (beam reorder, batch select / repeat)."""
@@ -104,6 +117,7 @@ class DeviceState:
 
     def reset(self) -> None:
         self.starts.zero_()
+        self.lead_free = True
         self.valid.fill_(1)
         self.status.zero_()
 

@@ -61,20 +61,23 @@ class ForwardHost:
             reserve = max(length + q_len, hints.get("reserve", 0))
             share = hints.get("share", 1)
             share = share if fresh and share > 1 and batch % share == 0 and q_len > 0 else 1
-            if share == 1:  # all or nothing: every group's pool has room before anything changes (a fresh cache
-                self.paging.check_room(batch, length, length + q_len, reserve)  # sharing a prompt: rows it maps)
-            if fresh:
-                self.linear.begin(batch)
-            if attention_mask is not KEEP_MASK:
+            # all or nothing: every group's pool has room before anything changes (one group's `prepare` checks that
+            # by itself; a fresh cache sharing a prompt maps only its rows)
+            if share == 1 and len(self.paging.tables) > 1:
+                self.paging.check_room(batch, length, length + q_len, reserve)
+            mask = None
+            if attention_mask is not KEEP_MASK:  # read (raising on a bad mask) before anything changes
                 mask = read_mask(attention_mask, batch, length + q_len, q_len, from_generate, first_step, fresh)
-                if mask is not None:
-                    for dev in self.device_states.values():
-                        dev.record(batch, mask)
-                    self.state.mask_recorded(mask.holes)
             try:
                 leaders = self.paging.prepare(batch, length, length + q_len, reserve, share, self._copy_blocks)
             finally:
                 self._sync_tables()  # the device tables always match the host's
+            if fresh:
+                self.linear.begin(batch)
+            if mask is not None:
+                for dev in self.device_states.values():
+                    dev.record(batch, mask)
+                self.state.mask_recorded(mask.holes)
             self._plan(batch, length, q_len)
             self.state.prepare(batch, q_len, leaders)
 
@@ -95,7 +98,7 @@ class ForwardHost:
                 batch, q_len, q_len, key[1], True, self.config.block_size, self.config.nheads_k,
                 (first, length + q_len), length=length,
                 rows=self.paging.tables[None].rows if layer.ring is None else None,  # a ring's repeat on the device
-                strides=torchpath.slot_strides(layer.kv.k))
+                strides=torchpath.slot_strides(layer.kv.k), lead_free=layer.dev.lead_free)
 
     def reuse_prefix(self, ids: torch.Tensor, mask: torch.Tensor | None, expand: int) -> int:
         """Before a generate() call into an empty cache (prefix caching): map the longest prefix of full blocks every

@@ -284,7 +284,8 @@ class PlugLayer(CacheLayerMixin):
 
     def _advance(self, batch: int, q_len: int) -> None:
         """This layer's part of the forward is done: its rows hold `q_len` more tokens."""
-        self.cache_seqlens[:batch].add_(q_len)
+        seqlens = self.cache_seqlens
+        (seqlens if batch == seqlens.shape[0] else seqlens[:batch]).add_(q_len)
         self.fresh = False
         self.state.layer_done(self.is_last)
 

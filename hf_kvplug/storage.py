@@ -154,7 +154,7 @@ def load_cache(cls, path, model_or_config, **kwargs):
         layer.cache_seqlens[:batch].copy_(tensors["seqlens"][n])
         layer.fresh = meta["fresh"]
     for dev in cache.device_states.values():
-        dev.starts[:batch].copy_(tensors["starts"])
+        dev.load_starts(batch, tensors["starts"])
         if meta["holes"]:
             dev.valid[:batch, :length].copy_(tensors["valid"])
     # top: how far the rings were written (a crop may not reach below it - ring)

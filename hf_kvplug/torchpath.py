@@ -107,14 +107,15 @@ def _slot_rows(buf: torch.Tensor) -> torch.Tensor:
 def plan(block_table, cache_seqlens, cache_starts, cache_valid, batch: int, q_len: int, n_new: int, window: int,
          causal: bool, block_size: int, nheads_k: int, span: tuple[int, int],
          rows: list[list[int]] | None = None, length: int | None = None,
-         strides: tuple[int, int] | None = None) -> Plan:
+         strides: tuple[int, int] | None = None, lead_free: bool = False) -> Plan:
     """The plan of a call whose queries see slots within `span = (first, end)`: host-known bounds, the first slot any
     query may see and one past the row's last token. `strides`: the buffers' `slot_strides` (default blocks first).
     What the host knows makes it cheaper: `rows`, its copy of the table's rows (logical block i of row b is
     rows[b][i]; a PlugCache's paging), says which rows are consecutive and where new tokens go; `length`, the tokens
-    every row holds before the call (a PlugCache's rows hold the same count), gives the queries' slots. Without them
-    the CPU reads the tensors (free there). Every new token must have a mapped slot (the caller made sure: the cache
-    maps them before the forward; on the CPU `ops` checks first)."""
+    every row holds before the call (a PlugCache's rows hold the same count), gives the queries' slots; `lead_free`,
+    that every `cache_starts` is 0 (`DeviceState.lead_free`). Without them the CPU reads the tensors (free there).
+    Every new token must have a mapped slot (the caller made sure: the cache maps them before the forward; on the
+    CPU `ops` checks first)."""
     device, bs = block_table.device, block_size
     cpu = device.type == "cpu"
     sb, sh = strides if strides is not None else (nheads_k * bs, bs)
@@ -142,7 +143,8 @@ def plan(block_table, cache_seqlens, cache_starts, cache_valid, batch: int, q_le
     tail = mode == "spans" and length is not None and t1 == length + n_new and t1 - t0 >= n_new
     wflat = (_write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, sb, sh, rows, length)
              if n_new and not tail else None)
-    seen = _seen(cache_seqlens, cache_starts, cache_valid, batch, q_len, n_new, window, causal, t0, t1, length)
+    seen = _seen(cache_seqlens, cache_starts, cache_valid, batch, q_len, n_new, window, causal, t0, t1, length,
+                 lead_free)
     blind = bias = flat = None
     if seen is not None:
         blind = ~seen.any(-1)  # [B, 1, L]
@@ -189,7 +191,7 @@ def _write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, sb, sh, 
 
 
 def _seen(cache_seqlens, cache_starts, cache_valid, batch, q_len, n_new, window, causal, t0, t1,
-          length) -> torch.Tensor | None:
+          length, lead_free: bool = False) -> torch.Tensor | None:
     """`[batch, 1, q_len, t1 - t0]` bool: which of slots [t0, t1) each query attends (`reference`'s rules); None
     when the host sees that every query attends every slot."""
     device = cache_starts.device
@@ -197,7 +199,8 @@ def _seen(cache_seqlens, cache_starts, cache_valid, batch, q_len, n_new, window,
     if length is not None and not holes and device.type == "cpu":
         s = length + n_new - q_len  # the first query's slot
         lo = s + q_len - window if window > 0 else t0  # the last query's window starts last
-        if lo <= t0 and (s if causal else length + n_new - 1) >= t1 - 1 and not bool(cache_starts[:batch].any()):
+        if (lo <= t0 and (s if causal else length + n_new - 1) >= t1 - 1
+                and (lead_free or not bool(cache_starts[:batch].any()))):
             return None  # every query sees every slot (a decode step without padding): no tensor to build
     t = torch.arange(t0, t1, device=device)
     if length is None:
@@ -276,18 +279,23 @@ def _write_tail(k, v, keys, values, k_scales, v_scales, kind: str) -> None:
     """Write `k, v [B, n_new, nheads_k, D]` as the last n_new slots of the rows' spans (`Plan.tail`), through the
     span views, quantized for int8 / int4 caches: the same bytes `write` stores, with no index to compute."""
     n = k.shape[1]
-    codes, sc = (k.transpose(1, 2), v.transpose(1, 2)), None  # [B, Hk, n, D] each
+    new, sc = (k, v), None
     if kind != "fp":  # K and V quantized in one pass
-        codes, sc = quantize(torch.stack(codes), keys[0].dtype)
-    b = 0
+        new, sc = quantize(torch.stack(new), keys[0].dtype)
+    b, whole = 0, len(keys) == 1
     for kb, vb, ks, vs in zip(keys, values, k_scales, v_scales):
         rows = kb.shape[0]
-        kb[:, :, -n:].copy_(codes[0][b:b + rows])
-        vb[:, :, -n:].copy_(codes[1][b:b + rows])
-        if sc is not None:
-            ks[:, :, -n:].copy_(sc[0][b:b + rows])
-            vs[:, :, -n:].copy_(sc[1][b:b + rows])
+        for buf, part in ((kb, new[0]), (vb, new[1])) + (((ks, sc[0]), (vs, sc[1])) if sc is not None else ()):
+            _last(buf, n).copy_(part if whole else part[b:b + rows])
         b += rows
+
+
+def _last(view: torch.Tensor, n: int) -> torch.Tensor:
+    """The last `n` slots of a span view `[b, Hk, slots, ...]`, as `[b, n, Hk, ...]` (the new tokens' order): one
+    view, so a write needs no transpose or slices."""
+    st = view.stride()
+    return view.as_strided((view.shape[0], n, view.shape[1], *view.shape[3:]), (st[0], st[2], st[1], *st[3:]),
+                           view.storage_offset() + (view.shape[2] - n) * st[2])
 
 
 def _gathered(buf, p: Plan) -> list[torch.Tensor]:
@@ -353,10 +361,11 @@ def _rows_pass(qh, parts, softmax_scale: float, kind: str, bias, blind, safe: bo
     if kind != "fp":  # row by row: each row's codes as floats stay in the CPU's caches between the two products
         parts = [tuple(None if x is None else x[i:i + 1] for x in part) for part in parts
                  for i in range(part[0].shape[0])]
-    outs, b = [], 0
+    outs, b, whole = [], 0, len(parts) == 1
     for kb, vb, ks, vs in parts:
         n = kb.shape[0]
-        bn = None if bias is None else bias[b:b + n]
+        qb = qh if whole else qh[b:b + n]
+        bn = bias if bias is None or whole else bias[b:b + n]
         if hidden is not None:
             unseen = hidden[b:b + n].all(2).unsqueeze(-1)  # [n, 1, T, 1]: no query sees it
             kb, vb = kb.masked_fill(unseen, 0), vb.masked_fill(unseen, 0)
@@ -364,9 +373,9 @@ def _rows_pass(qh, parts, softmax_scale: float, kind: str, bias, blind, safe: bo
                       for x in (ks, vs))
         if kind == "fp":
             outs.append(torch.nn.functional.scaled_dot_product_attention(
-                qh[b:b + n], kb.to(qh.dtype), vb.to(qh.dtype), attn_mask=bn, scale=softmax_scale))
+                qb, kb.to(qb.dtype), vb.to(qb.dtype), attn_mask=bn, scale=softmax_scale))
         else:
-            scores = _scores(qh[b:b + n] * softmax_scale, kb, ks, kind, qh.shape[-1], bn)  # [n, Hk, R, T]
+            scores = _scores(qb * softmax_scale, kb, ks, kind, qh.shape[-1], bn)  # [n, Hk, R, T]
             if hidden is not None:
                 scores.masked_fill_(hidden[b:b + n], float("-inf"))
             outs.append(_values(torch.softmax(scores, -1), vb, vs, kind))

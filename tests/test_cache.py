@@ -225,3 +225,28 @@ def test_activate_past_recording_with_its_keywords(filled):
     cache.activate_past_recording(recurrent_states_to_keep=3, a_keyword_from_the_future=True)
     cache.crop(-2)
     assert cache.get_seq_length() == 19
+
+
+def test_lead_free_is_true_only_when_no_row_starts_late():
+    """`DeviceState.lead_free` lets a forward skip reading the row starts: whatever recorded them, it is never True
+    while some row starts past slot 0."""
+    from hf_kvplug.device import NO_MASK, DeviceState, read_mask
+    dev = DeviceState([None], 4, 8, 32, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+
+    def padded(batch):
+        mask = torch.ones(batch, 12, dtype=torch.long)
+        mask[0, :int(torch.randint(0, 3, (1,), generator=gen))] = 0
+        return read_mask(mask, batch, 12, 12, False, True, True)
+
+    steps = [lambda: dev.record(3, padded(3)), lambda: dev.record(4, padded(4)), lambda: dev.record(2, NO_MASK),
+             lambda: dev.record(4, NO_MASK), lambda: dev.select([2, 0, 1], False), lambda: dev.select([1, 1], False),
+             lambda: dev.load_starts(2, torch.tensor([0, 0], dtype=torch.int32)),
+             lambda: dev.load_starts(4, torch.tensor([0, 1, 0, 0], dtype=torch.int32)), dev.reset,
+             lambda: dev.copy_from(dev.clone())]
+    seen = set()
+    for i in torch.randint(0, len(steps), (400,), generator=gen).tolist():
+        steps[i]()
+        seen.add(dev.lead_free)
+        assert not dev.lead_free or not dev.starts.any(), f"step {i}: lead_free with starts {dev.starts.tolist()}"
+    assert seen == {True, False}
