@@ -117,6 +117,12 @@ class PlugCache(ForwardHost, DynamicCache):
                   for i, kind in enumerate(config.layer_kinds)]
         Cache.__init__(self, layers=layers)  # DynamicCache's own __init__ would build growing layers
         self.attn_layers = [layer for layer in layers if isinstance(layer, PlugLayer)]
+        # the PyTorch path plans each forward once per device and (ring, window), from one layer of each group
+        groups: dict = {}
+        for layer in self.attn_layers:
+            if layer.backend == "torch":
+                groups.setdefault((layer.device, layer.ring, layer.window or 0), layer)
+        self.plan_layers = list(groups.values())
         self.linear = LinearLayers(self._hf_config, config.layer_kinds, self.layers)
         self.linear_layers = self.linear.indices
         self._generate: dict | None = None  # hints of the generate() call under way: reserve, share, recording

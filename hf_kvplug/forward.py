@@ -86,11 +86,11 @@ class ForwardHost:
         (ring, window), built once here from what the host knows and shared by every layer with that key."""
         for dev in self.device_states.values():
             dev.plans = {}
-        if not q_len or self.attn_layers[0].fresh:
+        if not q_len or not self.plan_layers or self.attn_layers[0].fresh:
             return
-        for layer in self.attn_layers:
+        for layer in self.plan_layers:
             key = (layer.ring, layer.window or 0)
-            if layer.backend != "torch" or key in layer.dev.plans or q_len > (layer.chunk if layer.ring else q_len):
+            if q_len > (layer.chunk if layer.ring else q_len):
                 continue
             first = max(0, length - layer.window + 1) if layer.window else 0
             layer.dev.plans[key] = torchpath.plan(

@@ -257,6 +257,9 @@ def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: 
     """Write the new K/V (if any) and attend `q [B, L, nheads, D]` over the plan's slots: `[B, L, nheads, D]` in q's
     dtype, with `reference.attend_with_kvcache_ref`'s semantics (K/V in the model dtype attended in it, as SDPA
     does; codes in fp32)."""
+    if (p.tail and p.spacing is not None and p.bias is None and p.blind is None and q.shape[1] == 1
+            and k_cache.dtype == q.dtype and k is not None and not (torch.is_grad_enabled() and q.requires_grad)):
+        return _decode_step(q, k, v, k_cache, v_cache, p, softmax_scale)
     kind = KINDS.get(k_cache.dtype, "fp")
     if p.mode == "blocks":
         if p.wflat is not None:
@@ -273,6 +276,26 @@ def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: 
     if torch.is_grad_enabled() and q.requires_grad:  # autograd keeps what it reads: copies, not views of the pool
         parts = [tuple(None if x is None else x.clone() for x in part) for part in parts]  # (written next step)
     return _attend_rows(q, parts, p, softmax_scale, kind)
+
+
+def _decode_step(q, k, v, k_cache, v_cache, p: Plan, softmax_scale: float) -> torch.Tensor:
+    """`attend` for the step a PlugCache decodes most (what `_spans`, `_write_tail` and `_attend_rows` do for it, in
+    one frame, the same ops on the same views, so the same bits): one query per row, K/V in its dtype, every row's
+    span one strided view (`p.spacing`) ending with the new token (`p.tail`), every slot seen (no bias or blind
+    query)."""
+    batch, _, nheads, head_dim = q.shape
+    nheads_k, block_size = k_cache.shape[1], k_cache.shape[2]
+    s0, s1, s2 = k_cache.stride()[:3]  # heads first; the V pool's alike
+    step, skip = p.spacing * s0, p.runs[0] * s0 + (p.t0 - p.fb * block_size) * s2
+    new = skip + (p.slots - k.shape[1]) * s2  # the new tokens' first slot, viewed in their order [B, n, Hk, D]
+    views = []
+    for buf, x in ((k_cache, k), (v_cache, v)):
+        at = buf.storage_offset()
+        buf.as_strided(x.shape, (step, s2, s1, 1), at + new).copy_(x)
+        views.append(buf.as_strided((batch, nheads_k, p.slots, head_dim), (step, s1, s2, 1), at + skip))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(batch, nheads_k, nheads // nheads_k, head_dim), *views, scale=softmax_scale)
+    return out.reshape(batch, 1, nheads, head_dim)
 
 
 def _write_tail(k, v, keys, values, k_scales, v_scales, kind: str) -> None:

@@ -213,3 +213,34 @@ def test_a_step_with_grad_survives_the_next_write(kv):
         out.square().sum().backward()
         grads.append(q.grad)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["runs", "adjacent"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_decode_step_lane_is_the_general_path(dtype, layout):
+    """The step a PlugCache decodes most (one query a row, K/V in the model dtype, each row's span a view ending with
+    its new token, every slot seen) runs in one frame (`_decode_step`): the same bytes written and the same output
+    bits as the general path (`_spans`, `_write_tail`, `_attend_rows`), and the reference's within rounding."""
+    batch, nheads, nheads_k, head_dim, bs, max_blocks, length = 3, 6, 2, 16, 4, 6, 13
+    bufs = _cache(batch, nheads_k, head_dim, bs, max_blocks, dtype, None, layout, 5, used=4, heads_first=True)
+    lengths, starts = torch.full((batch,), length, dtype=torch.int32), torch.zeros(batch, dtype=torch.int32)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(batch, 1, nheads, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(batch, 1, nheads_k, head_dim, generator=g).to(dtype) for _ in range(2))
+    ref = [t.clone() for t in bufs]
+    want = attend_with_kvcache_ref(q, k, v, *ref, lengths, starts, torch.empty(0, dtype=torch.uint8),
+                                   torch.zeros(1, dtype=torch.int32), 0.3)
+    for lead_free in (True, False):
+        lane, general = [t.clone() for t in bufs], [t.clone() for t in bufs]
+        plan = torchpath.plan(lane[4], lengths, starts, None, batch, 1, 1, 0, True, bs, nheads_k, (0, length + 1),
+                              rows=bufs[4].tolist(), length=length, strides=torchpath.slot_strides(lane[0]),
+                              lead_free=lead_free)
+        assert plan.tail and plan.spacing is not None and plan.bias is None and plan.blind is None
+        got = torchpath.attend(q, k, v, *lane[:4], plan, 0.3)
+        keys, values = torchpath._spans(general[0], plan), torchpath._spans(general[1], plan)
+        torchpath._write_tail(k, v, keys, values, [None], [None], "fp")
+        same = torchpath._attend_rows(q, list(zip(keys, values, [None], [None])), plan, 0.3, "fp")
+        for a, b, c in zip(lane[:2], general[:2], ref[:2]):
+            assert torch.equal(a, b) and torch.equal(a, c)
+        assert torch.equal(got, same)
+        torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
