@@ -125,7 +125,8 @@ class PlugCache(ForwardHost, DynamicCache):
         self.plan_layers = list(groups.values())
         self.linear = LinearLayers(self._hf_config, config.layer_kinds, self.layers)
         self.linear_layers = self.linear.indices
-        self._generate: dict | None = None  # hints of the generate() call under way: reserve, share, recording
+        # hints of the generate() call under way: reserve, share, recording, begun (a forward of it was prepared)
+        self._generate: dict | None = None
         self._compiled_rows = 0  # leading rows mapped to max_cache_len with private blocks (reserve())
 
     # --- sizes -----------------------------------------------------------------------------------------
@@ -334,7 +335,12 @@ class PlugCache(ForwardHost, DynamicCache):
             self.pools[None].index.set_root(root)
             if prompt is not None:
                 self.reuse_prefix(*prompt, share)
-        self._generate = {"reserve": reserve, "share": share, "recording": self.linear.recording}
+        self._generate = {"reserve": reserve, "share": share, "recording": self.linear.recording, "begun": False}
+
+    @property
+    def in_generate(self) -> bool:
+        """Whether a generate() call is under way (between `generate_begins` and `generate_ends`)."""
+        return self._generate is not None
 
     def generate_ends(self, failed: bool, finished=None) -> None:
         """After the generate() call: linear-attention layers stop recording their past if the call switched it on

@@ -47,12 +47,25 @@ def answer_max_length_under_both_names(cls):
     return abc.update_abstractmethods(cls)
 
 
+def generate_runs_eager(model, config, cache) -> bool:
+    """Whether generate() compiles none of a call's steps because of where it runs: the model and every attention
+    layer of `cache` on the CPU, and no `compile_config._compile_all_devices` (no release auto-compiles on the CPU
+    without it), or `disable_compile`. `config`: the call's generation config, merged as generate() merges it."""
+    if model.device.type != "cpu" or any(layer.device.type != "cpu" for layer in cache.attn_layers):
+        return False
+    compile_config = getattr(config, "compile_config", None)
+    return bool(getattr(config, "disable_compile", False)) or not getattr(compile_config, "_compile_all_devices", False)
+
+
 @contextlib.contextmanager
-def eager_only_for_assisted(cache, assisted: bool):
-    """5.4 refuses assisted / prompt-lookup decoding with any compileable cache (later releases refuse only an exact
-    StaticCache). Assisted decoding never compiles, so there the cache presents its layers as eager-only for the
-    call; elsewhere this does nothing."""
-    if not (assisted and ASSISTED_REFUSES_COMPILEABLE):
+def eager_only(cache, eager: bool):
+    """For a generate() call that compiles nothing (`eager`), the cache presents its layers as eager-only
+    (`is_compileable` False). generate() then builds no 4D mask for each step (it materializes one for every
+    compileable cache, which the plugged attention does not read: the model's forward pre-hook does the cache's
+    host work instead), and 5.4, which refuses assisted / prompt-lookup decoding with any compileable cache (later
+    releases refuse only an exact StaticCache), runs it: assisted decoding never compiles. Elsewhere this does
+    nothing."""
+    if not eager:
         yield
         return
     for layer in cache.attn_layers:

@@ -37,11 +37,11 @@ class ForwardHost:
     """PlugCache's host side of a forward (a mixin: the state it works on is the cache's, `cache.py`)."""
 
     def begin_forward(self, batch: int, q_len: int, attention_mask=None, *, from_generate: bool = False,
-                      first_step: bool = True) -> None:
+                      first_step: bool | None = True) -> None:
         """Host work before a forward of `batch` rows x `q_len` new tokens, on eager code: checks (the previous
         forward completed, sizes), records `attention_mask` (2D, None, or `KEEP_MASK`), maps blocks and makes
-        shared blocks private where this forward writes. `from_generate` / `first_step`: called by generate()'s
-        mask preparation, for its first forward or a later one. Raises before anything is written."""
+        shared blocks private where this forward writes. `from_generate` / `first_step`: a forward of a generate()
+        call, its first or a later one (None: the first this call prepares). Raises before anything is written."""
         with inference_mode_explained("PlugCache.begin_forward"):
             self._writable_here()
             if self.state.open:
@@ -58,6 +58,8 @@ class ForwardHost:
                                  f"{self.max_cache_len}; build it larger or call cache.reset()")
             fresh = self.attn_layers[0].fresh
             hints = self._generate or {}
+            if first_step is None:
+                first_step = not hints.get("begun", False)
             reserve = max(length + q_len, hints.get("reserve", 0))
             share = hints.get("share", 1)
             share = share if fresh and share > 1 and batch % share == 0 and q_len > 0 else 1
@@ -80,6 +82,8 @@ class ForwardHost:
                 self.state.mask_recorded(mask.holes)
             self._plan(batch, length, q_len)
             self.state.prepare(batch, q_len, leaders)
+            if self._generate is not None:
+                self._generate["begun"] = True
 
     def _plan(self, batch: int, length: int, q_len: int) -> None:
         """The PyTorch fast path's plans for this forward (layers off CUDA, after the prefill): one per device and

@@ -186,7 +186,7 @@ def _forward_pre_hook(module, top: bool):
                     cache.traced_forward(batch, q_len, mask)
             return None
         if not state.is_prepared(batch, q_len):  # (one prepared for another shape never ran: it is found open)
-            cache.begin_forward(batch, q_len, mask)
+            cache.begin_forward(batch, q_len, mask, from_generate=cache.in_generate, first_step=None)
         if not top:
             state.claim()
         return None
@@ -256,7 +256,7 @@ def _checked_generate(generate):
                               (call.ids, call.mask) if indexing and call.empty and not assisted else None)
         failed, out = True, None
         try:
-            with compat.eager_only_for_assisted(cache, assisted):
+            with compat.eager_only(cache, call.eager or (assisted and compat.ASSISTED_REFUSES_COMPILEABLE)):
                 out = generate(self, *args, **kwargs)
             failed = False
         finally:
@@ -287,7 +287,8 @@ def _uses_cache(model, args, kwargs) -> bool:
 class GenerateCall(NamedTuple):
     """What a generate() call means for its cache: tokens per row to map ahead, rows expanded from each prompt (and
     how many of them share its blocks: 1 when the cache already holds tokens), the prompt's token ids (None for
-    inputs_embeds) and 2D mask, whether it runs beam search, and whether the cache was empty when it began."""
+    inputs_embeds) and 2D mask, whether it runs beam search, whether the cache was empty when it began, and whether
+    generate() compiles none of its steps where it runs (`compat.generate_runs_eager`)."""
 
     reserve: int
     expand: int
@@ -296,6 +297,7 @@ class GenerateCall(NamedTuple):
     mask: torch.Tensor | None = None
     beams: bool = False
     empty: bool = True
+    eager: bool = False
 
 
 def validate_generate(model, cache: PlugCache, args, kwargs) -> GenerateCall:
@@ -331,7 +333,8 @@ def validate_generate(model, cache: PlugCache, args, kwargs) -> GenerateCall:
         raise ValueError(f"prompt ({seen} tokens) + new tokens = {total} exceeds the PlugCache's max_cache_len="
                          f"{cache.max_cache_len}; build it with max_cache_len >= {total}")
     ids = inputs if not inputs.is_floating_point() else None
-    return GenerateCall(total, expand, expand if past == 0 else 1, ids, mask, (config.num_beams or 1) > 1, past == 0)
+    return GenerateCall(total, expand, expand if past == 0 else 1, ids, mask, (config.num_beams or 1) > 1, past == 0,
+                        compat.generate_runs_eager(model, config, cache))
 
 
 def _finished_rows(out, call: GenerateCall) -> list[tuple[int, list[int], list[int]]] | None:

@@ -330,3 +330,31 @@ def test_fast_path_generates_as_the_reference(family, kv_dtype, mode):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
     if forks:
         assert torch.equal(forks[0], forks[1])  # the fork reads the blocks it shares: the same bits
+
+
+def test_a_cpu_call_is_eager_and_its_decode_steps_read_no_mask(monkeypatch):
+    """generate() compiles nothing on the CPU, so for such a call the cache presents itself eager-only: transformers
+    then builds no 4D mask per step (it materializes one for every compileable cache, and the plugged attention
+    never reads it), the model's forward pre-hook does the cache's host work, and only the call's first forward
+    reads the 2D mask. The tokens are stock's; after the call the cache is compileable again."""
+    from hf_kvplug import compat, forward
+    stock, plugged, cache = _pair("llama")
+    ids, mask = _left_padded()
+    records, compileable = [], []
+    real = forward.read_mask
+    monkeypatch.setattr(forward, "read_mask", lambda *a: records.append(real(*a)) or records[-1])
+    hook = plugged.model.register_forward_pre_hook(lambda *_: compileable.append(cache.is_compileable))
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    out = plugged.generate(ids, **kv(cache), **kw)
+    hook.remove()
+    assert torch.equal(out, stock.generate(ids, **kw))
+    assert compileable == [False] * 6 and cache.is_compileable
+    assert records[0] is not None and records[1:] == [None] * 5  # later steps: their new column is visible
+    # where generate() would compile, or on another device, the cache stays compileable
+    config = plugged.generation_config
+    assert compat.generate_runs_eager(plugged, config, cache)
+    monkeypatch.setattr(config, "disable_compile", False, raising=False)
+    monkeypatch.setattr(config, "compile_config", type("C", (), {"_compile_all_devices": True})(), raising=False)
+    assert not compat.generate_runs_eager(plugged, config, cache)
+    monkeypatch.setattr(config, "disable_compile", True, raising=False)
+    assert compat.generate_runs_eager(plugged, config, cache)
