@@ -6,12 +6,15 @@ the first token that differs from stock marked. `--model PATH` loads a local che
 `--model smollm2` (or a .gguf file) a GGUF model, SmolLM2-135M-Instruct once `scripts/get_smollm2.sh` has fetched
 it. A model whose tokenizer has a chat template gets chat prompts through it (CHAT_PROMPTS, or `--prompt`), one
 after the other. `--model random` (or `--family`) builds a tiny random Llama / Qwen2 / Qwen3 in code from a seeded
-config (no tokenizer: the prompt becomes byte ids and outputs print as token ids).
+config (no tokenizer: the prompt becomes byte ids and outputs print as token ids). Timings: each cache's generate()
+runs ROUNDS times, the caches taking turns; each figure is the median of its runs (decode: of each run's median
+step).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -151,6 +154,16 @@ def generate_once(model, prompt: torch.Tensor, new_tokens: int, cache, name: str
                    decode_ms=median_p20_p80(steps)[0] if steps else None, total_ms=(end - start) * 1e3)
 
 
+ROUNDS = 3  # timed generate() calls per cache, in turns
+
+
+def median_run(runs: list[DemoRun]) -> DemoRun:
+    """One cache's runs (the same greedy tokens each time) as one: the median of each timing."""
+    decode = [r.decode_ms for r in runs if r.decode_ms is not None]
+    return DemoRun(runs[0].name, runs[0].tokens, statistics.median(r.prefill_ms for r in runs),
+                   statistics.median(decode) if decode else None, statistics.median(r.total_ms for r in runs))
+
+
 def _plug_factory(model, max_cache_len: int, kv_dtype):
     cache = PlugCache(model, max_batch_size=1, max_cache_len=max_cache_len, kv_dtype=kv_dtype)
 
@@ -219,12 +232,15 @@ def run_prompt(model, tokenizer, prompt: torch.Tensor, n: int, kv_dtype: str, eo
     stock."""
     dname = bm.dtype_name(model.dtype)
     max_len = prompt.shape[1] + n
-    runs = [generate_once(model, prompt, n, lambda: None, "stock (DynamicCache)", eos)]
-    with patched(model):
-        runs.append(generate_once(model, prompt, n, _plug_factory(model, max_len, None), f"kvplug ({dname})", eos))
-        if kv_dtype != "none":
-            runs.append(generate_once(model, prompt, n, _plug_factory(model, max_len, kv_dtype),
-                                      f"kvplug ({kv_dtype})", eos))
+    plugged = [(f"kvplug ({dname})", _plug_factory(model, max_len, None))]
+    if kv_dtype != "none":
+        plugged.append((f"kvplug ({kv_dtype})", _plug_factory(model, max_len, kv_dtype)))
+    rounds = []  # the caches take turns, ROUNDS times, so a change in the machine's load falls on all of them alike
+    for _ in range(ROUNDS):
+        rounds.append([generate_once(model, prompt, n, lambda: None, "stock (DynamicCache)", eos)])
+        with patched(model):
+            rounds[-1] += [generate_once(model, prompt, n, factory, name, eos) for name, factory in plugged]
+    runs = [median_run([r[i] for r in rounds]) for i in range(len(rounds[0]))]
     until = "up to {n} greedy new tokens from each (the reply ends at EOS)" if eos else \
         "{n} greedy new tokens from each (EOS ignored)"
     print(f"\n{until.format(n=n)}; the first token that differs from stock is marked {MARK[0]}like this{MARK[1]}:")
@@ -232,7 +248,7 @@ def run_prompt(model, tokenizer, prompt: torch.Tensor, n: int, kv_dtype: str, eo
         first = None if r is runs[0] else first_difference(r, runs[0])
         print(f"\n{r.name}" + ("" if r is runs[0] else f": {compare(r, runs[0]).split(': ', 1)[1]}"))
         print(block(completion(r, tokenizer, first)))
-    print()
+    print(f"\ntimings, the median of {ROUNDS} runs each, the caches taking turns:")
     for r in runs:
         print(timing(r))
     print()
