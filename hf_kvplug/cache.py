@@ -125,7 +125,8 @@ class PlugCache(ForwardHost, DynamicCache):
         self.plan_layers = list(groups.values())
         self.linear = LinearLayers(self._hf_config, config.layer_kinds, self.layers)
         self.linear_layers = self.linear.indices
-        # hints of the generate() call under way: reserve, share, recording, begun (a forward of it was prepared)
+        # hints of the generate() call under way: reserve, share, recording, begun (a forward of it was prepared),
+        # filled (tokens a row holds once the prompt is in)
         self._generate: dict | None = None
         self._compiled_rows = 0  # leading rows mapped to max_cache_len with private blocks (reserve())
 
@@ -324,18 +325,21 @@ class PlugCache(ForwardHost, DynamicCache):
         if self.pools.get(None) and self.pools[None].index is not None:
             self.pools[None].index.hit_tokens = 0
 
-    def generate_begins(self, reserve: int, share: int, root=None, prompt=None) -> None:
+    def generate_begins(self, reserve: int, share: int, root=None, prompt=None, filled: int = 0) -> None:
         """Hints for the generate() call about to run: map `reserve` tokens per row ahead (so no decode step maps a
-        block), and let groups of `share` rows expanded from one prompt store it once. With prefix caching, `root`
-        names the model and format (`prefix.fingerprint`: the index keeps only entries made under it) and
-        `prompt = (input_ids, attention_mask)` maps what the index holds of the prompts (`reuse_prefix`)."""
+        block), and let groups of `share` rows expanded from one prompt store it once; `filled`: the tokens each row
+        holds once the prompt is in (the forwards before that, chunks of a prompt included, read their mask). With
+        prefix caching, `root` names the model and format (`prefix.fingerprint`: the index keeps only entries made
+        under it) and `prompt = (input_ids, attention_mask)` maps what the index holds of the prompts
+        (`reuse_prefix`)."""
         if self.state.open:
             self.sync_lengths()
         if root is not None and self.config.prefix_caching:
             self.pools[None].index.set_root(root)
             if prompt is not None:
                 self.reuse_prefix(*prompt, share)
-        self._generate = {"reserve": reserve, "share": share, "recording": self.linear.recording, "begun": False}
+        self._generate = {"reserve": reserve, "share": share, "recording": self.linear.recording, "begun": False,
+                          "filled": filled}
 
     @property
     def in_generate(self) -> bool:

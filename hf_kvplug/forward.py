@@ -60,6 +60,9 @@ class ForwardHost:
             hints = self._generate or {}
             if first_step is None:
                 first_step = not hints.get("begun", False)
+            # a forward of the prompt (a chunk of it, or a prefill that goes on from a cache) reads its mask whatever
+            # generate() says: only later forwards add generated tokens, whose columns are 1
+            first_step = first_step or length < hints.get("filled", 0)
             reserve = max(length + q_len, hints.get("reserve", 0))
             share = hints.get("share", 1)
             share = share if fresh and share > 1 and batch % share == 0 and q_len > 0 else 1

@@ -253,7 +253,8 @@ def _checked_generate(generate):
         indexing = cache.config.prefix_caching and call.ids is not None
         # (assisted decoding feeds its whole first candidate sequence whatever the cache holds: no prefix there)
         cache.generate_begins(call.reserve, call.share, prefix.fingerprint(self, cache.config) if indexing else None,
-                              (call.ids, call.mask) if indexing and call.empty and not assisted else None)
+                              (call.ids, call.mask) if indexing and call.empty and not assisted else None,
+                              filled=call.filled)
         failed, out = True, None
         try:
             with compat.eager_only(cache, call.eager or (assisted and compat.ASSISTED_REFUSES_COMPILEABLE)):
@@ -287,8 +288,9 @@ def _uses_cache(model, args, kwargs) -> bool:
 class GenerateCall(NamedTuple):
     """What a generate() call means for its cache: tokens per row to map ahead, rows expanded from each prompt (and
     how many of them share its blocks: 1 when the cache already holds tokens), the prompt's token ids (None for
-    inputs_embeds) and 2D mask, whether it runs beam search, whether the cache was empty when it began, and whether
-    generate() compiles none of its steps where it runs (`compat.generate_runs_eager`)."""
+    inputs_embeds) and 2D mask, whether it runs beam search, whether the cache was empty when it began, whether
+    generate() compiles none of its steps where it runs (`compat.generate_runs_eager`), and the tokens the cache
+    holds once the prompt is in (`filled`: forwards before that are the prompt's, chunked or not)."""
 
     reserve: int
     expand: int
@@ -298,6 +300,7 @@ class GenerateCall(NamedTuple):
     beams: bool = False
     empty: bool = True
     eager: bool = False
+    filled: int = 0
 
 
 def validate_generate(model, cache: PlugCache, args, kwargs) -> GenerateCall:
@@ -334,7 +337,7 @@ def validate_generate(model, cache: PlugCache, args, kwargs) -> GenerateCall:
                          f"{cache.max_cache_len}; build it with max_cache_len >= {total}")
     ids = inputs if not inputs.is_floating_point() else None
     return GenerateCall(total, expand, expand if past == 0 else 1, ids, mask, (config.num_beams or 1) > 1, past == 0,
-                        compat.generate_runs_eager(model, config, cache))
+                        compat.generate_runs_eager(model, config, cache), seen)
 
 
 def _finished_rows(out, call: GenerateCall) -> list[tuple[int, list[int], list[int]]] | None:

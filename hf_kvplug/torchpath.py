@@ -258,7 +258,8 @@ def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: 
     dtype, with `reference.attend_with_kvcache_ref`'s semantics (K/V in the model dtype attended in it, as SDPA
     does; codes in fp32)."""
     if (p.tail and p.spacing is not None and p.bias is None and p.blind is None and q.shape[1] == 1
-            and k_cache.dtype == q.dtype and k is not None and not (torch.is_grad_enabled() and q.requires_grad)):
+            and k_cache.dtype == q.dtype and k is not None and not (torch.is_grad_enabled() and q.requires_grad)
+            and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()):
         return _decode_step(q, k, v, k_cache, v_cache, p, softmax_scale)
     kind = KINDS.get(k_cache.dtype, "fp")
     if p.mode == "blocks":
@@ -280,12 +281,12 @@ def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: 
 
 def _decode_step(q, k, v, k_cache, v_cache, p: Plan, softmax_scale: float) -> torch.Tensor:
     """`attend` for the step a PlugCache decodes most (what `_spans`, `_write_tail` and `_attend_rows` do for it, in
-    one frame, the same ops on the same views, so the same bits): one query per row, K/V in its dtype, every row's
-    span one strided view (`p.spacing`) ending with the new token (`p.tail`), every slot seen (no bias or blind
-    query)."""
+    one frame, the same ops on the same views, so the same bits): one query per row, K/V in its dtype and laid out
+    alike, every row's span one strided view (`p.spacing`) ending with the new token (`p.tail`), every slot seen (no
+    bias or blind query)."""
     batch, _, nheads, head_dim = q.shape
     nheads_k, block_size = k_cache.shape[1], k_cache.shape[2]
-    s0, s1, s2 = k_cache.stride()[:3]  # heads first; the V pool's alike
+    s0, s1, s2 = k_cache.stride()[:3]  # heads first; the V pool's the same
     step, skip = p.spacing * s0, p.runs[0] * s0 + (p.t0 - p.fb * block_size) * s2
     new = skip + (p.slots - k.shape[1]) * s2  # the new tokens' first slot, viewed in their order [B, n, Hk, D]
     views = []

@@ -98,6 +98,26 @@ def test_chunked_prefill(family, kv_dtype):
     assert cache.get_seq_length() == ids.shape[1] + 12 - 1
 
 
+@pytest.mark.parametrize("eager", [True, False])
+@pytest.mark.parametrize("chunk, hole", [(1, None), (4, 8)])
+@pytest.mark.parametrize("family", ["llama", "qwen3_sliding"])
+def test_chunked_prefill_reads_every_chunks_mask(family, chunk, hole, eager, monkeypatch):
+    """Every chunk of a prompt reads its mask, whichever way the forward began (generate()'s mask preparation, or the
+    pre-hook of a call that compiles nothing) and whatever generate() says of the iteration: a 1-token chunk is a
+    prompt column (left padding here, or a hole in the prompt's last column), not a generated token."""
+    from hf_kvplug import compat
+    monkeypatch.setattr(compat, "generate_runs_eager", lambda *a: eager)
+    stock, plugged, cache = _pair(family)
+    ids, mask = _left_padded()
+    if hole is not None:
+        mask[2, hole] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    ref = stock.generate(ids, **kw)
+    out = plugged.generate(ids, **kv(cache), prefill_chunk_size=chunk, **kw)
+    assert torch.equal(ref.sequences, out.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(ref.logits, out.logits)) < 1e-4
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sampling_fixed_seed(family):
     stock, plugged, cache = _pair(family)

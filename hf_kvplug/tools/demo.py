@@ -160,7 +160,10 @@ ROUNDS = 3  # timed generate() calls per cache, in turns
 def median_run(runs: list[DemoRun]) -> DemoRun:
     """One cache's runs (the same greedy tokens each time) as one: the median of each timing."""
     decode = [r.decode_ms for r in runs if r.decode_ms is not None]
-    return DemoRun(runs[0].name, runs[0].tokens, statistics.median(r.prefill_ms for r in runs),
+    # greedy: the same tokens every run, unless something is not deterministic, which the demo then says
+    varied = any(not torch.equal(r.tokens, runs[0].tokens) for r in runs[1:])
+    name = runs[0].name + (" [tokens varied between runs; the first run's shown]" if varied else "")
+    return DemoRun(name, runs[0].tokens, statistics.median(r.prefill_ms for r in runs),
                    statistics.median(decode) if decode else None, statistics.median(r.total_ms for r in runs))
 
 
