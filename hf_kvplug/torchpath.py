@@ -382,8 +382,8 @@ def _rows_pass(qh, parts, softmax_scale: float, kind: str, bias, blind, safe: bo
     """`qh [B, Hk, R, D]` over `parts` (`_attend_rows`): `[B, Hk, R, D]`. `safe`: the K and V of slots no query
     sees zeroed (their scores -inf)."""
     hidden = torch.isinf(bias) if safe else None  # [B, 1, R or 1, T]
-    if kind != "fp":  # row by row: each row's codes as floats stay in the CPU's caches between the two products
-        parts = [tuple(None if x is None else x[i:i + 1] for x in part) for part in parts
+    if kind != "fp" and qh.shape[0] > 1:  # row by row: each row's codes as floats stay in the CPU's caches between
+        parts = [tuple(None if x is None else x[i:i + 1] for x in part) for part in parts  # the two products
                  for i in range(part[0].shape[0])]
     outs, b, whole = [], 0, len(parts) == 1
     for kb, vb, ks, vs in parts:
