@@ -116,12 +116,12 @@ def _pointer_types(jit, dtype: str, kv: str) -> dict:
 
 
 def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, kv: str | bool, block_size: int = 64,
-           holes: bool = False, flash: bool = False) -> list[dict]:
+           holes: bool = False, flash: bool = False, tail: bool = False) -> list[dict]:
     """The decode kernel (split and unsplit) and the extend kernel of one shape, as their launchers configure them
     for a PlugCache (overflow status on; `holes`: the variant for attention masks with holes; `flash`: also the
     attend-only split decode and the non-causal extend that `attend_with_kvcache` uses outside the model's forwards,
-    and, but for int4, both with flash_attn_with_kvcache's ALiBi, softcap and log-sum-exp on).
-    `kv`: "fp", "int8" or "int4" (True / False: int8 / fp)."""
+    and, but for int4, both with flash_attn_with_kvcache's ALiBi, softcap and log-sum-exp on; `tail`: for int4,
+    also each variant with the exact tail). `kv`: "fp", "int8" or "int4" (True / False: int8 / fp)."""
     from hf_kvplug.kernels import decode_attn as DA
     from hf_kvplug.kernels import extend_attn as EA
     from hf_kvplug.kernels.host import next_pow2
@@ -138,11 +138,14 @@ def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, kv: str | bool
     variants = [(True, True, False), (False, True, False)]  # (split, new token, ALiBi + softcap + lse)
     if flash:
         variants += [(True, False, False)] + ([] if int4 else [(True, True, True)])
-    for split, new_kv, extras in variants:
+    tails = (False, True) if tail and int4 else (False,)
+    for (split, new_kv, extras), has_tail in ((v, t) for t in tails for v in variants):
         consts = dict(GROUP=group, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=cfg.block_n, BLOCK_SIZE=block_size,
                       HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT=split, HAS_HOLES=holes, HAS_STATUS=True,
                       NEW_KV=new_kv)
-        if not int4:
+        if int4:
+            consts.update(HAS_TAIL=has_tail)
+        else:
             consts.update(INT8=int8, V_SCALE_ON_P=int8 and cfg.v_scale_on_p, UPCAST=False,
                           **{f: extras for f in NO_FLASH_EXTRAS})
         k = compile_kernel(decode, _pointer_types(decode, dtype, kv), consts, cfg.num_warps, cfg.num_stages)
@@ -150,7 +153,7 @@ def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, kv: str | bool
         mix = loop_mix(sass)
         regs, stack = resources(k)
         rows.append(dict(base, kernel="decode" + ("_split" if split else "") + ("" if new_kv else "_attend_only")
-                         + ("_extras" if extras else ""),
+                         + ("_extras" if extras else "") + ("_tail" if has_tail else ""),
                          config=list(cfg)[:4 if int8 else 3],
                          regs=regs,
                          spill_bytes=stack, smem=k.metadata.shared, loop_instructions=sum(mix.values()),
@@ -161,15 +164,18 @@ def report(nheads: int, nheads_k: int, head_dim: int, dtype: str, kv: str | bool
     group_pad = next_pow2(group)
     extend = EA._extend_attn_int4_kernel if int4 else EA._extend_attn_kernel
     variants = [(True, False)] + ([(False, False)] + ([] if int4 else [(False, True)]) if flash else [])
-    for causal, extras in variants:
+    for (causal, extras), has_tail in ((v, t) for t in tails for v in variants):
         consts = dict(GROUP=group, GROUP_PAD=group_pad, BLOCK_M=max(1, block_r // group_pad), BLOCK_N=block_n,
                       BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad, HAS_HOLES=holes,
                       CAUSAL=causal)
-        if not int4:
+        if int4:
+            consts.update(HAS_TAIL=has_tail)
+        else:
             consts.update(INT8=int8, UPCAST=False, **{f: extras for f in NO_FLASH_EXTRAS})
         k = compile_kernel(extend, _pointer_types(extend, dtype, kv), consts, num_warps, num_stages)
         regs, stack = resources(k)
-        rows.append(dict(base, kernel="extend" + ("" if causal else "_full") + ("_extras" if extras else ""),
+        rows.append(dict(base, kernel="extend" + ("" if causal else "_full") + ("_extras" if extras else "")
+                         + ("_tail" if has_tail else ""),
                          config=[block_r, block_n, num_warps, num_stages], regs=regs, spill_bytes=stack,
                          smem=k.metadata.shared))
     return rows
@@ -184,13 +190,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--flash", action="store_true",
                    help="also the attend-only decode and non-causal extend variants, and those with ALiBi, softcap "
                         "and the log-sum-exp (flash_attn_with_kvcache's modes)")
+    p.add_argument("--tail", action="store_true", help="also the int4 variants with the exact tail (HAS_TAIL)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args(argv)
     triton = _triton()
     rows = [r for shape in args.shapes.split(",") for dtype in args.dtypes.split(",") for kv in ("fp", "int8", "int4")
             for holes in ((False, True) if args.holes else (False,))
             if not (kv != "fp" and dtype == "fp32")
-            for r in report(*SHAPES[shape], dtype, kv, holes=holes, flash=args.flash)]
+            for r in report(*SHAPES[shape], dtype, kv, holes=holes, flash=args.flash, tail=args.tail)]
     if args.json:
         print(json.dumps(dict(triton=triton.__version__, arch=ARCH, rows=rows)))
         return rows

@@ -71,6 +71,10 @@ class PlugCache(ForwardHost, DynamicCache):
         rotate_keys: store keys rotated by an orthonormal signed Hadamard matrix and attend with queries rotated
             alike (`hf_kvplug.rotation`): scores are unchanged, and outlier key channels no longer take a quantized
             key's range. None (default): on for kv_dtype "int8" / "int4", off otherwise.
+        exact_tail: keep each row's last, partial block unquantized beside the quantized pool, and attend over
+            those tokens exactly (KIVI's full-precision residual; the pool still holds every token's codes, so a
+            block is read quantized once it fills). Costs `block_size` tokens per row and layer in the model dtype.
+            None (default): on for kv_dtype "int4" (docs/int4.md), off otherwise; int4 only.
 
     Buffers are allocated once here and never re-assigned: `reset()`, `crop()` and `reorder_cache()` work in place,
     so their addresses stay fixed for torch.compile / CUDA graphs.
@@ -79,7 +83,8 @@ class PlugCache(ForwardHost, DynamicCache):
     def __init__(self, model_or_config, max_batch_size: int = 4, max_cache_len: int = 2048, kv_dtype: str | None = None,
                  *, dtype: torch.dtype | None = None, device=None, block_size: int = 64, max_tokens: int | None = None,
                  backend: str = "auto", layout: RankLayout | None = None, trim_windows: bool = True,
-                 window_slack: int | None = None, prefix_caching: bool = False, rotate_keys: bool | None = None):
+                 window_slack: int | None = None, prefix_caching: bool = False, rotate_keys: bool | None = None,
+                 exact_tail: bool | None = None):
         if hasattr(model_or_config, "config") and hasattr(model_or_config, "parameters"):
             hf_config = model_or_config.config
             geometry = Geometry.from_model(model_or_config, layout, dtype=dtype, device=device)
@@ -90,7 +95,8 @@ class PlugCache(ForwardHost, DynamicCache):
             geometry = Geometry.from_hf_config(hf_config, dtype=dtype, device=device, layout=layout)
         config = PlugConfig(geometry, max_batch_size=max_batch_size, max_cache_len=max_cache_len, kv_dtype=kv_dtype,
                             block_size=block_size, max_tokens=max_tokens, trim_windows=trim_windows,
-                            window_slack=window_slack, prefix_caching=prefix_caching, rotate_keys=rotate_keys)
+                            window_slack=window_slack, prefix_caching=prefix_caching, rotate_keys=rotate_keys,
+                            exact_tail=exact_tail)
         ops.resolve_backend(backend, config.layer_devices[0])  # a bad backend fails here, before any allocation
         self._hf_config = getattr(hf_config, "text_config", None) or hf_config
         self._build(config, backend, _pools(config), kvs=None,
@@ -144,8 +150,9 @@ class PlugCache(ForwardHost, DynamicCache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by all K/V buffers and scales (the pool, shared with forks)."""
-        return sum(layer.kv.nbytes for layer in self.attn_layers)
+        """Bytes held by all K/V buffers and scales (the pool, shared with forks) and the exact tails (each cache's
+        own)."""
+        return sum(layer.kv.nbytes + (layer.tail.nbytes if layer.tail else 0) for layer in self.attn_layers)
 
     def nbytes_of(self, ring: int | None) -> int:
         """Bytes held by the buffers of group `ring`'s layers."""
@@ -222,7 +229,7 @@ class PlugCache(ForwardHost, DynamicCache):
             layer.check_crop(keep, self.state.top)
         self.linear.crop(keep - length)
         for layer in self.attn_layers:
-            layer.crop_to(keep, self.batch)
+            layer.crop_to(keep, self.batch, length)
         self.state.cropped(keep)
 
     def reorder_cache(self, beam_idx: torch.LongTensor, *args, **kwargs) -> None:
@@ -287,8 +294,7 @@ class PlugCache(ForwardHost, DynamicCache):
         other.linear.batch = self.linear.batch
         other.state.restore(self.state.batch, self.state.length, self.state.holes, self.state.top)
         for layer, theirs in zip(other.attn_layers, self.attn_layers):
-            layer.cache_seqlens.copy_(theirs.cache_seqlens)
-            layer.fresh = theirs.fresh
+            layer.take_rows(theirs)
         for dev, theirs in zip(other.device_states.values(), self.device_states.values()):
             dev.copy_from(theirs)
         other.paging.mark_dirty()

@@ -25,7 +25,8 @@ class PlugConfig:
     """What a PlugCache holds for a model `geometry`: `max_batch_size` rows of up to `max_cache_len` tokens in
     blocks of `block_size` (a pool of `max_tokens` slots, all rows together; None: the rectangle), K/V in
     `kv_dtype` (None: the model dtype), keys rotated before quantizing when `rotate_keys` (None: whenever quantized;
-    see `hf_kvplug.rotation`). With `trim_windows` (the default) a sliding-window layer keeps a ring of
+    see `hf_kvplug.rotation`), and each row's last, partial block also kept unquantized when `exact_tail` (None: for
+    int4; `reference`, rule 4). With `trim_windows` (the default) a sliding-window layer keeps a ring of
     `layer_rings[i]` blocks per row, its window and `window_slack` more slots, instead of `max_cache_len` (see
     `layer_rings`). The geometry's fields read through (`config.nheads_k` is `config.geometry.nheads_k`).
     """
@@ -40,6 +41,7 @@ class PlugConfig:
     window_slack: int | None = None  # ring slots past a window's own; None: min(window, DEFAULT_WINDOW_SLACK)
     prefix_caching: bool = False  # keep full blocks of finished requests for later ones (`blocks.PrefixIndex`)
     rotate_keys: bool | None = None  # store k R, attend with q R (`hf_kvplug.rotation`); None: when kv_dtype is set
+    exact_tail: bool | None = None  # each row's partial block unquantized too (`layers.Tail`); None: for int4
 
     num_layers = _read_through("num_layers")
     nheads = _read_through("nheads")
@@ -64,6 +66,12 @@ class PlugConfig:
             raise ValueError(f"window_slack must be positive (or None), got {self.window_slack}")
         if self.max_tokens is not None and int(self.max_tokens) <= 0:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
+        if self.exact_tail is None:
+            self.exact_tail = self.kv_dtype == "int4"
+        self.exact_tail = bool(self.exact_tail)
+        if self.exact_tail and self.kv_dtype != "int4":
+            raise ValueError(f"exact_tail=True keeps an int4 cache's partial blocks unquantized; kv_dtype is "
+                             f"{self.kv_dtype!r} (the kernels read a tail beside int4 codes only)")
         if self.kv_dtype == "int4" and self.head_dim % 2:
             raise ValueError(f"kv_dtype='int4' packs two values a byte: head_dim must be even, got {self.head_dim}")
         if self.prefix_caching and ("linear" in self.layer_kinds or any(self.layer_rings)):
@@ -156,6 +164,14 @@ class PlugConfig:
         return layer_token_bytes(self.geometry, self.kv_dtype)
 
     @property
+    def tail_bytes_per_row(self) -> int:
+        """Bytes the exact tails hold per row (K and V of one block in the model dtype, every attention layer)."""
+        if not self.exact_tail:
+            return 0
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return len(self.attention_layers) * 2 * self.nheads_k * self.block_size * self.head_dim * size
+
+    @property
     def ring_bytes_per_row(self) -> int:
         """Bytes the sliding-window layers' rings hold per row, whatever the row's length."""
         return sum(ring * self.block_size * self.layer_token_bytes for ring in self.layer_rings if ring)
@@ -164,13 +180,13 @@ class PlugConfig:
     def from_hf_config(cls, config, *, max_batch_size, max_cache_len, dtype, device, kv_dtype=None, block_size=64,
                        max_tokens=None, layout: RankLayout | None = None, tp_plan: dict | None = None,
                        trim_windows: bool = True, window_slack: int | None = None,
-                       rotate_keys: bool | None = None) -> "PlugConfig":
+                       rotate_keys: bool | None = None, exact_tail: bool | None = None) -> "PlugConfig":
         """Sizes for the geometry of a transformers config (`Geometry.from_hf_config`: `dtype`, `device`, `layout`,
         `tp_plan`)."""
         geometry = Geometry.from_hf_config(config, dtype=dtype, device=device, layout=layout, tp_plan=tp_plan)
         return cls(geometry, max_batch_size=max_batch_size, max_cache_len=max_cache_len, kv_dtype=kv_dtype,
                    block_size=block_size, max_tokens=max_tokens, trim_windows=trim_windows, window_slack=window_slack,
-                   rotate_keys=rotate_keys)
+                   rotate_keys=rotate_keys, exact_tail=exact_tail)
 
 
 def layer_token_bytes(geometry: Geometry, kv_dtype: str | None) -> int:

@@ -24,7 +24,7 @@ from . import compat, ops
 from .config import PlugConfig
 from .device import DeviceState
 from .families import FAMILIES
-from .reference import dequantize, gather_kv, quantize, visible_slots
+from .reference import dequantize, gather_kv, overlay_tail, quantize, visible_slots
 from .state import ForwardState
 
 
@@ -79,6 +79,43 @@ class KV(NamedTuple):
                 buf[idx] = tensors[name].to(buf.device)
 
 
+class Tail(NamedTuple):
+    """A quantized layer's exact tail (`PlugConfig.exact_tail`; `reference`, rule 4): K and V of each row's last,
+    partial block unquantized, `[max_batch, nheads_k, block_size, head_dim]` in the model dtype (keys rotated as
+    the pool stores them). Slot t of a row holding L tokens is at `t % block_size` while t >= L - L % block_size."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, config: PlugConfig, device: torch.device) -> "Tail":
+        shape = (config.max_batch_size, config.nheads_k, config.block_size, config.head_dim)
+        return cls(*(torch.zeros(shape, dtype=config.dtype, device=device) for _ in range(2)))
+
+    def clone(self) -> "Tail":
+        return Tail(*(t.clone() for t in self))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self)
+
+    def store(self, k, v, before: int) -> None:
+        """Rule 4's write for `k, v [B, L, nheads_k, D]` at slots `before + i` of rows < B (host-known, every row
+        alike): the tokens in the rows' last, partial block, in place."""
+        n, bs = k.shape[1], self.k.shape[2]
+        end = before + n
+        first = max(end - end % bs, before)
+        if first < end:
+            for new, tail in ((k, self.k), (v, self.v)):
+                tail[:k.shape[0], :, first % bs:first % bs + end - first].copy_(new[:, first - before:].transpose(1, 2))
+
+    def refill(self, keys, values, first: int) -> None:
+        """Rows < B take `keys, values [B, nheads_k, n, D]`, slots `first + i` of one block, as their tail."""
+        at = slice(first % self.k.shape[2], first % self.k.shape[2] + keys.shape[2])
+        self.k[:keys.shape[0], :, at].copy_(keys)
+        self.v[:keys.shape[0], :, at].copy_(values)
+
+
 class PlugLayer(CacheLayerMixin):
     """One decoder layer's paged K/V pool, its scales and per-row lengths, on the layer's device.
 
@@ -101,7 +138,9 @@ class PlugLayer(CacheLayerMixin):
         self.backend = ops.resolve_backend(backend, self.device)
         self.kv = KV.allocate(config, self.ring, self.device, self.backend == "torch") if kv is None else kv
         self.cache_seqlens = torch.zeros(config.max_batch_size, dtype=torch.int32, device=self.device)
-        compat.mark_static(*self.kv, self.cache_seqlens)
+        # the rows' own: a fork or a copy shares the pool, never the tail
+        self.tail = Tail.allocate(config, self.device) if config.exact_tail else None
+        compat.mark_static(*self.kv, *(self.tail or ()), self.cache_seqlens)
         self.is_initialized = True
         self.is_last = layer_idx == config.attention_layers[-1]  # its forward ends the cache's forward
         # Host-side: True until the first forward after construction or reset(), so that forward can attend with
@@ -180,7 +219,15 @@ class PlugLayer(CacheLayerMixin):
         """Slots [0, length) of rows < batch (a sliding-window layer: its last `window - 1` of them)."""
         batch = self.state.batch if batch is None else batch
         length = self.state.length_now() if length is None else length
-        return self.gather_slots(buf, scale, self.first_seen(length), length, batch)
+        lo = self.first_seen(length)
+        x = self.gather_slots(buf, scale, lo, length, batch)
+        return x if self.tail is None else self._exact(x, buf is self.kv.v, lo, length)
+
+    def _exact(self, x: torch.Tensor, values: bool, lo: int, length: int) -> torch.Tensor:
+        """`x [B, nheads_k, length - lo, D]`, slots [lo, length) of rows holding `length` tokens, with their last,
+        partial block's slots taken from the exact tail (rule 4), as the attention reads them."""
+        end = torch.full((x.shape[0],), length, device=x.device)
+        return overlay_tail(x, self.tail.v if values else self.tail.k, end - length % self.config.block_size, end, lo)
 
     def first_seen(self, length: int) -> int:
         """The first slot the next token of a row holding `length` may see (its window)."""
@@ -222,6 +269,8 @@ class PlugLayer(CacheLayerMixin):
         batch, q_len = k.shape[:2]
         k = self.dev.rotate(k)
         table, seqlens = self.block_table, self.cache_seqlens
+        if self.tail is not None:  # every row's own (a fresh cache: the rows start at slot 0)
+            self.tail.store(k, v, 0)
         if leaders is not None:
             rows = torch.tensor(leaders, device=self.device)
             k, v, table, seqlens = k[rows], v[rows], table[rows], seqlens[rows]
@@ -256,6 +305,9 @@ class PlugLayer(CacheLayerMixin):
         self._store(k, v, self.block_table, self.cache_seqlens)
         new = self._stored_new(k, v, before, total, batch)
         keys, values = (torch.cat([a, b], 2) for a, b in zip(past, new))
+        if self.tail is not None:
+            self.tail.store(k, v, before)
+            keys, values = self._exact(keys, False, lo, total), self._exact(values, True, lo, total)
         dev = self.dev
         seen = visible_slots(self.cache_seqlens, dev.starts, dev.valid if holes else dev.valid[:0], batch, q_len,
                              self.window or 0, total)[..., lo:]
@@ -269,9 +321,10 @@ class PlugLayer(CacheLayerMixin):
         plan = self.dev.plans.get((self.ring, self.window or 0))  # the forward's, when off CUDA (ForwardHost._plan)
         if plan is not None and (plan.batch, plan.q_len) != q.shape[:2]:
             plan = None
+        k_tail, v_tail = self.tail or (None, None)
         return ops.attend_with_kvcache(q, k, v, *self.kv, self.block_table, seqlens, self.dev.starts, softmax_scale,
                                        self.window, cache_valid=valid, status=self.dev.status, backend=self.backend,
-                                       plan=plan)
+                                       plan=plan, k_tail=k_tail, v_tail=v_tail)
 
     def _store(self, k, v, table, seqlens) -> None:
         """Write `k, v [B, L, nheads_k, D]` at slots seqlens[b] + i."""
@@ -294,18 +347,36 @@ class PlugLayer(CacheLayerMixin):
     def check_crop(self, keep: int, top: int) -> None:
         """Raise if a crop to `keep` tokens leaves the next forward needing what this layer no longer holds."""
 
-    def crop_to(self, keep: int, batch: int) -> None:
+    def crop_to(self, keep: int, batch: int, length: int) -> None:
+        """Rows < batch holding `length` tokens keep their first `keep`. A crop into an earlier block than the
+        rows' last refills the tail from the pool: that block's exact values were overwritten (rule 4)."""
         self.cache_seqlens[:batch].fill_(keep)
+        bs = self.config.block_size
+        first = keep - keep % bs
+        if self.tail is not None and first < keep and first < length - length % bs:
+            self.tail.refill(*(self.gather_slots(buf, scale, first, keep, batch)
+                               for buf, scale in ((self.kv.k, self.kv.k_scale), (self.kv.v, self.kv.v_scale))),
+                             first)
 
     def select(self, index: list[int]) -> None:
         idx = torch.tensor(index, device=self.device)
         self.cache_seqlens[:len(index)] = self.cache_seqlens[idx]
+        for t in self.tail or ():
+            t[:len(index)] = t[idx]
+
+    def take_rows(self, theirs: "PlugLayer") -> None:
+        """Hold the rows `theirs` holds (a fork or a copy of its cache, whose pool this layer shares or copied)."""
+        self.cache_seqlens.copy_(theirs.cache_seqlens)
+        self.fresh = theirs.fresh
+        for mine, other in zip(self.tail or (), theirs.tail or ()):
+            mine.copy_(other)
 
     def unpin_from_inference_mode(self) -> None:
         """Move buffers built inside torch.inference_mode() into ordinary tensors (new addresses)."""
         self.kv = self.kv.clone()
+        self.tail = None if self.tail is None else self.tail.clone()
         self.cache_seqlens = self.cache_seqlens.clone()
-        compat.mark_static(*self.kv, self.cache_seqlens)
+        compat.mark_static(*self.kv, *(self.tail or ()), self.cache_seqlens)
 
 
 compat.answer_max_length_under_both_names(PlugLayer)

@@ -31,7 +31,7 @@ except ImportError as e:  # pragma: no cover - depends on the platform
 else:
     _KERNELS_IMPORT_ERROR = None
 
-_MUTATED = ("k_cache", "v_cache", "k_scale", "v_scale", "status")
+_MUTATED = ("k_cache", "v_cache", "k_scale", "v_scale", "status", "k_tail", "v_tail")
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
@@ -72,14 +72,14 @@ def _check_writable_on_host(block_table, cache_seqlens, batch: int, q_len: int, 
 
 
 def _attend_ref_bounded(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-                        cache_valid, status, softmax_scale, window, causal, **flash):
+                        cache_valid, status, softmax_scale, window, causal, k_tail, v_tail, **flash):
     num_blocks = None
     if cache_seqlens.device.type == "cpu" and q.shape[0]:  # bound the work by the real length: free to read here
         longest = int(cache_seqlens[: q.shape[0]].max()) + k.shape[1]
         num_blocks = -(-longest // k_cache.shape[2])
     return attend_with_kvcache_ref(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens,
                                    cache_starts, cache_valid, status, softmax_scale, window, num_blocks=num_blocks,
-                                   causal=causal, **flash)
+                                   causal=causal, k_tail=k_tail, v_tail=v_tail, **flash)
 
 
 def _cpu_plan(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid,
@@ -98,15 +98,15 @@ def _attend_ref_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     k_scale: torch.Tensor, v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
     cache_starts: torch.Tensor, cache_valid: torch.Tensor, status: torch.Tensor, softmax_scale: float, window: int,
-    causal: bool,
+    causal: bool, k_tail: torch.Tensor, v_tail: torch.Tensor,
 ) -> torch.Tensor:
     return _attend_ref_bounded(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
-                               cache_valid, status, softmax_scale, window, causal)
+                               cache_valid, status, softmax_scale, window, causal, k_tail, v_tail)
 
 
 @_attend_ref_op.register_fake
 def _(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid, status,
-      softmax_scale, window, causal):
+      softmax_scale, window, causal, k_tail, v_tail):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
@@ -114,12 +114,13 @@ def _(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, c
 def _write_ref_op(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
     v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor, status: torch.Tensor,
+    k_tail: torch.Tensor, v_tail: torch.Tensor,
 ) -> None:
-    write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status)
+    write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status, k_tail, v_tail)
 
 
 @_write_ref_op.register_fake
-def _(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status):
+def _(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status, k_tail, v_tail):
     return None
 
 
@@ -132,18 +133,20 @@ if _kernels is not None:
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         k_scale: torch.Tensor, v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
         cache_starts: torch.Tensor, cache_valid: torch.Tensor, status: torch.Tensor, softmax_scale: float,
-        window: int, causal: bool,
+        window: int, causal: bool, k_tail: torch.Tensor, v_tail: torch.Tensor,
     ) -> torch.Tensor:
         return _kernels.attend_with_kvcache(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table,
                                             cache_seqlens, cache_starts, cache_valid, status, softmax_scale, window,
-                                            causal)
+                                            causal, k_tail=k_tail, v_tail=v_tail)
 
     @torch.library.triton_op("hf_kvplug::write_kvcache", mutates_args=_MUTATED)
     def _write_triton_op(
         k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
         v_scale: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor, status: torch.Tensor,
+        k_tail: torch.Tensor, v_tail: torch.Tensor,
     ) -> None:
-        _kernels.write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status)
+        _kernels.write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status,
+                               k_tail=k_tail, v_tail=v_tail)
 
 
 # ---------------------------------------------------------------- public functions
@@ -159,6 +162,7 @@ def attend_with_kvcache(
     softmax_scale: float, window: int | None = None, cache_valid=None, status=None, backend: str = "auto",
     causal: bool = True, *, right: int = -1, alibi_slopes: torch.Tensor | None = None, softcap: float = 0.0,
     return_lse: bool = False, num_splits: int | None = None, plan: torchpath.Plan | None = None,
+    k_tail: torch.Tensor | None = None, v_tail: torch.Tensor | None = None,
 ):
     """Write the new K/V into the paged cache and attend over each row's visible slots, in one call.
 
@@ -193,6 +197,9 @@ def attend_with_kvcache(
             from what it knows on the host (`torchpath.plan`: a PlugCache builds one per forward and group of
             layers); the caller vouches that every new token has a mapped slot. Without one, the CPU builds it
             from the tensors (reading them is free there) and other devices run the reference.
+        k_tail, v_tail: `[max_batch, nheads_k, block_size, head_dim]` in the model dtype (int4 caches), or None:
+            each row's last, partial block unquantized, read instead of its codes (rule 4 of `reference`).
+            **Written**: the new tokens that land in that block.
 
     Returns:
         `[batch, q_len, nheads, head_dim]` attention output in the dtype of `q`; 0 for a query that sees no slot
@@ -201,7 +208,7 @@ def attend_with_kvcache(
         on CPU tensors that raises a ValueError instead, before anything is written.
     """
     if plan is not None and not torch.compiler.is_compiling():  # the cache's own call: everything checked on the host
-        return torchpath.attend(q, k, v, k_cache, v_cache, k_scale, v_scale, plan, softmax_scale)
+        return torchpath.attend(q, k, v, k_cache, v_cache, k_scale, v_scale, plan, softmax_scale, k_tail, v_tail)
     window = int(window or 0)
     if (k is None) != (v is None):
         raise ValueError("k and v: both tensors, or both None (attend only)")
@@ -214,7 +221,8 @@ def attend_with_kvcache(
     args = (q, k, v, k_cache, v_cache, no_scale if k_scale is None else k_scale,
             no_scale if v_scale is None else v_scale, block_table, cache_seqlens, cache_starts,
             _empty(q.device, torch.uint8) if cache_valid is None else cache_valid,
-            _empty(q.device, torch.int32) if status is None else status, softmax_scale, window, bool(causal))
+            _empty(q.device, torch.int32) if status is None else status, softmax_scale, window, bool(causal),
+            *_tails(k_tail, v_tail, q, k_cache))
     compiling = torch.compiler.is_compiling()
     if q.device.type == "cpu" and not compiling:
         _check_writable_on_host(block_table, cache_seqlens, q.shape[0], k.shape[1], k_cache.shape[2])
@@ -222,39 +230,61 @@ def attend_with_kvcache(
     if right >= 0 or alibi_slopes is not None or softcap or return_lse or num_splits is not None:
         if resolve_backend(backend, q.device) == "triton":
             lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32) if return_lse else None
-            out = _kernels.attend_with_kvcache(*args, **flash, lse=lse, num_splits=num_splits)
+            out = _kernels.attend_with_kvcache(*args[:-2], k_tail=args[-2], v_tail=args[-1], **flash, lse=lse,
+                                               num_splits=num_splits)
             return (out, lse) if return_lse else out
         return _attend_ref_bounded(*args, **flash, return_lse=return_lse)
     choice = resolve_backend(backend, q.device)
     if choice == "triton":
         if q.device.type != "cuda":  # the CPU interpreter: launch directly, there is nothing to trace
-            return _kernels.attend_with_kvcache(*args)
+            return _kernels.attend_with_kvcache(*args[:-2], k_tail=args[-2], v_tail=args[-1])
         return torch.ops.hf_kvplug.attend_with_kvcache(*args)
     if q.device.type == "cpu":
         if compiling:
             return torch.ops.hf_kvplug.attend_with_kvcache_ref(*args)
         if choice == "torch" and k.shape[1] in (0, q.shape[1]) and all(map(torchpath.paged_layout, (k_cache, v_cache))):
-            return torchpath.attend(*args[:7], _cpu_plan(*args[:11], window, causal), softmax_scale)
+            cpu_plan = _cpu_plan(*args[:11], window, causal)
+            if cpu_plan.mode != "blocks" or k_tail is None:  # (blocks read where they lie: no tail there)
+                return torchpath.attend(*args[:7], cpu_plan, softmax_scale, *args[-2:])
         return _attend_ref_bounded(*args)  # eager: skip the op dispatcher's overhead, same function
     # Reference forced on an accelerator: plain torch ops over the whole row with a mask (no host sync).
-    return attend_with_kvcache_ref(*args[:-1], causal=args[-1])
+    return attend_with_kvcache_ref(*args[:-3], causal=args[-3], k_tail=args[-2], v_tail=args[-1])
+
+
+def _tails(k_tail, v_tail, q, k_cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact tail's buffers, checked against the cache, or two 0-element tensors standing for none (registered
+    ops take tensors)."""
+    if (k_tail is None) != (v_tail is None):
+        raise ValueError("k_tail and v_tail: both tensors, or both None")
+    if k_tail is None:
+        return _empty(q.device, q.dtype), _empty(q.device, q.dtype)
+    want = (k_cache.shape[1], k_cache.shape[2], q.shape[-1])
+    if k_cache.dtype != torch.uint8:
+        raise ValueError(f"an exact tail goes with an int4 cache (uint8 codes), not {k_cache.dtype}")
+    for t in (k_tail, v_tail):
+        if tuple(t.shape[1:]) != want or t.shape[0] < q.shape[0] or t.dtype != q.dtype or not t.is_contiguous():
+            raise ValueError(f"k_tail, v_tail: contiguous [>= {q.shape[0]}, {want[0]}, {want[1]}, {want[2]}] in "
+                             f"{q.dtype} (rows, KV heads, block_size, head_dim), got {tuple(t.shape)} {t.dtype}")
+    return k_tail, v_tail
 
 
 def write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status=None,
-                  backend: str = "auto") -> None:
+                  backend: str = "auto", *, k_tail=None, v_tail=None) -> None:
     """Write `k, v [batch, q_len, nheads_k, head_dim]` into slots `cache_seqlens[b] + i`, quantizing for int8/int4.
 
-    Buffers as in `attend_with_kvcache`; `k_cache, v_cache, k_scale, v_scale` (and `status`) are written in place,
-    nothing is returned and `cache_seqlens` is not advanced. A token with no slot is not written and sets status[0];
-    on CPU tensors that raises a ValueError instead, before anything is written.
+    Buffers as in `attend_with_kvcache`; `k_cache, v_cache, k_scale, v_scale` (and `status`, and the exact tail
+    `k_tail, v_tail` when given) are written in place, nothing is returned and `cache_seqlens` is not advanced. A
+    token with no slot is not written and sets status[0]; on CPU tensors that raises a ValueError instead, before
+    anything is written.
     """
     status = _empty(k.device, torch.int32) if status is None else status
-    args = (k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status)
+    args = (k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status,
+            *_tails(k_tail, v_tail, k, k_cache))
     if k.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_writable_on_host(block_table, cache_seqlens, k.shape[0], k.shape[1], k_cache.shape[2])
     if resolve_backend(backend, k.device) == "triton":
         if k.device.type != "cuda":
-            return _kernels.write_kvcache(*args)
+            return _kernels.write_kvcache(*args[:-2], k_tail=args[-2], v_tail=args[-1])
         return torch.ops.hf_kvplug.write_kvcache(*args)
     if k.device.type == "cpu":
         return torch.ops.hf_kvplug.write_kvcache_ref(*args)

@@ -12,6 +12,8 @@ Cache layout (per layer), shared by the reference and the kernels:
   cache_starts      [max_batch] int32                               first slot row b may attend (leading padding)
   cache_valid       [max_batch, max_len] uint8, or 0 elements       0 marks a slot no query attends (padding, holes)
   status            [1] int32, or 0 elements                        set to 1 when a write had no slot
+  k_tail, v_tail    [max_batch, nheads_k, BLOCK_SIZE, head_dim]     model dtype, or 0 elements (no tail): row b's
+                                                                    last, partial block in full precision
 
 Semantics of `attend_with_kvcache` for rows b < batch, with n_new new tokens (k, v; 0: attend only) and q_len
 queries, the queries being the row's last q_len tokens once the new ones are appended (as flash_attn_with_kvcache
@@ -28,6 +30,14 @@ token i's slot).
      change the scores, and its log-sum-exp can be returned (`attend_with_kvcache_ref`).
   3. Slots no token of the row sees (past its length, before its start, masked) never enter the arithmetic: their
      K and V are zeroed before the products, so stale NaN/Inf there cannot leak into any output.
+  4. The exact tail (k_tail / v_tail given; a quantized PlugCache's, `PlugConfig.exact_tail`): once the call's
+     new tokens are in, row b holds L_b = cache_seqlens[b] + n_new tokens and its last, partial block starts at
+     tail_lo_b = BLOCK_SIZE * (L_b // BLOCK_SIZE). Every new token whose slot t is writable and >= tail_lo_b is also
+     stored unquantized at k_tail[b, :, t % BLOCK_SIZE], and every slot t >= tail_lo_b is read from there instead of
+     the pool. The pool always holds every token's codes, so a block that fills is read quantized from then on, and
+     a full block never depends on the tail (shared, forked and prefix-cached blocks stay plain). The caller keeps
+     the tail holding the tokens of each row's partial block (`PlugLayer`: a crop into an earlier block refills it
+     from the pool).
 cache_seqlens is not advanced: the caller does that.
 """
 
@@ -111,8 +121,46 @@ def slot_blocks(block_table, cache_seqlens, batch: int, q_len: int, block_size: 
     return slots, blocks.clamp(min=0), ok
 
 
-def write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status) -> torch.Tensor:
-    """Writes `k, v [B, q_len, nheads_k, D]` into slots cache_seqlens[b] + i of rows b < B, in place.
+def has_tail(k_tail: torch.Tensor | None) -> bool:
+    return k_tail is not None and k_tail.numel() > 0
+
+
+def tail_starts(cache_seqlens: torch.Tensor, batch: int, n_new: int, block_size: int) -> torch.Tensor:
+    """`[B]` int64: the first slot each row reads from its exact tail once `n_new` new tokens are in (rule 4)."""
+    total = cache_seqlens[:batch].long() + n_new
+    return total - total % block_size
+
+
+def write_tail_ref(k, v, k_tail, v_tail, cache_seqlens, ok) -> None:
+    """Rule 4's write: new tokens `k, v [B, n_new, nheads_k, D]` that found a slot (`ok [B, n_new]`) and lie in their
+    row's last, partial block, stored unquantized in `k_tail, v_tail`, in place. No host read."""
+    batch, n_new = k.shape[:2]
+    bs = k_tail.shape[2]
+    lo = tail_starts(cache_seqlens, batch, n_new, bs).to(k_tail.device)
+    rows = torch.arange(batch, device=k_tail.device)
+    ok = ok.to(k_tail.device)
+    for j in range(max(0, n_new - bs), n_new):  # only the last block_size tokens can lie in the partial block
+        t = cache_seqlens[:batch].long().to(k_tail.device) + j
+        keep = (ok[:, j] & (t >= lo))[:, None, None]  # [B, 1, 1]; j ascending: a written token is the last write
+        for new, tail in ((k, k_tail), (v, v_tail)):
+            at = tail[rows, :, t % bs]  # [B, Hk, D]
+            tail[rows, :, t % bs] = torch.where(keep, new[:, j].to(tail.device, tail.dtype), at)
+
+
+def overlay_tail(x: torch.Tensor, tail: torch.Tensor, lo: torch.Tensor, end: torch.Tensor, t0: int = 0):
+    """`x [B, Hk, T, D]` (slots t0 + i) with slots in [lo_b, end_b) taken from `tail [>=B, Hk, BS, D]` at t % BS: a
+    new tensor in x's dtype."""
+    batch, slots, bs = x.shape[0], x.shape[2], tail.shape[2]
+    t = torch.arange(t0, t0 + slots, device=x.device)
+    use = (t >= lo.to(x.device)[:, None]) & (t < end.to(x.device)[:, None])  # [B, T]
+    from_tail = tail[:batch].to(x.device).index_select(2, t % bs).to(x.dtype)
+    return torch.where(use[:, None, :, None], from_tail, x)
+
+
+def write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status,
+                      k_tail=None, v_tail=None) -> torch.Tensor:
+    """Writes `k, v [B, q_len, nheads_k, D]` into slots cache_seqlens[b] + i of rows b < B, in place, and into the
+    exact tail (`k_tail, v_tail`, rule 4 of the module doc) when given.
 
     Returns `ok [B, q_len]` bool: whether each token found a slot. Tokens that did not are not written and set
     `status[0] = 1` (when status has an element). No host read: safe on any device.
@@ -135,6 +183,8 @@ def write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cac
         if s is not None:
             scale[tb, :, to] = torch.where(any_ok, s, scale[tb, :, to])
         cache[tb, :, to] = torch.where(any_ok, new, cache[tb, :, to])
+    if has_tail(k_tail):
+        write_tail_ref(k, v, k_tail, v_tail, cache_seqlens, ok)
     if status.numel():
         status.copy_(torch.maximum(status, (~ok).any().to(status.dtype)))
     return ok
@@ -195,6 +245,7 @@ def attend_with_kvcache_ref(
     q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid, status,
     softmax_scale: float, window: int = 0, num_blocks: int | None = None, causal: bool = True, right: int = -1,
     alibi_slopes: torch.Tensor | None = None, softcap: float = 0.0, return_lse: bool = False,
+    k_tail: torch.Tensor | None = None, v_tail: torch.Tensor | None = None,
 ):
     """Reference of the fused write + attention. `q [B, q_len, nheads, D]` -> out `[B, q_len, nheads, D]`.
 
@@ -208,13 +259,20 @@ def attend_with_kvcache_ref(
     `alibi_slopes` `[nheads]` or `[B, nheads]` fp32 then adds -slope * |s_i - t| to the score of query slot s_i and
     key slot t; `return_lse` also returns the natural-log sum of exp(scores) over the seen slots, `[B, nheads,
     q_len]` fp32 (+inf for a query that sees nothing, NaN with a lost token, as its output).
+
+    `k_tail, v_tail`: the exact tail of each row's last, partial block (rule 4 of the module doc), written and read.
     """
     batch, q_len, nheads, _ = q.shape
     n_new = k.shape[1]
-    ok = write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status)
+    ok = write_kvcache_ref(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status,
+                           k_tail, v_tail)
     nb = block_table.shape[1] if num_blocks is None else max(1, min(num_blocks, block_table.shape[1]))
     keys = gather_kv(k_cache, k_scale, block_table, batch, nb, q.dtype)
     values = gather_kv(v_cache, v_scale, block_table, batch, nb, q.dtype)
+    if has_tail(k_tail):
+        lo = tail_starts(cache_seqlens, batch, n_new, k_cache.shape[2])
+        end = cache_seqlens[:batch].long() + n_new
+        keys, values = overlay_tail(keys, k_tail, lo, end), overlay_tail(values, v_tail, lo, end)
     lo, hi = query_ranges(cache_seqlens, cache_starts, batch, q_len, window, n_new, causal, right)
     seen = _seen(lo, hi, cache_valid, batch, keys.shape[2])
     hidden = ~seen.any(1)[:, None, :, None]  # [B, 1, T, 1]: slots no token of the row sees

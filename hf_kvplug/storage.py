@@ -1,7 +1,8 @@
 """PlugCache files: a prefilled cache written with safetensors and read back, in this process or another.
 
 Layout: `layer.{i}.k` / `layer.{i}.v` `[n, nheads_k, block_size, head_dim]` (storage dtype; INT8 and INT4 add
-`layer.{i}.k_scale` / `.v_scale`) hold the n blocks the rows use, each once; `table` `[batch, blocks]` int32 names
+`layer.{i}.k_scale` / `.v_scale`, an exact tail `layer.{i}.k_tail` / `.v_tail` `[batch, nheads_k, block_size,
+head_dim]`) hold the n blocks the rows use, each once; `table` `[batch, blocks]` int32 names
 them per row (-1: none), and `table.ring{r}` does the same for the sliding-window layers kept in rings of r blocks
 (numbered apart: each group of layers has its own blocks); `seqlens` `[num_layers, batch]`, `starts` `[batch]` and,
 when the recorded mask has holes, `valid` `[batch, length]`. The metadata says what the cache was built for and
@@ -28,6 +29,8 @@ def _fingerprint(config) -> dict:
         out["layer_rings"] = config.layer_rings
     if config.key_rotation:  # (absent from files of unrotated keys: fp caches' files stay readable)
         out["key_rotation"] = config.key_rotation
+    if config.exact_tail:  # (absent from files without one: int4 files from before it load as caches without)
+        out["exact_tail"] = True
     return out
 
 
@@ -69,6 +72,8 @@ def save_cache(cache, path) -> None:
     for layer in cache.attn_layers:
         for name, blocks in layer.kv.blocks(used[layer.ring]).items():
             tensors[f"layer.{layer.layer_idx}.{name}"] = blocks
+        for name, tail in zip(("k_tail", "v_tail"), layer.tail or ()):
+            tensors[f"layer.{layer.layer_idx}.{name}"] = tail[:batch].cpu().clone()
     tensors["seqlens"] = torch.stack([layer.cache_seqlens[:batch].cpu() for layer in cache.attn_layers])
     dev = next(iter(cache.device_states.values()))
     tensors["starts"] = dev.starts[:batch].cpu().clone()
@@ -114,6 +119,7 @@ def load_cache(cls, path, model_or_config, **kwargs):
     kwargs.setdefault("trim_windows", "layer_rings" in meta["config"])  # the file's layout unless told otherwise
     # keys as the file stores them: files from before quantized keys were rotated load as caches that do not rotate
     kwargs.setdefault("rotate_keys", "key_rotation" in meta["config"])
+    kwargs.setdefault("exact_tail", "exact_tail" in meta["config"])  # int4 files from before it: no tail
     # files from before window_slack existed kept rings of 2 x window - 1 slots: a slack of the (widest) window
     old = max((w for w in meta["config"].get("layer_windows") or [] if w), default=None)
     kwargs.setdefault("window_slack", meta["window_slack"] if "window_slack" in meta else old)
@@ -131,7 +137,10 @@ def load_cache(cls, path, model_or_config, **kwargs):
             if any(d.startswith("layer_rings") for d in diffs) else ""
         rotation = " (rotate_keys= must match how the file stores keys)" \
             if any(d.startswith("key_rotation") for d in diffs) else ""
-        raise ValueError(f"{path} was saved for another model or cache (" + "; ".join(diffs) + ")" + rings + rotation)
+        tail = " (exact_tail= must match whether the file holds exact tails)" \
+            if any(d.startswith("exact_tail") for d in diffs) else ""
+        raise ValueError(f"{path} was saved for another model or cache (" + "; ".join(diffs) + ")" + rings + rotation
+                         + tail)
     if batch > cache.max_batch_size or length > cache.max_cache_len:
         raise ValueError(f"{path} holds {batch} rows of {length} tokens; build the cache with max_batch_size >= "
                          f"{batch} and max_cache_len >= {length}")
@@ -151,6 +160,8 @@ def load_cache(cls, path, model_or_config, **kwargs):
         prefix = f"layer.{layer.layer_idx}."
         layer.kv.put_blocks(placed[layer.ring],
                             {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)})
+        for name, tail in zip(("k_tail", "v_tail"), layer.tail or ()):
+            tail[:batch].copy_(tensors[prefix + name])
         layer.cache_seqlens[:batch].copy_(tensors["seqlens"][n])
         layer.fresh = meta["fresh"]
     for dev in cache.device_states.values():

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from .reference import quantize, query_ranges
+from .reference import has_tail, quantize, query_ranges, write_tail_ref
 
 
 # Up to this many slots over all rows, a call gathers K and V into one dense copy and runs PyTorch's SDPA: a few ops,
@@ -58,6 +58,8 @@ class Plan(NamedTuple):
         the blocks (`[batch, nb, nheads_k, group, q_len, block_size]`, the same for every query of a group), so
         that one `baddbmm` adds it.
     blind: `[batch, 1, q_len, 1]` bool, the queries that see no slot (their output is 0), or None: none.
+    ends: each row's length once the new tokens are in: an int when the host knows it is every row's (a
+        PlugCache's), else `[batch]` int64. It places the exact tail's slots (`reference`, rule 4).
     """
 
     batch: int
@@ -75,6 +77,7 @@ class Plan(NamedTuple):
     tail: bool
     bias: torch.Tensor | None
     blind: torch.Tensor | None
+    ends: int | torch.Tensor
 
 
 def slot_strides(buf: torch.Tensor) -> tuple[int, int]:
@@ -173,8 +176,9 @@ def plan(block_table, cache_seqlens, cache_starts, cache_valid, batch: int, q_le
         if step >= 0 and runs == list(range(runs[0], runs[0] + batch * step, step) if step else [runs[0]] * batch):
             spacing = step
     adjacent = runs is not None and (batch == 1 or spacing == nb)  # runs one after another: spaced by a run
+    ends = length + n_new if length is not None else cache_seqlens[:batch].long().to(device) + n_new
     return Plan(batch, q_len, mode, fb, nb, t0, t1 - t0, runs, adjacent, spacing, flat, wflat, tail, bias,
-                None if blind is None else blind.unsqueeze(-1))
+                None if blind is None else blind.unsqueeze(-1), ends)
 
 
 def _write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, sb, sh, rows, length) -> torch.Tensor:
@@ -253,11 +257,64 @@ def _blocks(buf: torch.Tensor, p: Plan) -> list[torch.Tensor]:
     return [buf[r:r + p.nb] for r in p.runs]
 
 
-def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: float) -> torch.Tensor:
+class Exact(NamedTuple):
+    """The exact tail's part of a call (`reference`, rule 4): the plan's slot columns [c0, slots) whose K/V come
+    from the tail, as `k, v [B, Hk, slots - c0, D]` (views of the tail where every row's part is the same, else
+    gathered) and `use` `[B, 1, 1, slots - c0]` bool, or None: every column of every row."""
+
+    c0: int
+    k: torch.Tensor
+    v: torch.Tensor
+    use: torch.Tensor | None
+
+
+def _exact(k_tail, v_tail, p: Plan) -> Exact | None:
+    """Where the plan's rows read their exact tail, or None: no slot of theirs does."""
+    bs = k_tail.shape[2]
+    t0, t1 = p.t0, p.t0 + p.slots
+    if isinstance(p.ends, int):  # every row alike: the columns [lo, end) are tail positions [lo % bs, ...)
+        lo = max(p.ends - p.ends % bs, t0)
+        if lo >= min(p.ends, t1):
+            return None
+        at = slice(lo % bs, lo % bs + min(p.ends, t1) - lo)
+        return Exact(lo - t0, k_tail[:p.batch, :, at], v_tail[:p.batch, :, at], None)
+    ends = p.ends
+    lo = ends - ends % bs
+    c0 = max(0, int(lo.min()) - t0) if p.batch else p.slots  # the CPU: free to read
+    if c0 >= p.slots:
+        return None
+    t = torch.arange(t0 + c0, t1, device=ends.device)
+    use = ((t >= lo[:, None]) & (t < ends[:, None]))[:, None, None, :]  # [B, 1, 1, w]
+    hide = ~use.transpose(2, 3)  # positions a row does not read: zeroed (they may hold anything)
+    k, v = (x[:p.batch].index_select(2, t % bs).masked_fill(hide, 0) for x in (k_tail, v_tail))
+    return Exact(c0, k, v, use)
+
+
+def _write_exact(k, v, k_tail, v_tail, p: Plan) -> None:
+    """Rule 4's write through the plan: the new tokens that land in their row's last, partial block, into the
+    tail (every new token has a slot: the plan's caller made sure)."""
+    n, bs = k.shape[1], k_tail.shape[2]
+    if isinstance(p.ends, int):
+        first = max(p.ends - p.ends % bs, p.ends - n)  # the first new slot in the partial block
+        if first < p.ends:
+            j = first - (p.ends - n)
+            for new, tail in ((k, k_tail), (v, v_tail)):
+                tail[:p.batch, :, first % bs:first % bs + p.ends - first].copy_(new[:, j:].transpose(1, 2))
+        return
+    ok = torch.ones(k.shape[:2], dtype=torch.bool, device=k_tail.device)
+    write_tail_ref(k, v, k_tail, v_tail, p.ends - n, ok)
+
+
+def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: float, k_tail=None,
+           v_tail=None) -> torch.Tensor:
     """Write the new K/V (if any) and attend `q [B, L, nheads, D]` over the plan's slots: `[B, L, nheads, D]` in q's
     dtype, with `reference.attend_with_kvcache_ref`'s semantics (K/V in the model dtype attended in it, as SDPA
-    does; codes in fp32)."""
-    if (p.tail and p.spacing is not None and p.bias is None and p.blind is None and q.shape[1] == 1
+    does; codes in fp32). `k_tail, v_tail`: the exact tail of quantized caches (rule 4; spans and dense plans)."""
+    exact = has_tail(k_tail)
+    if exact and (p.mode == "blocks" or k_cache.dtype == q.dtype):
+        raise ValueError("the exact tail is read on this path for quantized caches stored heads first or gathered "
+                         "(a PlugCache's), not for this call: use the reference")
+    if (not exact and p.tail and p.spacing is not None and p.bias is None and p.blind is None and q.shape[1] == 1
             and k_cache.dtype == q.dtype and k is not None and not (torch.is_grad_enabled() and q.requires_grad)
             and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()):
         return _decode_step(q, k, v, k_cache, v_cache, p, softmax_scale)
@@ -273,10 +330,16 @@ def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: 
     scales = (read(k_scale, p), read(v_scale, p)) if kind != "fp" else ([None] * len(keys),) * 2
     if p.tail and k is not None and k.shape[1]:
         _write_tail(k, v, keys, values, *scales, kind)
+    ex = None
+    if exact:
+        if k is not None and k.shape[1]:
+            _write_exact(k, v, k_tail, v_tail, p)
+        ex = _exact(k_tail, v_tail, p)
     parts = list(zip(keys, values, *scales))
     if torch.is_grad_enabled() and q.requires_grad:  # autograd keeps what it reads: copies, not views of the pool
         parts = [tuple(None if x is None else x.clone() for x in part) for part in parts]  # (written next step)
-    return _attend_rows(q, parts, p, softmax_scale, kind)
+        ex = None if ex is None else Exact(ex.c0, ex.k.clone(), ex.v.clone(), ex.use)
+    return _attend_rows(q, parts, p, softmax_scale, kind, ex)
 
 
 def _decode_step(q, k, v, k_cache, v_cache, p: Plan, softmax_scale: float) -> torch.Tensor:
@@ -344,14 +407,15 @@ def _spans(buf, p: Plan) -> list[torch.Tensor]:
     return [view(r, 1, 0) for r in p.runs]
 
 
-def _attend_rows(q, parts, p: Plan, softmax_scale: float, kind: str) -> torch.Tensor:
+def _attend_rows(q, parts, p: Plan, softmax_scale: float, kind: str, ex: Exact | None = None) -> torch.Tensor:
     """Attention of `q [B, L, nheads, D]` over `parts`, the plan's slots as `(k, v, k_scale, v_scale)` tensors
     `[b, Hk, slots, ...]` of consecutive rows (views of the spans, or one gathered copy): `[B, L, nheads, D]`.
 
     Each KV head's queries are the rows of its SDPA call, ordered (group, query), so there is no GQA expansion; K/V
     in the model dtype go to SDPA in it, as stock attends, codes through two products with their scales applied
     to the scores and probabilities. The same arithmetic whichever way the slots were read, so a fork, a copy or
-    a loaded file (whose blocks may lie elsewhere) gives the same bits as the cache it came from."""
+    a loaded file (whose blocks may lie elsewhere) gives the same bits as the cache it came from. `ex`: the columns
+    read from the exact tail instead (quantized caches)."""
     batch, q_len, nheads, head_dim = q.shape
     nheads_k = parts[0][0].shape[1]
     group = nheads // nheads_k
@@ -369,18 +433,19 @@ def _attend_rows(q, parts, p: Plan, softmax_scale: float, kind: str) -> torch.Te
             bias = bias.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(batch, 1, rows, p.slots)
     blind = None if p.blind is None else p.blind.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(
         batch, 1, rows, 1)
-    out = _rows_pass(qh, parts, softmax_scale, kind, bias, blind, False)
+    out = _rows_pass(qh, parts, softmax_scale, kind, bias, blind, False, ex)
     if bias is not None and not _finite(out):
         # a slot no query sees held NaN / Inf (an earlier request's): again, with its K and V zeroed, as the reference
-        out = _rows_pass(qh, parts, softmax_scale, kind, bias, blind, True)
+        out = _rows_pass(qh, parts, softmax_scale, kind, bias, blind, True, ex)
     if q_len > 1:
         out = out.view(batch, nheads_k, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(batch, q_len, nheads, head_dim).to(q.dtype)
 
 
-def _rows_pass(qh, parts, softmax_scale: float, kind: str, bias, blind, safe: bool) -> torch.Tensor:
+def _rows_pass(qh, parts, softmax_scale: float, kind: str, bias, blind, safe: bool,
+               ex: Exact | None = None) -> torch.Tensor:
     """`qh [B, Hk, R, D]` over `parts` (`_attend_rows`): `[B, Hk, R, D]`. `safe`: the K and V of slots no query
-    sees zeroed (their scores -inf)."""
+    sees zeroed (their scores -inf). `ex`: columns whose K/V come from the exact tail (codes only)."""
     hidden = torch.isinf(bias) if safe else None  # [B, 1, R or 1, T]
     if kind != "fp" and qh.shape[0] > 1:  # row by row: each row's codes as floats stay in the CPU's caches between
         parts = [tuple(None if x is None else x[i:i + 1] for x in part) for part in parts  # the two products
@@ -390,6 +455,7 @@ def _rows_pass(qh, parts, softmax_scale: float, kind: str, bias, blind, safe: bo
         n = kb.shape[0]
         qb = qh if whole else qh[b:b + n]
         bn = bias if bias is None or whole else bias[b:b + n]
+        unseen = None
         if hidden is not None:
             unseen = hidden[b:b + n].all(2).unsqueeze(-1)  # [n, 1, T, 1]: no query sees it
             kb, vb = kb.masked_fill(unseen, 0), vb.masked_fill(unseen, 0)
@@ -399,13 +465,48 @@ def _rows_pass(qh, parts, softmax_scale: float, kind: str, bias, blind, safe: bo
             outs.append(torch.nn.functional.scaled_dot_product_attention(
                 qb, kb.to(qb.dtype), vb.to(qb.dtype), attn_mask=bn, scale=softmax_scale))
         else:
-            scores = _scores(qb * softmax_scale, kb, ks, kind, qh.shape[-1], bn)  # [n, Hk, R, T]
+            qs = qb * softmax_scale
+            scores = _scores(qs, kb, ks, kind, qh.shape[-1], bn)  # [n, Hk, R, T]
+            ext = None if ex is None else _exact_rows(ex, b, n, scores, qs, bn, unseen)
             if hidden is not None:
                 scores.masked_fill_(hidden[b:b + n], float("-inf"))
-            outs.append(_values(torch.softmax(scores, -1), vb, vs, kind))
+            probs = torch.softmax(scores, -1)
+            extra = None if ext is None else _exact_values(probs, ex.c0, *ext)
+            out = _values(probs, vb, vs, kind)
+            outs.append(out if extra is None else out.add_(extra))
         b += n
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
     return out if blind is None else out.masked_fill(blind, 0.0)
+
+
+def _exact_rows(ex: Exact, b: int, n: int, scores, qs, bias, unseen):
+    """Rows [b, b + n) of the exact tail: their scores put into `scores [n, Hk, R, T]`'s tail columns (in place,
+    the bias added as to the others); returns (V [n, Hk, w, D], use [n, 1, 1, w] or None) for `_exact_values`.
+    `unseen [n, 1, T, 1]`: slots no query sees, whose V is zeroed (`_rows_pass`'s safe pass)."""
+    k, v = ex.k[b:b + n], ex.v[b:b + n]
+    if unseen is not None:
+        v = v.masked_fill(unseen[:, :, ex.c0:], 0)
+    ts = torch.matmul(qs, k.to(qs.dtype).transpose(-1, -2))  # [n, Hk, R, w]
+    if bias is not None:
+        ts = ts.add_(bias[..., ex.c0:])
+    cols = scores[..., ex.c0:]
+    use = None if ex.use is None else ex.use[b:b + n]
+    cols.copy_(ts if use is None else torch.where(use, ts, cols))
+    return v.to(qs.dtype), use
+
+
+def _exact_values(probs, c0: int, v, use):
+    """The tail columns' share of the output, `probs[..., c0:] @ v`; those columns' probabilities are then zeroed
+    in `probs` (in place), so the codes under them add nothing."""
+    pt = probs[..., c0:]
+    if use is not None:
+        pt = pt * use
+    out = torch.matmul(pt, v)
+    if use is None:
+        probs[..., c0:] = 0
+    else:
+        probs[..., c0:].masked_fill_(use, 0)
+    return out
 
 
 def _attend_blocks(q, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: float, kind: str) -> torch.Tensor:

@@ -6,10 +6,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .host import cdiv, check_cache, check_valid, device_guard, launcher, next_pow2, scale_strides, sm_count, upcast_dot
-from .tiles import (LOG2E, attention_bounds, int4_query, int4_tile_update, kv_tile_scores, lost_slot, natural_lse,
-                    quantize_int8, score_mods, slot_block, softmax_tile_update, store_int4, tanh_cap, tile_block_ids,
-                    visible)
+from .host import (cdiv, check_cache, check_tail, check_valid, device_guard, launcher, next_pow2, scale_strides,
+                   sm_count, tail_args, upcast_dot)
+from .tiles import (LOG2E, TAIL_N, attention_bounds, int4_query, int4_tile_update, kv_tile_scores, lost_slot,
+                    natural_lse, quantize_int8, score_mods, slot_block, softmax_tile_update, store_int4, store_tail,
+                    tail_tile_update, tanh_cap, tile_block_ids, visible)
 
 WAVES = 8  # programs aimed at, in units of SMs, when a row is full: enough left at half capacity to fill the GPU
 MIN_SPLIT = 128  # tokens per split, at least
@@ -157,13 +158,17 @@ def _decode_attn_int4_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
     stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt, stride_mb,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    k_tail_ptr, v_tail_ptr, stride_tb, stride_th, stride_ts,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT: tl.constexpr, HAS_HOLES: tl.constexpr,
-    HAS_STATUS: tl.constexpr, NEW_KV: tl.constexpr,
+    HAS_STATUS: tl.constexpr, NEW_KV: tl.constexpr, HAS_TAIL: tl.constexpr,
 ):
     # The int4 twin of _decode_attn_kernel (same grid, bounds, splits and epilogue): caches hold two values a byte
     # [num_blocks, nheads_k, BLOCK_SIZE, HEAD_DIM / 2] with (scale, minimum) per half; q and the output are handled
     # as their two halves, so no tile is ever dequantized element by element (tiles.int4_tile_update).
+    # HAS_TAIL: k_tail, v_tail [B, nheads_k, BLOCK_SIZE, HEAD_DIM] (model dtype) hold each row's last, partial block
+    # exact: its slots are read from there (tiles.tail_tile_update, before the int4 tiles) and the new token is
+    # written there too.
     split = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -193,16 +198,26 @@ def _decode_attn_int4_kernel(
     acc_lo = tl.zeros([BLOCK_H, D_PAD // 2], tl.float32)
     acc_hi = tl.zeros([BLOCK_H, D_PAD // 2], tl.float32)
     bt_row = block_table_ptr + b64 * stride_bt
+    n_main = n_hi  # the int4 tiles cover the slots seen here up to n_main
+    if HAS_TAIL:  # the row holds s + 1 tokens after the call: its slots from tail_lo on are read from the tail
+        tail_lo = s + 1 - (s + 1) % BLOCK_SIZE
+        n_main = tl.minimum(n_hi, tail_lo)
+        tile_lo = tl.where(n_main > n_lo, tile_lo, n_main)  # no int4 tile when all slots seen here are the tail's
 
-    if owner:  # quantize and write the new token; start the softmax from its dequantized values
+    if owner:  # quantize and write the new token; start the softmax from its dequantized values (or exact ones)
         phys, writable = slot_block(bt_row, s, capacity, BLOCK_SIZE)
         if writable:
             dst = phys * stride_cb + hk * stride_ch + (s % BLOCK_SIZE) * stride_cs
             sdst = phys * stride_sb + hk * stride_sh + (s % BLOCK_SIZE) * stride_ss
-            k_lo, k_hi = store_int4(k_ptr + b64 * stride_kb + hk * stride_kh, k_cache_ptr, k_scale_ptr, dst, sdst,
-                                    offs_h, mask_h, HALF)
-            v_lo, v_hi = store_int4(v_ptr + b64 * stride_vb + hk * stride_vh, v_cache_ptr, v_scale_ptr, dst, sdst,
-                                    offs_h, mask_h, HALF)
+            k_src = k_ptr + b64 * stride_kb + hk * stride_kh
+            v_src = v_ptr + b64 * stride_vb + hk * stride_vh
+            k_lo, k_hi = store_int4(k_src, k_cache_ptr, k_scale_ptr, dst, sdst, offs_h, mask_h, HALF)
+            v_lo, v_hi = store_int4(v_src, v_cache_ptr, v_scale_ptr, dst, sdst, offs_h, mask_h, HALF)
+            if HAS_TAIL:
+                if s >= tail_lo:  # it lands in the row's partial block: kept, and attended, exact
+                    tdst = b64 * stride_tb + hk * stride_th + (s % BLOCK_SIZE) * stride_ts
+                    k_lo, k_hi = store_tail(k_src, k_tail_ptr + tdst, offs_h, mask_h, HALF)
+                    v_lo, v_hi = store_tail(v_src, v_tail_ptr + tdst, offs_h, mask_h, HALF)
             sees_self = visible(s >= lo, cache_valid_ptr, b64, s, stride_mb, valid_len, HAS_HOLES)
             if sees_self:
                 m = (tl.sum(q_lo.to(tl.float32) * k_lo[None, :], 1)
@@ -211,14 +226,26 @@ def _decode_attn_int4_kernel(
                 acc_lo = acc_lo + v_lo[None, :]
                 acc_hi = acc_hi + v_hi[None, :]
 
+    if HAS_TAIL:  # the slots [max(n_lo, tail_lo), n_hi) seen here (a block at most), from the tail; before the int4
+        # tiles, so that nothing of it stays live through their loop, where registers are scarce
+        tail_row = b64 * stride_tb + hk * stride_th
+        offs_t = tl.arange(0, TAIL_N)
+        for start in range(tl.maximum(n_lo, tail_lo), n_hi, TAIL_N):
+            slots = start + offs_t
+            valid = visible(slots < n_hi, cache_valid_ptr, b64, slots, stride_mb, valid_len, HAS_HOLES)
+            trow = tail_row + (slots % BLOCK_SIZE) * stride_ts
+            m, l, acc_lo, acc_hi = tail_tile_update(m, l, acc_lo, acc_hi, q_lo.to(tl.float32), q_hi.to(tl.float32),
+                                                    k_tail_ptr, v_tail_ptr, trow, offs_h, mask_h, valid,
+                                                    valid[None, :], qk_scale, HALF, HAS_HOLES)
+
     offs_n = tl.arange(0, BLOCK_N)
-    next_phys = tile_block_ids(bt_row, tile_lo + offs_n, n_hi, BLOCK_SIZE)  # one tile ahead
-    for start in range(tile_lo, n_hi, BLOCK_N):
+    next_phys = tile_block_ids(bt_row, tile_lo + offs_n, n_main, BLOCK_SIZE)  # one tile ahead
+    for start in range(tile_lo, n_main, BLOCK_N):
         slots = start + offs_n
-        valid = visible((slots >= n_lo) & (slots < n_hi), cache_valid_ptr, b64, slots, stride_mb, valid_len,
+        valid = visible((slots >= n_lo) & (slots < n_main), cache_valid_ptr, b64, slots, stride_mb, valid_len,
                         HAS_HOLES)
         phys = next_phys.to(tl.int64)
-        next_phys = tile_block_ids(bt_row, slots + BLOCK_N, n_hi, BLOCK_SIZE)
+        next_phys = tile_block_ids(bt_row, slots + BLOCK_N, n_main, BLOCK_SIZE)
         row = phys * stride_cb + hk * stride_ch + (slots % BLOCK_SIZE) * stride_cs
         srow = phys * stride_sb + hk * stride_sh + (slots % BLOCK_SIZE) * stride_ss
         m, l, acc_lo, acc_hi = int4_tile_update(m, l, acc_lo, acc_hi, qd_lo, qd_hi, q_inv, qsum_lo, qsum_hi,
@@ -370,13 +397,15 @@ def split_layout(capacity: int, num_splits: int, block_n: int) -> tuple[int, int
 
 def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid,
                 status, softmax_scale, window, num_splits=None, config=None, alibi_slopes=None, softcap=0.0,
-                lse=None):
+                lse=None, k_tail=None, v_tail=None):
     # num_splits / config (a DecodeConfig, or its first three fields) override the static choices, for tests and
     # tuning
     # k, v [B, 1, nheads_k, D] (the new token, written here), or [B, 0, nheads_k, D]: attend only, the query being the
     # row's last cached token
     # flash_attn_with_kvcache's options (not for int4 caches): alibi_slopes [nheads] or [B, nheads] fp32, softcap > 0,
     # lse: a [B, nheads] fp32 view that receives the log-sum-exp (natural log; written)
+    # k_tail, v_tail [max_batch, nheads_k, BLOCK_SIZE, D] in q's dtype (int4 caches only), or None / 0 elements: the
+    # exact tail (rule 4 of hf_kvplug/reference.py), read and written
     batch, q_len, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     new_kv = k.shape[1] == 1
@@ -392,6 +421,7 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
     has_holes = check_valid(cache_valid, batch)
     group = nheads // nheads_k
     block_size = k_cache.shape[2]
+    has_tail = check_tail(k_tail, v_tail, kind, batch, nheads_k, block_size, head_dim, q.dtype)
     capacity = block_table.shape[1] * block_size
     d_pad = next_pow2(head_dim)
     config = config or decode_config(head_dim, kind, q.element_size())
@@ -425,7 +455,8 @@ def decode_attn(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_
                       HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT=num_splits > 1, HAS_HOLES=has_holes,
                       HAS_STATUS=has_status, NEW_KV=new_kv, num_warps=num_warps, num_stages=num_stages)
         if kind == "int4":
-            launcher(_decode_attn_int4_kernel)[(num_splits, nheads_k, batch)](*args, **common)
+            launcher(_decode_attn_int4_kernel)[(num_splits, nheads_k, batch)](
+                *args, *tail_args(k_tail, v_tail, has_tail, q), HAS_TAIL=has_tail, **common)
         else:
             launcher(_decode_attn_kernel)[(num_splits, nheads_k, batch)](
                 *args, *extras.attend_args(), INT8=int8, V_SCALE_ON_P=int8 and v_scale_on_p,

@@ -6,9 +6,10 @@ import triton
 import triton.language as tl
 
 from .decode_attn import flash_extras
-from .host import cdiv, check_cache, check_valid, device_guard, launcher, next_pow2, scale_strides, upcast_dot
-from .tiles import (LOG2E, attention_bounds, int4_query, int4_tile_update, kv_tile_scores, lost_span, natural_lse,
-                    score_mods, slot_block, softmax_tile_update, tile_block_ids, visible)
+from .host import (cdiv, check_cache, check_tail, check_valid, device_guard, launcher, next_pow2, scale_strides,
+                   tail_args, upcast_dot)
+from .tiles import (LOG2E, TAIL_N, attention_bounds, int4_query, int4_tile_update, kv_tile_scores, lost_span,
+                    natural_lse, score_mods, slot_block, softmax_tile_update, tail_tile_update, tile_block_ids, visible)
 
 
 @triton.jit
@@ -125,12 +126,15 @@ def _extend_attn_int4_kernel(
     stride_qb, stride_qt, stride_qh,
     stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss, stride_bt, stride_mb,
     stride_ob, stride_ot, stride_oh,
+    k_tail_ptr, v_tail_ptr, stride_tb, stride_th, stride_ts,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_HOLES: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_TAIL: tl.constexpr,
 ):
     # The int4 twin of _extend_attn_kernel: rows and tiles as there, q and the output in their two halves
-    # (tiles.int4_tile_update reads each packed tile without dequantizing it).
+    # (tiles.int4_tile_update reads each packed tile without dequantizing it). HAS_TAIL: k_tail, v_tail [B, nheads_k,
+    # BLOCK_SIZE, HEAD_DIM] (model dtype) hold each row's last, partial block exact (the write kernel filled it): its
+    # slots are read from there (tiles.tail_tile_update, after the int4 tiles).
     pid_m = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -163,20 +167,39 @@ def _extend_attn_int4_kernel(
     bt_row = block_table_ptr + b64 * stride_bt
     tile_lo = n_lo - n_lo % BLOCK_N
     n_end = n_hi + 1
+    n_main = n_end  # the int4 tiles cover the slots seen here up to n_main
+    if HAS_TAIL:  # the row holds seqlens[b] + q_len tokens after the call: its slots from tail_lo on, from the tail
+        total = tl.load(cache_seqlens_ptr + b) + q_len
+        tail_lo = total - total % BLOCK_SIZE
+        n_main = tl.minimum(n_end, tail_lo)
     offs_n = tl.arange(0, BLOCK_N)
-    next_phys = tile_block_ids(bt_row, tile_lo + offs_n, n_end, BLOCK_SIZE)
-    for start in range(tile_lo, n_end, BLOCK_N):
+    next_phys = tile_block_ids(bt_row, tile_lo + offs_n, n_main, BLOCK_SIZE)
+    for start in range(tile_lo, n_main, BLOCK_N):
         slots = start + offs_n
-        valid = visible((slots >= n_lo) & (slots < n_end), cache_valid_ptr, b64, slots, stride_mb, valid_len,
+        valid = visible((slots >= n_lo) & (slots < n_main), cache_valid_ptr, b64, slots, stride_mb, valid_len,
                         HAS_HOLES)
         phys = next_phys.to(tl.int64)
-        next_phys = tile_block_ids(bt_row, slots + BLOCK_N, n_end, BLOCK_SIZE)
+        next_phys = tile_block_ids(bt_row, slots + BLOCK_N, n_main, BLOCK_SIZE)
         row = phys * stride_cb + hk * stride_ch + (slots % BLOCK_SIZE) * stride_cs
         srow = phys * stride_sb + hk * stride_sh + (slots % BLOCK_SIZE) * stride_ss
         seen = (slots[None, :] >= lo[:, None]) & (slots[None, :] <= hi[:, None]) & valid[None, :]
         m, l, acc_lo, acc_hi = int4_tile_update(m, l, acc_lo, acc_hi, qd_lo, qd_hi, q_inv, qsum_lo, qsum_hi,
                                                 k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, row, srow, offs_h,
                                                 mask_h, valid, seen, qk_scale, True)
+    if HAS_TAIL:  # the slots [max(n_lo, tail_lo), n_end) seen here (a block at most), from the tail
+        # q reloaded (in L1) rather than kept through the int4 loop: ptxas gives the extend kernel ~50 more registers
+        # (d128) when this loop runs first, with the int4 tiles' query operands live through it
+        qf_lo = tl.load(q_row, mask=q_mask, other=0.0).to(tl.float32)
+        qf_hi = tl.load(q_row + HALF, mask=q_mask, other=0.0).to(tl.float32)
+        tail_row = b64 * stride_tb + hk * stride_th
+        offs_t = tl.arange(0, TAIL_N)
+        for start in range(tl.maximum(n_lo, tail_lo), n_end, TAIL_N):
+            slots = start + offs_t
+            valid = visible(slots < n_end, cache_valid_ptr, b64, slots, stride_mb, valid_len, HAS_HOLES)
+            seen = (slots[None, :] >= lo[:, None]) & (slots[None, :] <= hi[:, None]) & valid[None, :]
+            trow = tail_row + (slots % BLOCK_SIZE) * stride_ts
+            m, l, acc_lo, acc_hi = tail_tile_update(m, l, acc_lo, acc_hi, qf_lo, qf_hi, k_tail_ptr, v_tail_ptr, trow,
+                                                    offs_h, mask_h, valid, seen, qk_scale, HALF, True)
 
     l = tl.where(l > 0.0, l, 1.0)
     lost = lost_queries(bt_row, cache_seqlens_ptr, b, tok, s, lo, right, capacity, q_len, new_lo, BLOCK_SIZE, CAUSAL)
@@ -204,10 +227,13 @@ def extend_config(head_dim: int, elem_size: int = 2, kind: str = "fp"):
 
 
 def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts, cache_valid,
-                softmax_scale, window, causal=True, new_lo=0, right=-1, alibi_slopes=None, softcap=0.0, lse=None):
+                softmax_scale, window, causal=True, new_lo=0, right=-1, alibi_slopes=None, softcap=0.0, lse=None,
+                k_tail=None, v_tail=None):
     # query i of row b sits at slot cache_seqlens[b] + i and sees up to it (causal) or up to the last query's slot
     # (up to `right` slots past its own when right >= 0); queries i >= new_lo are new tokens: NaN where their slot
     # could not be written (the write ran first). alibi_slopes, softcap, lse [B, nheads, q_len]: see decode_attn.
+    # k_tail, v_tail (int4 caches; None / 0 elements: none): the exact tail, read for the slots from each row's last
+    # multiple of BLOCK_SIZE on, the row ending at the last query (cache_seqlens[b] + q_len tokens; written already)
     batch, q_len, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[1]
     assert q.stride(-1) == 1, "q: contiguous last dim"
@@ -216,6 +242,7 @@ def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlen
     assert cache_starts.dtype == torch.int32 and cache_starts.shape[0] >= batch and cache_starts.stride(0) == 1
     assert block_table.shape[0] >= batch and cache_seqlens.shape[0] >= batch
     has_holes = check_valid(cache_valid, batch)
+    has_tail = check_tail(k_tail, v_tail, kind, batch, nheads_k, k_cache.shape[2], head_dim, q.dtype)
     group = nheads // nheads_k
     group_pad = next_pow2(group)
     block_r, block_n, num_warps, num_stages = extend_config(head_dim, q.element_size(), kind)
@@ -237,7 +264,8 @@ def extend_attn(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlen
                       HAS_HOLES=has_holes, CAUSAL=bool(causal), num_warps=num_warps, num_stages=num_stages)
         grid = (cdiv(q_len, block_m), nheads_k, batch)
         if kind == "int4":
-            launcher(_extend_attn_int4_kernel)[grid](*args, **common)
+            launcher(_extend_attn_int4_kernel)[grid](*args, *tail_args(k_tail, v_tail, has_tail, q), HAS_TAIL=has_tail,
+                                                     **common)
         else:
             launcher(_extend_attn_kernel)[grid](*args, *extras.attend_args(), INT8=kind == "int8",
                                                 UPCAST=upcast_dot(q.dtype), **common, **extras.flags)

@@ -78,3 +78,27 @@ def check_valid(cache_valid, batch: int) -> bool:
 def scale_strides(k_scale, quantized: bool):
     return tuple(k_scale.stride()[:3]) if quantized else (0, 0, 0)
 
+
+def check_tail(k_tail, v_tail, kind: str, batch: int, nheads_k: int, block_size: int, head_dim: int, dtype) -> bool:
+    """True when an exact tail is given (None or 0 elements: none): `[>= batch, nheads_k, block_size, head_dim]` in
+    the model dtype with a contiguous last dim, v_tail laid out as k_tail. Only int4 caches keep one."""
+    if k_tail is None or k_tail.numel() == 0:
+        assert v_tail is None or v_tail.numel() == 0, "k_tail and v_tail: both given, or neither"
+        return False
+    if kind != "int4":
+        raise NotImplementedError(f"the exact tail (k_tail, v_tail) is implemented for int4 caches only, not {kind}")
+    assert k_tail.dim() == 4 and k_tail.shape[0] >= batch, (k_tail.shape, batch)
+    assert tuple(k_tail.shape[1:]) == (nheads_k, block_size, head_dim), (k_tail.shape, nheads_k, block_size, head_dim)
+    assert k_tail.dtype == dtype and k_tail.stride(-1) == 1, "k_tail: the model dtype, contiguous last dim"
+    assert v_tail is not None and v_tail.shape == k_tail.shape and v_tail.dtype == dtype
+    assert v_tail.stride() == k_tail.stride(), "v_tail: laid out as k_tail"
+    return True
+
+
+def tail_args(k_tail, v_tail, has_tail: bool, fill) -> tuple:
+    """The tail's kernel arguments: both pointers and the strides of row, head and slot; without a tail, `fill`
+    stands in for the pointers (never read), so no tensor is allocated per call."""
+    if not has_tail:
+        return (fill, fill, 0, 0, 0)
+    return (k_tail, v_tail, *k_tail.stride()[:3])
+

@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # scores run in the log2 domain; launchers use LOG2E.value
+TAIL_N: tl.constexpr = tl.constexpr(16)  # slots per tile of the exact tail (a block is a few tiles)
 
 
 @triton.jit
@@ -246,6 +247,19 @@ def int4_tile(cache_ptr, scale_ptr, row, srow, offs_h, kv_mask, valid, DTYPE: tl
 
 
 @triton.jit
+def online_softmax(m, l, qk, seen, qk_scale, EMPTY_ROWS: tl.constexpr):
+    # A tile's unscaled scores qk [rows, N] (`seen`: what each row attends; the rest -inf) folded into the running
+    # max m and sum l [rows]: (new max, new sum, the factor alpha [rows] that rescales the accumulators, the tile's
+    # probabilities p [rows, N]). EMPTY_ROWS: as softmax_tile_update's.
+    qk = tl.where(seen, qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new) if EMPTY_ROWS else m_new
+    alpha = tl.exp2(m - m_use)
+    p = tl.exp2(qk - m_use[:, None])
+    return m_new, l * alpha + tl.sum(p, 1), alpha, p
+
+
+@triton.jit
 def int4_tile_update(m, l, acc_lo, acc_hi, q_lo, q_hi, q_inv, qsum_lo, qsum_hi, k_cache_ptr, v_cache_ptr,
                      k_scale_ptr, v_scale_ptr, row, srow, offs_h, mask_h, valid, seen, qk_scale,
                      EMPTY_ROWS: tl.constexpr):
@@ -261,12 +275,7 @@ def int4_tile_update(m, l, acc_lo, acc_hi, q_lo, q_hi, q_inv, qsum_lo, qsum_hi, 
     qk = tl.dot(q_lo, tl.trans(k_lo), input_precision="ieee") * ks_lo[None, :]
     qk += tl.dot(q_hi, tl.trans(k_hi), input_precision="ieee") * ks_hi[None, :]
     qk = qk * q_inv[:, None] + qsum_lo[:, None] * km_lo[None, :] + qsum_hi[:, None] * km_hi[None, :]
-    qk = tl.where(seen, qk * qk_scale, float("-inf"))
-    m_new = tl.maximum(m, tl.max(qk, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new) if EMPTY_ROWS else m_new
-    alpha = tl.exp2(m - m_use)
-    p = tl.exp2(qk - m_use[:, None])
-    l = l * alpha + tl.sum(p, 1)
+    m_new, l, alpha, p = online_softmax(m, l, qk, seen, qk_scale, EMPTY_ROWS)
     v_lo, v_hi, vs_lo, vm_lo, vs_hi, vm_hi = int4_tile(v_cache_ptr, v_scale_ptr, row, srow, offs_h, kv_mask, valid,
                                                        dt)
     top_lo = tl.maximum(tl.max(vs_lo, 0), 1e-30)
@@ -296,3 +305,44 @@ def store_int4(x_ptr, cache_ptr, scale_ptr, dst, sdst, offs_h, mask_h, HALF: tl.
     tl.store(scale_ptr + sdst + 3, m_hi.to(tl.float16))
     return n_lo * s_lo + m_lo, n_hi * s_hi + m_hi
 
+
+@triton.jit
+def store_tail(x_ptr, tail_ptr, offs_h, mask_h, HALF: tl.constexpr):
+    # Copy one token's head x [2 * HALF] (model dtype at x_ptr) as is into the exact tail at tail_ptr. Returns its
+    # halves [HALF] fp32: exact, what a later read of the tail gives back.
+    x_lo = tl.load(x_ptr + offs_h, mask=mask_h, other=0.0)
+    x_hi = tl.load(x_ptr + HALF + offs_h, mask=mask_h, other=0.0)
+    tl.store(tail_ptr + offs_h, x_lo.to(tail_ptr.dtype.element_ty), mask=mask_h)
+    tl.store(tail_ptr + HALF + offs_h, x_hi.to(tail_ptr.dtype.element_ty), mask=mask_h)
+    return x_lo.to(tl.float32), x_hi.to(tl.float32)
+
+
+@triton.jit
+def tail_tile_update(m, l, acc_lo, acc_hi, q_lo, q_hi, k_tail_ptr, v_tail_ptr, trow, offs_h, mask_h, valid, seen,
+                     qk_scale, HALF: tl.constexpr, EMPTY_ROWS: tl.constexpr):
+    # One tile of the exact tail (`trow` [TAIL_N]: the slots' offsets in k_tail / v_tail, model dtype) folded into the
+    # online softmax of the int4 tiles (int4_tile_update: m, l [rows], acc_* [rows, DH]) in fp32: q_lo, q_hi
+    # [rows, DH] are the query halves upcast (not int4_query's). fp16 and bf16 values are exact in tf32, so q . k
+    # runs on tensor cores with exact products and fp32 sums, and p . v as tf32x3 (p split in two tf32 parts, ~fp32):
+    # CUDA-core fp32 dots hold each operand row whole in registers, which spills at d256. fp32 models: ieee.
+    kv_mask = valid[:, None] & mask_h[None, :]
+    k_row = k_tail_ptr + trow[:, None] + offs_h[None, :]
+    k_lo = tl.load(k_row, mask=kv_mask, other=0.0).to(tl.float32)
+    k_hi = tl.load(k_row + HALF, mask=kv_mask, other=0.0).to(tl.float32)
+    if k_tail_ptr.dtype.element_ty == tl.float32:
+        qk = tl.dot(q_lo, tl.trans(k_lo), input_precision="ieee")
+        qk += tl.dot(q_hi, tl.trans(k_hi), input_precision="ieee")
+    else:
+        qk = tl.dot(q_lo, tl.trans(k_lo), input_precision="tf32")
+        qk += tl.dot(q_hi, tl.trans(k_hi), input_precision="tf32")
+    m_new, l, alpha, p = online_softmax(m, l, qk, seen, qk_scale, EMPTY_ROWS)
+    v_row = v_tail_ptr + trow[:, None] + offs_h[None, :]
+    v_lo = tl.load(v_row, mask=kv_mask, other=0.0).to(tl.float32)
+    v_hi = tl.load(v_row + HALF, mask=kv_mask, other=0.0).to(tl.float32)
+    if v_tail_ptr.dtype.element_ty == tl.float32:
+        acc_lo = acc_lo * alpha[:, None] + tl.dot(p, v_lo, input_precision="ieee")
+        acc_hi = acc_hi * alpha[:, None] + tl.dot(p, v_hi, input_precision="ieee")
+    else:
+        acc_lo = acc_lo * alpha[:, None] + tl.dot(p, v_lo, input_precision="tf32x3")
+        acc_hi = acc_hi * alpha[:, None] + tl.dot(p, v_hi, input_precision="tf32x3")
+    return m_new, l, acc_lo, acc_hi

@@ -48,7 +48,7 @@ def test_heldout_split_is_by_file_and_stable():
 def test_formats_follow_kv_dtypes(model_and_stream):
     model, _ = model_and_stream
     names = [f.name for f in quality.formats(model, 64, split_kv=False)]
-    assert names == ["stock-dynamic"] + [f"plug-{k or 'fp32'}" for k in KV_DTYPES]
+    assert names == ["stock-dynamic"] + [f"plug-{k or 'fp32'}" for k in KV_DTYPES] + ["plug-int4-no-tail"]
 
 
 @pytest.fixture(scope="module")

@@ -244,3 +244,61 @@ def test_the_decode_step_lane_is_the_general_path(dtype, layout):
             assert torch.equal(a, b) and torch.equal(a, c)
         assert torch.equal(got, same)
         torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+TAIL_CASES = list(itertools.product(
+    [torch.float32, torch.bfloat16], ["int8", "int4"], ["runs", "shuffled"],
+    [(1, 0, True), (2, 0, True), (3, 0, True), (4, 0, True), (6, 3, True), (3, 0, False), (0, 0, True)]))
+
+
+@pytest.mark.parametrize("dtype, kv, layout, shape", TAIL_CASES,
+                         ids=[f"{str(d)[6:]}-{kv}-{lay}-L{s[0]}w{s[1]}{'' if s[2] else 'nc'}"
+                              for d, kv, lay, s in TAIL_CASES])
+def test_the_exact_tail_equals_the_reference(dtype, kv, layout, shape):
+    """A quantized cache's exact tail (`reference`, rule 4): the new tokens in a row's last, partial block go to the
+    tail too, and those slots are read from it, on the fast path as in the reference, with rows of one length (a
+    PlugCache's, whose host knows it) or of several, new tokens that fill a block or cross into the next, windows,
+    holes and non-causal queries. The tail's positions past a row's end hold NaN, which must never be read."""
+    q_len, window, causal = shape
+    n_new = q_len if q_len else 0
+    q_len = q_len or 2
+    batch, nheads, nheads_k, head_dim, bs, max_blocks = 3, 6, 2, 16, 4, 6
+    seed = zlib.crc32(repr(("tail", str(dtype), kv, layout, shape)).encode()) % 1000
+    g = torch.Generator().manual_seed(seed)
+    bufs = _cache(batch, nheads_k, head_dim, bs, max_blocks, dtype, kv, layout, seed, heads_first=True)
+    same = layout == "runs"
+    lengths = torch.full((batch,), 13, dtype=torch.int32) if same else torch.tensor([7, 12, 16], dtype=torch.int32)
+    starts = torch.tensor([0, 2, 5], dtype=torch.int32)
+    valid = torch.ones(batch, max_blocks * bs, dtype=torch.uint8)
+    valid[1, 12:14] = 0  # a hole in the partial block
+    tails = [torch.randn(batch, nheads_k, bs, head_dim, generator=g).to(dtype) for _ in range(2)]
+    for t in tails:  # what a row's tail holds past its end is never read
+        for b in range(batch):
+            t[b, :, (int(lengths[b]) + n_new) % bs:] = float("nan")
+    q = torch.randn(batch, q_len, nheads, head_dim, generator=g).to(dtype)
+    k = torch.randn(batch, n_new, nheads_k, head_dim, generator=g).to(dtype)
+    v = torch.randn(batch, n_new, nheads_k, head_dim, generator=g).to(dtype)
+    for holes in (False, True):
+        ref, ref_tails = [t.clone() for t in bufs], [t.clone() for t in tails]
+        cv = valid if holes else torch.empty(0, dtype=torch.uint8)
+        status = torch.zeros(1, dtype=torch.int32)
+        want = attend_with_kvcache_ref(q, k, v, *ref, lengths, starts, cv, status, 0.3, window, causal=causal,
+                                       k_tail=ref_tails[0], v_tail=ref_tails[1])
+        assert want.isfinite().all()
+        first = max(0, int(lengths.min()) + n_new - q_len - window + 1) if window else 0
+        span = (first, int(lengths.max()) + n_new)
+        hosts = [{}] + ([{"rows": bufs[4].tolist(), "length": 13}] if same else [])
+        for host in hosts:
+            mine, my_tails = [t.clone() for t in bufs], [t.clone() for t in tails]
+            plan = torchpath.plan(mine[4], lengths, starts, cv, batch, q_len, n_new, window, causal, bs, nheads_k,
+                                  span, strides=torchpath.slot_strides(mine[0]), **host)
+            got = torchpath.attend(q, k, v, *mine[:4], plan, 0.3, *my_tails)
+            for a, b in zip(mine[:4] + my_tails, ref[:4] + ref_tails):
+                assert torch.equal(a.nan_to_num(), b.nan_to_num())  # the same bytes written, the tails' too
+            torch.testing.assert_close(got, want, atol=TOL[dtype] * 8, rtol=TOL[dtype] * 8)
+    if not ((lengths + n_new) % bs).any():
+        return  # every row's last block is full: nothing is read from the tail
+    # the tail matters: reading the codes instead gives another output
+    plain = attend_with_kvcache_ref(q, k, v, *[t.clone() for t in bufs], lengths, starts, cv,
+                                    torch.zeros(1, dtype=torch.int32), 0.3, window, causal=causal)
+    assert not torch.equal(plain, want)

@@ -121,10 +121,12 @@ def plan_numbers(config, batch: int, context: int, dtype: torch.dtype, block_siz
     for fmt, cfg in per.items():
         bpt = cfg.bytes_per_token()  # the layers that keep every token; sliding-window rings are a fixed cost
         ring = batch * cfg.ring_bytes_per_row
-        fixed = out["linear_state"] + ring
+        tail = batch * cfg.tail_bytes_per_row  # int4's exact tails: a block per row and layer, model dtype
+        fixed = out["linear_state"] + ring + tail
         out[f"bpt_{fmt}"] = bpt
         out[f"ring_{fmt}"] = ring
-        out[f"total_{fmt}"] = batch * context * bpt + ring
+        out[f"tail_{fmt}"] = tail
+        out[f"total_{fmt}"] = batch * context * bpt + ring + tail
         out[f"alloc_{fmt}"] = out["alloc_tokens"] * bpt + fixed
         out[f"prefix_{fmt}"] = out["prefix_tokens"] * bpt
         if share > 1:
@@ -150,7 +152,7 @@ class _Flat:
         self.attention_layers = list(range(layers))
         self.nheads, self.nheads_k = text.num_attention_heads, 1
         self.head_dim = text.kv_lora_rank + text.qk_rope_head_dim
-        self.linear_state_bytes, self.ring_bytes_per_row = 0, 0
+        self.linear_state_bytes, self.ring_bytes_per_row, self.tail_bytes_per_row = 0, 0, 0
         self.layer_windows, self.layer_rings = [None] * layers, [None] * layers
 
     def bytes_per_token(self) -> int:
@@ -205,6 +207,8 @@ def run(args) -> int:
     row("  (K, V, scales)", [f"{n['bpt_' + f] / 1024:.1f} KiB" for f in FORMATS])
     if n["window_layers"]:
         row("sliding-window rings (batch)", [_gb(n["ring_" + f]) for f in FORMATS])
+    if any(n["tail_" + f] for f in FORMATS):
+        row("exact tails (a block per row)", [_gb(n["tail_" + f]) for f in FORMATS])
     row("KV total (batch x context)", [_gb(n["total_" + f]) for f in FORMATS])
     if n["linear_state"]:
         row("linear-attention state (batch)", [_gb(n["linear_state"])] * len(FORMATS))

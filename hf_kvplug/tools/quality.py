@@ -249,11 +249,12 @@ def windows(stream: torch.Tensor, count: int, length: int, offset: float = 0.0) 
 # ------------------------------------------------------------------------------------------------ formats
 
 def formats(model, max_cache_len: int, split_kv: bool, half_baselines: bool = False) -> list[Format]:
-    """Stock DynamicCache, a PlugCache per format of KV_DTYPES (the model-dtype one is the reference); with
+    """Stock DynamicCache, a PlugCache per format of KV_DTYPES (the model-dtype one is the reference) and INT4
+    without its exact tail (`exact_tail=False`); with
     `split_kv`, K-only / V-only round trips of each quantized format that has one; with `half_baselines` (fp32 models
     only), K and V rounded to bf16 and to fp16."""
-    def plug(kv_dtype):
-        cache = PlugCache(model, max_batch_size=1, max_cache_len=max_cache_len, kv_dtype=kv_dtype)
+    def plug(kv_dtype, **kw):
+        cache = PlugCache(model, max_batch_size=1, max_cache_len=max_cache_len, kv_dtype=kv_dtype, **kw)
 
         def fresh():
             cache.reset()
@@ -264,6 +265,8 @@ def formats(model, max_cache_len: int, split_kv: bool, half_baselines: bool = Fa
     out = [Format("stock-dynamic", None, lambda: DynamicCache(config=model.config))]
     for kv_dtype in KV_DTYPES:
         out.append(Format(f"plug-{kv_dtype or dname}", kv_dtype, plug(kv_dtype), is_reference=kv_dtype is None))
+    # int4 as it was before its exact tail (every token read quantized): what the tail buys, side by side
+    out.append(Format("plug-int4-no-tail", "int4", plug("int4", exact_tail=False)))
     if split_kv:
         for kv_dtype in KV_DTYPES:
             if kv_dtype in ROUND_TRIPS:

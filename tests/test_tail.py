@@ -1,0 +1,147 @@
+"""An INT4 PlugCache's exact tail (`PlugConfig.exact_tail`, `reference` rule 4): each row's last, partial block is
+kept unquantized beside the pool and read instead of its codes, through every path a cache takes (the fused
+forward, output_attentions, crops, beams, forks, copies, files), and it is the cache's own memory."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import hf_kvplug
+from hf_kvplug.compat import cache_kwargs as kv
+from models import tiny_model
+
+BS = 8
+
+
+def _setup(exact_tail=None, backend="auto", **kw):
+    plugged = hf_kvplug.patch(tiny_model("llama"))
+    cache = hf_kvplug.PlugCache(plugged, max_batch_size=4, max_cache_len=64, kv_dtype="int4", block_size=BS,
+                                exact_tail=exact_tail, backend=backend, **kw)
+    return plugged, cache
+
+
+def _stock_keys(ids):
+    stock = tiny_model("llama")
+    dyn = DynamicCache()
+    stock(ids, **kv(dyn))
+    return [(layer.keys, layer.values) for layer in dyn.layers]
+
+
+def test_the_tail_holds_each_rows_partial_block_exactly():
+    """Slots of a row's last, partial block read back as the model wrote them; a block that fills is read quantized
+    from then on (the pool holds every token's codes)."""
+    ids = torch.randint(2, 128, (2, 19))
+    plugged, cache = _setup()
+    assert cache.config.exact_tail  # int4's default
+    plugged(ids, **kv(cache))
+    for layer, (k, v) in zip(cache.layers, _stock_keys(ids)):
+        for mine, want in ((layer.keys, k), (layer.values, v)):
+            torch.testing.assert_close(mine[:, :, 16:], want[:, :, 16:], atol=2e-6, rtol=1e-5)  # exact (rotation)
+            assert (mine[:, :, :16] - want[:, :, :16]).abs().max() > 1e-3  # quantized
+    more = torch.randint(2, 128, (2, 5))  # 24 tokens: the block fills, nothing left in the tail
+    plugged(more, **kv(cache))
+    for layer, (k, _) in zip(cache.layers, _stock_keys(torch.cat([ids, more], 1))):
+        assert (layer.keys[:, :, 16:24] - k[:, :, 16:24]).abs().max() > 1e-3
+
+
+def test_the_tail_changes_what_int4_attends_and_every_path_agrees():
+    """With the tail the logits move towards stock's; the fused path, the output_attentions path and the reference
+    backend give the same outputs; without it the cache is int4 as it was."""
+    ids = torch.randint(2, 128, (2, 21))
+    stock = tiny_model("llama")
+    want = stock(torch.cat([ids, ids[:, :3]], 1)).logits[:, -3:]
+    out = {}
+    for name, kw in (("tail", {}), ("plain", {"exact_tail": False}), ("ref", {"backend": "reference"})):
+        plugged, cache = _setup(**kw)
+        plugged(ids, **kv(cache))
+        out[name] = torch.cat([plugged(ids[:, i:i + 1], **kv(cache)).logits for i in range(3)], 1)
+        if name == "tail":
+            plugged2, cache2 = _setup()
+            plugged2(ids, **kv(cache2))
+            dense = torch.cat([plugged2(ids[:, i:i + 1], output_attentions=True, **kv(cache2)).logits
+                               for i in range(3)], 1)
+            torch.testing.assert_close(dense, out["tail"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["ref"], out["tail"], atol=1e-5, rtol=1e-5)
+    err = {name: (out[name] - want).abs().mean() for name in ("tail", "plain")}
+    assert err["tail"] < err["plain"], err
+
+
+def test_a_crop_into_an_earlier_block_refills_the_tail_from_the_pool():
+    """Assisted decoding's crop: within the last block the tail keeps its exact tokens; into an earlier one, whose
+    exact values were overwritten, it takes them from the pool, and the cache then reads as one without a tail."""
+    ids = torch.randint(2, 128, (1, 26))
+    plugged, cache = _setup()
+    _, plain = _setup(exact_tail=False)
+    for c in (cache, plain):
+        plugged(ids, **kv(c))
+    cache.crop(-1)  # 25 tokens: the same block (24..25)
+    assert torch.equal(cache.layers[0].keys[:, :, 24:], _setup_keys(ids[:, :25])[:, :, 24:])
+    cache.crop(-6)  # 19 tokens: into block 16..23, filled (and quantized) before
+    plain.crop(-7)
+    for mine, theirs in zip(cache.layers, plain.layers):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+    step = torch.randint(2, 128, (1, 1))
+    a, b = plugged(step, **kv(cache)).logits, plugged(step, **kv(plain)).logits
+    # the new token is exact in one of them only; the reference backend agrees with the fast path on it
+    _, ref = _setup(backend="reference")
+    plugged(ids, **kv(ref))
+    ref.crop(-7)
+    torch.testing.assert_close(plugged(step, **kv(ref)).logits, a, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(a, b)
+
+
+def _setup_keys(ids):
+    plugged, cache = _setup()
+    plugged(ids, **kv(cache))
+    return cache.layers[0].keys
+
+
+def test_beams_forks_copies_and_files_carry_the_tail(tmp_path):
+    """The tail is per row and per cache: beam search moves it with its row, a fork or a deep copy gets its own copy
+    of it, and a file holds it; each continues exactly as the cache it came from."""
+    plugged, cache = _setup()
+    ids = torch.randint(2, 128, (3, 13))
+    plugged(ids, **kv(cache))
+    cache.reorder_cache(torch.tensor([2, 0, 0]))
+    _, fresh = _setup()
+    plugged(ids[[2, 0, 0]], **kv(fresh))
+    step = torch.randint(2, 128, (3, 1))
+    for layer, theirs in zip(cache.layers, fresh.layers):
+        assert torch.equal(layer.tail.k[:3], theirs.tail.k[:3])
+    forked, copied = cache.fork(), copy.deepcopy(cache)
+    cache.save(tmp_path / "c.safetensors")
+    loaded = hf_kvplug.PlugCache.load(tmp_path / "c.safetensors", plugged)
+    assert loaded.config.exact_tail
+    want = plugged(step, **kv(cache)).logits
+    for other in (forked, copied, loaded):
+        assert other.layers[0].tail.k.data_ptr() != cache.layers[0].tail.k.data_ptr()
+        assert torch.equal(plugged(step, **kv(other)).logits, want)
+
+
+def test_int4_files_without_a_tail_load_as_they_were(tmp_path):
+    plugged, cache = _setup(exact_tail=False)
+    ids = torch.randint(2, 128, (2, 11))
+    plugged(ids, **kv(cache))
+    cache.save(tmp_path / "old.safetensors")
+    loaded = hf_kvplug.PlugCache.load(tmp_path / "old.safetensors", plugged)
+    assert not loaded.config.exact_tail and loaded.layers[0].tail is None
+    step = torch.randint(2, 128, (2, 1))
+    assert torch.equal(plugged(step, **kv(loaded)).logits, plugged(step, **kv(cache)).logits)
+    with pytest.raises(ValueError, match="exact_tail"):
+        hf_kvplug.PlugCache.load(tmp_path / "old.safetensors", plugged, exact_tail=True)
+
+
+def test_the_tail_is_int4s_and_its_memory_is_counted():
+    plugged, cache = _setup()
+    _, plain = _setup(exact_tail=False)
+    cfg = cache.config
+    per_row = 2 * cfg.nheads_k * BS * cfg.head_dim * 4 * len(cfg.attention_layers)  # fp32 model
+    assert cfg.tail_bytes_per_row == per_row and plain.config.tail_bytes_per_row == 0
+    assert cache.nbytes - plain.nbytes == cfg.max_batch_size * per_row
+    with pytest.raises(ValueError, match="exact_tail"):
+        hf_kvplug.PlugCache(plugged, max_batch_size=2, max_cache_len=32, kv_dtype="int8", exact_tail=True)
+    assert hf_kvplug.PlugCache(plugged, max_batch_size=2, max_cache_len=32, kv_dtype="int8").layers[0].tail is None
