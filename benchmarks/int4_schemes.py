@@ -399,6 +399,8 @@ def int4_candidates(head_dim: int) -> list[Scheme]:
         Scheme("CHs K quarters, V halves (calib)", centered(rot(asym(qu)), "calib"), cra, "calibrated"),
         Scheme("Hs asym halves + exact tail (K, V)", tail(rot(asym(h))), tail(rot(asym(h))), "tail"),
         Scheme("Hs asym halves + exact K tail", tail(rot(asym(h))), rot(asym(h)), "tail"),
+        # what kv_dtype="int4" ships since the exact tail (keys rotated, values not; both tails exact)
+        Scheme("Hs K, V asym halves + exact tail (K, V)", tail(rot(asym(h))), tail(asym(h)), "tail"),
         Scheme("Hs asym halves + INT8 tail (K, V)", tail(rot(asym(h)), int8=True), tail(rot(asym(h)), int8=True),
                "tail"),
         Scheme("CHs asym halves (calib) + exact tail (K, V)", tail(cra), tail(cra), "tail"),
