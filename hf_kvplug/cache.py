@@ -167,9 +167,14 @@ class PlugCache(ForwardHost, DynamicCache):
         """Memory in use, as a plain dict: blocks of the main pool (each spans every layer that keeps max_cache_len)
         in use and shared (by rows or forked caches), bytes all pools hold in use and in total, and the rows /
         tokens of this cache (`Paging.stats`). With sliding-window rings, `window_blocks_*` count the ring pools'
-        blocks; with prefix caching, `prefix_cached_blocks` and `prefix_hit_tokens`."""
+        blocks; with prefix caching, `prefix_cached_blocks` and `prefix_hit_tokens`; with INT4's exact tails,
+        `tail_bytes` (counted in use and in total)."""
         per_block = {ring: self.nbytes_of(ring) // pool.num_blocks for ring, pool in self.pools.items()}
-        return self.paging.stats(per_block, bytes_total=self.nbytes, rows=self.batch, tokens=self.seq_length_now())
+        out = self.paging.stats(per_block, bytes_total=self.nbytes, rows=self.batch, tokens=self.seq_length_now())
+        tails = sum(layer.tail.nbytes for layer in self.attn_layers if layer.tail is not None)
+        if tails:  # INT4's exact tails: a block per row, held whatever the rows hold (in use, as in the total)
+            out.update(tail_bytes=tails, bytes_in_use=out["bytes_in_use"] + tails)
+        return out
 
     # --- what transformers asks ------------------------------------------------------------------------
 

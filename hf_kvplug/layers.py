@@ -80,9 +80,9 @@ class KV(NamedTuple):
 
 
 class Tail(NamedTuple):
-    """A quantized layer's exact tail (`PlugConfig.exact_tail`; `reference`, rule 4): K and V of each row's last,
-    partial block unquantized, `[max_batch, nheads_k, block_size, head_dim]` in the model dtype (keys rotated as
-    the pool stores them). Slot t of a row holding L tokens is at `t % block_size` while t >= L - L % block_size."""
+    """A quantized layer's exact tail (`PlugConfig.exact_tail`; `reference`, rule 4): K and V of each row's last
+    block (partial, or just filled) unquantized, `[max_batch, nheads_k, block_size, head_dim]` in the model dtype
+    (keys rotated as the pool stores them). Slot t is at `t % block_size`; reads take the slots of a partial block."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -101,10 +101,10 @@ class Tail(NamedTuple):
 
     def store(self, k, v, before: int) -> None:
         """Rule 4's write for `k, v [B, L, nheads_k, D]` at slots `before + i` of rows < B (host-known, every row
-        alike): the tokens in the rows' last, partial block, in place."""
+        alike): the tokens in the rows' last block, in place."""
         n, bs = k.shape[1], self.k.shape[2]
         end = before + n
-        first = max(end - end % bs, before)
+        first = max(end - 1 - (end - 1) % bs, before)
         if first < end:
             for new, tail in ((k, self.k), (v, self.v)):
                 tail[:k.shape[0], :, first % bs:first % bs + end - first].copy_(new[:, first - before:].transpose(1, 2))
@@ -348,12 +348,12 @@ class PlugLayer(CacheLayerMixin):
         """Raise if a crop to `keep` tokens leaves the next forward needing what this layer no longer holds."""
 
     def crop_to(self, keep: int, batch: int, length: int) -> None:
-        """Rows < batch holding `length` tokens keep their first `keep`. A crop into an earlier block than the
-        rows' last refills the tail from the pool: that block's exact values were overwritten (rule 4)."""
+        """Rows < batch holding `length` tokens keep their first `keep`. A crop into an earlier block than the last
+        one written refills the tail from the pool: that block's exact values were overwritten (rule 4)."""
         self.cache_seqlens[:batch].fill_(keep)
         bs = self.config.block_size
         first = keep - keep % bs
-        if self.tail is not None and first < keep and first < length - length % bs:
+        if self.tail is not None and first < keep and first < length - 1 - (length - 1) % bs:
             self.tail.refill(*(self.gather_slots(buf, scale, first, keep, batch)
                                for buf, scale in ((self.kv.k, self.kv.k_scale), (self.kv.v, self.kv.v_scale))),
                              first)

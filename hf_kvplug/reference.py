@@ -32,12 +32,15 @@ token i's slot).
      K and V are zeroed before the products, so stale NaN/Inf there cannot leak into any output.
   4. The exact tail (k_tail / v_tail given; a quantized PlugCache's, `PlugConfig.exact_tail`): once the call's
      new tokens are in, row b holds L_b = cache_seqlens[b] + n_new tokens and its last, partial block starts at
-     tail_lo_b = BLOCK_SIZE * (L_b // BLOCK_SIZE). Every new token whose slot t is writable and >= tail_lo_b is also
-     stored unquantized at k_tail[b, :, t % BLOCK_SIZE], and every slot t >= tail_lo_b is read from there instead of
-     the pool. The pool always holds every token's codes, so a block that fills is read quantized from then on, and
-     a full block never depends on the tail (shared, forked and prefix-cached blocks stay plain). The caller keeps
-     the tail holding the tokens of each row's partial block (`PlugLayer`: a crop into an earlier block refills it
-     from the pool).
+     tail_lo_b = BLOCK_SIZE * (L_b // BLOCK_SIZE). Every new token whose slot t is writable and lies in the row's
+     last block written, t >= BLOCK_SIZE * ((L_b - 1) // BLOCK_SIZE) (the partial block, or the one that just
+     filled: a crop back into it finds it exact), is also stored unquantized at k_tail[b, :, t % BLOCK_SIZE], and
+     every slot t >= tail_lo_b is read from there instead of the pool. The pool always holds every token's codes, so
+     a block that fills is read quantized from then on, and a full block never depends on the tail (shared, forked
+     and prefix-cached blocks stay plain). The rule applies per call: a call of several tokens that fills a block
+     reads that block's tokens from their codes, where one token a call would have read the earlier ones exactly.
+     The caller keeps the tail holding the tokens of each row's last block (`PlugLayer`: a crop into an earlier
+     block refills it from the pool).
 cache_seqlens is not advanced: the caller does that.
 """
 
@@ -133,13 +136,13 @@ def tail_starts(cache_seqlens: torch.Tensor, batch: int, n_new: int, block_size:
 
 def write_tail_ref(k, v, k_tail, v_tail, cache_seqlens, ok) -> None:
     """Rule 4's write: new tokens `k, v [B, n_new, nheads_k, D]` that found a slot (`ok [B, n_new]`) and lie in their
-    row's last, partial block, stored unquantized in `k_tail, v_tail`, in place. No host read."""
+    row's last block, stored unquantized in `k_tail, v_tail`, in place. No host read."""
     batch, n_new = k.shape[:2]
     bs = k_tail.shape[2]
-    lo = tail_starts(cache_seqlens, batch, n_new, bs).to(k_tail.device)
+    lo = tail_starts(cache_seqlens, batch, n_new - 1, bs).to(k_tail.device)  # the last block's first slot
     rows = torch.arange(batch, device=k_tail.device)
     ok = ok.to(k_tail.device)
-    for j in range(max(0, n_new - bs), n_new):  # only the last block_size tokens can lie in the partial block
+    for j in range(max(0, n_new - bs), n_new):  # only the last block_size tokens can lie in the last block
         t = cache_seqlens[:batch].long().to(k_tail.device) + j
         keep = (ok[:, j] & (t >= lo))[:, None, None]  # [B, 1, 1]; j ascending: a written token is the last write
         for new, tail in ((k, k_tail), (v, v_tail)):

@@ -291,11 +291,11 @@ def _exact(k_tail, v_tail, p: Plan) -> Exact | None:
 
 
 def _write_exact(k, v, k_tail, v_tail, p: Plan) -> None:
-    """Rule 4's write through the plan: the new tokens that land in their row's last, partial block, into the
-    tail (every new token has a slot: the plan's caller made sure)."""
+    """Rule 4's write through the plan: the new tokens that land in their row's last block, into the tail (every
+    new token has a slot: the plan's caller made sure)."""
     n, bs = k.shape[1], k_tail.shape[2]
     if isinstance(p.ends, int):
-        first = max(p.ends - p.ends % bs, p.ends - n)  # the first new slot in the partial block
+        first = max(p.ends - 1 - (p.ends - 1) % bs, p.ends - n)  # the first new slot in the last block
         if first < p.ends:
             j = first - (p.ends - n)
             for new, tail in ((k, k_tail), (v, v_tail)):
@@ -464,49 +464,47 @@ def _rows_pass(qh, parts, softmax_scale: float, kind: str, bias, blind, safe: bo
         if kind == "fp":
             outs.append(torch.nn.functional.scaled_dot_product_attention(
                 qb, kb.to(qb.dtype), vb.to(qb.dtype), attn_mask=bn, scale=softmax_scale))
+        elif ex is not None:
+            outs.append(_exact_pass(qb * softmax_scale, kb, vb, ks, vs, kind, bn,
+                                    None if hidden is None else hidden[b:b + n], unseen, ex, b, n))
         else:
-            qs = qb * softmax_scale
-            scores = _scores(qs, kb, ks, kind, qh.shape[-1], bn)  # [n, Hk, R, T]
-            ext = None if ex is None else _exact_rows(ex, b, n, scores, qs, bn, unseen)
+            scores = _scores(qb * softmax_scale, kb, ks, kind, qh.shape[-1], bn)  # [n, Hk, R, T]
             if hidden is not None:
                 scores.masked_fill_(hidden[b:b + n], float("-inf"))
-            probs = torch.softmax(scores, -1)
-            extra = None if ext is None else _exact_values(probs, ex.c0, *ext)
-            out = _values(probs, vb, vs, kind)
-            outs.append(out if extra is None else out.add_(extra))
+            outs.append(_values(torch.softmax(scores, -1), vb, vs, kind))
         b += n
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
     return out if blind is None else out.masked_fill(blind, 0.0)
 
 
-def _exact_rows(ex: Exact, b: int, n: int, scores, qs, bias, unseen):
-    """Rows [b, b + n) of the exact tail: their scores put into `scores [n, Hk, R, T]`'s tail columns (in place,
-    the bias added as to the others); returns (V [n, Hk, w, D], use [n, 1, 1, w] or None) for `_exact_values`.
-    `unseen [n, 1, T, 1]`: slots no query sees, whose V is zeroed (`_rows_pass`'s safe pass)."""
-    k, v = ex.k[b:b + n], ex.v[b:b + n]
-    if unseen is not None:
-        v = v.masked_fill(unseen[:, :, ex.c0:], 0)
-    ts = torch.matmul(qs, k.to(qs.dtype).transpose(-1, -2))  # [n, Hk, R, w]
+def _exact_pass(qs, kb, vb, ks, vs, kind: str, bias, hidden, unseen, ex: Exact, b: int, n: int) -> torch.Tensor:
+    """`_rows_pass`'s codes for rows [b, b + n), with the columns [ex.c0, T) the exact tail's (where `ex.use` says;
+    every row's, when None): their codes never enter the arithmetic (0 x an infinite scale would be NaN, where the
+    reference never reads them), and nothing autograd keeps is written in place. `hidden [n, 1, R or 1, T]`,
+    `unseen [n, 1, T, 1]`: the safe pass's (`_rows_pass`)."""
+    c0, head_dim = ex.c0, qs.shape[-1]
+    vt = ex.v[b:b + n] if unseen is None else ex.v[b:b + n].masked_fill(unseen[:, :, c0:], 0)
+    use = None if ex.use is None else ex.use[b:b + n]  # [n, 1, 1, w]
+    ts = torch.matmul(qs, ex.k[b:b + n].to(qs.dtype).transpose(-1, -2))  # [n, Hk, R, w]
     if bias is not None:
-        ts = ts.add_(bias[..., ex.c0:])
-    cols = scores[..., ex.c0:]
-    use = None if ex.use is None else ex.use[b:b + n]
-    cols.copy_(ts if use is None else torch.where(use, ts, cols))
-    return v.to(qs.dtype), use
-
-
-def _exact_values(probs, c0: int, v, use):
-    """The tail columns' share of the output, `probs[..., c0:] @ v`; those columns' probabilities are then zeroed
-    in `probs` (in place), so the codes under them add nothing."""
-    pt = probs[..., c0:]
-    if use is not None:
-        pt = pt * use
-    out = torch.matmul(pt, v)
+        ts = ts + bias[..., c0:]
+    if use is None:  # the codes of columns [0, c0), then the tail's
+        kb, vb, ks, vs = (x[:, :, :c0] for x in (kb, vb, ks, vs))
+        scores = torch.cat([_scores(qs, kb, ks, kind, head_dim, None if bias is None else bias[..., :c0]), ts], -1)
+    else:  # rows of several lengths: a column is the tail's where `use` says, and its codes are zeroed
+        col = torch.nn.functional.pad(use.transpose(2, 3), (0, 0, c0, 0))  # [n, 1, T, 1]
+        kb, vb = kb.masked_fill(col, 0), vb.masked_fill(col, 0)
+        ks, vs = (x.masked_fill(col if x.dim() == 4 else col.squeeze(-1), 0) for x in (ks, vs))
+        scores = _scores(qs, kb, ks, kind, head_dim, bias)
+        scores = torch.cat([scores[..., :c0], torch.where(use, ts, scores[..., c0:])], -1)
+    if hidden is not None:
+        scores = scores.masked_fill(hidden, float("-inf"))
+    probs = torch.softmax(scores, -1)
+    pt = probs[..., c0:] if use is None else probs[..., c0:] * use
+    tail = torch.matmul(pt, vt.to(probs.dtype))
     if use is None:
-        probs[..., c0:] = 0
-    else:
-        probs[..., c0:].masked_fill_(use, 0)
-    return out
+        return _values(probs[..., :c0], vb, vs, kind) + tail
+    return _values(torch.cat([probs[..., :c0], probs[..., c0:].masked_fill(use, 0)], -1), vb, vs, kind) + tail
 
 
 def _attend_blocks(q, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: float, kind: str) -> torch.Tensor:

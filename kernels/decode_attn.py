@@ -213,11 +213,13 @@ def _decode_attn_int4_kernel(
             v_src = v_ptr + b64 * stride_vb + hk * stride_vh
             k_lo, k_hi = store_int4(k_src, k_cache_ptr, k_scale_ptr, dst, sdst, offs_h, mask_h, HALF)
             v_lo, v_hi = store_int4(v_src, v_cache_ptr, v_scale_ptr, dst, sdst, offs_h, mask_h, HALF)
-            if HAS_TAIL:
-                if s >= tail_lo:  # it lands in the row's partial block: kept, and attended, exact
-                    tdst = b64 * stride_tb + hk * stride_th + (s % BLOCK_SIZE) * stride_ts
-                    k_lo, k_hi = store_tail(k_src, k_tail_ptr + tdst, offs_h, mask_h, HALF)
-                    v_lo, v_hi = store_tail(v_src, v_tail_ptr + tdst, offs_h, mask_h, HALF)
+            if HAS_TAIL:  # kept exact (the new token is in its row's last block); attended exact when that block
+                # is still partial
+                tdst = b64 * stride_tb + hk * stride_th + (s % BLOCK_SIZE) * stride_ts
+                k_ex, k_ey = store_tail(k_src, k_tail_ptr + tdst, offs_h, mask_h, HALF)
+                v_ex, v_ey = store_tail(v_src, v_tail_ptr + tdst, offs_h, mask_h, HALF)
+                if s >= tail_lo:
+                    k_lo, k_hi, v_lo, v_hi = k_ex, k_ey, v_ex, v_ey
             sees_self = visible(s >= lo, cache_valid_ptr, b64, s, stride_mb, valid_len, HAS_HOLES)
             if sees_self:
                 m = (tl.sum(q_lo.to(tl.float32) * k_lo[None, :], 1)

@@ -43,9 +43,10 @@ def _write_kvcache_kernel(
         dst = phys * stride_cb + hk * stride_ch + slot * stride_cs
         store_int4(k_src, k_cache_ptr, k_scale_ptr, dst, sdst, offs_h, mask_h, HEAD_DIM // 2)
         store_int4(v_src, v_cache_ptr, v_scale_ptr, dst, sdst, offs_h, mask_h, HEAD_DIM // 2)
-        if HAS_TAIL:  # the row holds seqlen + q_len tokens after the call: its partial block is also kept exact
-            total = seqlen + q_len
-            if s >= total - total % BLOCK_SIZE:
+        if HAS_TAIL:  # the row holds seqlen + q_len tokens after the call: its last block (partial, or just
+            # filled) is also kept exact
+            last = seqlen + q_len - 1
+            if s >= last - last % BLOCK_SIZE:
                 tdst = b * stride_tb + hk64 * stride_th + slot * stride_ts
                 store_tail(k_src, k_tail_ptr + tdst, offs_h, mask_h, HEAD_DIM // 2)
                 store_tail(v_src, v_tail_ptr + tdst, offs_h, mask_h, HEAD_DIM // 2)

@@ -59,8 +59,9 @@ def test_the_tail_changes_what_int4_attends_and_every_path_agrees():
         plugged, cache = _setup(**kw)
         plugged(ids, **kv(cache))
         out[name] = torch.cat([plugged(ids[:, i:i + 1], **kv(cache)).logits for i in range(3)], 1)
-        if name == "tail":
-            plugged2, cache2 = _setup()
+        if name == "tail":  # output_attentions: the model's eager attention over the gathered K/V (attend_dense)
+            plugged2 = hf_kvplug.patch(tiny_model("llama", attn="eager"))
+            cache2 = hf_kvplug.PlugCache(plugged2, max_batch_size=4, max_cache_len=64, kv_dtype="int4", block_size=BS)
             plugged2(ids, **kv(cache2))
             dense = torch.cat([plugged2(ids[:, i:i + 1], output_attentions=True, **kv(cache2)).logits
                                for i in range(3)], 1)
@@ -142,6 +143,43 @@ def test_the_tail_is_int4s_and_its_memory_is_counted():
     per_row = 2 * cfg.nheads_k * BS * cfg.head_dim * 4 * len(cfg.attention_layers)  # fp32 model
     assert cfg.tail_bytes_per_row == per_row and plain.config.tail_bytes_per_row == 0
     assert cache.nbytes - plain.nbytes == cfg.max_batch_size * per_row
+    stats, plain_stats = cache.stats(), plain.stats()
+    assert stats["tail_bytes"] == cfg.max_batch_size * per_row and "tail_bytes" not in plain_stats
+    assert stats["bytes_in_use"] - plain_stats["bytes_in_use"] == stats["tail_bytes"]
     with pytest.raises(ValueError, match="exact_tail"):
         hf_kvplug.PlugCache(plugged, max_batch_size=2, max_cache_len=32, kv_dtype="int8", exact_tail=True)
     assert hf_kvplug.PlugCache(plugged, max_batch_size=2, max_cache_len=32, kv_dtype="int8").layers[0].tail is None
+
+
+def test_codes_under_the_tail_are_never_read():
+    """The codes of a slot read from the tail never enter the arithmetic, as in the reference: an infinite minimum
+    there (a value past fp16's range, in an fp32 model) leaves every backend's output finite and the same."""
+    ids, step = torch.randint(2, 128, (1, 19)), torch.randint(2, 128, (1, 1))
+    out = []
+    for backend in ("torch", "reference"):
+        plugged, cache = _setup(backend=backend)
+        with torch.no_grad():
+            plugged(ids, **kv(cache))
+            for layer in cache.layers:  # slot 17, in the partial block 16..23
+                layer.kv.v_scale[int(layer.block_table[0, 2]), :, 1, 1] = float("inf")
+            out.append(plugged(step, **kv(cache)).logits)
+    assert out[0].isfinite().all()
+    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_crop_back_into_a_block_that_just_filled_keeps_it_exact():
+    """The tail also keeps the block a forward just filled: assisted decoding's rejected drafts that filled it are
+    cropped off and the cache reads as one that never held them."""
+    ids = torch.randint(2, 128, (1, 24))
+    plugged, cache = _setup()
+    _, short = _setup()
+    with torch.no_grad():
+        plugged(ids[:, :16], **kv(cache))
+        plugged(ids[:, :16], **kv(short))
+        for i in range(16, 24):  # one token a forward, up to 24: block 16..23 fills
+            plugged(ids[:, i:i + 1], **kv(cache))
+            if i < 22:
+                plugged(ids[:, i:i + 1], **kv(short))
+        cache.crop(-2)
+        step = torch.randint(2, 128, (1, 1))
+        assert torch.equal(plugged(step, **kv(cache)).logits, plugged(step, **kv(short)).logits)

@@ -188,10 +188,10 @@ def test_buffers_in_another_layout_go_to_the_reference():
     assert all(torch.equal(a, b) for a, b in zip(mine, ref))
 
 
-@pytest.mark.parametrize("kv", [None, "int8"])
-def test_a_step_with_grad_survives_the_next_write(kv):
+@pytest.mark.parametrize("kv, exact", [(None, False), ("int8", False), ("int4", True)])
+def test_a_step_with_grad_survives_the_next_write(kv, exact):
     """A decode step run with grad keeps copies of what it read, not views of the pool: the next step's write (in
-    place) leaves its backward intact, and the gradient is the reference's."""
+    place) leaves its backward intact, and the gradient is the reference's (INT4: with its exact tail too)."""
     batch, nheads, nheads_k, head_dim, bs, max_blocks = 2, 4, 2, 8, 4, 5
     lengths, starts = torch.full((batch,), 9, dtype=torch.int32), torch.zeros(batch, dtype=torch.int32)
     grads = []
@@ -200,15 +200,16 @@ def test_a_step_with_grad_survives_the_next_write(kv):
         g = torch.Generator().manual_seed(1)
         q = torch.randn(batch, 1, nheads, head_dim, generator=g).requires_grad_()
         k, v = (torch.randn(batch, 1, nheads_k, head_dim, generator=g) for _ in range(2))
+        tails = [torch.randn(batch, nheads_k, bs, head_dim, generator=g) for _ in range(2)] if exact else [None] * 2
         if fast:
             plan = torchpath.plan(bufs[4], lengths, starts, None, batch, 1, 1, 0, True, bs, nheads_k, (0, 10),
                                   rows=bufs[4].tolist(), length=9, strides=torchpath.slot_strides(bufs[0]))
             assert plan.mode == "spans" and plan.tail
-            out = torchpath.attend(q, k, v, *bufs[:4], plan, 0.5)
+            out = torchpath.attend(q, k, v, *bufs[:4], plan, 0.5, *tails)
         else:
             out = attend_with_kvcache_ref(q, k, v, *bufs[:5], lengths, starts, torch.empty(0, dtype=torch.uint8),
-                                          torch.zeros(1, dtype=torch.int32), 0.5)
-        for buf in bufs[:2]:  # the next step writes the pool in place
+                                          torch.zeros(1, dtype=torch.int32), 0.5, k_tail=tails[0], v_tail=tails[1])
+        for buf in bufs[:2] + (tails if exact else []):  # the next step writes the pool (and tail) in place
             buf[:, :, -1].fill_(3)
         out.square().sum().backward()
         grads.append(q.grad)
