@@ -5,12 +5,14 @@ forward, output_attentions, crops, beams, forks, copies, files), and it is the c
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 import torch
 from transformers import DynamicCache
 
 import hf_kvplug
+from hf_kvplug import ops, reference
 from hf_kvplug.compat import cache_kwargs as kv
 from models import tiny_model
 
@@ -183,3 +185,55 @@ def test_a_crop_back_into_a_block_that_just_filled_keeps_it_exact():
         cache.crop(-2)
         step = torch.randint(2, 128, (1, 1))
         assert torch.equal(plugged(step, **kv(cache)).logits, plugged(step, **kv(short)).logits)
+
+
+def _random_call(rng: random.Random, seed: int, heads_first: bool):
+    """One random `ops.attend_with_kvcache` call on an INT4 cache with a tail: ragged rows, leading starts, holes,
+    windows, attend-only or any number of new tokens up to the queries, NaN in the tail positions past each row's
+    end; buffers stored blocks first or heads first."""
+    g = torch.Generator().manual_seed(seed)
+    batch, bs, hk, h, d, per_row = rng.randint(1, 3), 8, 2, 4, 16, 8
+    q_len = rng.choice([1, 2, 3, 5, 9, 12, 17])
+    n_new = rng.randint(0, q_len) if q_len > 1 else rng.randint(0, 1)
+    lens = [rng.randint(max(1, q_len - n_new), 40) for _ in range(batch)]
+    nblocks = batch * per_row + 2
+    codes = [reference.quantize_int4(torch.randn(nblocks, hk, bs, d, generator=g)) for _ in range(2)]
+    bufs = [x.transpose(0, 1).contiguous().transpose(0, 1) if heads_first else x.contiguous()
+            for x in (codes[0][0], codes[1][0], codes[0][1], codes[1][1])]
+    tails = [torch.randn(batch, hk, bs, d, generator=g) * 2 + 1 for _ in range(2)]
+    for b, length in enumerate(lens):
+        for t in tails:
+            t[b, :, (length + n_new) % bs:] = float("nan")  # past the row's end after the call: never read
+    holes = rng.random() < 0.3
+    return dict(
+        q=torch.randn(batch, q_len, h, d, generator=g), k=torch.randn(batch, n_new, hk, d, generator=g),
+        v=torch.randn(batch, n_new, hk, d, generator=g), bufs=bufs, k_tail=tails[0], v_tail=tails[1],
+        table=torch.randperm(nblocks, generator=g)[:batch * per_row].view(batch, per_row).to(torch.int32),
+        seqlens=torch.tensor(lens, dtype=torch.int32), window=rng.choice([0, 0, 3, 5, 9, 20]),
+        starts=torch.tensor([rng.randint(0, n - 1) if rng.random() < 0.4 else 0 for n in lens], dtype=torch.int32),
+        valid=(torch.rand(batch, per_row * bs, generator=g) > 0.3).to(torch.uint8) if holes else None)
+
+
+def _run(call: dict, backend: str):
+    c = {key: x.clone() if torch.is_tensor(x) else [y.clone() for y in x] if isinstance(x, list) else x
+         for key, x in call.items()}
+    out = ops.attend_with_kvcache(c["q"], c["k"], c["v"], *c["bufs"], c["table"], c["seqlens"], c["starts"], 0.25,
+                                  c["window"], cache_valid=c["valid"], status=torch.zeros(1, dtype=torch.int32),
+                                  backend=backend, k_tail=c["k_tail"], v_tail=c["v_tail"])
+    return out, c
+
+
+@pytest.mark.parametrize("backend, calls", [("torch", 60), pytest.param("triton", 12, marks=pytest.mark.interpreter)])
+def test_random_calls_agree_with_the_reference(backend, calls):
+    """Seeded random calls (`_random_call`) through the fast path and the kernels: the reference's outputs (NaN
+    where it has NaN), and its tails and pools byte for byte after the write."""
+    rng = random.Random(7)
+    for i in range(calls):
+        call = _random_call(rng, i, heads_first=backend == "torch" and rng.random() < 0.5)
+        want, ref = _run(call, "reference")
+        got, mine = _run(call, backend)
+        assert torch.equal(got.isnan(), want.isnan()), i
+        torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), atol=2e-3, rtol=2e-3, msg=f"call {i}")
+        for a, b in zip(mine["bufs"] + [mine["k_tail"], mine["v_tail"]],
+                        ref["bufs"] + [ref["k_tail"], ref["v_tail"]]):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()), i
