@@ -226,6 +226,8 @@ class Side:
     smooth: bool = False
     tail_fn: Callable[[torch.Tensor], torch.Tensor] | None = None  # "kivi": how the partial block is stored (exact)
     tail_fn8: Callable[[torch.Tensor], torch.Tensor] = int8_roundtrip  # INT8 in the same rotation, for tail(int8)
+    # per_layer(layer) -> fn for that layer (replaces fn): schemes whose tables come from CALIB (int4v_candidates)
+    per_layer: Callable[[int], Callable[[torch.Tensor], torch.Tensor]] | None = None
 
 
 EXACT = Side("exact")
@@ -313,8 +315,8 @@ def smoothed(inner: Side) -> Side:
     return replace(inner, desc=f"{inner.desc}, per-channel smoothing (calibrated)", smooth=True)
 
 
-# CALIB[layer] = {"k_mu", "v_mu", "k_d", "v_d"}: [H, D] each, from a calibration text (calibration()), set by main()
-# when a scheme asks for it
+# CALIB[layer] = {"k_mu", "v_mu", "k_d", "v_d"}: [H, D] each, and "k" (a sample of keys), from a calibration text
+# (calibration()), set by main() when a scheme asks for it
 CALIB: dict[int, dict[str, torch.Tensor]] = {}
 
 
@@ -488,6 +490,222 @@ def diag_candidates(head_dim: int) -> list[Scheme]:
     ]
 
 
+# ------------------------------------------------------------------------------------------------ int4v
+
+def _table_params(g: torch.Tensor, norm: str, store=f16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) per group of g [..., group] for a table scheme, as stored (`store`): norm "absmax" (max |x|,
+    0), "minmax" (max - min, min), "rms" (rms(x), 0) or "meanstd" (std, mean); x ~= table[code] * scale + offset."""
+    zero = torch.zeros((), dtype=g.dtype)
+    if norm == "absmax":
+        return store(g.abs().amax(-1, keepdim=True)), zero
+    if norm == "minmax":
+        lo = g.amin(-1, keepdim=True)
+        return store(g.amax(-1, keepdim=True) - lo), store(lo)
+    if norm == "rms":
+        return store(g.pow(2).mean(-1, keepdim=True).sqrt()), zero
+    if norm == "meanstd":
+        mu = g.mean(-1, keepdim=True)
+        return store((g - mu).pow(2).mean(-1, keepdim=True).sqrt()), store(mu)
+    raise ValueError(norm)
+
+
+def lloyd_levels(norm: str, group: int, levels: int = 16, samples: int = 1 << 18, iters: int = 60) -> torch.Tensor:
+    """The `levels` reconstruction levels (sorted, rounded to fp16: the kernel's lookup table) of a Lloyd-Max
+    quantizer (1-D k-means from the quantiles, `iters` steps) for groups of `group` i.i.d. unit Gaussians (seed 0)
+    normalized as _table_params(norm) stores them: NF4's idea (a 4-bit code indexes a table fitted to a Gaussian)
+    with the table fitted to the normalized group, e.g. for "minmax" 0 and 1 are levels (every group has its min
+    and max there) and the inside levels are denser near the middle."""
+    x = torch.randn(samples // group, group, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    scale, off = _table_params(x, norm, store=lambda t: t)
+    t = ((x - off) / scale).flatten()
+    lv = torch.quantile(t[:1 << 16], (torch.arange(levels, dtype=torch.float64) + 0.5) / levels)
+    for _ in range(iters):
+        idx = torch.bucketize(t, (lv[1:] + lv[:-1]) / 2)
+        cnt = torch.bincount(idx, minlength=levels)
+        lv = torch.where(cnt > 0, torch.bincount(idx, t, minlength=levels) / cnt.clamp_min(1), lv)
+    return lv.sort().values.to(torch.float16).float()
+
+
+def tableq(x: torch.Tensor, group: int, table: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per token, groups of `group` along head_dim: (scale, offset) = _table_params(norm) in fp16, codes = the
+    nearest entry of `table` (16 entries: 4 bits) to (x - offset) / scale; reads table[code] * scale + offset."""
+    g = _groups(x, group)
+    scale, off = _table_params(g, norm)
+    t = (g - off) * torch.where(scale > 0, 1.0 / scale.clamp_min(1e-30), torch.zeros_like(scale))
+    return (table[torch.bucketize(t, (table[1:] + table[:-1]) / 2)] * scale + off).reshape(x.shape)
+
+
+def tok_table(norm: str, group: int, head_dim: int) -> Side:
+    """4-bit codes into a 16-entry Lloyd-Max table (lloyd_levels(norm, group)), groups of `group` (a layout:
+    counted as head_dim / group groups at head_dim 128) each with an fp16 scale (absmax, rms) or scale and offset
+    (minmax, meanstd)."""
+    table, n = lloyd_levels(norm, group), 1 if norm in ("absmax", "rms") else 2
+    what = dict(absmax="scale max|x|", minmax="scale max - min and min", rms="scale rms",
+                meanstd="scale std and mean")[norm]
+    return Side("token", lambda x: tableq(x, group, table, norm), f"4-bit codes into a 16-entry Lloyd-Max table "
+                f"(Gaussian, {norm}) per token, {_gdesc(group, head_dim)}, fp16 {what}",
+                BYTES_HEAD_DIM / 2 + 2 * n * _groups_at_128(group, head_dim, True))
+
+
+def asymq_search(x: torch.Tensor, group: int, bits: int = 4,
+                 shrink: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)) -> torch.Tensor:
+    """asymq's format and decode, the encoder choosing per group the range [min, max] shrunk about its middle by
+    the factor of `shrink` with the least squared error (codes clamped): an MSE clipping search, free for a
+    kernel's decode."""
+    qmax = 2 ** bits - 1
+    g = _groups(x, group)
+    lo_f, hi_f = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    best = err = None
+    for a in shrink:
+        half = (hi_f - lo_f) * (a / 2)
+        lo, scale = f16((lo_f + hi_f) / 2 - half), f16(2 * half / qmax)
+        inv = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-30), torch.zeros_like(scale))
+        y = torch.round((g - lo) * inv).clamp_(0, qmax) * scale + lo
+        e = (y - g).pow(2).sum(-1, keepdim=True)
+        best, err = (y, e) if best is None else (torch.where(e < err, y, best), torch.minimum(e, err))
+    return best.reshape(x.shape)
+
+
+def _per_layer(build: Callable[[int], Callable[[torch.Tensor], torch.Tensor]]):
+    """build(layer) -> fn, called once per layer (from CALIB, after main() has calibrated)."""
+    memo: dict = {}
+
+    def get(layer: int):
+        if layer not in memo:
+            memo[layer] = build(layer)
+        return memo[layer]
+    return get
+
+
+def outlier_k(head_dim: int, pairs: int) -> Side:
+    """Mixed precision by channel: per (layer, KV head) the `pairs` RoPE pairs (channels j, j + head_dim / 2) of the
+    largest rms over CALIB's keys (the calibration text) are stored as INT8 (symmetric, one fp16 scale per token
+    and head), the other head_dim - 2 pairs channels rotated by Q = rotation(head_dim - 2 pairs, "Q") (no Hadamard
+    of that size; a kernel rotates q once per query with any orthogonal matrix) and stored as asym INT4 halves.
+    The channel choice is a fixed per-(layer, KV head) permutation of q. Bytes at head_dim 128: the same fraction
+    of channels (2 pairs * 128 / head_dim) at 1 byte, one fp16 scale, the rest at 4 bits with two (scale, min)."""
+    d, n8 = head_dim, 2 * pairs
+    rest = d - n8
+    r = rotation(rest, "Q")
+    rt = r.t().contiguous()
+
+    def build(layer: int):
+        k = CALIB[layer]["k"]  # [H, N, D]
+        ms = k.pow(2).mean(1)
+        top = (ms[:, :d // 2] + ms[:, d // 2:]).topk(pairs, -1).indices  # [H, pairs]
+        hi = torch.cat([top, top + d // 2], -1).sort(-1).values  # [H, n8]
+        keep = torch.ones(k.shape[0], d, dtype=torch.bool).scatter_(1, hi, False)
+        lo = torch.arange(d).expand(k.shape[0], d)[keep].reshape(k.shape[0], rest)
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            b, h, t, _ = x.shape
+            ih, il = hi[None, :, None].expand(b, h, t, n8), lo[None, :, None].expand(b, h, t, rest)
+            out = torch.empty_like(x)
+            out.scatter_(-1, ih, symq(x.gather(-1, ih), n8, 8))
+            out.scatter_(-1, il, asymq(x.gather(-1, il) @ r, rest // 2, 4) @ rt)
+            return out
+        return fn
+
+    c8 = n8 * BYTES_HEAD_DIM // d
+    return Side("token", None, f"{n8} outlier channels per (layer, KV head) (calibrated, RoPE pairs) INT8 sym with "
+                f"an fp16 scale; the other {rest} Q-rotated, asym INT4 halves",
+                c8 + 2 + (BYTES_HEAD_DIM - c8) / 2 + 8, per_layer=_per_layer(build))
+
+
+def kmeans2(p: torch.Tensor, init: torch.Tensor, iters: int = 20) -> torch.Tensor:
+    """Lloyd's k-means of points p [N, 2] from the centroids init [K, 2] (an empty cluster keeps its centroid)."""
+    c = init.clone()
+    for _ in range(iters):
+        idx = (p.pow(2).sum(-1, keepdim=True) - 2 * p @ c.t() + c.pow(2).sum(-1)).argmin(-1)
+        cnt = torch.bincount(idx, minlength=len(c)).float()[:, None]
+        s = torch.zeros_like(c).index_add_(0, idx, p)
+        c = torch.where(cnt > 0, s / cnt.clamp_min(1), c)
+    return c
+
+
+def vq2_k(head_dim: int, group: int) -> Side:
+    """2-D vector quantization of Hs-rotated keys: per token, groups of `group` along head_dim, each with an fp16
+    scale = its rms; the group / scale cut into consecutive pairs, each pair stored as one byte, an index into a
+    256-entry codebook of 2-D points per (layer, KV head) (k-means on CALIB's keys, rotated and normalized the
+    same way, from the product of the 16 Lloyd-Max levels for the rms normalization). 4 bits per element, as INT4;
+    a kernel reads a pair from a 256 x 2 table (in shared memory) and multiplies by the scale."""
+    r = rotation(head_dim, "Hs")
+    rt = r.t().contiguous()
+    lv = lloyd_levels("rms", group)
+    init = torch.stack(torch.meshgrid(lv, lv, indexing="ij"), -1).reshape(-1, 2)
+
+    def pairs(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = _groups(y, group)
+        scale = f16(g.pow(2).mean(-1, keepdim=True).sqrt())
+        t = g * torch.where(scale > 0, 1.0 / scale.clamp_min(1e-30), torch.zeros_like(scale))
+        return t.reshape(*y.shape[:-1], -1, 2), scale
+
+    def build(layer: int):
+        k = CALIB[layer]["k"] @ r  # [H, N, D]
+        books = torch.stack([kmeans2(pairs(k[h])[0].reshape(-1, 2), init) for h in range(k.shape[0])])
+        books = books.to(torch.float16).float()  # [H, 256, 2]
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            t, scale = pairs(x @ r)  # [B, H, T, D / 2, 2]
+            flat = t.transpose(0, 1).reshape(x.shape[1], -1, 2)  # [H, M, 2]
+            dist = flat.pow(2).sum(-1, keepdim=True) - 2 * flat @ books.transpose(1, 2) + books.pow(2).sum(-1)[:, None]
+            q = torch.gather(books, 1, dist.argmin(-1)[..., None].expand(-1, -1, 2))  # [H, M, 2]
+            q = q.reshape(x.shape[1], x.shape[0], *t.shape[2:]).transpose(0, 1)
+            y = (_groups(q.reshape(x.shape), group) * scale).reshape(x.shape)
+            return y @ rt
+        return fn
+
+    return Side("token", None, f"Hs-rotated, 2-D VQ per token, {_gdesc(group, head_dim)} with an fp16 rms scale, "
+                "one byte per pair into a 256-entry codebook per (layer, KV head) (calibrated)",
+                BYTES_HEAD_DIM / 2 + 2 * _groups_at_128(group, head_dim, True), per_layer=_per_layer(build))
+
+
+def int4v_candidates(head_dim: int) -> list[Scheme]:
+    """Beyond uniform INT4 at INT4's bytes (<= 0.30x fp16 at head_dim 128), every scheme with the exact tail (K, V)
+    as shipped, against the shipped scheme (its first row). Groups are layouts (halves, one per head), counted as
+    such at head_dim 128. (1) Bit splits at the same total: K wider, V narrower (V rotated too where it gains);
+    K5 / V4 fits 0.30x with fewer scale bytes. (2) Non-uniform 4-bit codes for rotated keys (tok_table, a 16-entry
+    lookup per element) and an MSE clipping search (asymq_search, decode unchanged). (3) A few calibrated outlier
+    channels in INT8, the rest rotated INT4 (outlier_k). (4) A ceiling: 2-D VQ of rotated keys (vq2_k). Calibrated
+    tables (3, 4) come from --calib-text (default stdlib-train, never a measured text)."""
+    hd, h = head_dim, head_dim // 2
+
+    def asym(g: int, bits: int = 4) -> Side:
+        return tok_asym(g, hd, bits, layout=True)
+
+    def sym(g: int, bits: int = 4) -> Side:
+        return tok_sym(g, hd, bits, layout=True)
+
+    def rot(side: Side) -> Side:
+        return rotated(side, hd, "Hs")
+
+    def t(side: Side) -> Side:
+        return tail(side)
+
+    v4 = t(asym(h))
+    search = Side("token", lambda x: asymq_search(x, h), f"asym INT4 per token, halves ({h} each), range by an MSE "
+                  "search over 6 shrink factors (encoder only)", BYTES_HEAD_DIM / 2 + 8)
+    return [
+        Scheme("Hs K, V asym halves + exact tail (K, V)", t(rot(asym(h))), v4, "tail"),
+        # (1) bit splits
+        Scheme("K5 Hs asym halves, V3 asym halves + tail", t(rot(asym(h, 5))), t(asym(h, 3)), "bits"),
+        Scheme("K5 Hs asym halves, V3 Hs asym halves + tail", t(rot(asym(h, 5))), t(rot(asym(h, 3))), "bits"),
+        Scheme("K6 Hs asym halves, V2 Hs asym halves + tail", t(rot(asym(h, 6))), t(rot(asym(h, 2))), "bits"),
+        Scheme("K5 Hs sym halves, V4 Hs sym halves + tail", t(rot(sym(h, 5))), t(rot(sym(h))), "bits"),
+        Scheme("K5 Hs asym head, V4 Hs sym halves + tail", t(rot(asym(hd, 5))), t(rot(sym(h))), "bits"),
+        # (2) non-uniform codes for rotated keys
+        Scheme("K Hs table absmax halves + tail", t(rot(tok_table("absmax", h, hd))), v4, "table"),
+        Scheme("K Hs table minmax halves + tail", t(rot(tok_table("minmax", h, hd))), v4, "table"),
+        Scheme("K Hs table rms halves + tail", t(rot(tok_table("rms", h, hd))), v4, "table"),
+        Scheme("K Hs table meanstd halves + tail", t(rot(tok_table("meanstd", h, hd))), v4, "table"),
+        Scheme("K Hs asym halves MSE search + tail", t(rot(search)), v4, "table"),
+        # (3) outlier channels in INT8
+        Scheme("K 2 RoPE pairs INT8 + Q-rotated INT4 + tail", t(outlier_k(hd, 2)), v4, "mixed"),
+        # (4) ceiling: 2-D VQ
+        Scheme("K Hs VQ2 halves + tail", t(vq2_k(hd, h)), v4, "vq"),
+    ]
+
+
 def layer_candidates(head_dim: int, num_layers: int) -> list[Scheme]:
     """Per-layer sensitivity: one layer's K and V in INT4 (Hs asym halves), every other exact."""
     ra = rotated(tok_asym(head_dim // 2, head_dim), head_dim, "Hs")
@@ -497,7 +715,7 @@ def layer_candidates(head_dim: int, num_layers: int) -> list[Scheme]:
 
 def candidates(head_dim: int, family: str = "legacy", num_layers: int = 0) -> list[Scheme]:
     fams = dict(legacy=legacy_candidates, int4=int4_candidates, int8=int8_candidates, diag=diag_candidates,
-                layers=lambda hd: layer_candidates(hd, num_layers))
+                int4v=int4v_candidates, layers=lambda hd: layer_candidates(hd, num_layers))
     out, seen = [], set()
     for f in family.split(","):
         for s in fams[f](head_dim):
@@ -542,6 +760,8 @@ class FakeQuantLayer(DynamicLayer):
         for c, sides in enumerate(self.sides):
             side, r = sides[i], slice(c * self.rows, (c + 1) * self.rows)
             buf, new = self.bufs[i][r], new_all[r]
+            if side.per_layer is not None:
+                side = replace(side, fn=side.per_layer(self.layer_idx))
             if (side.center or side.smooth) and side.kind != "exact":
                 mu, fn0 = self._mu(c, i, side, new), side.fn
                 d = CALIB[self.layer_idx]["kv"[i] + "_d"][None, :, None, :] if side.smooth else torch.ones(())
@@ -1136,7 +1356,9 @@ def calibration(model, ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
                   rotation after it, the quantization error of (K - mu) d is about isotropic and of a size set by
                   |(K - mu) d|, so the score error q / d . err is least (Cauchy-Schwarz) when d^2 ~ rms(q) / rms(K);
       v_d         sqrt(w / rms(V - v_mu)), w the norm of o_proj's columns that the channel feeds (over the query
-                  heads of the group): the same argument for the output error seen through o_proj.
+                  heads of the group): the same argument for the output error seen through o_proj;
+      k           [H, N, D]: every 4th token's K (after RoPE), the sample int4v's outlier channels and codebooks are
+                  chosen from.
     d is normalized to a geometric mean of 1 per head."""
     mod = sys.modules[type(model.model.layers[0].self_attn).__module__]
     orig, qs = mod.apply_rotary_pos_emb, []
@@ -1170,7 +1392,7 @@ def calibration(model, ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
         v_rms = (v - v_mu[None, :, None]).pow(2).mean(dim=(0, 2)).sqrt()
         w = model.model.layers[i].self_attn.o_proj.weight.float()  # [hidden, heads * D]
         w_col = w.pow(2).sum(0).reshape(hk, grp, dd).sum(1).sqrt()
-        out[i] = {"k_mu": k_mu, "v_mu": v_mu,
+        out[i] = {"k_mu": k_mu, "v_mu": v_mu, "k": k[:, :, ::4].transpose(0, 1).reshape(k.shape[1], -1, dd),
                   "k_d": norm((q_rms.clamp_min(1e-6) / k_rms.clamp_min(1e-6)).sqrt()),
                   "v_d": norm((w_col.clamp_min(1e-6) / v_rms.clamp_min(1e-6)).sqrt())}
     return out
@@ -1285,7 +1507,7 @@ def main() -> None:
     if args.only:
         keep = {s.strip() for s in args.only.split(";")}
         schemes = [s for s in schemes if s.name in keep]
-    if any(side.center == "calib" or side.smooth for s in schemes for side in (s.k, s.v)):
+    if any(side.center == "calib" or side.smooth or side.per_layer for s in schemes for side in (s.k, s.v)):
         calib_ids = windows(heldout_stream(tokenizer, args.calib_text), 8, 1024)
         CALIB.update(calibration(model, calib_ids))
         log(f"calibration means (centering): {args.calib_text}, 8 windows x 1024 tokens")

@@ -24,7 +24,7 @@ from . import compat, ops
 from .config import PlugConfig
 from .device import DeviceState
 from .families import FAMILIES
-from .reference import dequantize, gather_kv, overlay_tail, quantize, visible_slots
+from .reference import dequantize, gather_kv, overlay_tail, quantize, visible_slots, write_tail_from
 from .state import ForwardState
 
 
@@ -102,12 +102,7 @@ class Tail(NamedTuple):
     def store(self, k, v, before: int) -> None:
         """Rule 4's write for `k, v [B, L, nheads_k, D]` at slots `before + i` of rows < B (host-known, every row
         alike): the tokens in the rows' last block, in place."""
-        n, bs = k.shape[1], self.k.shape[2]
-        end = before + n
-        first = max(end - 1 - (end - 1) % bs, before)
-        if first < end:
-            for new, tail in ((k, self.k), (v, self.v)):
-                tail[:k.shape[0], :, first % bs:first % bs + end - first].copy_(new[:, first - before:].transpose(1, 2))
+        write_tail_from(k, v, self.k, self.v, before)
 
     def refill(self, keys, values, first: int) -> None:
         """Rows < B take `keys, values [B, nheads_k, n, D]`, slots `first + i` of one block, as their tail."""
@@ -166,7 +161,7 @@ class PlugLayer(CacheLayerMixin):
     def keys(self) -> torch.Tensor:
         """`[batch, nheads_k, seq_len, head_dim]` in the model dtype: a copy gathered from the paged pool. A
         sliding-window layer gives its last `window - 1` tokens, as transformers' sliding layers keep."""
-        return self.dev.unrotate(self.gather(self.kv.k, self.kv.k_scale))
+        return self.dev.unrotate(self.gather(values=False))
 
     @keys.setter
     def keys(self, value):
@@ -176,7 +171,7 @@ class PlugLayer(CacheLayerMixin):
     @property
     def values(self) -> torch.Tensor:
         """`[batch, nheads_k, seq_len, head_dim]` in the model dtype: a copy gathered from the paged pool."""
-        return self.gather(self.kv.v, self.kv.v_scale)
+        return self.gather(values=True)
 
     @values.setter
     def values(self, value):
@@ -214,14 +209,15 @@ class PlugLayer(CacheLayerMixin):
 
     # --- reading ----------------------------------------------------------------------------------------
 
-    def gather(self, buf: torch.Tensor, scale: torch.Tensor, length: int | None = None,
-               batch: int | None = None) -> torch.Tensor:
-        """Slots [0, length) of rows < batch (a sliding-window layer: its last `window - 1` of them)."""
+    def gather(self, values: bool, length: int | None = None, batch: int | None = None) -> torch.Tensor:
+        """The keys (values=False) or values of slots [0, length) of rows < batch (a sliding-window layer: its last
+        `window - 1` of them), stored keys as stored (rotated when the cache rotates them)."""
         batch = self.state.batch if batch is None else batch
         length = self.state.length_now() if length is None else length
         lo = self.first_seen(length)
+        buf, scale = (self.kv.v, self.kv.v_scale) if values else (self.kv.k, self.kv.k_scale)
         x = self.gather_slots(buf, scale, lo, length, batch)
-        return x if self.tail is None else self._exact(x, buf is self.kv.v, lo, length)
+        return x if self.tail is None else self._exact(x, values, lo, length)
 
     def _exact(self, x: torch.Tensor, values: bool, lo: int, length: int) -> torch.Tensor:
         """`x [B, nheads_k, length - lo, D]`, slots [lo, length) of rows holding `length` tokens, with their last,

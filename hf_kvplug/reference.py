@@ -150,6 +150,17 @@ def write_tail_ref(k, v, k_tail, v_tail, cache_seqlens, ok) -> None:
             tail[rows, :, t % bs] = torch.where(keep, new[:, j].to(tail.device, tail.dtype), at)
 
 
+def write_tail_from(k, v, k_tail, v_tail, before: int) -> None:
+    """`write_tail_ref` for rows < B whose new tokens `k, v [B, n_new, nheads_k, D]` all have slots `before + i` (one
+    host-known start for every row): the tokens in the rows' last block, in place."""
+    n, bs = k.shape[1], k_tail.shape[2]
+    end = before + n
+    first = max(end - 1 - (end - 1) % bs, before)  # the last block's first slot, or the first new one
+    if first < end:
+        for new, tail in ((k, k_tail), (v, v_tail)):
+            tail[:k.shape[0], :, first % bs:first % bs + end - first].copy_(new[:, first - before:].transpose(1, 2))
+
+
 def overlay_tail(x: torch.Tensor, tail: torch.Tensor, lo: torch.Tensor, end: torch.Tensor, t0: int = 0):
     """`x [B, Hk, T, D]` (slots t0 + i) with slots in [lo_b, end_b) taken from `tail [>=B, Hk, BS, D]` at t % BS: a
     new tensor in x's dtype."""

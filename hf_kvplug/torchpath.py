@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from .reference import has_tail, quantize, query_ranges, write_tail_ref
+from .reference import has_tail, quantize, query_ranges, write_tail_from, write_tail_ref
 
 
 # Up to this many slots over all rows, a call gathers K and V into one dense copy and runs PyTorch's SDPA: a few ops,
@@ -293,16 +293,11 @@ def _exact(k_tail, v_tail, p: Plan) -> Exact | None:
 def _write_exact(k, v, k_tail, v_tail, p: Plan) -> None:
     """Rule 4's write through the plan: the new tokens that land in their row's last block, into the tail (every
     new token has a slot: the plan's caller made sure)."""
-    n, bs = k.shape[1], k_tail.shape[2]
     if isinstance(p.ends, int):
-        first = max(p.ends - 1 - (p.ends - 1) % bs, p.ends - n)  # the first new slot in the last block
-        if first < p.ends:
-            j = first - (p.ends - n)
-            for new, tail in ((k, k_tail), (v, v_tail)):
-                tail[:p.batch, :, first % bs:first % bs + p.ends - first].copy_(new[:, j:].transpose(1, 2))
+        write_tail_from(k[:p.batch], v[:p.batch], k_tail, v_tail, p.ends - k.shape[1])
         return
     ok = torch.ones(k.shape[:2], dtype=torch.bool, device=k_tail.device)
-    write_tail_ref(k, v, k_tail, v_tail, p.ends - n, ok)
+    write_tail_ref(k, v, k_tail, v_tail, p.ends - k.shape[1], ok)
 
 
 def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: float, k_tail=None,
