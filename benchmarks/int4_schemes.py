@@ -577,39 +577,52 @@ def _per_layer(build: Callable[[int], Callable[[torch.Tensor], torch.Tensor]]):
     return get
 
 
-def outlier_k(head_dim: int, pairs: int) -> Side:
+def outlier_k(head_dim: int, pairs: int, rest_fn: str = "asym", fixed: bool = False) -> Side:
     """Mixed precision by channel: per (layer, KV head) the `pairs` RoPE pairs (channels j, j + head_dim / 2) of the
-    largest rms over CALIB's keys (the calibration text) are stored as INT8 (symmetric, one fp16 scale per token
-    and head), the other head_dim - 2 pairs channels rotated by Q = rotation(head_dim - 2 pairs, "Q") (no Hadamard
-    of that size; a kernel rotates q once per query with any orthogonal matrix) and stored as asym INT4 halves.
-    The channel choice is a fixed per-(layer, KV head) permutation of q. Bytes at head_dim 128: the same fraction
-    of channels (2 pairs * 128 / head_dim) at 1 byte, one fp16 scale, the rest at 4 bits with two (scale, min)."""
+    largest rms over CALIB's keys (the calibration text) are stored as INT8, symmetric: one fp16 scale per token and
+    head (max |x| / 127), or fixed=True: a fixed fp16 scale per (layer, KV head, pair), 1.5 x the pair's largest
+    norm sqrt(x_j^2 + x_j+D/2^2) over the calibration keys / 127 (RoPE turns a pair, its norm stays), codes clamped;
+    nothing per token. The other head_dim - 2 pairs channels are rotated by Q = rotation(head_dim - 2 pairs, "Q")
+    (no Hadamard of that size; a kernel rotates q once per query with any orthogonal matrix) and stored as 4-bit
+    halves, each with an fp16 scale and min: rest_fn "asym" (asymq), "search" (asymq_search: the same format) or
+    "minmax" (tableq with the 16-entry Lloyd-Max table for the min-max normalization). The channel choice is a
+    fixed per-(layer, KV head) permutation of q. Bytes at head_dim 128: the same fraction of channels
+    (2 pairs * 128 / head_dim) at 1 byte, the fp16 scale unless fixed, the rest at 4 bits with two (scale, min)."""
     d, n8 = head_dim, 2 * pairs
     rest = d - n8
     r = rotation(rest, "Q")
     rt = r.t().contiguous()
+    table = lloyd_levels("minmax", rest // 2)
+    quant4 = dict(asym=lambda y: asymq(y, rest // 2, 4), search=lambda y: asymq_search(y, rest // 2),
+                  minmax=lambda y: tableq(y, rest // 2, table, "minmax"))[rest_fn]
 
     def build(layer: int):
         k = CALIB[layer]["k"]  # [H, N, D]
         ms = k.pow(2).mean(1)
         top = (ms[:, :d // 2] + ms[:, d // 2:]).topk(pairs, -1).indices  # [H, pairs]
-        hi = torch.cat([top, top + d // 2], -1).sort(-1).values  # [H, n8]
+        hi = torch.cat([top, top + d // 2], -1)  # [H, n8]: the pairs' first channels, then their partners
         keep = torch.ones(k.shape[0], d, dtype=torch.bool).scatter_(1, hi, False)
         lo = torch.arange(d).expand(k.shape[0], d)[keep].reshape(k.shape[0], rest)
+        kh = k.gather(-1, hi[:, None].expand(-1, k.shape[1], -1))
+        norm = (kh[..., :pairs].pow(2) + kh[..., pairs:].pow(2)).sqrt().amax(1)  # [H, pairs]
+        scale = f16(1.5 * torch.cat([norm, norm], -1) / 127)[None, :, None]  # [1, H, 1, n8]
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             b, h, t, _ = x.shape
             ih, il = hi[None, :, None].expand(b, h, t, n8), lo[None, :, None].expand(b, h, t, rest)
             out = torch.empty_like(x)
-            out.scatter_(-1, ih, symq(x.gather(-1, ih), n8, 8))
-            out.scatter_(-1, il, asymq(x.gather(-1, il) @ r, rest // 2, 4) @ rt)
+            xh = x.gather(-1, ih)
+            out.scatter_(-1, ih, torch.round(xh / scale).clamp_(-127, 127) * scale if fixed else symq(xh, n8, 8))
+            out.scatter_(-1, il, quant4(x.gather(-1, il) @ r) @ rt)
             return out
         return fn
 
     c8 = n8 * BYTES_HEAD_DIM // d
+    what = dict(asym="asym INT4", search="asym INT4 (MSE range search)", minmax="4-bit Lloyd-Max table (min-max)")
     return Side("token", None, f"{n8} outlier channels per (layer, KV head) (calibrated, RoPE pairs) INT8 sym with "
-                f"an fp16 scale; the other {rest} Q-rotated, asym INT4 halves",
-                c8 + 2 + (BYTES_HEAD_DIM - c8) / 2 + 8, per_layer=_per_layer(build))
+                + ("a fixed calibrated scale per pair" if fixed else "an fp16 scale per token")
+                + f"; the other {rest} Q-rotated, {what[rest_fn]} halves",
+                c8 + (0 if fixed else 2) + (BYTES_HEAD_DIM - c8) / 2 + 8, per_layer=_per_layer(build))
 
 
 def kmeans2(p: torch.Tensor, init: torch.Tensor, iters: int = 20) -> torch.Tensor:
@@ -699,8 +712,25 @@ def int4v_candidates(head_dim: int) -> list[Scheme]:
         Scheme("K Hs table rms halves + tail", t(rot(tok_table("rms", h, hd))), v4, "table"),
         Scheme("K Hs table meanstd halves + tail", t(rot(tok_table("meanstd", h, hd))), v4, "table"),
         Scheme("K Hs asym halves MSE search + tail", t(rot(search)), v4, "table"),
-        # (3) outlier channels in INT8
+        # (3) outlier channels in INT8 (with V rotated, or sym to make room for more pairs; K centred on the
+        # calibration mean, free for a kernel: softmax ignores q.mu)
         Scheme("K 2 RoPE pairs INT8 + Q-rotated INT4 + tail", t(outlier_k(hd, 2)), v4, "mixed"),
+        Scheme("K 3 RoPE pairs INT8 + Q-rotated INT4 + tail", t(outlier_k(hd, 3)), v4, "mixed"),
+        Scheme("K 2 RoPE pairs INT8 + Q INT4, Hs V + tail", t(outlier_k(hd, 2)), t(rot(asym(h))), "mixed"),
+        Scheme("K 3 RoPE pairs INT8 + Q INT4, Hs V + tail", t(outlier_k(hd, 3)), t(rot(asym(h))), "mixed"),
+        Scheme("K 4 RoPE pairs INT8 + Q INT4, Hs V sym + tail", t(outlier_k(hd, 4)), t(rot(sym(h))), "mixed"),
+        Scheme("CK 3 RoPE pairs INT8 + Q INT4, Hs V + tail (calib)", t(centered(outlier_k(hd, 3), "calib")),
+               t(rot(asym(h))), "mixed"),
+        Scheme("K 3 RoPE pairs INT8 + Q INT4 search, Hs V + tail", t(outlier_k(hd, 3, "search")), t(rot(asym(h))),
+               "mixed"),
+        Scheme("K 3 RoPE pairs INT8 + Q INT4 search, Hs V search + tail", t(outlier_k(hd, 3, "search")),
+               t(rot(search)), "mixed"),
+        Scheme("K 3 RoPE pairs INT8 + Q table minmax, Hs V + tail", t(outlier_k(hd, 3, "minmax")), t(rot(asym(h))),
+               "mixed"),
+        Scheme("K 4 RoPE pairs INT8 fixed scale + Q INT4, Hs V + tail", t(outlier_k(hd, 4, fixed=True)),
+               t(rot(asym(h))), "mixed"),
+        Scheme("K 4 RoPE pairs INT8 fixed scale + Q INT4 search, Hs V search + tail",
+               t(outlier_k(hd, 4, "search", fixed=True)), t(rot(search)), "mixed"),
         # (4) ceiling: 2-D VQ
         Scheme("K Hs VQ2 halves + tail", t(vq2_k(hd, h)), v4, "vq"),
     ]

@@ -8,8 +8,6 @@ the model's forward pre-hooks) and `traced_forward` inside a forward compiled as
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from . import prefix, torchpath
@@ -19,18 +17,23 @@ from .layers import PlugLayer
 KEEP_MASK = object()  # begin_forward: leave the recorded mask as it is (a layer called without the model around it)
 
 
-@contextlib.contextmanager
-def inference_mode_explained(what: str):
-    """Say why, when a cache built inside torch.inference_mode() cannot be written here."""
-    try:
-        yield
-    except RuntimeError as e:
-        if "Inplace update to inference tensor outside InferenceMode" not in str(e):
-            raise
-        raise RuntimeError(f"{what}: this PlugCache was built inside torch.inference_mode() and is used outside it "
-                           "(inference tensors cannot be written there). Build the cache outside inference_mode (it "
-                           "works inside torch.no_grad() and inference_mode alike), or keep every use inside it."
-                           ) from e
+class inference_mode_explained:
+    """`with inference_mode_explained(what):` says why, when a cache built inside torch.inference_mode() cannot be
+    written here. (A class, not a generator: it wraps every forward's host work, and costs two plain calls.)"""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb) -> bool:
+        if kind is RuntimeError and "Inplace update to inference tensor outside InferenceMode" in str(e):
+            raise RuntimeError(f"{self.what}: this PlugCache was built inside torch.inference_mode() and is used "
+                               "outside it (inference tensors cannot be written there). Build the cache outside "
+                               "inference_mode (it works inside torch.no_grad() and inference_mode alike), or keep "
+                               "every use inside it.") from e
+        return False
 
 
 class ForwardHost:
