@@ -44,6 +44,9 @@ hf_kvplug's INT4 stores; bytes counted at head_dim 128, scales and any full-prec
   legacy  the pylm study's candidates (docs/int4.md, "Candidates"), with its K-only / V-only rows
   int4    today's INT4 and rotated / per-channel alternatives (see candidates())
   int8    today's INT8 and rotated / fp16-scale / asymmetric alternatives
+  int4v   the shipped INT4 (exact tail) against key codes for the 97% top-1 target, all with the tail: K/V bit
+          splits, non-uniform (Lloyd-Max) tables, range searches, 2-D vector codes, INT8 outlier RoPE pairs
+          (int4v_candidates; docs/int4.md, "Key outliers")
 Rotations (rotation()): H = Sylvester Hadamard / sqrt(d) (symmetric, its own inverse); Hs = diag(s) H with fixed
 random signs s (torch.Generator seed 0); H32s = block-diagonal Hadamard of 32 with the same signs; Q = a random
 orthogonal matrix (QR of a seed-0 Gaussian), the reference for "as good as rotation gets" with no structure.
