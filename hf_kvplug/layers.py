@@ -211,7 +211,7 @@ class PlugLayer(CacheLayerMixin):
 
     def gather(self, values: bool, length: int | None = None, batch: int | None = None) -> torch.Tensor:
         """The keys (values=False) or values of slots [0, length) of rows < batch (a sliding-window layer: its last
-        `window - 1` of them), stored keys as stored (rotated when the cache rotates them)."""
+        `window - 1` of them); keys as the pool holds them (rotated where the cache rotates them)."""
         batch = self.state.batch if batch is None else batch
         length = self.state.length_now() if length is None else length
         lo = self.first_seen(length)
