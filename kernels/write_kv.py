@@ -71,7 +71,7 @@ def _write_kvcache_kernel(
 def write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status, k_tail=None,
                   v_tail=None):
     # k_tail, v_tail [max_batch, nheads_k, BLOCK_SIZE, D] in k's dtype (int4 caches), or None / 0 elements: the exact
-    # tail (rule 4 of hf_kvplug/reference.py), written with the new tokens that land in their row's partial block
+    # tail (rule 4 of hf_kvplug/reference.py), written with the new tokens that land in their row's last block
     batch, q_len, nheads_k, head_dim = k.shape
     assert v.shape == k.shape and k.stride(-1) == 1 and v.stride(-1) == 1, "k, v: [B, q_len, nheads_k, D], last dim 1"
     kind = check_cache(k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, nheads_k, head_dim)

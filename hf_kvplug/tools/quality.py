@@ -250,9 +250,8 @@ def windows(stream: torch.Tensor, count: int, length: int, offset: float = 0.0) 
 
 def formats(model, max_cache_len: int, split_kv: bool, half_baselines: bool = False) -> list[Format]:
     """Stock DynamicCache, a PlugCache per format of KV_DTYPES (the model-dtype one is the reference) and INT4
-    without its exact tail (`exact_tail=False`); with
-    `split_kv`, K-only / V-only round trips of each quantized format that has one; with `half_baselines` (fp32 models
-    only), K and V rounded to bf16 and to fp16."""
+    without its exact tail (`exact_tail=False`); with `split_kv`, K-only / V-only round trips of each quantized format
+    that has one; with `half_baselines` (fp32 models only), K and V rounded to bf16 and to fp16."""
     def plug(kv_dtype, **kw):
         cache = PlugCache(model, max_batch_size=1, max_cache_len=max_cache_len, kv_dtype=kv_dtype, **kw)
 
