@@ -140,8 +140,11 @@ class BlockTable:
 
     def blocks_needed(self, rows: list[int], start: int, end: int, reserve: int, block_size: int) -> int:
         """Fresh blocks `prepare_write` with the same arguments would take (mapped + copied), changing nothing."""
-        cover = self.blocks_for(max(end, reserve), block_size)
-        written = self.positions_written(start, end, block_size)
+        return self._needed(rows, self.blocks_for(max(end, reserve), block_size),
+                            self.positions_written(start, end, block_size))
+
+    def _needed(self, rows: list[int], cover: int, written: list[int]) -> int:
+        """`blocks_needed` for rows that must cover `cover` blocks and write into positions `written`."""
         writers: dict[int, int] = {}  # shared block -> rows of this write that will write into it
         new = 0
         for b in rows:
@@ -151,7 +154,7 @@ class BlockTable:
                 if i < len(row) and self.pool.refs[row[i]] > 1:
                     writers[row[i]] = writers.get(row[i], 0) + 1
         # A block every holder of which writes into it: the last writer keeps it, the others copy it.
-        return new + sum(n if self.pool.refs[blk] > n else n - 1 for blk, n in writers.items())
+        return new + (sum(n if self.pool.refs[blk] > n else n - 1 for blk, n in writers.items()) if writers else 0)
 
     def prepare_write(self, rows: list[int], start: int, end: int, reserve: int,
                       block_size: int) -> list[tuple[int, int]]:
@@ -160,7 +163,7 @@ class BlockTable:
         block pairs whose data the caller must copy. All or nothing: raises PoolExhausted before changing anything."""
         cover = self.blocks_for(max(end, reserve), block_size)
         written = self.positions_written(start, end, block_size)
-        needed = self.blocks_needed(rows, start, end, reserve, block_size)
+        needed = self._needed(rows, cover, written)
         if needed == 0:
             return []
         self.pool.make_room(needed)  # all or nothing: raises before any change, naming the pool

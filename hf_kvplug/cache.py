@@ -24,7 +24,7 @@ from .config import PlugConfig
 from .device import DeviceState
 from .forward import KEEP_MASK, ForwardHost, inference_mode_explained
 from .geometry import Geometry, RankLayout
-from .layers import KV, LinearLayers, PlugLayer, RemoteLayer, attention_layer
+from .layers import KV, LinearLayers, PlugLayer, RemoteLayer, Slab, attention_layer
 from .rotation import key_rotation, rotation_gain
 from .state import ForwardState
 from .storage import load_cache, save_cache
@@ -103,7 +103,7 @@ class PlugCache(ForwardHost, DynamicCache):
                     linear=LinearLayers.build(self._hf_config, config.layer_kinds))
 
     def _build(self, config: PlugConfig, backend: str, pools: dict, kvs, linear: dict,
-               paging: Paging | None = None) -> None:
+               paging: Paging | None = None, slabs: list[Slab] | None = None) -> None:
         self.config, self.backend = config, backend
         self.paging = paging or Paging(pools, config.max_batch_size, config.max_blocks_per_row, config.block_size)
         if config.prefix_caching and pools[None].index is None:  # one index per pool: forks share it
@@ -116,13 +116,18 @@ class PlugCache(ForwardHost, DynamicCache):
         self.device_states = {d: DeviceState(config.groups, config.max_batch_size, config.max_blocks_per_row,
                                              config.max_cache_len, d, rotation, rotation_gain(config.head_dim))
                               for d in devices}
-        kvs = iter(kvs or [])
+        if kvs is None:
+            slabs, kvs = _slab_kvs(config, backend)
+        kvs = iter(kvs)
         layers = [linear[i] if kind == "linear" else RemoteLayer(config, i, self.state) if kind == "remote" else
                   attention_layer(config, i, self.device_states[config.layer_devices[i]], self.state,
                                   next(kvs, None), backend)
                   for i, kind in enumerate(config.layer_kinds)]
         Cache.__init__(self, layers=layers)  # DynamicCache's own __init__ would build growing layers
         self.attn_layers = [layer for layer in layers if isinstance(layer, PlugLayer)]
+        # the slabs whose layers hold exactly their buffers (a fork shares its parent's; a copy has none)
+        self.slabs = [slab for slab in slabs or () if all(_in_slab(self.layers[i], slab, j)
+                                                          for j, i in enumerate(slab.layers))]
         # the PyTorch path plans each forward once per device and (ring, window), from one layer of each group
         groups: dict = {}
         for layer in self.attn_layers:
@@ -275,7 +280,7 @@ class PlugCache(ForwardHost, DynamicCache):
         draw from one pool (`stats()` counts it once)."""
         self._settle()
         self._compiled_rows = 0  # its rows share blocks now: a forward compiled as a whole needs reserve() again
-        return self._twin(self.pools, [layer.kv for layer in self.attn_layers], self.paging.fork())
+        return self._twin(self.pools, [layer.kv for layer in self.attn_layers], self.paging.fork(), self.slabs)
 
     def __deepcopy__(self, memo) -> "PlugCache":
         """An independent copy with a pool of its own (HF's prompt-reuse recipe deep-copies a prefilled cache per
@@ -291,11 +296,12 @@ class PlugCache(ForwardHost, DynamicCache):
         if self.state.open:
             self.sync_lengths()
 
-    def _twin(self, pools: dict, kvs: list[KV], paging: Paging) -> "PlugCache":
-        """A cache over `pools` and buffers `kvs` holding what this one holds (`paging`: its block tables)."""
+    def _twin(self, pools: dict, kvs: list[KV], paging: Paging, slabs: list[Slab] | None = None) -> "PlugCache":
+        """A cache over `pools` and buffers `kvs` (in `slabs`, where they are) holding what this one holds
+        (`paging`: its block tables)."""
         other = object.__new__(PlugCache)
         other._hf_config = self._hf_config
-        other._build(self.config, self.backend, pools, kvs, linear=self.linear.copies(), paging=paging)
+        other._build(self.config, self.backend, pools, kvs, linear=self.linear.copies(), paging=paging, slabs=slabs)
         other.linear.batch = self.linear.batch
         other.state.restore(self.state.batch, self.state.length, self.state.holes, self.state.top)
         for layer, theirs in zip(other.attn_layers, self.attn_layers):
@@ -372,6 +378,35 @@ class PlugCache(ForwardHost, DynamicCache):
 
 
 compat.answer_max_length_under_both_names(PlugCache)
+
+
+def _slab_kvs(config: PlugConfig, backend: str) -> tuple[list[Slab], list[KV | None]]:
+    """The buffers of a fresh cache's attention layers, in order (None: the layer allocates its own): the layers on
+    the PyTorch path get theirs from one slab per device and group (`KV.allocate_group`)."""
+    groups: dict = {}
+    for i in config.attention_layers:
+        device = config.layer_devices[i]
+        if ops.resolve_backend(backend, device) == "torch":
+            groups.setdefault((device, config.layer_rings[i] or None), []).append(i)
+    slabs, kvs = [], {}
+    for (device, ring), members in groups.items():
+        buf, group = KV.allocate_group(config, ring, device, len(members))
+        windows = {config.layer_windows[i] or 0 for i in members}
+        key = (ring, windows.pop()) if len(windows) == 1 else None  # layers of one plan only
+        if key is not None:
+            slabs.append(Slab(buf, tuple(members), device, key))
+        kvs.update(zip(members, group))
+    return slabs, [kvs.get(i) for i, kind in enumerate(config.layer_kinds) if kind not in ("linear", "remote")]
+
+
+def _in_slab(layer, slab: Slab, j: int) -> bool:
+    """Whether `layer`'s K and V are the j-th of `slab`'s, laid out as `KV.allocate_group` lays them (and the layer
+    takes the PyTorch path, with the slab's plan)."""
+    k, v, n = layer.kv.k, layer.kv.v, len(slab.layers)
+    return (isinstance(layer, PlugLayer) and layer.backend == "torch" and layer.plan_key == slab.plan_key
+            and k.data_ptr() == slab.buf[j].data_ptr() and v.data_ptr() == slab.buf[n + j].data_ptr()
+            and k.shape == v.shape == slab.buf[j].transpose(0, 1).shape
+            and k.stride() == v.stride() == slab.buf[j].transpose(0, 1).stride())
 
 
 def _pools(config: PlugConfig) -> dict[int | None, BlockPool]:

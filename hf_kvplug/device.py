@@ -37,13 +37,18 @@ class DeviceState:
         self.valid = torch.ones((max_batch_size, max_cache_len), dtype=torch.uint8, device=device)
         self.status = torch.zeros(1, dtype=torch.int32, device=device)
         self.no_valid = torch.empty(0, dtype=torch.uint8, device=device)  # what the kernels get when nothing has holes
+        # a decode step's advance of the lengths: adding a 0-dim int32 tensor skips the scalar's wrap and cast
+        self.one = torch.ones((), dtype=torch.int32, device=device)
         compat.mark_static(*self.tensors())
         # the PyTorch fast path's plans of the forward under way, by (ring, window): built in the host work of each
         # forward (`ForwardHost.begin_forward`) for layers off CUDA, read by its layers, replaced by the next one
         self.plans: dict = {}
+        # and, by layer index, the views of a decode step's buffers for layers whose K/V lie in a slab
+        # (`torchpath.step_views`: new-token slots for K and V, then their spans), built with the plans
+        self.step_views: dict = {}
 
     def tensors(self) -> list[torch.Tensor]:
-        return [*self.block_tables.values(), self.starts, self.valid, self.status, self.no_valid,
+        return [*self.block_tables.values(), self.starts, self.valid, self.status, self.no_valid, self.one,
                 *([] if self.rotation is None else [self.rotation])]
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,11 +75,11 @@ class DeviceState:
         other.block_tables = {ring: t.clone() for ring, t in self.block_tables.items()}
         other.starts, other.valid, other.status = self.starts.clone(), self.valid.clone(), self.status.clone()
         other.lead_free = self.lead_free
-        other.no_valid = self.no_valid.clone()
+        other.no_valid, other.one = self.no_valid.clone(), self.one.clone()
         other.rotation = None if self.rotation is None else self.rotation.clone()
         other.rotation_gain = self.rotation_gain
         compat.mark_static(*other.tensors())
-        other.plans = {}
+        other.plans, other.step_views = {}, {}
         return other
 
     def copy_from(self, other: "DeviceState") -> None:

@@ -95,11 +95,11 @@ class ForwardHost:
         """The PyTorch fast path's plans for this forward (layers off CUDA, after the prefill): one per device and
         (ring, window), built once here from what the host knows and shared by every layer with that key."""
         for dev in self.device_states.values():
-            dev.plans = {}
+            dev.plans, dev.step_views = {}, {}
         if not q_len or not self.plan_layers or self.attn_layers[0].fresh:
             return
         for layer in self.plan_layers:
-            key = (layer.ring, layer.window or 0)
+            key = layer.plan_key
             if q_len > (layer.chunk if layer.ring else q_len):
                 continue
             first = max(0, length - layer.window + 1) if layer.window else 0
@@ -109,6 +109,14 @@ class ForwardHost:
                 (first, length + q_len), length=length,
                 rows=self.paging.tables[None].rows if layer.ring is None else None,  # a ring's repeat on the device
                 strides=torchpath.slot_strides(layer.kv.k), lead_free=layer.dev.lead_free)
+        for slab in self.slabs:  # a decode step in the model dtype: the views of every layer of a slab at once
+            dev = self.device_states[slab.device]
+            plan = dev.plans.get(slab.plan_key)
+            if plan is not None and plan.step and slab.buf.dtype == self.config.dtype:
+                new, spans = torchpath.step_views(slab.buf, plan)
+                n = len(slab.layers)
+                for j, i in enumerate(slab.layers):
+                    dev.step_views[i] = (new[j], new[n + j], spans[j], spans[n + j])
 
     def reuse_prefix(self, ids: torch.Tensor, mask: torch.Tensor | None, expand: int) -> int:
         """Before a generate() call into an empty cache (prefix caching): map the longest prefix of full blocks every
@@ -228,3 +236,4 @@ class ForwardHost:
         for layer in self.attn_layers:
             layer.unpin_from_inference_mode()
             layer.dev = self.device_states[layer.device]
+        self.slabs = []  # each layer's buffers are a copy of their own now

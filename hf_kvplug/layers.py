@@ -53,6 +53,25 @@ class KV(NamedTuple):
         return cls(*(zeros(s, d) for s, d in ((shape, config.storage_dtype), (shape, config.storage_dtype),
                                                (scale_shape, scale_dtype), (scale_shape, scale_dtype))))
 
+    @classmethod
+    def allocate_group(cls, config: PlugConfig, ring: int | None, device: torch.device,
+                       count: int) -> tuple[torch.Tensor, list["KV"]]:
+        """Zeroed buffers of `count` layers stored heads first, K and V of all of them in one storage (`slab`
+        `[2 * count, nheads_k, num_blocks, block_size, width]`: layer i's K is `slab[i]`, its V `slab[count + i]`,
+        each as `allocate(heads_first=True)` lays it out), so that one view reaches every layer's span
+        (`torchpath.step_views`). Returns (slab, the layers' KV); the scales are each layer's own."""
+        shape, scale_shape, scale_dtype = config.storage_shapes(ring)
+        slab = torch.zeros((2 * count, shape[1], shape[0], *shape[2:]), dtype=config.storage_dtype, device=device)
+
+        def scales():
+            if len(scale_shape) < 3:  # (an empty scale buffer)
+                return torch.zeros(scale_shape, dtype=scale_dtype, device=device)
+            s = (scale_shape[1], scale_shape[0], *scale_shape[2:])
+            return torch.zeros(s, dtype=scale_dtype, device=device).transpose(0, 1)
+
+        return slab, [cls(slab[i].transpose(0, 1), slab[count + i].transpose(0, 1), scales(), scales())
+                      for i in range(count)]
+
     def clone(self) -> "KV":
         return KV(*(t.clone() for t in self))
 
@@ -77,6 +96,17 @@ class KV(NamedTuple):
         for name, buf in zip(self._fields, self):
             if buf.numel() and ids:
                 buf[idx] = tensors[name].to(buf.device)
+
+
+class Slab(NamedTuple):
+    """The K and V of a group of layers on the PyTorch path in one storage (`KV.allocate_group`): `buf` `[2 *
+    count, ...]`, the layers (by index) whose buffers it holds in that order, their device, and the key of the plan
+    they all share (`PlugLayer.plan_key`), by which one view of it serves every layer's decode step."""
+
+    buf: torch.Tensor
+    layers: tuple[int, ...]
+    device: torch.device
+    plan_key: tuple
 
 
 class Tail(NamedTuple):
@@ -130,6 +160,8 @@ class PlugLayer(CacheLayerMixin):
         self.device = dev.device
         self.window = config.layer_windows[layer_idx]
         self.is_sliding = self.window is not None
+        self.plan_key = (self.ring, self.window or 0)  # its plan among the forward's (`DeviceState.plans`)
+        self._head_shape = (config.nheads_k, config.head_dim)
         self.backend = ops.resolve_backend(backend, self.device)
         self.kv = KV.allocate(config, self.ring, self.device, self.backend == "torch") if kv is None else kv
         self.cache_seqlens = torch.zeros(config.max_batch_size, dtype=torch.int32, device=self.device)
@@ -245,6 +277,9 @@ class PlugLayer(CacheLayerMixin):
         """Raise (before anything is written) if `k [B, q_len, nheads_k, D]` does not fit this layer's buffers."""
         cfg = self.config
         batch = k.shape[0] if batch is None else batch
+        if (k.shape[-2:] == self._head_shape and k.dtype == cfg.dtype and k.device == self.device
+                and batch <= cfg.max_batch_size):  # (every forward's check, per layer: the message only when it fails)
+            return
         problems = []
         if k.shape[-2] != cfg.nheads_k or k.shape[-1] != cfg.head_dim:
             problems.append(f"kv heads x head_dim {tuple(k.shape[-2:])} != cache {(cfg.nheads_k, cfg.head_dim)}")
@@ -277,9 +312,10 @@ class PlugLayer(CacheLayerMixin):
         """Fused write + attention for `q [B, L, nheads, D]`, `k, v [B, L, nheads_k, D]`; advances the lengths.
         `holes`: the recorded mask has holes, so the kernels read the slot mask. A quantized cache's keys and
         queries go in rotated alike (`DeviceState.rotate`)."""
-        q, k = self.dev.rotate(q), self.dev.rotate(k)
-        out = self._attend_rows(q, k, v, self.dev.softmax_scale(softmax_scale),
-                                self.dev.valid if holes else self.dev.no_valid)
+        dev = self.dev
+        if dev.rotation is not None:
+            q, k, softmax_scale = dev.rotate(q), dev.rotate(k), dev.softmax_scale(softmax_scale)
+        out = self._attend_rows(q, k, v, softmax_scale, dev.valid if holes else dev.no_valid)
         self._advance(*q.shape[:2])
         return out
 
@@ -314,13 +350,18 @@ class PlugLayer(CacheLayerMixin):
         return out, weights
 
     def _attend(self, q, k, v, softmax_scale, seqlens, valid):
-        plan = self.dev.plans.get((self.ring, self.window or 0))  # the forward's, when off CUDA (ForwardHost._plan)
-        if plan is not None and (plan.batch, plan.q_len) != q.shape[:2]:
-            plan = None
+        if not torch.compiler.is_compiling():  # off CUDA, the forward's host work planned this call
+            views = self.dev.step_views.get(self.layer_idx)  # the decode step, when this layer's slab has one
+            if (views is not None and q.shape[1] == 1 and q.shape[0] == views[2].shape[0]
+                    and q.dtype == views[2].dtype and not (torch.is_grad_enabled() and q.requires_grad)):
+                return ops.attend_step(q, k, v, views, softmax_scale)
+            plan = self.dev.plans.get(self.plan_key)  # ForwardHost._plan
+            if plan is not None and plan.batch == q.shape[0] and plan.q_len == q.shape[1]:
+                return ops.attend_planned(q, k, v, self.kv, plan, softmax_scale, self.tail)
         k_tail, v_tail = self.tail or (None, None)
         return ops.attend_with_kvcache(q, k, v, *self.kv, self.block_table, seqlens, self.dev.starts, softmax_scale,
                                        self.window, cache_valid=valid, status=self.dev.status, backend=self.backend,
-                                       plan=plan, k_tail=k_tail, v_tail=v_tail)
+                                       k_tail=k_tail, v_tail=v_tail)
 
     def _store(self, k, v, table, seqlens) -> None:
         """Write `k, v [B, L, nheads_k, D]` at slots seqlens[b] + i."""
@@ -334,9 +375,10 @@ class PlugLayer(CacheLayerMixin):
     def _advance(self, batch: int, q_len: int) -> None:
         """This layer's part of the forward is done: its rows hold `q_len` more tokens."""
         seqlens = self.cache_seqlens
-        (seqlens if batch == seqlens.shape[0] else seqlens[:batch]).add_(q_len)
+        (seqlens if batch == seqlens.shape[0] else seqlens[:batch]).add_(self.dev.one if q_len == 1 else q_len)
         self.fresh = False
-        self.state.layer_done(self.is_last)
+        if self.is_last:
+            self.state.layer_done(True)
 
     # --- rows (the cache keeps all layers together) -------------------------------------------------------
 

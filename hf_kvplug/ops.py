@@ -251,6 +251,21 @@ def attend_with_kvcache(
     return attend_with_kvcache_ref(*args[:-3], causal=args[-3], k_tail=args[-2], v_tail=args[-1])
 
 
+def attend_planned(q, k, v, kv, plan: torchpath.Plan, softmax_scale: float, tail=None) -> torch.Tensor:
+    """`attend_with_kvcache(..., plan=plan)` for the call a PlugCache layer makes on eager code off CUDA, with the
+    plan its forward's host work built (and vouches for): `kv` is `(k_cache, v_cache, k_scale, v_scale)`, `tail`
+    `(k_tail, v_tail)` or None. The same buffers are written in place; none of the arguments the plan replaces
+    (tables, lengths, bounds) is built for it."""
+    return torchpath.attend(q, k, v, *kv, plan, softmax_scale, *(tail or (None, None)))
+
+
+def attend_step(q, k, v, views, softmax_scale: float) -> torch.Tensor:
+    """The decode step of a PlugCache layer whose buffers are part of a slab, through the views its forward's host
+    work took of them (`torchpath.step_views`): `views` is `(k_new, v_new, keys, values)`; k and v are written
+    through the first two, in place. The same ops, on the same views, as `attend_planned` runs for that step."""
+    return torchpath.attend_step(q, k, v, *views, softmax_scale)
+
+
 def _tails(k_tail, v_tail, q, k_cache) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact tail's buffers, checked against the cache, or two 0-element tensors standing for none (registered
     ops take tensors)."""

@@ -142,40 +142,49 @@ def patched(model):
 
 # ------------------------------------------------------------------ host work before each forward, on eager code
 
-def _call_arguments(module):
-    """(names of the forward's positional parameters after self) to read a call's inputs, mask and cache."""
+def _call_arguments(module) -> dict[str, int]:
+    """The position of each positional parameter of the module's forward after self, by name, to read a call's
+    inputs, mask and cache."""
     forward = inspect.unwrap(type(module).forward)
-    return [p.name for p in list(inspect.signature(forward).parameters.values())[1:]
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    params = [p.name for p in list(inspect.signature(forward).parameters.values())[1:]
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {name: i for i, name in enumerate(params)}
 
 
-def _inputs(names, args, kwargs):
-    """(cache, batch, q_len, attention_mask) of a model / decoder forward call."""
-    def arg(name):
-        if name in kwargs:
-            return kwargs[name]
-        return args[names.index(name)] if name in names and names.index(name) < len(args) else None
+def _arg(positions: dict[str, int], args, kwargs, name: str):
+    if name in kwargs:
+        return kwargs[name]
+    i = positions.get(name)
+    return args[i] if i is not None and i < len(args) else None
 
+
+def _inputs(positions: dict[str, int], args, kwargs):
+    """(cache, batch, q_len, attention_mask) of a model / decoder forward call; all None unless it passes a
+    PlugCache, batch and q_len None without input ids or embeddings."""
     cache = None
     for name in compat.CACHE_KWARGS:
-        cache = cache if cache is not None else arg(name)
-    inputs = arg("input_ids")
+        cache = _arg(positions, args, kwargs, name)
+        if cache is not None:
+            break
+    if not isinstance(cache, PlugCache):
+        return None, None, None, None
+    inputs = _arg(positions, args, kwargs, "input_ids")
     if inputs is None:
-        inputs = arg("inputs_embeds")
+        inputs = _arg(positions, args, kwargs, "inputs_embeds")
     if inputs is None:
         return cache, None, None, None
-    return cache, inputs.shape[0], inputs.shape[1], arg("attention_mask")
+    return cache, inputs.shape[0], inputs.shape[1], _arg(positions, args, kwargs, "attention_mask")
 
 
 def _forward_pre_hook(module, top: bool):
     """The model's (top=True) or its decoder's pre-hook: prepare the cache's forward on eager code unless generate()
     or the model's own hook already did. The decoder's hook claims it; inside a forward compiled as a whole it can
     only record what needs no host work (`PlugCache.traced_forward`)."""
-    names = _call_arguments(module)
+    positions = _call_arguments(module)
 
     def hook(mod, args, kwargs):
-        cache, batch, q_len, mask = _inputs(names, args, kwargs)
-        if not isinstance(cache, PlugCache) or batch is None:
+        cache, batch, q_len, mask = _inputs(positions, args, kwargs)
+        if batch is None:  # (no PlugCache, or no inputs)
             return None
         state = cache.state
         if torch.compiler.is_compiling():

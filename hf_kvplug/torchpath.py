@@ -60,6 +60,9 @@ class Plan(NamedTuple):
     blind: `[batch, 1, q_len, 1]` bool, the queries that see no slot (their output is 0), or None: none.
     ends: each row's length once the new tokens are in: an int when the host knows it is every row's (a
         PlugCache's), else `[batch]` int64. It places the exact tail's slots (`reference`, rule 4).
+    step: the call is the step a PlugCache decodes most, as far as the plan says (one query a row, every row's span
+        one strided view ending with its new token, no slot hidden): `attend` then takes `_decode_step` for K/V in
+        the model dtype.
     """
 
     batch: int
@@ -78,13 +81,15 @@ class Plan(NamedTuple):
     bias: torch.Tensor | None
     blind: torch.Tensor | None
     ends: int | torch.Tensor
+    step: bool = False
 
 
 def slot_strides(buf: torch.Tensor) -> tuple[int, int]:
     """The (block, head) strides of a paged buffer `[num_blocks, nheads_k, block_size, ...]`, counted in slots:
     `(nheads_k * block_size, block_size)` blocks first (the kernels' layout), `(block_size, num_blocks *
     block_size)` heads first (the PyTorch path's, `KV.allocate`)."""
-    return buf.stride(0) // buf.stride(2), buf.stride(1) // buf.stride(2)
+    s0, s1, s2 = buf.stride()[:3]
+    return s0 // s2, s1 // s2
 
 
 def paged_layout(buf: torch.Tensor) -> bool:
@@ -122,6 +127,11 @@ def plan(block_table, cache_seqlens, cache_starts, cache_valid, batch: int, q_le
     device, bs = block_table.device, block_size
     cpu = device.type == "cpu"
     sb, sh = strides if strides is not None else (nheads_k * bs, bs)
+    if (cpu and sb == bs and q_len == n_new == 1 and not window and cache_valid is None and lead_free
+            and rows is not None and length is not None and tuple(span) == (0, length + 1) and batch):
+        step = _step_plan(rows, batch, length, bs, block_table.shape[1])
+        if step is not None:
+            return step
     first = max(0, span[0])
     fb = first // bs
     nb = max(1, min(-(-span[1] // bs), block_table.shape[1]) - fb)
@@ -170,15 +180,38 @@ def plan(block_table, cache_seqlens, cache_starts, cache_valid, batch: int, q_le
         bias = bias.view(batch * nb * nheads_k, q_len, bs)
     else:
         bias = torch.zeros(seen.shape, device=device).masked_fill_(~seen, float("-inf"))
-    spacing = None
-    if runs is not None:
-        step = runs[1] - runs[0] if batch > 1 else 0
-        if step >= 0 and runs == list(range(runs[0], runs[0] + batch * step, step) if step else [runs[0]] * batch):
-            spacing = step
+    spacing = _spacing(runs) if runs is not None else None
     adjacent = runs is not None and (batch == 1 or spacing == nb)  # runs one after another: spaced by a run
     ends = length + n_new if length is not None else cache_seqlens[:batch].long().to(device) + n_new
+    step = q_len == 1 and tail and spacing is not None and bias is None and blind is None
     return Plan(batch, q_len, mode, fb, nb, t0, t1 - t0, runs, adjacent, spacing, flat, wflat, tail, bias,
-                None if blind is None else blind.unsqueeze(-1), ends)
+                None if blind is None else blind.unsqueeze(-1), ends, step)
+
+
+def _step_plan(rows: list[list[int]], batch: int, length: int, block_size: int, max_blocks: int) -> Plan | None:
+    """`plan` for the step a PlugCache decodes most, in a few host operations: one new token and query per row of
+    `length` tokens (a span from slot 0, no window, no slot mask, no row starting past slot 0), K/V stored heads
+    first, on the CPU. None where a row's blocks are not consecutive (or not all mapped): `plan` then works it
+    out in general. Tests hold the two equal."""
+    end = length + 1
+    nb = -(-end // block_size)
+    if nb > max_blocks:
+        return None
+    runs = _runs(rows, batch, 0, nb)
+    if runs is None:
+        return None
+    spacing = _spacing(runs)
+    return Plan(batch, 1, "spans", 0, nb, 0, end, runs, batch == 1 or spacing == nb, spacing, None, None, True, None,
+                None, end, spacing is not None)
+
+
+def _spacing(runs: list[int]) -> int | None:
+    """The step by which the rows' runs follow each other evenly (0 for one row), or None."""
+    n = len(runs)
+    step = runs[1] - runs[0] if n > 1 else 0
+    if step >= 0 and runs == (list(range(runs[0], runs[0] + n * step, step)) if step else [runs[0]] * n):
+        return step
+    return None
 
 
 def _write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, sb, sh, rows, length) -> torch.Tensor:
@@ -309,8 +342,8 @@ def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: 
     if exact and (p.mode == "blocks" or k_cache.dtype == q.dtype):
         raise ValueError("the exact tail is read on this path for quantized caches stored heads first or gathered "
                          "(a PlugCache's), not for this call: use the reference")
-    if (not exact and p.tail and p.spacing is not None and p.bias is None and p.blind is None and q.shape[1] == 1
-            and k_cache.dtype == q.dtype and k is not None and not (torch.is_grad_enabled() and q.requires_grad)
+    if (p.step and not exact and k_cache.dtype == q.dtype and k is not None and q.shape[1] == 1
+            and not (torch.is_grad_enabled() and q.requires_grad)
             and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()):
         return _decode_step(q, k, v, k_cache, v_cache, p, softmax_scale)
     kind = KINDS.get(k_cache.dtype, "fp")
@@ -342,18 +375,44 @@ def _decode_step(q, k, v, k_cache, v_cache, p: Plan, softmax_scale: float) -> to
     one frame, the same ops on the same views, so the same bits): one query per row, K/V in its dtype and laid out
     alike, every row's span one strided view (`p.spacing`) ending with the new token (`p.tail`), every slot seen (no
     bias or blind query)."""
-    batch, _, nheads, head_dim = q.shape
-    nheads_k, block_size = k_cache.shape[1], k_cache.shape[2]
+    nheads_k, block_size, head_dim = k_cache.shape[1], k_cache.shape[2], q.shape[-1]
     s0, s1, s2 = k_cache.stride()[:3]  # heads first; the V pool's the same
     step, skip = p.spacing * s0, p.runs[0] * s0 + (p.t0 - p.fb * block_size) * s2
     new = skip + (p.slots - k.shape[1]) * s2  # the new tokens' first slot, viewed in their order [B, n, Hk, D]
-    views = []
-    for buf, x in ((k_cache, k), (v_cache, v)):
-        at = buf.storage_offset()
-        buf.as_strided(x.shape, (step, s2, s1, 1), at + new).copy_(x)
-        views.append(buf.as_strided((batch, nheads_k, p.slots, head_dim), (step, s1, s2, 1), at + skip))
+    views = [buf.as_strided(x.shape, (step, s2, s1, 1), buf.storage_offset() + new) for buf, x in
+             ((k_cache, k), (v_cache, v))]
+    views += [buf.as_strided((q.shape[0], nheads_k, p.slots, head_dim), (step, s1, s2, 1), buf.storage_offset() + skip)
+              for buf in (k_cache, v_cache)]
+    return attend_step(q, k, v, *views, softmax_scale)
+
+
+def step_views(slab: torch.Tensor, p: Plan) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The views `_decode_step` takes of each layer's buffers, for all the layers of a slab at once (one view and
+    one `unbind` each): `slab` `[2 * count, nheads_k, num_blocks, block_size, head_dim]` holds layer i's K at i and
+    its V at count + i (`KV.allocate_group`); `p` a step plan (`Plan.step`). Returns (where each buffer takes the
+    new token, `[batch, 1, nheads_k, head_dim]`; each buffer's spans, `[batch, nheads_k, slots, head_dim]`), both
+    ordered as the slab."""
+    assert p.step and slab.is_contiguous() and slab.dim() == 5, "step views: a step plan over a contiguous slab"
+    n, nheads_k, _, block_size, head_dim = slab.shape
+    sl, s1, s0, s2 = slab.stride()[:4]  # per buffer, head, block, slot
+    step, skip = p.spacing * s0, p.runs[0] * s0 + (p.t0 - p.fb * block_size) * s2
+    at = slab.storage_offset()
+    new = slab.as_strided((n, p.batch, 1, nheads_k, head_dim), (sl, step, s2, s1, 1), at + skip + (p.slots - 1) * s2)
+    spans = slab.as_strided((n, p.batch, nheads_k, p.slots, head_dim), (sl, step, s1, s2, 1), at + skip)
+    return new.unbind(0), spans.unbind(0)
+
+
+def attend_step(q, k, v, k_new, v_new, keys, values, softmax_scale: float) -> torch.Tensor:
+    """The decode step on views: `k, v [B, n, nheads_k, D]` into `k_new, v_new` (views of the buffers where the new
+    tokens go, in place), then `q [B, 1, nheads, D]` attends `keys, values [B, nheads_k, slots, D]` (spans ending
+    with the new tokens, every slot seen) with PyTorch's SDPA, each KV head's queries as its rows: `[B, 1, nheads,
+    D]`."""
+    k_new.copy_(k)
+    v_new.copy_(v)
+    batch, _, nheads, head_dim = q.shape
+    nheads_k = keys.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.reshape(batch, nheads_k, nheads // nheads_k, head_dim), *views, scale=softmax_scale)
+        q.reshape(batch, nheads_k, nheads // nheads_k, head_dim), keys, values, scale=softmax_scale)
     return out.reshape(batch, 1, nheads, head_dim)
 
 

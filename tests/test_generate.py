@@ -378,3 +378,36 @@ def test_a_cpu_call_is_eager_and_its_decode_steps_read_no_mask(monkeypatch):
     assert not compat.generate_runs_eager(plugged, config, cache)
     monkeypatch.setattr(config, "disable_compile", True, raising=False)
     assert compat.generate_runs_eager(plugged, config, cache)
+
+
+def test_a_cpu_cache_keeps_its_layers_in_one_slab(monkeypatch):
+    """On the PyTorch path a fresh cache stores every layer's K and V in one slab, whose views its forward's host
+    work takes once for a decode step (`ops.attend_step` for each layer); a fork shares the slab, a copy and a cache
+    moved out of inference_mode have buffers of their own and take the per-layer step. Every one gives stock's
+    tokens."""
+    import copy
+
+    from hf_kvplug import ops
+    stock, plugged, cache = _pair("llama")
+    ids = _prompt(batch=2)
+    want = stock.generate(ids, max_new_tokens=6, do_sample=False)
+    steps = []
+    real = ops.attend_step
+    monkeypatch.setattr(ops, "attend_step", lambda *a: steps.append(1) or real(*a))
+    n_layers = len(cache.attn_layers)
+    assert [slab.layers for slab in cache.slabs] == [tuple(layer.layer_idx for layer in cache.attn_layers)]
+    assert torch.equal(plugged.generate(ids, **kv(cache), max_new_tokens=6, do_sample=False), want)
+    assert len(steps) == 5 * n_layers  # every decode step of every layer
+    cache.reset()
+    plugged(ids, **kv(cache))
+    fork, twin = cache.fork(), copy.deepcopy(cache)
+    assert len(fork.slabs) == 1 and twin.slabs == []
+    nxt = torch.full((2, 1), 5)
+    outs = [plugged(nxt, **kv(c)).logits for c in (cache, fork, twin)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    with torch.inference_mode():
+        inner = hf_kvplug.PlugCache(plugged, max_batch_size=2, max_cache_len=32)
+    assert len(inner.slabs) == 1
+    steps.clear()
+    assert torch.equal(plugged.generate(ids, **kv(inner), max_new_tokens=6, do_sample=False), want)
+    assert inner.slabs == [] and steps == []  # used outside inference_mode: its buffers were copied

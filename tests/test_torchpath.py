@@ -46,7 +46,7 @@ def _cache(batch, nheads_k, head_dim, block_size, max_blocks, dtype, kv, layout,
         table[:, used:] = torch.arange(batch * (max_blocks - used)).view(batch, -1) + 1 + batch * used
     elif layout == "shared":  # every row maps row 0's first blocks (a prompt stored once), then blocks of its own
         table = torch.randperm(nblocks, generator=g)[:batch * max_blocks].view(batch, max_blocks)
-        table[:, :2] = table[0, :2]
+        table[:, :2] = table[0, :2].clone()
     else:
         table = torch.randperm(nblocks, generator=g)[:batch * max_blocks].view(batch, max_blocks)
     bufs = [k_cache, v_cache, k_scale, v_scale]
@@ -245,6 +245,56 @@ def test_the_decode_step_lane_is_the_general_path(dtype, layout):
             assert torch.equal(a, b) and torch.equal(a, c)
         assert torch.equal(got, same)
         torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", ["runs", "adjacent", "shuffled", "shared", "short"])
+def test_the_decode_step_plan_is_the_general_plan(layout):
+    """`plan` works out a PlugCache's decode step (one token a row, from slot 0, no mask) in a few host operations
+    (`_step_plan`); the plan is the one the general code gives (`lead_free=False` takes it: the starts are read and
+    found 0), field by field, for rows consecutive or not, evenly spaced or not, with blocks missing or not."""
+    bs, nheads_k, max_blocks = 4, 2, 6
+    for batch, length in itertools.product([1, 2, 3], [0, 3, 4, 5, 11, 12, 23]):
+        bufs = _cache(batch, nheads_k, 8, bs, max_blocks, torch.float32, None, "adjacent" if layout == "short"
+                      else layout, batch * 100 + length, used=3, heads_first=True)
+        table = bufs[4]
+        rows = table.tolist()
+        if layout == "short":  # a row that maps fewer blocks than the step reads (its table says -1 past them)
+            rows[-1] = rows[-1][:length // bs]
+            table[-1, length // bs:] = -1
+        lengths, starts = torch.full((batch,), length, dtype=torch.int32), torch.zeros(batch, dtype=torch.int32)
+        plans = [torchpath.plan(table, lengths, starts, None, batch, 1, 1, 0, True, bs, nheads_k, (0, length + 1),
+                                rows=rows, length=length, strides=torchpath.slot_strides(bufs[0]), lead_free=free)
+                 for free in (True, False)]
+        for name, a, b in zip(torchpath.Plan._fields, *plans):
+            assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), (name, batch, length, a, b)
+        if layout == "runs":  # (the step's own route was taken: rows consecutive and evenly spaced)
+            assert torchpath._step_plan(rows, batch, length, bs, max_blocks) is not None and plans[0].step
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_views_of_a_slab_are_each_layers_decode_step(dtype):
+    """The views of a slab (every layer's K and V in one storage, `KV.allocate_group`) taken once for a step plan
+    (`step_views`) are the ones each layer's `_decode_step` takes: the same bytes written in every layer, and the
+    same output bits."""
+    count, batch, nheads, nheads_k, head_dim, bs, max_blocks, length = 3, 2, 4, 2, 8, 4, 5, 9
+    nblocks = batch * max_blocks
+    g = torch.Generator().manual_seed(4)
+    slab = torch.randn(2 * count, nheads_k, nblocks, bs, head_dim, generator=g).to(dtype)
+    table = (torch.arange(batch * max_blocks).view(batch, max_blocks)).to(torch.int32)  # rows one after another
+    lengths, starts = torch.full((batch,), length, dtype=torch.int32), torch.zeros(batch, dtype=torch.int32)
+    plan = torchpath.plan(table, lengths, starts, None, batch, 1, 1, 0, True, bs, nheads_k, (0, length + 1),
+                          rows=table.tolist(), length=length, strides=(bs, nblocks * bs), lead_free=True)
+    assert plan.step
+    mine, theirs = slab.clone(), slab.clone()
+    new, spans = torchpath.step_views(mine, plan)
+    for i in range(count):
+        q = torch.randn(batch, 1, nheads, head_dim, generator=g).to(dtype)
+        k, v = (torch.randn(batch, 1, nheads_k, head_dim, generator=g).to(dtype) for _ in range(2))
+        got = torchpath.attend_step(q, k, v, new[i], new[count + i], spans[i], spans[count + i], 0.3)
+        k_cache, v_cache = theirs[i].transpose(0, 1), theirs[count + i].transpose(0, 1)
+        want = torchpath.attend(q, k, v, k_cache, v_cache, torch.empty(0), torch.empty(0), plan, 0.3)
+        assert torch.equal(got, want)
+    assert torch.equal(mine, theirs) and not torch.equal(mine, slab)
 
 
 TAIL_CASES = list(itertools.product(
