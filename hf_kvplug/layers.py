@@ -161,7 +161,8 @@ class PlugLayer(CacheLayerMixin):
         self.window = config.layer_windows[layer_idx]
         self.is_sliding = self.window is not None
         self.plan_key = (self.ring, self.window or 0)  # its plan among the forward's (`DeviceState.plans`)
-        self._head_shape = (config.nheads_k, config.head_dim)
+        # what every forward's `check_states` compares: KV heads x head_dim, dtype, device, rows
+        self._fits = ((config.nheads_k, config.head_dim), config.dtype, self.device, config.max_batch_size)
         self.backend = ops.resolve_backend(backend, self.device)
         self.kv = KV.allocate(config, self.ring, self.device, self.backend == "torch") if kv is None else kv
         self.cache_seqlens = torch.zeros(config.max_batch_size, dtype=torch.int32, device=self.device)
@@ -277,9 +278,9 @@ class PlugLayer(CacheLayerMixin):
         """Raise (before anything is written) if `k [B, q_len, nheads_k, D]` does not fit this layer's buffers."""
         cfg = self.config
         batch = k.shape[0] if batch is None else batch
-        if (k.shape[-2:] == self._head_shape and k.dtype == cfg.dtype and k.device == self.device
-                and batch <= cfg.max_batch_size):  # (every forward's check, per layer: the message only when it fails)
-            return
+        heads, dtype, device, rows = self._fits
+        if k.shape[-2:] == heads and k.dtype == dtype and k.device == device and batch <= rows:
+            return  # (every forward's check, per layer: the message only when it fails)
         problems = []
         if k.shape[-2] != cfg.nheads_k or k.shape[-1] != cfg.head_dim:
             problems.append(f"kv heads x head_dim {tuple(k.shape[-2:])} != cache {(cfg.nheads_k, cfg.head_dim)}")
