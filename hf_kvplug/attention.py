@@ -22,13 +22,22 @@ def plug_attention_forward(self, *args, **kwargs):
     return _plugged_forward(self, cache, *args[:3], **kwargs)
 
 
-def _wants_weights(module, kwargs) -> bool:
-    """Stock returns attention weights only from eager attention, and only when asked."""
+def _wants_weights(module, kwargs, rows) -> bool:
+    """Stock returns attention weights only from eager attention, and only when asked. Found once per forward, by
+    its first attention layer (`ForwardState.weights`): every layer sees the same config and keyword arguments, and
+    reading the config costs microseconds a layer."""
+    compiling = torch.compiler.is_compiling()
+    if rows.weights is not None and not compiling:
+        return rows.weights
     config = module.config
     if config._attn_implementation != "eager":
-        return False
-    asked = kwargs.get("output_attentions")
-    return bool(getattr(config, "output_attentions", False) if asked is None else asked)
+        wanted = False
+    else:
+        asked = kwargs.get("output_attentions")
+        wanted = bool(getattr(config, "output_attentions", False) if asked is None else asked)
+    if not compiling:
+        rows.weights_decided(wanted)
+    return wanted
 
 
 def _plugged_forward(self, cache, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
@@ -70,7 +79,7 @@ def _plugged_forward(self, cache, hidden_states, position_embeddings=None, atten
         out, weights = attend(self, q, k.transpose(1, 2), v.transpose(1, 2), attention_mask, dropout=0.0,
                               scaling=self.scaling, **kwargs)
         layer.write(k, v, rows.leaders)
-    elif _wants_weights(self, kwargs):  # output_attentions: the model's eager attention over the gathered K/V
+    elif _wants_weights(self, kwargs, rows):  # output_attentions: the model's eager attention over the gathered K/V
         out, weights = layer.attend_dense(self, q, k, v, modeling.eager_attention_forward, rows.length, rows.holes)
     else:
         out = layer.attend(q.transpose(1, 2), k, v, self.scaling, rows.holes)

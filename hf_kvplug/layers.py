@@ -316,7 +316,12 @@ class PlugLayer(CacheLayerMixin):
         dev = self.dev
         if dev.rotation is not None:
             q, k, softmax_scale = dev.rotate(q), dev.rotate(k), dev.softmax_scale(softmax_scale)
-        out = self._attend_rows(q, k, v, softmax_scale, dev.valid if holes else dev.no_valid)
+        views = None if torch.compiler.is_compiling() else dev.step_views.get(self.layer_idx)
+        if (views is not None and q.shape[1] == 1 and q.shape[0] == views[2].shape[0] and q.dtype == views[2].dtype
+                and not (torch.is_grad_enabled() and q.requires_grad)):
+            out = ops.attend_step(q, k, v, views, softmax_scale)  # the decode step, when this layer's slab has one
+        else:
+            out = self._attend_rows(q, k, v, softmax_scale, dev.valid if holes else dev.no_valid)
         self._advance(*q.shape[:2])
         return out
 
@@ -352,10 +357,6 @@ class PlugLayer(CacheLayerMixin):
 
     def _attend(self, q, k, v, softmax_scale, seqlens, valid):
         if not torch.compiler.is_compiling():  # off CUDA, the forward's host work planned this call
-            views = self.dev.step_views.get(self.layer_idx)  # the decode step, when this layer's slab has one
-            if (views is not None and q.shape[1] == 1 and q.shape[0] == views[2].shape[0]
-                    and q.dtype == views[2].dtype and not (torch.is_grad_enabled() and q.requires_grad)):
-                return ops.attend_step(q, k, v, views, softmax_scale)
             plan = self.dev.plans.get(self.plan_key)  # ForwardHost._plan
             if plan is not None and plan.batch == q.shape[0] and plan.q_len == q.shape[1]:
                 return ops.attend_planned(q, k, v, self.kv, plan, softmax_scale, self.tail)

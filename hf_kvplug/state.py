@@ -24,6 +24,8 @@ class ForwardState:
     top: the most tokens the rows held since the last reset (a sliding-window ring holds [top - ring, length)).
     leaders: rows of a prefill whose K/V are stored for their whole group (generate()'s expanded rows), or None.
     pending: tokens the open forward adds. phase, shape: where the forward is, and (batch, q_len) it was prepared for.
+    weights: whether the open forward's attention returns its weights (output_attentions), as its first attention
+    layer found (the same config and keyword arguments reach every layer); None until then.
     `sync` reads the device's lengths when the host lost count (set by the cache that owns this state).
     """
 
@@ -36,6 +38,7 @@ class ForwardState:
         self.leaders: list[int] | None = None
         self.pending = 0
         self.phase, self.shape = IDLE, None
+        self.weights: bool | None = None
 
     @property
     def open(self) -> bool:
@@ -60,6 +63,7 @@ class ForwardState:
         self.top = max(self.top, self.length)
         self.leaders, self.pending = leaders, q_len
         self.phase, self.shape = PREPARED, (batch, q_len)
+        self.weights = None
 
     @property
     def prepared(self) -> bool:
@@ -78,6 +82,10 @@ class ForwardState:
         if self.phase == PREPARED:
             self.phase = RUNNING
 
+    def weights_decided(self, wanted: bool) -> None:
+        """The open forward's first attention layer found whether the forward returns attention weights."""
+        self.weights = wanted
+
     def layer_done(self, last: bool) -> None:
         """An attention layer ran; the last one ends the forward. (An attribute store: torch.compile replays it after
         a compiled graph, so this holds there too.)"""
@@ -87,7 +95,7 @@ class ForwardState:
     def traced(self, batch: int) -> None:
         """A forward compiled as a whole runs with no eager code before it: only the device will know the count."""
         self.batch, self.length, self.leaders = batch, None, None
-        self.phase = TRACED
+        self.phase, self.weights = TRACED, None
 
     def mask_recorded(self, holes: bool) -> None:
         """The forward's attention mask was recorded on the devices; `holes`: it has a 0 after a 1 somewhere."""
