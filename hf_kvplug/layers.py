@@ -45,13 +45,9 @@ class KV(NamedTuple):
         consecutive blocks are one span per head (`torchpath`)."""
         shape, scale_shape, scale_dtype = config.storage_shapes(ring)
 
-        def zeros(s, d):
-            if not heads_first or len(s) < 3:  # (an empty scale buffer)
-                return torch.zeros(s, dtype=d, device=device)
-            return torch.zeros((s[1], s[0], *s[2:]), dtype=d, device=device).transpose(0, 1)
-
-        return cls(*(zeros(s, d) for s, d in ((shape, config.storage_dtype), (shape, config.storage_dtype),
-                                               (scale_shape, scale_dtype), (scale_shape, scale_dtype))))
+        return cls(*(_zeros(s, d, device, heads_first) for s, d in (
+            (shape, config.storage_dtype), (shape, config.storage_dtype), (scale_shape, scale_dtype),
+            (scale_shape, scale_dtype))))
 
     @classmethod
     def allocate_group(cls, config: PlugConfig, ring: int | None, device: torch.device,
@@ -62,15 +58,8 @@ class KV(NamedTuple):
         (`torchpath.step_views`). Returns (slab, the layers' KV); the scales are each layer's own."""
         shape, scale_shape, scale_dtype = config.storage_shapes(ring)
         slab = torch.zeros((2 * count, shape[1], shape[0], *shape[2:]), dtype=config.storage_dtype, device=device)
-
-        def scales():
-            if len(scale_shape) < 3:  # (an empty scale buffer)
-                return torch.zeros(scale_shape, dtype=scale_dtype, device=device)
-            s = (scale_shape[1], scale_shape[0], *scale_shape[2:])
-            return torch.zeros(s, dtype=scale_dtype, device=device).transpose(0, 1)
-
-        return slab, [cls(slab[i].transpose(0, 1), slab[count + i].transpose(0, 1), scales(), scales())
-                      for i in range(count)]
+        return slab, [cls(slab[i].transpose(0, 1), slab[count + i].transpose(0, 1),
+                          *(_zeros(scale_shape, scale_dtype, device, True) for _ in range(2))) for i in range(count)]
 
     def clone(self) -> "KV":
         return KV(*(t.clone() for t in self))
@@ -96,6 +85,14 @@ class KV(NamedTuple):
         for name, buf in zip(self._fields, self):
             if buf.numel() and ids:
                 buf[idx] = tensors[name].to(buf.device)
+
+
+def _zeros(shape, dtype, device, heads_first: bool) -> torch.Tensor:
+    """A zeroed buffer `[num_blocks, nheads_k, ...]`; `heads_first`: stored `[nheads_k, num_blocks, ...]` (the same
+    indices). A buffer of fewer than 3 dims (an empty scale) is plain."""
+    if not heads_first or len(shape) < 3:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.zeros((shape[1], shape[0], *shape[2:]), dtype=dtype, device=device).transpose(0, 1)
 
 
 class Slab(NamedTuple):
@@ -379,8 +376,7 @@ class PlugLayer(CacheLayerMixin):
         seqlens = self.cache_seqlens
         (seqlens if batch == seqlens.shape[0] else seqlens[:batch]).add_(self.dev.one if q_len == 1 else q_len)
         self.fresh = False
-        if self.is_last:
-            self.state.layer_done(True)
+        self.state.layer_done(self.is_last)
 
     # --- rows (the cache keeps all layers together) -------------------------------------------------------
 

@@ -377,13 +377,19 @@ def _decode_step(q, k, v, k_cache, v_cache, p: Plan, softmax_scale: float) -> to
     bias or blind query)."""
     nheads_k, block_size, head_dim = k_cache.shape[1], k_cache.shape[2], q.shape[-1]
     s0, s1, s2 = k_cache.stride()[:3]  # heads first; the V pool's the same
-    step, skip = p.spacing * s0, p.runs[0] * s0 + (p.t0 - p.fb * block_size) * s2
+    step, skip = _span_offsets(p, s0, s2, block_size)
     new = skip + (p.slots - k.shape[1]) * s2  # the new tokens' first slot, viewed in their order [B, n, Hk, D]
     views = [buf.as_strided(x.shape, (step, s2, s1, 1), buf.storage_offset() + new) for buf, x in
              ((k_cache, k), (v_cache, v))]
     views += [buf.as_strided((q.shape[0], nheads_k, p.slots, head_dim), (step, s1, s2, 1), buf.storage_offset() + skip)
               for buf in (k_cache, v_cache)]
     return attend_step(q, k, v, *views, softmax_scale)
+
+
+def _span_offsets(p: Plan, s0: int, s2: int, block_size: int) -> tuple[int, int]:
+    """(stride between rows, offset of the first row's span) in a buffer stored heads first with block stride `s0`
+    and slot stride `s2`, for a plan whose rows' runs are evenly spaced (`p.spacing`)."""
+    return p.spacing * s0, p.runs[0] * s0 + (p.t0 - p.fb * block_size) * s2
 
 
 def step_views(slab: torch.Tensor, p: Plan) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
@@ -395,7 +401,7 @@ def step_views(slab: torch.Tensor, p: Plan) -> tuple[tuple[torch.Tensor, ...], t
     assert p.step and slab.is_contiguous() and slab.dim() == 5, "step views: a step plan over a contiguous slab"
     n, nheads_k, _, block_size, head_dim = slab.shape
     sl, s1, s0, s2 = slab.stride()[:4]  # per buffer, head, block, slot
-    step, skip = p.spacing * s0, p.runs[0] * s0 + (p.t0 - p.fb * block_size) * s2
+    step, skip = _span_offsets(p, s0, s2, block_size)
     at = slab.storage_offset()
     new = slab.as_strided((n, p.batch, 1, nheads_k, head_dim), (sl, step, s2, s1, 1), at + skip + (p.slots - 1) * s2)
     spans = slab.as_strided((n, p.batch, nheads_k, p.slots, head_dim), (sl, step, s1, s2, 1), at + skip)
