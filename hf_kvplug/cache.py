@@ -24,7 +24,7 @@ from .config import PlugConfig
 from .device import DeviceState
 from .forward import KEEP_MASK, ForwardHost, inference_mode_explained
 from .geometry import Geometry, RankLayout
-from .layers import KV, LinearLayers, PlugLayer, RemoteLayer, Slab, attention_layer
+from .layers import KV, LinearLayers, PlugLayer, RemoteLayer, Slab, Tail, attention_layer
 from .rotation import key_rotation, rotation_gain
 from .state import ForwardState
 from .storage import load_cache, save_cache
@@ -118,16 +118,17 @@ class PlugCache(ForwardHost, DynamicCache):
                               for d in devices}
         if kvs is None:
             slabs, kvs = _slab_kvs(config, backend)
+        slabs, tails = _own_tails(config, slabs or ())
         kvs = iter(kvs)
         layers = [linear[i] if kind == "linear" else RemoteLayer(config, i, self.state) if kind == "remote" else
                   attention_layer(config, i, self.device_states[config.layer_devices[i]], self.state,
-                                  next(kvs, None), backend)
+                                  next(kvs, None), backend, tails.get(i))
                   for i, kind in enumerate(config.layer_kinds)]
         Cache.__init__(self, layers=layers)  # DynamicCache's own __init__ would build growing layers
         self.attn_layers = [layer for layer in layers if isinstance(layer, PlugLayer)]
         # the slabs whose layers hold exactly their buffers (a fork shares its parent's; a copy has none)
-        self.slabs = [slab for slab in slabs or () if all(_in_slab(self.layers[i], slab, j)
-                                                          for j, i in enumerate(slab.layers))]
+        self.slabs = [slab for slab in slabs if all(_in_slab(self.layers[i], slab, j)
+                                                    for j, i in enumerate(slab.layers))]
         # the PyTorch path plans each forward once per device and (ring, window), from one layer of each group
         groups: dict = {}
         for layer in self.attn_layers:
@@ -390,23 +391,44 @@ def _slab_kvs(config: PlugConfig, backend: str) -> tuple[list[Slab], list[KV | N
             groups.setdefault((device, config.layer_rings[i] or None), []).append(i)
     slabs, kvs = [], {}
     for (device, ring), members in groups.items():
-        buf, group = KV.allocate_group(config, ring, device, len(members))
+        buf, scales, group = KV.allocate_group(config, ring, device, len(members))
         windows = {config.layer_windows[i] or 0 for i in members}
         key = (ring, windows.pop()) if len(windows) == 1 else None  # layers of one plan only
         if key is not None:
-            slabs.append(Slab(buf, tuple(members), device, key))
+            slabs.append(Slab(buf, scales, None, tuple(members), device, key))
         kvs.update(zip(members, group))
     return slabs, [kvs.get(i) for i, kind in enumerate(config.layer_kinds) if kind not in ("linear", "remote")]
 
 
+def _own_tails(config: PlugConfig, slabs) -> tuple[list[Slab], dict[int, Tail]]:
+    """With exact tails, each slab's layers get this cache's own in one storage (`Tail.allocate_group`), the slab
+    naming it (a fork's replace its parent's): (the slabs, the tails by layer). Without, as they are."""
+    if not config.exact_tail:
+        return list(slabs), {}
+    out, tails = [], {}
+    for slab in slabs:
+        storage, group = Tail.allocate_group(config, slab.device, len(slab.layers))
+        out.append(slab._replace(tails=storage))
+        tails.update(zip(slab.layers, group))
+    return out, tails
+
+
 def _in_slab(layer, slab: Slab, j: int) -> bool:
-    """Whether `layer`'s K and V are the j-th of `slab`'s, laid out as `KV.allocate_group` lays them (and the layer
-    takes the PyTorch path, with the slab's plan)."""
-    k, v, n = layer.kv.k, layer.kv.v, len(slab.layers)
-    return (isinstance(layer, PlugLayer) and layer.backend == "torch" and layer.plan_key == slab.plan_key
-            and k.data_ptr() == slab.buf[j].data_ptr() and v.data_ptr() == slab.buf[n + j].data_ptr()
-            and k.shape == v.shape == slab.buf[j].transpose(0, 1).shape
-            and k.stride() == v.stride() == slab.buf[j].transpose(0, 1).stride())
+    """Whether `layer`'s K and V (their scales, its exact tail) are the j-th of `slab`'s, laid out as
+    `KV.allocate_group` (`Tail.allocate_group`) lays them (and the layer takes the PyTorch path, with the slab's
+    plan)."""
+    if not (isinstance(layer, PlugLayer) and layer.backend == "torch" and layer.plan_key == slab.plan_key):
+        return False
+    n = len(slab.layers)
+    held = [(layer.kv.k, slab.buf[j].transpose(0, 1)), (layer.kv.v, slab.buf[n + j].transpose(0, 1))]
+    if slab.scales is not None:
+        held += [(layer.kv.k_scale, slab.scales[j].transpose(0, 1)),
+                 (layer.kv.v_scale, slab.scales[n + j].transpose(0, 1))]
+    if slab.tails is not None:
+        k_tail, v_tail = layer.tail or (None, None)
+        held += [(k_tail, slab.tails[j]), (v_tail, slab.tails[n + j])]
+    return all(mine is not None and mine.data_ptr() == want.data_ptr() and mine.shape == want.shape
+               and mine.stride() == want.stride() for mine, want in held)
 
 
 def _pools(config: PlugConfig) -> dict[int | None, BlockPool]:

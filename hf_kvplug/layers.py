@@ -51,15 +51,21 @@ class KV(NamedTuple):
 
     @classmethod
     def allocate_group(cls, config: PlugConfig, ring: int | None, device: torch.device,
-                       count: int) -> tuple[torch.Tensor, list["KV"]]:
+                       count: int) -> tuple[torch.Tensor, torch.Tensor | None, list["KV"]]:
         """Zeroed buffers of `count` layers stored heads first, K and V of all of them in one storage (`slab`
         `[2 * count, nheads_k, num_blocks, block_size, width]`: layer i's K is `slab[i]`, its V `slab[count + i]`,
-        each as `allocate(heads_first=True)` lays it out), so that one view reaches every layer's span
-        (`torchpath.step_views`). Returns (slab, the layers' KV); the scales are each layer's own."""
+        each as `allocate(heads_first=True)` lays it out), and their scales alike in another (`scales`, None where
+        the cache has none), so that one view reaches every layer's span (`torchpath.step_views`,
+        `torchpath.int4_step_views`). Returns (slab, scales, the layers' KV)."""
         shape, scale_shape, scale_dtype = config.storage_shapes(ring)
         slab = torch.zeros((2 * count, shape[1], shape[0], *shape[2:]), dtype=config.storage_dtype, device=device)
-        return slab, [cls(slab[i].transpose(0, 1), slab[count + i].transpose(0, 1),
-                          *(_zeros(scale_shape, scale_dtype, device, True) for _ in range(2))) for i in range(count)]
+        scales = None
+        if len(scale_shape) >= 3:
+            scales = torch.zeros((2 * count, scale_shape[1], scale_shape[0], *scale_shape[2:]), dtype=scale_dtype,
+                                 device=device)
+        return slab, scales, [cls(slab[i].transpose(0, 1), slab[count + i].transpose(0, 1),
+                                  *(_zeros(scale_shape, scale_dtype, device, True) if scales is None else
+                                    scales[j].transpose(0, 1) for j in (i, count + i))) for i in range(count)]
 
     def clone(self) -> "KV":
         return KV(*(t.clone() for t in self))
@@ -97,10 +103,14 @@ def _zeros(shape, dtype, device, heads_first: bool) -> torch.Tensor:
 
 class Slab(NamedTuple):
     """The K and V of a group of layers on the PyTorch path in one storage (`KV.allocate_group`): `buf` `[2 *
-    count, ...]`, the layers (by index) whose buffers it holds in that order, their device, and the key of the plan
-    they all share (`PlugLayer.plan_key`), by which one view of it serves every layer's decode step."""
+    count, ...]`, their scales alike (or None: none), the cache's exact tails of those layers alike
+    (`Tail.allocate_group`; None: none, or not in one storage), the layers (by index) whose buffers it holds in that
+    order, their device, and the key of the plan they all share (`PlugLayer.plan_key`), by which one view of each
+    storage serves every layer's decode step. A fork shares `buf` and `scales` and has tails of its own."""
 
     buf: torch.Tensor
+    scales: torch.Tensor | None
+    tails: torch.Tensor | None
     layers: tuple[int, ...]
     device: torch.device
     plan_key: tuple
@@ -118,6 +128,15 @@ class Tail(NamedTuple):
     def allocate(cls, config: PlugConfig, device: torch.device) -> "Tail":
         shape = (config.max_batch_size, config.nheads_k, config.block_size, config.head_dim)
         return cls(*(torch.zeros(shape, dtype=config.dtype, device=device) for _ in range(2)))
+
+    @classmethod
+    def allocate_group(cls, config: PlugConfig, device: torch.device, count: int) -> tuple[torch.Tensor, list["Tail"]]:
+        """The tails of `count` layers in one storage, `[2 * count, max_batch, nheads_k, block_size, head_dim]`:
+        layer i's K tail at i, its V tail at count + i, each as `allocate` lays it out. Returns (the storage, the
+        layers' tails)."""
+        slab = torch.zeros((2 * count, config.max_batch_size, config.nheads_k, config.block_size, config.head_dim),
+                           dtype=config.dtype, device=device)
+        return slab, [cls(slab[i], slab[count + i]) for i in range(count)]
 
     def clone(self) -> "Tail":
         return Tail(*(t.clone() for t in self))
@@ -151,7 +170,7 @@ class PlugLayer(CacheLayerMixin):
     ring = None  # blocks per row of a sliding-window ring (RingLayer)
 
     def __init__(self, config: PlugConfig, layer_idx: int, dev: DeviceState, state: ForwardState, kv: KV | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", tail: Tail | None = None):
         super().__init__()
         self.config, self.layer_idx, self.dev, self.state = config, layer_idx, dev, state
         self.device = dev.device
@@ -163,8 +182,8 @@ class PlugLayer(CacheLayerMixin):
         self.backend = ops.resolve_backend(backend, self.device)
         self.kv = KV.allocate(config, self.ring, self.device, self.backend == "torch") if kv is None else kv
         self.cache_seqlens = torch.zeros(config.max_batch_size, dtype=torch.int32, device=self.device)
-        # the rows' own: a fork or a copy shares the pool, never the tail
-        self.tail = Tail.allocate(config, self.device) if config.exact_tail else None
+        # the rows' own: a fork or a copy shares the pool, never the tail (given: the cache's, in one storage)
+        self.tail = (tail or Tail.allocate(config, self.device)) if config.exact_tail else None
         compat.mark_static(*self.kv, *(self.tail or ()), self.cache_seqlens)
         self.is_initialized = True
         self.is_last = layer_idx == config.attention_layers[-1]  # its forward ends the cache's forward
@@ -314,7 +333,7 @@ class PlugLayer(CacheLayerMixin):
         if dev.rotation is not None:
             q, k, softmax_scale = dev.rotate(q), dev.rotate(k), dev.softmax_scale(softmax_scale)
         views = None if torch.compiler.is_compiling() else dev.step_views.get(self.layer_idx)
-        if (views is not None and q.shape[1] == 1 and q.shape[0] == views[2].shape[0] and q.dtype == views[2].dtype
+        if (views is not None and q.shape[1] == 1 and q.shape[0] == views.batch and q.dtype == self.config.dtype
                 and not (torch.is_grad_enabled() and q.requires_grad)):
             out = ops.attend_step(q, k, v, views, softmax_scale)  # the decode step, when this layer's slab has one
         else:
@@ -405,7 +424,7 @@ class PlugLayer(CacheLayerMixin):
         self.cache_seqlens.copy_(theirs.cache_seqlens)
         self.fresh = theirs.fresh
         for mine, other in zip(self.tail or (), theirs.tail or ()):
-            mine.copy_(other)
+            mine[:].copy_(other)  # through a new view: a write autograd records leaves a slab's other views stale
 
     def unpin_from_inference_mode(self) -> None:
         """Move buffers built inside torch.inference_mode() into ordinary tensors (new addresses)."""
@@ -425,10 +444,10 @@ class RingLayer(PlugLayer):
     (their queries' windows stay clear of their own writes) and a prefill longer than the ring stores its tail."""
 
     def __init__(self, config: PlugConfig, layer_idx: int, dev: DeviceState, state: ForwardState, kv: KV | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", tail: Tail | None = None):
         self.ring = config.layer_rings[layer_idx]
         self.ring_slots = self.ring * config.block_size
-        super().__init__(config, layer_idx, dev, state, kv, backend)
+        super().__init__(config, layer_idx, dev, state, kv, backend, tail)
         self.chunk = self.ring_slots - self.window + 1
 
     def __repr__(self):
@@ -468,10 +487,10 @@ class RingLayer(PlugLayer):
 
 
 def attention_layer(config: PlugConfig, layer_idx: int, dev: DeviceState, state: ForwardState, kv: KV | None = None,
-                    backend: str = "auto") -> PlugLayer:
+                    backend: str = "auto", tail: Tail | None = None) -> PlugLayer:
     """The layer class config says layer `layer_idx` needs: a ring for a trimmed sliding window, else paged."""
     cls = RingLayer if config.layer_rings[layer_idx] else PlugLayer
-    return cls(config, layer_idx, dev, state, kv, backend)
+    return cls(config, layer_idx, dev, state, kv, backend, tail)
 
 
 class RemoteLayer(CacheLayerMixin):

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from .reference import has_tail, quantize, query_ranges, write_tail_from, write_tail_ref
+from .reference import INT4_MAX, has_tail, quantize, query_ranges, write_tail_from, write_tail_ref
 
 
 # Up to this many slots over all rows, a call gathers K and V into one dense copy and runs PyTorch's SDPA: a few ops,
@@ -275,7 +275,7 @@ def write(k, v, k_cache, v_cache, k_scale, v_scale, p: Plan) -> None:
     rows = k.shape[0] * k.shape[1] * k.shape[2]
     new = (k.reshape(rows, -1), v.reshape(rows, -1))  # [B * n_new * Hk, D] each
     if k_cache.dtype != k.dtype:  # K and V quantized in one pass
-        new, s = quantize(torch.stack(new), k_cache.dtype)
+        new, s = _quantize(torch.stack(new), k_cache.dtype)
         for scale, part in zip((k_scale, v_scale), s):
             _slot_rows(scale).index_copy_(0, p.wflat, part)
     for cache, part in zip((k_cache, v_cache), new):
@@ -342,11 +342,15 @@ def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: 
     if exact and (p.mode == "blocks" or k_cache.dtype == q.dtype):
         raise ValueError("the exact tail is read on this path for quantized caches stored heads first or gathered "
                          "(a PlugCache's), not for this call: use the reference")
-    if (p.step and not exact and k_cache.dtype == q.dtype and k is not None and q.shape[1] == 1
-            and not (torch.is_grad_enabled() and q.requires_grad)
+    grad = torch.is_grad_enabled() and q.requires_grad
+    if (p.step and not exact and k_cache.dtype == q.dtype and k is not None and q.shape[1] == 1 and not grad
             and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()):
         return _decode_step(q, k, v, k_cache, v_cache, p, softmax_scale)
     kind = KINDS.get(k_cache.dtype, "fp")
+    if (p.step and kind == "int4" and k is not None and k.shape[1] == q.shape[1] == 1 and not grad
+            and isinstance(p.ends, int)):
+        return _decode_step_int4(q, k, v, k_cache, v_cache, k_scale, v_scale, p, softmax_scale,
+                                 *((k_tail, v_tail) if exact else (None, None)))
     if p.mode == "blocks":
         if p.wflat is not None:
             write(k, v, k_cache, v_cache, k_scale, v_scale, p)
@@ -386,10 +390,171 @@ def _decode_step(q, k, v, k_cache, v_cache, p: Plan, softmax_scale: float) -> to
     return attend_step(q, k, v, *views, softmax_scale)
 
 
+def _decode_step_int4(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: float, k_tail=None,
+                      v_tail=None) -> torch.Tensor:
+    """`attend` for an INT4 cache's decode step (the step `_decode_step` takes in the model dtype: one new token and
+    query a row, every row's span one strided view ending with it, every slot seen, one length for all rows): the
+    views of each buffer (`Int4Views`), then `attend_step_int4` on them. `k_tail, v_tail`: the exact tail, or
+    None."""
+    parts = [_int4_parts(*bufs, p, False) for bufs in ((k_cache, k_scale, k_tail), (v_cache, v_scale, v_tail))]
+    return attend_step_int4(q, k, v, Int4Views(*(x for pair in zip(*parts) for x in pair)), softmax_scale)
+
+
+class Int4Views(NamedTuple):
+    """Where an INT4 layer's decode step writes and reads, K's then V's of each (`int4_step_views`, or
+    `_decode_step_int4` for one layer's buffers): the new token's codes `[B, 1, Hk, D/2]`, parameters `[B, 1, Hk,
+    4]` and exact values `[B, 1, Hk, D]` (None: no exact tail); the codes `[B, Hk, c0, D/2]` and parameters `[B,
+    Hk, c0, 4]` of the span's slots [t0, lo) read from the pool, and the exact values `[B * Hk, w, D]` of its slots
+    [lo, end) read from the tail (None: none; `reference`, rule 4)."""
+
+    k_new: torch.Tensor
+    v_new: torch.Tensor
+    k_new_params: torch.Tensor
+    v_new_params: torch.Tensor
+    k_new_exact: torch.Tensor | None
+    v_new_exact: torch.Tensor | None
+    k_codes: torch.Tensor
+    v_codes: torch.Tensor
+    k_params: torch.Tensor
+    v_params: torch.Tensor
+    k_exact: torch.Tensor | None
+    v_exact: torch.Tensor | None
+
+    batch = property(lambda self: self.k_codes.shape[0])
+
+
+def int4_step_views(codes: torch.Tensor, scales: torch.Tensor, tails: torch.Tensor | None, p: Plan) -> list[Int4Views]:
+    """The views `_decode_step_int4` takes of each layer's buffers, for all the layers of a slab at once (one view
+    and one `unbind` per kind): `codes` `[2 * count, nheads_k, num_blocks, block_size, head_dim / 2]` and `scales`
+    `[..., 4]` hold layer i's K at i and its V at count + i (`KV.allocate_group`), `tails` `[2 * count, max_batch,
+    nheads_k, block_size, head_dim]` its exact tail's alike (`Tail.allocate_group`), or None; `p` a step plan with
+    one length for all rows. Returns each layer's, ordered as the slab."""
+    assert p.step and isinstance(p.ends, int) and codes.dim() == scales.dim() == 5, "INT4 step views: a step plan"
+    count = codes.shape[0] // 2
+    parts = [None if x is None else x.unbind(0) for x in _int4_parts(codes, scales, tails, p, True)]
+    return [Int4Views(*(None if x is None else x[j] for x in parts for j in (i, count + i))) for i in range(count)]
+
+
+def _int4_parts(codes, scales, tails, p: Plan, slab: bool) -> tuple:
+    """`Int4Views`' six kinds of view of one buffer each (`slab`: of a slab's, with its leading dim): the new
+    token's codes, parameters and exact values, then the codes and parameters read from the pool and the exact
+    values read from the tail."""
+    bs, end = codes.shape[3 if slab else 2], p.ends
+    lo = max(end - end % bs, p.t0) if tails is not None else end  # the first slot read from the tail
+    c0, w = lo - p.t0, end - lo
+    return (_span_slots(codes, p, p.slots - 1, 1, True, slab), _span_slots(scales, p, p.slots - 1, 1, True, slab),
+            None if tails is None else _tail_slots(tails, p.batch, (end - 1) % bs, 1, True),
+            _span_slots(codes, p, 0, c0, False, slab), _span_slots(scales, p, 0, c0, False, slab),
+            None if tails is None or not w else _tail_slots(tails, p.batch, lo % bs, w))
+
+
+def attend_step_int4(q, k, v, views: Int4Views, softmax_scale: float) -> torch.Tensor:
+    """An INT4 layer's decode step on its views (`Int4Views`): the new token's codes and parameters (and exact
+    values) written through them, in place, then `q [B, 1, nheads, D]` attends each row's span: `[B, 1, nheads,
+    D]`: the arithmetic of every INT4 read on this path (`_int4_scores`, `_int4_values`, the exact tail's slots as
+    `_exact_pass` adds them), so the same bits as the general path, in few ops, batched over rows and KV heads."""
+    batch, _, nheads, head_dim = q.shape
+    nheads_k, c0 = views.k_codes.shape[1], views.k_codes.shape[2]
+    n, group = batch * nheads_k, nheads // nheads_k
+    codes, params = _quantize_int4(torch.stack((k, v)))  # [2, B, 1, Hk, D/2], [2, B, 1, Hk, 4]
+    views.k_new.copy_(codes[0])
+    views.v_new.copy_(codes[1])
+    views.k_new_params.copy_(params[0])
+    views.v_new_params.copy_(params[1])
+    if views.k_new_exact is not None:
+        views.k_new_exact.copy_(k)
+        views.v_new_exact.copy_(v)
+    qf = q.reshape(n, group, head_dim).to(torch.float32) * softmax_scale
+    s = _int4_scores(qf, views.k_codes, views.k_params)
+    if views.k_exact is not None:
+        s = torch.cat([s, torch.bmm(qf, views.k_exact.to(torch.float32).transpose(1, 2))], -1)
+    probs = torch.softmax(s, -1)
+    out = _int4_values(probs[..., :c0], views.v_codes, views.v_params)
+    if views.v_exact is not None:
+        out.add_(torch.bmm(probs[..., c0:], views.v_exact.to(torch.float32)))
+    return out.view(batch, 1, nheads, head_dim).to(q.dtype)
+
+
+def _int4_scores(qx, codes, params) -> torch.Tensor:
+    """`qx [..., R, D]` (fp32, scaled) against the INT4 keys `codes [..., T, D/2]` with their `params [..., T, 4]`:
+    the scores `[N, R, T]` fp32, N the leading dims' product. Every INT4 read on this path computes them so, the
+    same bits whichever way its slots were read: per half, q . codes as floats, times the half's scale; then the
+    minima's terms, (sum of q's half) . minimum, in one product."""
+    n = math.prod(codes.shape[:-2])
+    rows, head_dim = qx.shape[-2:]
+    half = head_dim // 2
+    qf, kp = qx.reshape(n, rows, head_dim), _params(params, n)
+    s = torch.bmm(qf[..., :half], _plane(codes, n, False).transpose(1, 2)).mul_(kp[:, 0:1])
+    s.addcmul_(torch.bmm(qf[..., half:], _plane(codes, n, True).transpose(1, 2)), kp[:, 2:3])
+    return torch.baddbmm(s, qf.view(n, rows, 2, half).sum(-1), kp[:, 1::2])
+
+
+def _int4_values(pr, codes, params) -> torch.Tensor:
+    """The probabilities `pr [..., R, T]` times the INT4 values `codes [..., T, D/2]` with their `params [..., T,
+    4]`: `[N, R, D]` fp32, N the leading dims' product, as every INT4 read on this path computes them: per half,
+    (pr x the half's scales) . codes as floats, then the minima's terms, pr . minimum, added."""
+    n = math.prod(codes.shape[:-2])
+    rows, slots = pr.shape[-2:]
+    pc, vp = pr.reshape(n, rows, slots), _params(params, n)
+    out = torch.cat([torch.bmm(pc * vp[:, 0:1], _plane(codes, n, False)),
+                     torch.bmm(pc * vp[:, 2:3], _plane(codes, n, True))], -1)
+    out.view(n, rows, 2, codes.shape[-1]).add_(torch.bmm(pc, vp[:, 1::2].transpose(1, 2)).unsqueeze(-1))
+    return out
+
+
+def _span_slots(buf, p: Plan, first: int, count: int, new: bool, slab: bool) -> torch.Tensor:
+    """Slots [first, first + count) of each row's span in `buf` (stored heads first, rows evenly spaced: a step
+    plan's), as `[B, Hk, count, ...]`, or `new`: `[B, count, Hk, ...]` (the new tokens' order). `slab`: `buf` is a
+    slab's `[layers, Hk, num_blocks, block_size, ...]`, and the views have its leading dim."""
+    lead, (s1, s0, s2), dims = ((buf.shape[:1], buf.stride()[:1]), buf.stride()[1:4], 4) if slab else \
+        (((), ()), (buf.stride(1), buf.stride(0), buf.stride(2)), 3)
+    step, skip = _span_offsets(p, s0, s2, buf.shape[dims - 1])
+    size, stride = (p.batch, count, buf.shape[1]) if new else (p.batch, buf.shape[1], count), \
+        (step, s2, s1) if new else (step, s1, s2)
+    return buf.as_strided((*lead[0], *size, *buf.shape[dims:]), (*lead[1], *stride, *buf.stride()[dims:]),
+                          buf.storage_offset() + skip + first * s2)
+
+
+def _params(params, n: int) -> torch.Tensor:
+    """INT4 parameters `[..., T, 4]` as fp32 `[N, 4, T]` (scale and minimum of each half, by slot), N the leading
+    dims' product."""
+    return params.to(torch.float32, memory_format=torch.contiguous_format).view(n, params.shape[-2], 4).transpose(1, 2)
+
+
+def _plane(codes, n: int, high: bool) -> torch.Tensor:
+    """One nibble of `codes [..., T, D/2]` as fp32 `[N, T, D/2]`, N the leading dims' product: dims [0, D/2), or
+    [D/2, D) if `high`."""
+    nibble = codes >> 4 if high else codes & 15
+    return nibble.to(torch.float32, memory_format=torch.contiguous_format).view(n, *codes.shape[-2:])
+
+
+def _tail_slots(tail, batch: int, first: int, count: int, new: bool = False) -> torch.Tensor:
+    """Positions [first, first + count) of rows < batch of an exact tail `[max_batch, Hk, BS, D]` (contiguous), as
+    `[batch * Hk, count, D]`, or `new`: `[batch, count, Hk, D]`; of a slab's tails `[layers, max_batch, ...]`,
+    with its leading dim."""
+    lead = (tail.shape[:1], tail.stride()[:1]) if tail.dim() == 5 else ((), ())
+    s0, s1, s2 = tail.stride()[-4:-1]
+    hk, d = tail.shape[-3], tail.shape[-1]
+    size, stride = ((batch, count, hk, d), (s0, s2, s1, 1)) if new else ((batch * hk, count, d), (s1, s2, 1))
+    return tail.as_strided((*lead[0], *size), (*lead[1], *stride), tail.storage_offset() + first * s2)
+
+
 def _span_offsets(p: Plan, s0: int, s2: int, block_size: int) -> tuple[int, int]:
     """(stride between rows, offset of the first row's span) in a buffer stored heads first with block stride `s0`
     and slot stride `s2`, for a plan whose rows' runs are evenly spaced (`p.spacing`)."""
     return p.spacing * s0, p.runs[0] * s0 + (p.t0 - p.fb * block_size) * s2
+
+
+class StepViews(NamedTuple):
+    """Where a layer's decode step in the model dtype writes and reads (`step_views`): the new token's slot in K and
+    in V `[B, 1, Hk, D]`, then the spans of K and V `[B, Hk, slots, D]` (`attend_step`)."""
+
+    k_new: torch.Tensor
+    v_new: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    batch = property(lambda self: self.keys.shape[0])
 
 
 def step_views(slab: torch.Tensor, p: Plan) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
@@ -428,13 +593,34 @@ def _write_tail(k, v, keys, values, k_scales, v_scales, kind: str) -> None:
     n = k.shape[1]
     new, sc = (k, v), None
     if kind != "fp":  # K and V quantized in one pass
-        new, sc = quantize(torch.stack(new), keys[0].dtype)
+        new, sc = _quantize(torch.stack(new), keys[0].dtype)
     b, whole = 0, len(keys) == 1
     for kb, vb, ks, vs in zip(keys, values, k_scales, v_scales):
         rows = kb.shape[0]
         for buf, part in ((kb, new[0]), (vb, new[1])) + (((ks, sc[0]), (vs, sc[1])) if sc is not None else ()):
             _last(buf, n).copy_(part if whole else part[b:b + rows])
         b += rows
+
+
+def _quantize(x: torch.Tensor, storage: torch.dtype):
+    """`reference.quantize`, with INT4 in fewer ops (`_quantize_int4`)."""
+    return _quantize_int4(x) if storage == torch.uint8 else quantize(x, storage)
+
+
+def _quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference.quantize_int4` in 19 ops where it takes 31: the same codes and parameters, bit for bit (NaN
+    payloads aside; tests hold the two equal). A decode step quantizes a few vectors a layer, so the ops' count is
+    its cost. The same arithmetic: the halves' minima and maxima, s = (max - min) / 15 and the minimum kept in fp16,
+    codes round((x - m) / s) clamped to [0, 15] (1 / s is 0 where s is 0, or NaN), the high half's code times 16
+    added to the low half's (the high nibble)."""
+    halves = x.float().unflatten(-1, (2, x.shape[-1] // 2))
+    lo, hi = halves.amin(-1), halves.amax(-1)
+    params = torch.stack([(hi - lo) / INT4_MAX, lo], -1).half()  # [..., 2, 2]: (scale, minimum) of each half
+    s, m = params.float().unbind(-1)
+    inv = s.reciprocal().nan_to_num_(nan=0.0, posinf=0.0)
+    n = (halves - m.unsqueeze(-1)).mul_(inv.unsqueeze(-1)).round_().clamp_(0, INT4_MAX).to(torch.uint8)
+    low, high = n.unbind(-2)
+    return torch.add(low, high, alpha=16), params.flatten(-2)
 
 
 def _last(view: torch.Tensor, n: int) -> torch.Tensor:
@@ -562,7 +748,7 @@ def _exact_pass(qs, kb, vb, ks, vs, kind: str, bias, hidden, unseen, ex: Exact, 
     probs = torch.softmax(scores, -1)
     pt = probs[..., c0:] if use is None else probs[..., c0:] * use
     tail = torch.matmul(pt, vt.to(probs.dtype))
-    if use is None:
+    if use is None:  # (the sum `attend_step_int4` takes)
         return _values(probs[..., :c0], vb, vs, kind) + tail
     return _values(torch.cat([probs[..., :c0], probs[..., c0:].masked_fill(use, 0)], -1), vb, vs, kind) + tail
 
@@ -625,13 +811,7 @@ def _scores(qx, keys, ks, kind: str, head_dim: int, bias) -> torch.Tensor:
     """`qx [..., R, D] . keys [..., T, Dc]` (N = blocks x KV heads, or rows x KV heads): `[..., R, T]` fp32, scales
     applied, plus `bias` (broadcast to it) when given."""
     if kind == "int4":
-        half = head_dim // 2
-        kp = ks.float()  # [..., T, 4]: scale and minimum of each half
-        q_lo, q_hi = qx[..., :half], qx[..., half:]
-        s = torch.matmul(q_lo, _floats(keys & 15).transpose(-1, -2)).mul_(kp[..., None, :, 0])
-        s.addcmul_(torch.matmul(q_hi, _floats(keys >> 4).transpose(-1, -2)), kp[..., None, :, 2])
-        s.addcmul_(q_lo.sum(-1, keepdim=True), kp[..., None, :, 1])  # the minima's terms
-        s.addcmul_(q_hi.sum(-1, keepdim=True), kp[..., None, :, 3])
+        s = _int4_scores(qx, keys, ks).view(*keys.shape[:-2], qx.shape[-2], keys.shape[-2])
     elif kind == "int8":
         s = torch.matmul(qx, _floats(keys).transpose(-1, -2)).mul_(ks.unsqueeze(-2))
     elif bias is not None and qx.dim() == 3:
@@ -670,10 +850,7 @@ def _floats(codes: torch.Tensor) -> torch.Tensor:
 def _values(pr, vals, vs, kind: str) -> torch.Tensor:
     """`pr [..., R, T] @ vals [..., T, Dc]` with V's scales: `[..., R, D]`."""
     if kind == "int4":
-        vp = vs.float()  # [..., T, 4]
-        lo = torch.matmul(pr * vp[..., None, :, 0], _floats(vals & 15)) + torch.matmul(pr, vp[..., 1:2])
-        hi = torch.matmul(pr * vp[..., None, :, 2], _floats(vals >> 4)) + torch.matmul(pr, vp[..., 3:4])
-        return torch.cat([lo, hi], dim=-1)
+        return _int4_values(pr, vals, vs).view(*pr.shape[:-1], 2 * vals.shape[-1])
     if kind == "int8":
         return torch.matmul(pr * vs.unsqueeze(-2), _floats(vals))
     return torch.matmul(pr, vals.to(pr.dtype))

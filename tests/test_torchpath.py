@@ -297,6 +297,80 @@ def test_step_views_of_a_slab_are_each_layers_decode_step(dtype):
     assert torch.equal(mine, theirs) and not torch.equal(mine, slab)
 
 
+def test_the_int4_quantizer_is_the_references():
+    """The fast path's INT4 quantizer (`_quantize_int4`, fewer ops) writes the reference's codes and parameters bit
+    for bit, in every model dtype, for vectors of every scale, constant halves, signed zeros, subnormal spreads,
+    values past fp16's range, infinities and NaN (the NaN payload aside, and the codes of a NaN half, which no
+    read uses)."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        x = torch.randn(4, 6, 64, generator=g) * 10 ** torch.empty(4, 6, 1).uniform_(-40, 40, generator=g)
+        x[0, 0], x[0, 1], x[0, 2, :32], x[0, 3] = 0.0, 1.5, 7.0, -0.0
+        x[0, 4, ::2] = -0.0  # zeros of both signs in one half
+        x[1, 0, 3], x[1, 1, 40], x[1, 2, 5] = float("inf"), -float("inf"), float("nan")
+        x[1, 3], x[1, 4, :32] = 65504 * 3, 1e-8 * torch.arange(32)
+        x[2, 0] = -1e-7
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            (want, want_p), (got, got_p) = quantize(x.to(dtype), torch.uint8), torchpath._quantize_int4(x.to(dtype))
+            nan = want_p.isnan()
+            assert torch.equal(nan, got_p.isnan()), (trial, dtype)
+            assert torch.equal(want_p.view(torch.int16)[~nan], got_p.view(torch.int16)[~nan]), (trial, dtype)
+            read = ~nan.view(*nan.shape[:-1], 2, 2).any(-1)  # [..., 2]: halves whose codes a read uses
+            lo_ok, hi_ok = read.unbind(-1)
+            assert torch.equal((want & 15)[lo_ok], (got & 15)[lo_ok]) and torch.equal((want >> 4)[hi_ok],
+                                                                                       (got >> 4)[hi_ok])
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("layout, window", [("runs", 0), ("adjacent", 0), ("runs", 6), ("runs", 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_int4_decode_step_is_the_general_path(dtype, layout, window, exact):
+    """An INT4 cache's decode step (one query a row, each row's span a view ending with its new token, every slot
+    seen, one length for all rows) runs in one frame of few ops (`_decode_step_int4`): the same bytes written as
+    the general path (`_spans`, `_write_tail`, the exact tail's write and read, `_attend_rows`) and the reference,
+    the general path's output within rounding, the reference's within the dtype's, with the exact tail (rows
+    whose last block is partial, holds one token, or just filled) and without, with windows, and with no slot
+    read from the codes."""
+    batch, nheads, nheads_k, head_dim, bs, max_blocks = 3, 6, 2, 16, 4, 6
+    for length in (2, 12, 13, 14, 15):  # (a row of 3 tokens, or a window of 2, reads no codes)
+        bufs = _cache(batch, nheads_k, head_dim, bs, max_blocks, dtype, "int4", layout, length, used=4,
+                      heads_first=True)
+        lengths, starts = torch.full((batch,), length, dtype=torch.int32), torch.zeros(batch, dtype=torch.int32)
+        g = torch.Generator().manual_seed(length)
+        q = torch.randn(batch, 1, nheads, head_dim, generator=g).to(dtype)
+        k, v = (torch.randn(batch, 1, nheads_k, head_dim, generator=g).to(dtype) for _ in range(2))
+        tails = [torch.randn(batch, nheads_k, bs, head_dim, generator=g).to(dtype) for _ in range(2)]
+        for t in tails:  # a tail's positions past the rows' end are never read
+            t[:, :, (length + 1) % bs or bs:] = float("nan")
+        tails = tails if exact else [None, None]
+        first = max(0, length - window + 1) if window else 0  # the new token's query sees [first, length]
+        plan = torchpath.plan(bufs[4], lengths, starts, None, batch, 1, 1, window, True, bs, nheads_k,
+                              (first, length + 1), rows=bufs[4].tolist(), length=length,
+                              strides=torchpath.slot_strides(bufs[0]), lead_free=True)
+        assert plan.step and plan.t0 == first
+        lane, lane_t = [t.clone() for t in bufs], [None if t is None else t.clone() for t in tails]
+        got = torchpath.attend(q, k, v, *lane[:4], plan, 0.3, *lane_t)
+        general, general_t = [t.clone() for t in bufs], [None if t is None else t.clone() for t in tails]
+        keys, values, ks, vs = (torchpath._spans(t, plan) for t in general[:4])
+        torchpath._write_tail(k, v, keys, values, ks, vs, "int4")
+        ex = None
+        if exact:
+            torchpath._write_exact(k, v, *general_t, plan)
+            ex = torchpath._exact(*general_t, plan)
+        same = torchpath._attend_rows(q, list(zip(keys, values, ks, vs)), plan, 0.3, "int4", ex)
+        ref, ref_t = [t.clone() for t in bufs], [None if t is None else t.clone() for t in tails]
+        want = attend_with_kvcache_ref(q, k, v, *ref, lengths, starts, torch.empty(0, dtype=torch.uint8),
+                                       torch.zeros(1, dtype=torch.int32), 0.3, window, k_tail=ref_t[0],
+                                       v_tail=ref_t[1])
+        for a, b, c in zip(lane[:4] + lane_t, general[:4] + general_t, ref[:4] + ref_t):
+            assert (a is None and b is None and c is None) or (
+                torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.nan_to_num(), c.nan_to_num()))
+        assert got.isfinite().all()
+        close = 1e-5 if dtype == torch.float32 else TOL[dtype]  # (a bf16 output may round one ulp apart)
+        torch.testing.assert_close(got.float(), same.float(), atol=close, rtol=close)
+        torch.testing.assert_close(got, want, atol=TOL[dtype] * 8, rtol=TOL[dtype] * 8)
+
+
 TAIL_CASES = list(itertools.product(
     [torch.float32, torch.bfloat16], ["int8", "int4"], ["runs", "shuffled"],
     [(1, 0, True), (2, 0, True), (3, 0, True), (4, 0, True), (6, 3, True), (3, 0, False), (0, 0, True)]))
