@@ -411,3 +411,39 @@ def test_a_cpu_cache_keeps_its_layers_in_one_slab(monkeypatch):
     steps.clear()
     assert torch.equal(plugged.generate(ids, **kv(inner), max_new_tokens=6, do_sample=False), want)
     assert inner.slabs == [] and steps == []  # used outside inference_mode: its buffers were copied
+
+
+@pytest.mark.parametrize("exact_tail", [True, False])
+def test_an_int4_cache_decodes_through_its_slabs(exact_tail, monkeypatch):
+    """INT4 on the PyTorch path: a fresh cache keeps the codes, scales and exact tails of its layers in slabs, and
+    each decode step takes the views of every layer at once (`torchpath.int4_step_views`, `ops.attend_step`); a copy
+    (buffers of its own: each layer's `_decode_step_int4`), a fork of another such cache (it and its parent copy
+    each block they share before writing it: the general path) and the fresh cache give the same bits step after
+    step, across block boundaries, with the exact tail and without; the reference gives the same within rounding."""
+    import copy
+
+    from hf_kvplug import ops
+    plugged = hf_kvplug.patch(tiny_model("llama"))
+    cache, parent, ref = (hf_kvplug.PlugCache(plugged, max_batch_size=6, max_cache_len=96, block_size=4,
+                                              kv_dtype="int4", exact_tail=exact_tail, max_tokens=1024, backend=b)
+                          for b in ("auto", "auto", "reference"))
+    assert len(cache.slabs) == 1 and cache.slabs[0].scales is not None
+    assert (cache.slabs[0].tails is not None) == exact_tail
+    steps = []
+    real = ops.attend_step
+    monkeypatch.setattr(ops, "attend_step", lambda *a: steps.append(1) or real(*a))
+    ids = _prompt(batch=2, length=9)
+    with torch.no_grad():
+        for c in (cache, parent, ref):
+            plugged(ids, **kv(c))
+        twin, fork = copy.deepcopy(cache), parent.fork()
+        assert twin.slabs == [] and len(fork.slabs) == 1
+        assert fork.slabs[0].tails is None or fork.slabs[0].tails.data_ptr() != parent.slabs[0].tails.data_ptr()
+        nxt = torch.full((2, 1), 5)
+        for step in range(7):  # the rows' length goes 9 -> 16: a block fills twice
+            steps.clear()
+            outs = [plugged(nxt, **kv(c)).logits for c in (cache, twin, fork, ref)]
+            assert len(steps) == len(cache.attn_layers)  # the fresh cache's layers (the fork's rows copy blocks)
+            assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), step
+            torch.testing.assert_close(outs[0], outs[3], atol=1e-4, rtol=1e-4)
+            nxt = outs[0][:, -1:].argmax(-1)
