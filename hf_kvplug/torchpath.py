@@ -396,49 +396,42 @@ def _decode_step_int4(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, soft
     query a row, every row's span one strided view ending with it, every slot seen, one length for all rows): the
     views of each buffer (`Int4Views`), then `attend_step_int4` on them. `k_tail, v_tail`: the exact tail, or
     None."""
-    parts = [_int4_parts(*bufs, p, False) for bufs in ((k_cache, k_scale, k_tail), (v_cache, v_scale, v_tail))]
-    return attend_step_int4(q, k, v, Int4Views(*(x for pair in zip(*parts) for x in pair)), softmax_scale)
+    parts = zip(*(_int4_parts(*bufs, p, False) for bufs in ((k_cache, k_scale, k_tail), (v_cache, v_scale, v_tail))))
+    return attend_step_int4(q, k, v, Int4Views(p.batch, *(None if k_part is None else (k_part, v_part)
+                                                          for k_part, v_part in parts)), softmax_scale)
 
 
 class Int4Views(NamedTuple):
-    """Where an INT4 layer's decode step writes and reads, K's then V's of each (`int4_step_views`, or
-    `_decode_step_int4` for one layer's buffers): the new token's codes `[B, 1, Hk, D/2]`, parameters `[B, 1, Hk,
-    4]` and exact values `[B, 1, Hk, D]` (None: no exact tail); the codes `[B, Hk, c0, D/2]` and parameters `[B,
-    Hk, c0, 4]` of the span's slots [t0, lo) read from the pool, and the exact values `[B * Hk, w, D]` of its slots
-    [lo, end) read from the tail (None: none; `reference`, rule 4)."""
+    """Where an INT4 layer's decode step writes and reads, each field K's and V's: one view `[2, ...]` (a slab's,
+    `int4_step_views`) or a pair (one layer's buffers, `_decode_step_int4`). The new token's codes `[B, 1, Hk,
+    D/2]`, parameters `[B, 1, Hk, 4]` and exact values `[B, 1, Hk, D]` (None: no exact tail); the codes `[B, Hk, c0,
+    D/2]` and parameters `[B, Hk, c0, 4]` of the span's slots [t0, lo) read from the pool, and the exact values `[B *
+    Hk, w, D]` of its slots [lo, end) read from the tail (None: none; `reference`, rule 4)."""
 
-    k_new: torch.Tensor
-    v_new: torch.Tensor
-    k_new_params: torch.Tensor
-    v_new_params: torch.Tensor
-    k_new_exact: torch.Tensor | None
-    v_new_exact: torch.Tensor | None
-    k_codes: torch.Tensor
-    v_codes: torch.Tensor
-    k_params: torch.Tensor
-    v_params: torch.Tensor
-    k_exact: torch.Tensor | None
-    v_exact: torch.Tensor | None
-
-    batch = property(lambda self: self.k_codes.shape[0])
+    batch: int
+    new: torch.Tensor | tuple
+    new_params: torch.Tensor | tuple
+    new_exact: torch.Tensor | tuple | None
+    codes: torch.Tensor | tuple
+    params: torch.Tensor | tuple
+    exact: torch.Tensor | tuple | None
 
 
 def int4_step_views(codes: torch.Tensor, scales: torch.Tensor, tails: torch.Tensor | None, p: Plan) -> list[Int4Views]:
     """The views `_decode_step_int4` takes of each layer's buffers, for all the layers of a slab at once (one view
-    and one `unbind` per kind): `codes` `[2 * count, nheads_k, num_blocks, block_size, head_dim / 2]` and `scales`
-    `[..., 4]` hold layer i's K at i and its V at count + i (`KV.allocate_group`), `tails` `[2 * count, max_batch,
-    nheads_k, block_size, head_dim]` its exact tail's alike (`Tail.allocate_group`), or None; `p` a step plan with
-    one length for all rows. Returns each layer's, ordered as the slab."""
+    and one `unbind` per kind, K's and V's together): `codes` `[2 * count, nheads_k, num_blocks, block_size, head_dim
+    / 2]` and `scales` `[..., 4]` hold layer i's K at i and its V at count + i (`KV.allocate_group`), `tails` `[2 *
+    count, max_batch, nheads_k, block_size, head_dim]` its exact tail's alike (`Tail.allocate_group`), or None; `p`
+    a step plan with one length for all rows. Returns each layer's, ordered as the slab."""
     assert p.step and isinstance(p.ends, int) and codes.dim() == scales.dim() == 5, "INT4 step views: a step plan"
-    count = codes.shape[0] // 2
     parts = [None if x is None else x.unbind(0) for x in _int4_parts(codes, scales, tails, p, True)]
-    return [Int4Views(*(None if x is None else x[j] for x in parts for j in (i, count + i))) for i in range(count)]
+    return [Int4Views(p.batch, *(None if x is None else x[i] for x in parts)) for i in range(codes.shape[0] // 2)]
 
 
 def _int4_parts(codes, scales, tails, p: Plan, slab: bool) -> tuple:
-    """`Int4Views`' six kinds of view of one buffer each (`slab`: of a slab's, with its leading dim): the new
-    token's codes, parameters and exact values, then the codes and parameters read from the pool and the exact
-    values read from the tail."""
+    """`Int4Views`' six kinds of view of one buffer each (`slab`: of a slab's, `[count, 2, ...]`, layer i's K and V
+    at i): the new token's codes, parameters and exact values, then the codes and parameters read from the pool and
+    the exact values read from the tail."""
     bs, end = codes.shape[3 if slab else 2], p.ends
     lo = max(end - end % bs, p.t0) if tails is not None else end  # the first slot read from the tail
     c0, w = lo - p.t0, end - lo
@@ -454,48 +447,72 @@ def attend_step_int4(q, k, v, views: Int4Views, softmax_scale: float) -> torch.T
     D]`: the arithmetic of every INT4 read on this path (`_int4_scores`, `_int4_values`, the exact tail's slots as
     `_exact_pass` adds them), so the same bits as the general path, in few ops, batched over rows and KV heads."""
     batch, _, nheads, head_dim = q.shape
-    nheads_k, c0 = views.k_codes.shape[1], views.k_codes.shape[2]
+    k_codes, v_codes = _pair(views.codes)
+    nheads_k, c0 = k_codes.shape[1], k_codes.shape[2]
     n, group = batch * nheads_k, nheads // nheads_k
-    codes, params = _quantize_int4(torch.stack((k, v)))  # [2, B, 1, Hk, D/2], [2, B, 1, Hk, 4]
-    views.k_new.copy_(codes[0])
-    views.v_new.copy_(codes[1])
-    views.k_new_params.copy_(params[0])
-    views.v_new_params.copy_(params[1])
-    if views.k_new_exact is not None:
-        views.k_new_exact.copy_(k)
-        views.v_new_exact.copy_(v)
+    new = torch.stack((k, v))
+    codes, params = _quantize_int4(new)  # [2, B, 1, Hk, D/2], [2, B, 1, Hk, 4]
+    _put(views.new, codes)
+    _put(views.new_params, params)
+    if views.new_exact is not None:
+        _put(views.new_exact, new)
+    k_params, v_params = _pair_params(views.params, n)
     qf = q.reshape(n, group, head_dim).to(torch.float32) * softmax_scale
-    s = _int4_scores(qf, views.k_codes, views.k_params)
-    if views.k_exact is not None:
-        s = torch.cat([s, torch.bmm(qf, views.k_exact.to(torch.float32).transpose(1, 2))], -1)
+    s = _int4_scores(qf, k_codes, k_params)
+    k_exact, v_exact = (None, None) if views.exact is None else _pair(views.exact)
+    if k_exact is not None:
+        s = torch.cat([s, torch.bmm(qf, k_exact.to(torch.float32).transpose(1, 2))], -1)
     probs = torch.softmax(s, -1)
-    out = _int4_values(probs[..., :c0], views.v_codes, views.v_params)
-    if views.v_exact is not None:
-        out.add_(torch.bmm(probs[..., c0:], views.v_exact.to(torch.float32)))
+    out = _int4_values(probs[..., :c0], v_codes, v_params)
+    if v_exact is not None:
+        out.add_(torch.bmm(probs[..., c0:], v_exact.to(torch.float32)))
     return out.view(batch, 1, nheads, head_dim).to(q.dtype)
 
 
-def _int4_scores(qx, codes, params) -> torch.Tensor:
-    """`qx [..., R, D]` (fp32, scaled) against the INT4 keys `codes [..., T, D/2]` with their `params [..., T, 4]`:
-    the scores `[N, R, T]` fp32, N the leading dims' product. Every INT4 read on this path computes them so, the
-    same bits whichever way its slots were read: per half, q . codes as floats, times the half's scale; then the
-    minima's terms, (sum of q's half) . minimum, in one product."""
-    n = math.prod(codes.shape[:-2])
+def _pair(x) -> tuple:
+    """An `Int4Views` field as (K's, V's)."""
+    return x if isinstance(x, tuple) else x.unbind(0)
+
+
+def _put(dst, src: torch.Tensor) -> None:
+    """Write `src [2, ...]` (K's, V's) through an `Int4Views` field, in place."""
+    if isinstance(dst, tuple):
+        dst[0].copy_(src[0])
+        dst[1].copy_(src[1])
+    else:
+        dst.copy_(src)
+
+
+def _pair_params(params, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An `Int4Views` parameters field as (K's, V's), each `_params`' fp32 `[N, 4, T]` (a slab's in one
+    conversion)."""
+    if isinstance(params, tuple):
+        return _params(params[0], n), _params(params[1], n)
+    return params.to(torch.float32, memory_format=torch.contiguous_format).view(2, n, params.shape[-2],
+                                                                                4).transpose(2, 3).unbind(0)
+
+
+def _int4_scores(qx, codes, kp) -> torch.Tensor:
+    """`qx [..., R, D]` (fp32, scaled) against the INT4 keys `codes [..., T, D/2]` with their parameters `kp [N, 4,
+    T]` (`_params`): the scores `[N, R, T]` fp32, N the leading dims' product. Every INT4 read on this path computes
+    them so, the same bits whichever way its slots were read: per half, q . codes as floats, times the half's scale;
+    then the minima's terms, (sum of q's half) . minimum, in one product."""
+    n = kp.shape[0]
     rows, head_dim = qx.shape[-2:]
     half = head_dim // 2
-    qf, kp = qx.reshape(n, rows, head_dim), _params(params, n)
+    qf = qx.reshape(n, rows, head_dim)
     s = torch.bmm(qf[..., :half], _plane(codes, n, False).transpose(1, 2)).mul_(kp[:, 0:1])
     s.addcmul_(torch.bmm(qf[..., half:], _plane(codes, n, True).transpose(1, 2)), kp[:, 2:3])
     return torch.baddbmm(s, qf.view(n, rows, 2, half).sum(-1), kp[:, 1::2])
 
 
-def _int4_values(pr, codes, params) -> torch.Tensor:
-    """The probabilities `pr [..., R, T]` times the INT4 values `codes [..., T, D/2]` with their `params [..., T,
-    4]`: `[N, R, D]` fp32, N the leading dims' product, as every INT4 read on this path computes them: per half,
-    (pr x the half's scales) . codes as floats, then the minima's terms, pr . minimum, added."""
-    n = math.prod(codes.shape[:-2])
+def _int4_values(pr, codes, vp) -> torch.Tensor:
+    """The probabilities `pr [..., R, T]` times the INT4 values `codes [..., T, D/2]` with their parameters `vp [N,
+    4, T]` (`_params`): `[N, R, D]` fp32, N the leading dims' product, as every INT4 read on this path computes
+    them: per half, (pr x the half's scales) . codes as floats, then the minima's terms, pr . minimum, added."""
+    n = vp.shape[0]
     rows, slots = pr.shape[-2:]
-    pc, vp = pr.reshape(n, rows, slots), _params(params, n)
+    pc = pr.reshape(n, rows, slots)
     out = torch.cat([torch.bmm(pc * vp[:, 0:1], _plane(codes, n, False)),
                      torch.bmm(pc * vp[:, 2:3], _plane(codes, n, True))], -1)
     out.view(n, rows, 2, codes.shape[-1]).add_(torch.bmm(pc, vp[:, 1::2].transpose(1, 2)).unsqueeze(-1))
@@ -505,8 +522,8 @@ def _int4_values(pr, codes, params) -> torch.Tensor:
 def _span_slots(buf, p: Plan, first: int, count: int, new: bool, slab: bool) -> torch.Tensor:
     """Slots [first, first + count) of each row's span in `buf` (stored heads first, rows evenly spaced: a step
     plan's), as `[B, Hk, count, ...]`, or `new`: `[B, count, Hk, ...]` (the new tokens' order). `slab`: `buf` is a
-    slab's `[layers, Hk, num_blocks, block_size, ...]`, and the views have its leading dim."""
-    lead, (s1, s0, s2), dims = ((buf.shape[:1], buf.stride()[:1]), buf.stride()[1:4], 4) if slab else \
+    slab's `[2 * layers, Hk, num_blocks, block_size, ...]`, and the views lead with `[layers, 2]` (`_layers_lead`)."""
+    lead, (s1, s0, s2), dims = (_layers_lead(buf), buf.stride()[1:4], 4) if slab else \
         (((), ()), (buf.stride(1), buf.stride(0), buf.stride(2)), 3)
     step, skip = _span_offsets(p, s0, s2, buf.shape[dims - 1])
     size, stride = (p.batch, count, buf.shape[1]) if new else (p.batch, buf.shape[1], count), \
@@ -530,13 +547,20 @@ def _plane(codes, n: int, high: bool) -> torch.Tensor:
 
 def _tail_slots(tail, batch: int, first: int, count: int, new: bool = False) -> torch.Tensor:
     """Positions [first, first + count) of rows < batch of an exact tail `[max_batch, Hk, BS, D]` (contiguous), as
-    `[batch * Hk, count, D]`, or `new`: `[batch, count, Hk, D]`; of a slab's tails `[layers, max_batch, ...]`,
-    with its leading dim."""
-    lead = (tail.shape[:1], tail.stride()[:1]) if tail.dim() == 5 else ((), ())
+    `[batch * Hk, count, D]`, or `new`: `[batch, count, Hk, D]`; of a slab's tails `[2 * layers, max_batch, ...]`,
+    led by `[layers, 2]` (`_layers_lead`)."""
+    lead = _layers_lead(tail) if tail.dim() == 5 else ((), ())
     s0, s1, s2 = tail.stride()[-4:-1]
     hk, d = tail.shape[-3], tail.shape[-1]
     size, stride = ((batch, count, hk, d), (s0, s2, s1, 1)) if new else ((batch * hk, count, d), (s1, s2, 1))
     return tail.as_strided((*lead[0], *size), (*lead[1], *stride), tail.storage_offset() + first * s2)
+
+
+def _layers_lead(slab: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(size, stride) of the leading dims `[layers, 2]` by which a view of a slab `[2 * layers, ...]` (layer i's K at
+    i, its V at layers + i) gives each layer's K and V together."""
+    count, stride = slab.shape[0] // 2, slab.stride(0)
+    return (count, 2), (stride, count * stride)
 
 
 def _span_offsets(p: Plan, s0: int, s2: int, block_size: int) -> tuple[int, int]:
@@ -811,7 +835,8 @@ def _scores(qx, keys, ks, kind: str, head_dim: int, bias) -> torch.Tensor:
     """`qx [..., R, D] . keys [..., T, Dc]` (N = blocks x KV heads, or rows x KV heads): `[..., R, T]` fp32, scales
     applied, plus `bias` (broadcast to it) when given."""
     if kind == "int4":
-        s = _int4_scores(qx, keys, ks).view(*keys.shape[:-2], qx.shape[-2], keys.shape[-2])
+        s = _int4_scores(qx, keys, _params(ks, math.prod(keys.shape[:-2]))).view(*keys.shape[:-2], qx.shape[-2],
+                                                                                 keys.shape[-2])
     elif kind == "int8":
         s = torch.matmul(qx, _floats(keys).transpose(-1, -2)).mul_(ks.unsqueeze(-2))
     elif bias is not None and qx.dim() == 3:
@@ -850,7 +875,7 @@ def _floats(codes: torch.Tensor) -> torch.Tensor:
 def _values(pr, vals, vs, kind: str) -> torch.Tensor:
     """`pr [..., R, T] @ vals [..., T, Dc]` with V's scales: `[..., R, D]`."""
     if kind == "int4":
-        return _int4_values(pr, vals, vs).view(*pr.shape[:-1], 2 * vals.shape[-1])
+        return _int4_values(pr, vals, _params(vs, math.prod(vals.shape[:-2]))).view(*pr.shape[:-1], 2 * vals.shape[-1])
     if kind == "int8":
         return torch.matmul(pr * vs.unsqueeze(-2), _floats(vals))
     return torch.matmul(pr, vals.to(pr.dtype))
