@@ -334,7 +334,7 @@ class PlugLayer(CacheLayerMixin):
             q, k, softmax_scale = dev.rotate(q), dev.rotate(k), dev.softmax_scale(softmax_scale)
         views = None if torch.compiler.is_compiling() else dev.step_views.get(self.layer_idx)
         if (views is not None and q.shape[1] == 1 and q.shape[0] == views.batch and q.dtype == self.config.dtype
-                and not (torch.is_grad_enabled() and q.requires_grad)):
+                and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
             out = ops.attend_step(q, k, v, views, softmax_scale)  # the decode step, when this layer's slab has one
         else:
             out = self._attend_rows(q, k, v, softmax_scale, dev.valid if holes else dev.no_valid)
