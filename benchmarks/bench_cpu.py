@@ -13,10 +13,11 @@ For each size (batch x context) and cache: a prefill of `context` random tokens,
 overhead on either side), each timed alone, the caches taking turns step by step (a change in the machine's load
 falls on all of them alike). The table gives the minimum and the median in ms, and each cache's minimum over
 DynamicCache's. StaticCache is sized to the run (context + steps + 4, as the PlugCache), so its masked attention
-spans only what the run needs.
+spans only what the run needs; `static_2x` is a StaticCache of twice that, as one is sized ahead of requests of
+unknown length: it attends over all of it, where a PlugCache of any size reads only the tokens its rows hold.
 
-Counted on the patched model over 8 decode steps (a TorchDispatchMode counts aten ops, perf_counter times the
-Python):
+Counted on the patched model (PlugCache in the model dtype, INT8 and INT4) over 8 decode steps (a TorchDispatchMode
+counts aten ops, perf_counter times the Python):
   * host, per step: `begin_forward`, the bookkeeping every forward does once (checks, block mapping, the mask);
   * per layer: `enter` and the layer's attend;
   * everything else the forward runs.
@@ -97,6 +98,8 @@ def make_cache(name: str, stock, plugged, batch: int, capacity: int):
         return stock, DynamicCache(config=stock.config)
     if name == "static":
         return stock, StaticCache(config=stock.config, max_cache_len=capacity)
+    if name == "static_2x":  # sized as a user sizes it ahead of requests of unknown length
+        return stock, StaticCache(config=stock.config, max_cache_len=2 * capacity)
     if name.startswith("quantized-"):
         return stock, QuantizedCache(name.split("-", 1)[1], config=stock.config)
     kv = {"plug": None, "plug_int8": "int8", "plug_int4": "int4"}[name]
@@ -182,9 +185,10 @@ def host_profile(stock, plugged, batch: int, context: int, steps: int = 8) -> di
     wrap(layer_cls, "attend", "layer")
     try:
         out = {}
-        for label, model, cache in (("plug", plugged, hf_kvplug.PlugCache(plugged, max_batch_size=batch,
-                                                                          max_cache_len=context + steps + 4)),
-                                    ("dynamic", stock, DynamicCache(config=stock.config))):
+        plugs = [(label, plugged, hf_kvplug.PlugCache(plugged, max_batch_size=batch, max_cache_len=context + steps + 4,
+                                                      kv_dtype=kv))
+                 for label, kv in (("plug", None), ("plug_int8", "int8"), ("plug_int4", "int4"))]
+        for label, model, cache in (*plugs, ("dynamic", stock, DynamicCache(config=stock.config))):
             kw = cache_kwargs(cache)
             with torch.no_grad():
                 tok = model(ids, **kw).logits[:, -1:].argmax(-1)
@@ -247,7 +251,8 @@ def main(argv=None) -> int:
     stock, plugged = build_models(args.tiny, device, args.seed)
     backends, missing = quantized_backends(stock.config)
     providers = (args.providers.split(",") if args.providers else
-                 ["dynamic", "static", *(f"quantized-{b}" for b in backends), "plug", "plug_int8", "plug_int4"])
+                 ["dynamic", "static", "static_2x", *(f"quantized-{b}" for b in backends), "plug", "plug_int8",
+                  "plug_int4"])
     env = environment()
     print(f"# {'tiny (host-bound)' if args.tiny else 'default'} model on {device}: " + ", ".join(
         f"{k} {v}" for k, v in env.items()))
@@ -274,8 +279,9 @@ def main(argv=None) -> int:
               "| cache | aten ops per step | host work per step (once per forward) | per layer (enter + attend) |",
               "|---|---|---|---|"]
     for label, r in profile.items():
-        host = (f"{r['ops_host_per_step']:.0f} ops, {r['host_us_per_step']:.0f} us" if label == "plug" else "-")
-        layer = f"{r['ops_per_layer']:.0f} ops, {r['layer_us_per_layer']:.0f} us" if label == "plug" else "-"
+        plug = label.startswith("plug")
+        host = f"{r['ops_host_per_step']:.0f} ops, {r['host_us_per_step']:.0f} us" if plug else "-"
+        layer = f"{r['ops_per_layer']:.0f} ops, {r['layer_us_per_layer']:.0f} us" if plug else "-"
         lines.append(f"| {label} | {r['ops_per_step']:.0f} | {host} | {layer} |")
     text = "\n".join(lines)
     print("\n" + text)
