@@ -109,7 +109,7 @@ class ForwardHost:
                 (first, length + q_len), length=length,
                 rows=self.paging.tables[None].rows if layer.ring is None else None,  # a ring's repeat on the device
                 strides=torchpath.slot_strides(layer.kv.k), lead_free=layer.dev.lead_free)
-        for slab in self.slabs:  # a decode step in the model dtype or INT4: the views of every layer of a slab at once
+        for slab in self.slabs:  # a decode step in the model dtype or codes: the views of every layer of a slab at once
             dev = self.device_states[slab.device]
             plan = dev.plans.get(slab.plan_key)
             if plan is None or not plan.step:
@@ -119,8 +119,8 @@ class ForwardHost:
                 n = len(slab.layers)
                 for j, i in enumerate(slab.layers):
                     dev.step_views[i] = torchpath.StepViews(new[j], new[n + j], spans[j], spans[n + j])
-            elif slab.buf.dtype == torch.uint8 and isinstance(plan.ends, int):
-                dev.step_views.update(zip(slab.layers, torchpath.int4_step_views(slab.buf, slab.scales, slab.tails,
+            elif slab.scales is not None and isinstance(plan.ends, int):  # INT8 or INT4 codes
+                dev.step_views.update(zip(slab.layers, torchpath.code_step_views(slab.buf, slab.scales, slab.tails,
                                                                                   plan)))
 
     def reuse_prefix(self, ids: torch.Tensor, mask: torch.Tensor | None, expand: int) -> int:

@@ -56,7 +56,7 @@ class KV(NamedTuple):
         `[2 * count, nheads_k, num_blocks, block_size, width]`: layer i's K is `slab[i]`, its V `slab[count + i]`,
         each as `allocate(heads_first=True)` lays it out), and their scales alike in another (`scales`, None where
         the cache has none), so that one view reaches every layer's span (`torchpath.step_views`,
-        `torchpath.int4_step_views`). Returns (slab, scales, the layers' KV)."""
+        `torchpath.code_step_views`). Returns (slab, scales, the layers' KV)."""
         shape, scale_shape, scale_dtype = config.storage_shapes(ring)
         slab = torch.zeros((2 * count, shape[1], shape[0], *shape[2:]), dtype=config.storage_dtype, device=device)
         scales = None

@@ -262,10 +262,10 @@ def attend_planned(q, k, v, kv, plan: torchpath.Plan, softmax_scale: float, tail
 def attend_step(q, k, v, views, softmax_scale: float) -> torch.Tensor:
     """The decode step of a PlugCache layer whose buffers are part of a slab, through the views its forward's host
     work took of them: `torchpath.StepViews` (K/V in the model dtype, `torchpath.step_views`) or
-    `torchpath.Int4Views` (`torchpath.int4_step_views`); the new token's K and V are written through them, in
-    place. The same ops, on the same views, as `attend_planned` runs for that step."""
-    if isinstance(views, torchpath.Int4Views):
-        return torchpath.attend_step_int4(q, k, v, views, softmax_scale)
+    `torchpath.CodeViews` (INT8 / INT4, `torchpath.code_step_views`); the new token's K and V are written through
+    them, in place. The same ops, on the same views, as `attend_planned` runs for that step."""
+    if isinstance(views, torchpath.CodeViews):
+        return torchpath.attend_step_codes(q, k, v, views, softmax_scale)
     return torchpath.attend_step(q, k, v, *views, softmax_scale)
 
 

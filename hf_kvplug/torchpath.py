@@ -347,10 +347,10 @@ def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: 
             and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()):
         return _decode_step(q, k, v, k_cache, v_cache, p, softmax_scale)
     kind = KINDS.get(k_cache.dtype, "fp")
-    if (p.step and kind == "int4" and k is not None and k.shape[1] == q.shape[1] == 1 and not grad
+    if (p.step and kind != "fp" and k is not None and k.shape[1] == q.shape[1] == 1 and not grad
             and isinstance(p.ends, int)):
-        return _decode_step_int4(q, k, v, k_cache, v_cache, k_scale, v_scale, p, softmax_scale,
-                                 *((k_tail, v_tail) if exact else (None, None)))
+        return _decode_step_codes(q, k, v, k_cache, v_cache, k_scale, v_scale, p, softmax_scale,
+                                  *((k_tail, v_tail) if exact else (None, None)))
     if p.mode == "blocks":
         if p.wflat is not None:
             write(k, v, k_cache, v_cache, k_scale, v_scale, p)
@@ -390,23 +390,24 @@ def _decode_step(q, k, v, k_cache, v_cache, p: Plan, softmax_scale: float) -> to
     return attend_step(q, k, v, *views, softmax_scale)
 
 
-def _decode_step_int4(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: float, k_tail=None,
-                      v_tail=None) -> torch.Tensor:
-    """`attend` for an INT4 cache's decode step (the step `_decode_step` takes in the model dtype: one new token and
-    query a row, every row's span one strided view ending with it, every slot seen, one length for all rows): the
-    views of each buffer (`Int4Views`), then `attend_step_int4` on them. `k_tail, v_tail`: the exact tail, or
-    None."""
-    parts = zip(*(_int4_parts(*bufs, p, False) for bufs in ((k_cache, k_scale, k_tail), (v_cache, v_scale, v_tail))))
-    return attend_step_int4(q, k, v, Int4Views(p.batch, *(None if k_part is None else (k_part, v_part)
-                                                          for k_part, v_part in parts)), softmax_scale)
+def _decode_step_codes(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: float, k_tail=None,
+                       v_tail=None) -> torch.Tensor:
+    """`attend` for an INT8 or INT4 cache's decode step (the step `_decode_step` takes in the model dtype: one new
+    token and query a row, every row's span one strided view ending with it, every slot seen, one length for all
+    rows): the views of each buffer (`CodeViews`), then `attend_step_codes` on them. `k_tail, v_tail`: INT4's exact
+    tail, or None."""
+    parts = zip(*(_code_parts(*bufs, p, False) for bufs in ((k_cache, k_scale, k_tail), (v_cache, v_scale, v_tail))))
+    return attend_step_codes(q, k, v, CodeViews(p.batch, *(None if k_part is None else (k_part, v_part)
+                                                           for k_part, v_part in parts)), softmax_scale)
 
 
-class Int4Views(NamedTuple):
-    """Where an INT4 layer's decode step writes and reads, each field K's and V's: one view `[2, ...]` (a slab's,
-    `int4_step_views`) or a pair (one layer's buffers, `_decode_step_int4`). The new token's codes `[B, 1, Hk,
-    D/2]`, parameters `[B, 1, Hk, 4]` and exact values `[B, 1, Hk, D]` (None: no exact tail); the codes `[B, Hk, c0,
-    D/2]` and parameters `[B, Hk, c0, 4]` of the span's slots [t0, lo) read from the pool, and the exact values `[B *
-    Hk, w, D]` of its slots [lo, end) read from the tail (None: none; `reference`, rule 4)."""
+class CodeViews(NamedTuple):
+    """Where an INT8 or INT4 layer's decode step writes and reads, each field K's and V's: one view `[2, ...]` (a
+    slab's, `code_step_views`) or a pair (one layer's buffers, `_decode_step_codes`). The new token's codes `[B, 1,
+    Hk, D]` (int8) or `[B, 1, Hk, D/2]` (int4), scales `[B, 1, Hk]` (int8) or parameters `[B, 1, Hk, 4]` (int4), and
+    exact values `[B, 1, Hk, D]` (INT4's exact tail; None: none); the codes `[B, Hk, c0, ...]` and scales or
+    parameters `[B, Hk, c0, ...]` of the span's slots [t0, lo) read from the pool, and the exact values `[B * Hk, w,
+    D]` of its slots [lo, end) read from the tail (None: none; `reference`, rule 4)."""
 
     batch: int
     new: torch.Tensor | tuple
@@ -417,21 +418,22 @@ class Int4Views(NamedTuple):
     exact: torch.Tensor | tuple | None
 
 
-def int4_step_views(codes: torch.Tensor, scales: torch.Tensor, tails: torch.Tensor | None, p: Plan) -> list[Int4Views]:
-    """The views `_decode_step_int4` takes of each layer's buffers, for all the layers of a slab at once (one view
-    and one `unbind` per kind, K's and V's together): `codes` `[2 * count, nheads_k, num_blocks, block_size, head_dim
-    / 2]` and `scales` `[..., 4]` hold layer i's K at i and its V at count + i (`KV.allocate_group`), `tails` `[2 *
-    count, max_batch, nheads_k, block_size, head_dim]` its exact tail's alike (`Tail.allocate_group`), or None; `p`
-    a step plan with one length for all rows. Returns each layer's, ordered as the slab."""
-    assert p.step and isinstance(p.ends, int) and codes.dim() == scales.dim() == 5, "INT4 step views: a step plan"
-    parts = [None if x is None else x.unbind(0) for x in _int4_parts(codes, scales, tails, p, True)]
-    return [Int4Views(p.batch, *(None if x is None else x[i] for x in parts)) for i in range(codes.shape[0] // 2)]
+def code_step_views(codes: torch.Tensor, scales: torch.Tensor, tails: torch.Tensor | None, p: Plan) -> list[CodeViews]:
+    """The views `_decode_step_codes` takes of each layer's buffers, for all the layers of a slab at once (one view
+    and one `unbind` per kind, K's and V's together): `codes` `[2 * count, nheads_k, num_blocks, block_size, width]`
+    and `scales` `[2 * count, nheads_k, num_blocks, block_size(, 4)]` hold layer i's K at i and its V at count + i
+    (`KV.allocate_group`), `tails` `[2 * count, max_batch, nheads_k, block_size, head_dim]` its exact tail's alike
+    (`Tail.allocate_group`), or None; `p` a step plan with one length for all rows. Returns each layer's, ordered as
+    the slab."""
+    assert p.step and isinstance(p.ends, int) and codes.dim() == 5, "code step views: a step plan over a slab"
+    parts = [None if x is None else x.unbind(0) for x in _code_parts(codes, scales, tails, p, True)]
+    return [CodeViews(p.batch, *(None if x is None else x[i] for x in parts)) for i in range(codes.shape[0] // 2)]
 
 
-def _int4_parts(codes, scales, tails, p: Plan, slab: bool) -> tuple:
-    """`Int4Views`' six kinds of view of one buffer each (`slab`: of a slab's, `[count, 2, ...]`, layer i's K and V
-    at i): the new token's codes, parameters and exact values, then the codes and parameters read from the pool and
-    the exact values read from the tail."""
+def _code_parts(codes, scales, tails, p: Plan, slab: bool) -> tuple:
+    """`CodeViews`' six kinds of view of one buffer each (`slab`: of a slab's, `[count, 2, ...]`, layer i's K and V
+    at i): the new token's codes, scales and exact values, then the codes and scales read from the pool and the
+    exact values read from the tail."""
     bs, end = codes.shape[3 if slab else 2], p.ends
     lo = max(end - end % bs, p.t0) if tails is not None else end  # the first slot read from the tail
     c0, w = lo - p.t0, end - lo
@@ -441,50 +443,55 @@ def _int4_parts(codes, scales, tails, p: Plan, slab: bool) -> tuple:
             None if tails is None or not w else _tail_slots(tails, p.batch, lo % bs, w))
 
 
-def attend_step_int4(q, k, v, views: Int4Views, softmax_scale: float) -> torch.Tensor:
-    """An INT4 layer's decode step on its views (`Int4Views`): the new token's codes and parameters (and exact
+def attend_step_codes(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor:
+    """An INT8 or INT4 layer's decode step on its views (`CodeViews`): the new token's codes and scales (and exact
     values) written through them, in place, then `q [B, 1, nheads, D]` attends each row's span: `[B, 1, nheads,
-    D]`: the arithmetic of every INT4 read on this path (`_int4_scores`, `_int4_values`, the exact tail's slots as
-    `_exact_pass` adds them), so the same bits as the general path, in few ops, batched over rows and KV heads. For
-    a call without autograd (the caller checks): its 50-odd ops run in inference mode, which spares each the
-    bookkeeping autograd does even under no_grad (about 0.2 ms a step of the benchmark's 4-layer model), and the
-    output is an ordinary tensor."""
+    D]`: the arithmetic of every INT8 / INT4 read on this path (`_int8_scores`, `_int8_values`, `_int4_scores`,
+    `_int4_values`, the exact tail's slots as `_exact_pass` adds them), so the same bits as the general path, in few
+    ops, batched over rows and KV heads. For a call without autograd (the caller checks): its ops run in inference
+    mode, which spares each the bookkeeping autograd does even under no_grad (about 0.2 ms a step of the benchmark's
+    4-layer INT4 model), and the output is an ordinary tensor."""
     with torch.inference_mode():
-        out = _int4_step(q, k, v, views, softmax_scale)
+        out = _codes_step(q, k, v, views, softmax_scale)
     return out.to(q.dtype, copy=True)
 
 
-def _int4_step(q, k, v, views: Int4Views, softmax_scale: float) -> torch.Tensor:
+def _codes_step(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor:
     batch, _, nheads, head_dim = q.shape
     k_codes, v_codes = _pair(views.codes)
     nheads_k, c0 = k_codes.shape[1], k_codes.shape[2]
     n, group = batch * nheads_k, nheads // nheads_k
+    int4 = k_codes.dtype == torch.uint8
     new = torch.stack((k, v))
-    codes, params = _quantize_int4(new)  # [2, B, 1, Hk, D/2], [2, B, 1, Hk, 4]
+    codes, params = _quantize_int4(new) if int4 else quantize(new, k_codes.dtype)  # [2, B, 1, Hk, ...] each
     _put(views.new, codes)
     _put(views.new_params, params)
     if views.new_exact is not None:
         _put(views.new_exact, new)
-    k_params, v_params = _pair_params(views.params, n)
     qf = q.reshape(n, group, head_dim).to(torch.float32) * softmax_scale
-    s = _int4_scores(qf, k_codes, k_params)
+    if int4:
+        k_params, v_params = _pair_params(views.params, n)
+        s = _int4_scores(qf, k_codes, k_params)
+    else:
+        k_params, v_params = _pair(views.params)
+        s = _int8_scores(qf, k_codes, k_params)
     k_exact, v_exact = (None, None) if views.exact is None else _pair(views.exact)
     if k_exact is not None:
         s = torch.cat([s, torch.bmm(qf, k_exact.to(torch.float32).transpose(1, 2))], -1)
     probs = torch.softmax(s, -1)
-    out = _int4_values(probs[..., :c0], v_codes, v_params)
+    out = (_int4_values if int4 else _int8_values)(probs[..., :c0], v_codes, v_params)
     if v_exact is not None:
         out.add_(torch.bmm(probs[..., c0:], v_exact.to(torch.float32)))
     return out.view(batch, 1, nheads, head_dim)
 
 
 def _pair(x) -> tuple:
-    """An `Int4Views` field as (K's, V's)."""
+    """A `CodeViews` field as (K's, V's)."""
     return x if isinstance(x, tuple) else x.unbind(0)
 
 
 def _put(dst, src: torch.Tensor) -> None:
-    """Write `src [2, ...]` (K's, V's) through an `Int4Views` field, in place."""
+    """Write `src [2, ...]` (K's, V's) through a `CodeViews` field, in place."""
     if isinstance(dst, tuple):
         dst[0].copy_(src[0])
         dst[1].copy_(src[1])
@@ -493,12 +500,31 @@ def _put(dst, src: torch.Tensor) -> None:
 
 
 def _pair_params(params, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """An `Int4Views` parameters field as (K's, V's), each `_params`' fp32 `[N, 4, T]` (a slab's in one
+    """An INT4 `CodeViews` parameters field as (K's, V's), each `_params`' fp32 `[N, 4, T]` (a slab's in one
     conversion)."""
     if isinstance(params, tuple):
         return _params(params[0], n), _params(params[1], n)
     return params.to(torch.float32, memory_format=torch.contiguous_format).view(2, n, params.shape[-2],
                                                                                 4).transpose(2, 3).unbind(0)
+
+
+def _int8_scores(qx, codes, ks) -> torch.Tensor:
+    """`qx [..., R, D]` (fp32, scaled) against the INT8 keys `codes [..., T, D]` with their scales `ks [..., T]`: the
+    scores `[N, R, T]` fp32, N the leading dims' product, as every INT8 read on this path computes them (q . codes
+    as floats, times the key's scale)."""
+    n = math.prod(codes.shape[:-2])
+    rows, slots = qx.shape[-2], codes.shape[-2]
+    return torch.bmm(qx.reshape(n, rows, -1), _floats(codes).view(n, slots, -1).transpose(1, 2)).mul_(
+        ks.reshape(n, 1, slots))
+
+
+def _int8_values(pr, codes, vs) -> torch.Tensor:
+    """The probabilities `pr [..., R, T]` times the INT8 values `codes [..., T, D]` with their scales `vs [..., T]`:
+    `[N, R, D]` fp32, N the leading dims' product, as every INT8 read on this path computes them ((pr x the values'
+    scales) . codes as floats)."""
+    n = math.prod(codes.shape[:-2])
+    rows, slots = pr.shape[-2:]
+    return torch.bmm(pr.reshape(n, rows, slots) * vs.reshape(n, 1, slots), _floats(codes).view(n, slots, -1))
 
 
 def _int4_scores(qx, codes, kp) -> torch.Tensor:
@@ -781,7 +807,7 @@ def _exact_pass(qs, kb, vb, ks, vs, kind: str, bias, hidden, unseen, ex: Exact, 
     probs = torch.softmax(scores, -1)
     pt = probs[..., c0:] if use is None else probs[..., c0:] * use
     tail = torch.matmul(pt, vt.to(probs.dtype))
-    if use is None:  # (the sum `attend_step_int4` takes)
+    if use is None:  # (the sum `attend_step_codes` takes)
         return _values(probs[..., :c0], vb, vs, kind) + tail
     return _values(torch.cat([probs[..., :c0], probs[..., c0:].masked_fill(use, 0)], -1), vb, vs, kind) + tail
 
@@ -847,7 +873,7 @@ def _scores(qx, keys, ks, kind: str, head_dim: int, bias) -> torch.Tensor:
         s = _int4_scores(qx, keys, _params(ks, math.prod(keys.shape[:-2]))).view(*keys.shape[:-2], qx.shape[-2],
                                                                                  keys.shape[-2])
     elif kind == "int8":
-        s = torch.matmul(qx, _floats(keys).transpose(-1, -2)).mul_(ks.unsqueeze(-2))
+        s = _int8_scores(qx, keys, ks).view(*keys.shape[:-2], qx.shape[-2], keys.shape[-2])
     elif bias is not None and qx.dim() == 3:
         return torch.baddbmm(bias, qx, keys.to(qx.dtype).transpose(1, 2))
     else:
@@ -886,7 +912,7 @@ def _values(pr, vals, vs, kind: str) -> torch.Tensor:
     if kind == "int4":
         return _int4_values(pr, vals, _params(vs, math.prod(vals.shape[:-2]))).view(*pr.shape[:-1], 2 * vals.shape[-1])
     if kind == "int8":
-        return torch.matmul(pr * vs.unsqueeze(-2), _floats(vals))
+        return _int8_values(pr, vals, vs).view(*pr.shape[:-1], vals.shape[-1])
     return torch.matmul(pr, vals.to(pr.dtype))
 
 

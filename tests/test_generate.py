@@ -413,19 +413,20 @@ def test_a_cpu_cache_keeps_its_layers_in_one_slab(monkeypatch):
     assert inner.slabs == [] and steps == []  # used outside inference_mode: its buffers were copied
 
 
-@pytest.mark.parametrize("exact_tail", [True, False])
-def test_an_int4_cache_decodes_through_its_slabs(exact_tail, monkeypatch):
-    """INT4 on the PyTorch path: a fresh cache keeps the codes, scales and exact tails of its layers in slabs, and
-    each decode step takes the views of every layer at once (`torchpath.int4_step_views`, `ops.attend_step`); a copy
-    (buffers of its own: each layer's `_decode_step_int4`), a fork of another such cache (it and its parent copy
-    each block they share before writing it: the general path) and the fresh cache give the same bits step after
-    step, across block boundaries, with the exact tail and without; the reference gives the same within rounding."""
+@pytest.mark.parametrize("kv_dtype, exact_tail", [("int4", True), ("int4", False), ("int8", False)])
+def test_a_quantized_cache_decodes_through_its_slabs(kv_dtype, exact_tail, monkeypatch):
+    """INT8 and INT4 on the PyTorch path: a fresh cache keeps the codes, scales (and exact tails) of its layers in
+    slabs, and each decode step takes the views of every layer at once (`torchpath.code_step_views`,
+    `ops.attend_step`); a copy (buffers of its own: each layer's `_decode_step_codes`), a fork of another such cache
+    (it and its parent copy each block they share before writing it: the general path) and the fresh cache give the
+    same bits step after step, across block boundaries, with INT4's exact tail and without; the reference gives the
+    same within rounding."""
     import copy
 
     from hf_kvplug import ops
     plugged = hf_kvplug.patch(tiny_model("llama"))
     cache, parent, ref = (hf_kvplug.PlugCache(plugged, max_batch_size=6, max_cache_len=96, block_size=4,
-                                              kv_dtype="int4", exact_tail=exact_tail, max_tokens=1024, backend=b)
+                                              kv_dtype=kv_dtype, exact_tail=exact_tail, max_tokens=1024, backend=b)
                           for b in ("auto", "auto", "reference"))
     assert len(cache.slabs) == 1 and cache.slabs[0].scales is not None
     assert (cache.slabs[0].tails is not None) == exact_tail

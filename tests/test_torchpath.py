@@ -321,19 +321,19 @@ def test_the_int4_quantizer_is_the_references():
                                                                                        (got >> 4)[hi_ok])
 
 
-@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("kv, exact", [("int4", True), ("int4", False), ("int8", False)])
 @pytest.mark.parametrize("layout, window", [("runs", 0), ("adjacent", 0), ("runs", 6), ("runs", 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_int4_decode_step_is_the_general_path(dtype, layout, window, exact):
-    """An INT4 cache's decode step (one query a row, each row's span a view ending with its new token, every slot
-    seen, one length for all rows) runs in one frame of few ops (`_decode_step_int4`): the same bytes written as
-    the general path (`_spans`, `_write_tail`, the exact tail's write and read, `_attend_rows`) and the reference,
-    the general path's output within rounding, the reference's within the dtype's, with the exact tail (rows
-    whose last block is partial, holds one token, or just filled) and without, with windows, and with no slot
-    read from the codes."""
+def test_the_codes_decode_step_is_the_general_path(dtype, layout, window, kv, exact):
+    """An INT8 or INT4 cache's decode step (one query a row, each row's span a view ending with its new token, every
+    slot seen, one length for all rows) runs in one frame of few ops (`_decode_step_codes`): the same bytes written
+    as the general path (`_spans`, `_write_tail`, the exact tail's write and read, `_attend_rows`) and the
+    reference, the general path's output within rounding, the reference's within the dtype's, with INT4's exact
+    tail (rows whose last block is partial, holds one token, or just filled) and without, with windows, and with no
+    slot read from the codes."""
     batch, nheads, nheads_k, head_dim, bs, max_blocks = 3, 6, 2, 16, 4, 6
     for length in (2, 12, 13, 14, 15):  # (a row of 3 tokens, or a window of 2, reads no codes)
-        bufs = _cache(batch, nheads_k, head_dim, bs, max_blocks, dtype, "int4", layout, length, used=4,
+        bufs = _cache(batch, nheads_k, head_dim, bs, max_blocks, dtype, kv, layout, length, used=4,
                       heads_first=True)
         lengths, starts = torch.full((batch,), length, dtype=torch.int32), torch.zeros(batch, dtype=torch.int32)
         g = torch.Generator().manual_seed(length)
@@ -352,12 +352,12 @@ def test_the_int4_decode_step_is_the_general_path(dtype, layout, window, exact):
         got = torchpath.attend(q, k, v, *lane[:4], plan, 0.3, *lane_t)
         general, general_t = [t.clone() for t in bufs], [None if t is None else t.clone() for t in tails]
         keys, values, ks, vs = (torchpath._spans(t, plan) for t in general[:4])
-        torchpath._write_tail(k, v, keys, values, ks, vs, "int4")
+        torchpath._write_tail(k, v, keys, values, ks, vs, kv)
         ex = None
         if exact:
             torchpath._write_exact(k, v, *general_t, plan)
             ex = torchpath._exact(*general_t, plan)
-        same = torchpath._attend_rows(q, list(zip(keys, values, ks, vs)), plan, 0.3, "int4", ex)
+        same = torchpath._attend_rows(q, list(zip(keys, values, ks, vs)), plan, 0.3, kv, ex)
         ref, ref_t = [t.clone() for t in bufs], [None if t is None else t.clone() for t in tails]
         want = attend_with_kvcache_ref(q, k, v, *ref, lengths, starts, torch.empty(0, dtype=torch.uint8),
                                        torch.zeros(1, dtype=torch.int32), 0.3, window, k_tail=ref_t[0],
