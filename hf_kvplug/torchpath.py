@@ -514,8 +514,8 @@ def _int8_scores(qx, codes, ks) -> torch.Tensor:
     as floats, times the key's scale)."""
     n = math.prod(codes.shape[:-2])
     rows, slots = qx.shape[-2], codes.shape[-2]
-    return torch.bmm(qx.reshape(n, rows, -1), _floats(codes).view(n, slots, -1).transpose(1, 2)).mul_(
-        ks.reshape(n, 1, slots))
+    return torch.bmm(qx.reshape(n, rows, qx.shape[-1]), _floats(codes).view(n, slots, codes.shape[-1]).transpose(
+        1, 2)).mul_(ks.reshape(n, 1, slots))
 
 
 def _int8_values(pr, codes, vs) -> torch.Tensor:
@@ -524,7 +524,8 @@ def _int8_values(pr, codes, vs) -> torch.Tensor:
     scales) . codes as floats)."""
     n = math.prod(codes.shape[:-2])
     rows, slots = pr.shape[-2:]
-    return torch.bmm(pr.reshape(n, rows, slots) * vs.reshape(n, 1, slots), _floats(codes).view(n, slots, -1))
+    return torch.bmm(pr.reshape(n, rows, slots) * vs.reshape(n, 1, slots),
+                     _floats(codes).view(n, slots, codes.shape[-1]))
 
 
 def _int4_scores(qx, codes, kp) -> torch.Tensor:
