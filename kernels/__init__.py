@@ -3,7 +3,9 @@
 This directory sits at the top of the checkout, where `python -m ...` or `python -c ...` started in the repository
 root finds it under the bare name `kernels`. That name belongs to HuggingFace's `kernels` package (a dependency of
 transformers >= 5.25, imported by `transformers.modeling_utils`): imported as `kernels`, this file loads that package
-from the rest of `sys.path` and hands the name over to it, so this directory never shadows it.
+from the rest of `sys.path` and hands the name over to it, so this directory never shadows it. The rest of
+`sys.path` leaves out every checkout's directory like this one (a second checkout on PYTHONPATH, say), whose file
+would hand the name back.
 """
 
 if __name__ == "kernels":
@@ -12,8 +14,15 @@ if __name__ == "kernels":
     import os
     import sys
 
-    _root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-    _path = [p for p in sys.path if os.path.realpath(p or os.curdir) != _root]
+    def _checkout(entry: str) -> bool:
+        """Whether `entry/kernels` is an hf_kvplug checkout's directory like this one (this first line says so)."""
+        try:
+            with open(os.path.join(entry or os.curdir, "kernels", "__init__.py"), "rb") as f:
+                return b"installed as `hf_kvplug.kernels`" in f.readline()
+        except OSError:
+            return False
+
+    _path = [p for p in sys.path if not _checkout(p)]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
     if _spec is None:
         raise ModuleNotFoundError("No module named 'kernels' (HuggingFace's package is not installed; this "

@@ -38,6 +38,25 @@ def test_import_kernels_is_huggingfaces_package(where, tmp_path):
         assert run.returncode != 0 and "No module named 'kernels'" in run.stderr, run.stderr
 
 
+def test_a_second_checkout_on_the_path_shadows_nothing(tmp_path):
+    """Two checkouts on sys.path (one on PYTHONPATH, the other the working directory or an editable install): each
+    one's `kernels/` leaves out both, where handing the name from one to the other would recurse without end."""
+    other = tmp_path / "other"
+    (other / "kernels").mkdir(parents=True)
+    with open(os.path.join(ROOT, "kernels", "__init__.py"), "rb") as f:
+        (other / "kernels" / "__init__.py").write_bytes(f.read())
+    code = f"import sys; sys.path[:0] = [{str(other)!r}, {ROOT!r}]; import kernels; print(kernels.__file__)"
+    run = _run(code, str(tmp_path))
+    if HF_KERNELS:
+        assert run.returncode == 0, run.stderr[-2000:]
+        path = os.path.realpath(run.stdout.strip())
+        assert not path.startswith((os.path.realpath(os.path.join(ROOT, "kernels")) + os.sep,
+                                    os.path.realpath(other / "kernels") + os.sep)), path
+    else:
+        assert run.returncode != 0 and "No module named 'kernels'" in run.stderr, run.stderr[-2000:]
+        assert "RecursionError" not in run.stderr
+
+
 def test_repo_root_imports_transformers_and_our_kernels():
     """From the root: transformers' modeling code imports (it imports `kernels` from 5.25), and hf_kvplug's
     kernels are this checkout's `kernels/` directory under their installed name."""
