@@ -668,7 +668,7 @@ def _quantize(x: torch.Tensor, storage: torch.dtype):
 
 
 def _quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`reference.quantize_int4` in 19 ops where it takes 31: the same codes and parameters, bit for bit (NaN
+    """`reference.quantize_int4` in 22 aten ops where it takes 31: the same codes and parameters, bit for bit (NaN
     payloads aside; tests hold the two equal). A decode step quantizes a few vectors a layer, so the ops' count is
     its cost. The same arithmetic: the halves' minima and maxima, s = (max - min) / 15 and the minimum kept in fp16,
     codes round((x - m) / s) clamped to [0, 15] (1 / s is 0 where s is 0, or NaN), the high half's code times 16
