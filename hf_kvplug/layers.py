@@ -124,18 +124,20 @@ class Tail(NamedTuple):
     k: torch.Tensor
     v: torch.Tensor
 
+    @staticmethod
+    def shape(config: PlugConfig) -> tuple[int, ...]:
+        return config.max_batch_size, config.nheads_k, config.block_size, config.head_dim
+
     @classmethod
     def allocate(cls, config: PlugConfig, device: torch.device) -> "Tail":
-        shape = (config.max_batch_size, config.nheads_k, config.block_size, config.head_dim)
-        return cls(*(torch.zeros(shape, dtype=config.dtype, device=device) for _ in range(2)))
+        return cls(*(torch.zeros(cls.shape(config), dtype=config.dtype, device=device) for _ in range(2)))
 
     @classmethod
     def allocate_group(cls, config: PlugConfig, device: torch.device, count: int) -> tuple[torch.Tensor, list["Tail"]]:
         """The tails of `count` layers in one storage, `[2 * count, max_batch, nheads_k, block_size, head_dim]`:
         layer i's K tail at i, its V tail at count + i, each as `allocate` lays it out. Returns (the storage, the
         layers' tails)."""
-        slab = torch.zeros((2 * count, config.max_batch_size, config.nheads_k, config.block_size, config.head_dim),
-                           dtype=config.dtype, device=device)
+        slab = torch.zeros((2 * count, *cls.shape(config)), dtype=config.dtype, device=device)
         return slab, [cls(slab[i], slab[count + i]) for i in range(count)]
 
     def clone(self) -> "Tail":

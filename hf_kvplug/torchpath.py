@@ -379,14 +379,9 @@ def _decode_step(q, k, v, k_cache, v_cache, p: Plan, softmax_scale: float) -> to
     one frame, the same ops on the same views, so the same bits): one query per row, K/V in its dtype and laid out
     alike, every row's span one strided view (`p.spacing`) ending with the new token (`p.tail`), every slot seen (no
     bias or blind query)."""
-    nheads_k, block_size, head_dim = k_cache.shape[1], k_cache.shape[2], q.shape[-1]
-    s0, s1, s2 = k_cache.stride()[:3]  # heads first; the V pool's the same
-    step, skip = _span_offsets(p, s0, s2, block_size)
-    new = skip + (p.slots - k.shape[1]) * s2  # the new tokens' first slot, viewed in their order [B, n, Hk, D]
-    views = [buf.as_strided(x.shape, (step, s2, s1, 1), buf.storage_offset() + new) for buf, x in
-             ((k_cache, k), (v_cache, v))]
-    views += [buf.as_strided((q.shape[0], nheads_k, p.slots, head_dim), (step, s1, s2, 1), buf.storage_offset() + skip)
-              for buf in (k_cache, v_cache)]
+    n = k.shape[1]  # the new tokens, the span's last slots (K and V laid out alike, heads first)
+    views = [_span_slots(buf, p, p.slots - n, n, True, False) for buf in (k_cache, v_cache)]
+    views += [_span_slots(buf, p, 0, p.slots, False, False) for buf in (k_cache, v_cache)]
     return attend_step(q, k, v, *views, softmax_scale)
 
 
@@ -504,8 +499,7 @@ def _pair_params(params, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     conversion)."""
     if isinstance(params, tuple):
         return _params(params[0], n), _params(params[1], n)
-    return params.to(torch.float32, memory_format=torch.contiguous_format).view(2, n, params.shape[-2],
-                                                                                4).transpose(2, 3).unbind(0)
+    return _params(params, 2 * n).unflatten(0, (2, n)).unbind(0)
 
 
 def _int8_scores(qx, codes, ks) -> torch.Tensor:
@@ -577,8 +571,7 @@ def _params(params, n: int) -> torch.Tensor:
 def _plane(codes, n: int, high: bool) -> torch.Tensor:
     """One nibble of `codes [..., T, D/2]` as fp32 `[N, T, D/2]`, N the leading dims' product: dims [0, D/2), or
     [D/2, D) if `high`."""
-    nibble = codes >> 4 if high else codes & 15
-    return nibble.to(torch.float32, memory_format=torch.contiguous_format).view(n, *codes.shape[-2:])
+    return _floats(codes >> 4 if high else codes & 15).view(n, *codes.shape[-2:])
 
 
 def _tail_slots(tail, batch: int, first: int, count: int, new: bool = False) -> torch.Tensor:
