@@ -196,11 +196,30 @@ def _forward_pre_hook(module, top: bool):
             return None
         if not state.is_prepared(batch, q_len):  # (one prepared for another shape never ran: it is found open)
             cache.begin_forward(batch, q_len, mask, from_generate=cache.in_generate, first_step=None)
-        if not top:
-            state.claim()
-        return None
+        if top:
+            return None
+        state.claim()
+        return _step_mask(positions, args, kwargs, cache, batch, q_len, mask)
 
     return hook
+
+
+def _step_mask(positions: dict[str, int], args, kwargs, cache, batch: int, q_len: int, mask):
+    """The decoder's call with a decode step's 4D mask built in one op, or None (the call as it is). After the
+    prefill, a step of one token per row: the cache has just recorded the 2D mask (`begin_forward`) and its layers
+    bound each row by what it recorded, so the 4D mask is the one its mask sizes give (`PlugLayer.get_mask_sizes`,
+    q x q: the token sees itself), `[batch, 1, 1, 1]` True. Transformers' mask functions return a 4D mask as built,
+    instead of working it out from the 2D one for every step (about 25 us of host work a step on the CPU). Not in a
+    model with linear-attention layers, which read the 2D mask."""
+    if q_len != 1 or cache.linear_layers or cache.attn_layers[0].fresh:
+        return None
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        return None  # a mask built already (4D, a BlockMask, one per layer type): as it is
+    step = torch.ones((batch, 1, 1, 1), dtype=torch.bool, device=cache.attn_layers[0].device)
+    i = positions.get("attention_mask")
+    if "attention_mask" in kwargs or i is None or i >= len(args):
+        return args, {**kwargs, "attention_mask": step}
+    return (*args[:i], step, *args[i + 1:]), kwargs
 
 
 def _masks_for_generate(original):

@@ -380,6 +380,57 @@ def test_a_cpu_call_is_eager_and_its_decode_steps_read_no_mask(monkeypatch):
     assert compat.generate_runs_eager(plugged, config, cache)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3_sliding", "qwen3_next"])
+def test_a_decode_step_hands_the_decoder_its_4d_mask(family, monkeypatch):
+    """After the prefill, the decoder's pre-hook gives a one-token step the 4D mask the cache's mask sizes define
+    (`[batch, 1, 1, 1]` True: q x q), which transformers' mask functions return as built; the prefill, a forward of
+    several tokens and a model with linear-attention layers keep the 2D mask. Tokens and logits stay stock's, with
+    left padding, in generate() and in a decode loop of one's own."""
+    import sys
+
+    from hf_kvplug.compat import cache_from_kwargs
+    from models import tiny_model as tiny
+
+    if family == "qwen3_next":
+        stock, plugged = tiny(family), hf_kvplug.patch(tiny(family))
+        cache = hf_kvplug.PlugCache(plugged, max_batch_size=6, max_cache_len=96, block_size=16)
+    else:
+        stock, plugged, cache = _pair(family)
+    modeling = sys.modules[type(plugged.model).__module__]
+    seen = []
+    real = modeling.create_causal_mask
+    plugs = lambda k: isinstance(cache_from_kwargs(k), hf_kvplug.PlugCache)  # noqa: E731
+    monkeypatch.setattr(modeling, "create_causal_mask",
+                        lambda *a, **k: (plugs(k) and seen.append(k["attention_mask"])) or real(*a, **k))
+    ids, mask = _left_padded()
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    out = plugged.generate(ids, **kv(cache), **kw)
+    ref = stock.generate(ids, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=1e-4, atol=1e-4)
+    assert seen[0].shape == mask.shape  # the prefill reads the 2D mask
+    for step in seen[1:]:
+        if family == "qwen3_next":
+            assert step.dim() == 2
+        else:
+            assert step.shape == (3, 1, 1, 1) and step.dtype == torch.bool and bool(step.all())
+    # a loop of one's own: a two-token forward keeps its 2D mask, the one-token steps after it take the 4D one
+    cache.reset()
+    seen.clear()
+    ids, mask = _left_padded()
+    with torch.no_grad():
+        plugged(ids, attention_mask=mask, **kv(cache))
+        stock_cache = DynamicCache(config=stock.config)
+        stock(ids, attention_mask=mask, **kv(stock_cache))
+        for n in (2, 1, 1):
+            new = _prompt(3, n, seed=n)
+            mask = torch.cat([mask, torch.ones_like(new)], 1)
+            got = plugged(new, attention_mask=mask, **kv(cache)).logits
+            want = stock(new, attention_mask=mask, **kv(stock_cache)).logits
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert [m.dim() for m in seen] == [2, 2] + ([2, 2] if family == "qwen3_next" else [4, 4])
+
+
 def test_a_cpu_cache_keeps_its_layers_in_one_slab(monkeypatch):
     """On the PyTorch path a fresh cache stores every layer's K and V in one slab, whose views its forward's host
     work takes once for a decode step (`ops.attend_step` for each layer); a fork shares the slab, a copy and a cache
