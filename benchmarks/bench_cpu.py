@@ -152,7 +152,8 @@ class OpCounter(TorchDispatchMode):
 
 def host_profile(stock, plugged, batch: int, context: int, steps: int = 8) -> dict:
     """Ops and Python time per decode step: the plugged model split into host work (once per forward), per-layer
-    work and the rest; DynamicCache's total on the stock model."""
+    work and the rest; DynamicCache's total on the stock model; for every cache, the time the decoder spends in
+    transformers' mask functions (`create_causal_mask`, and the sliding-window one where the model has it)."""
     from transformers import DynamicCache
 
     import hf_kvplug
@@ -161,7 +162,7 @@ def host_profile(stock, plugged, batch: int, context: int, steps: int = 8) -> di
 
     ids = torch.randint(1, stock.config.vocab_size, (batch, context))
     counter = OpCounter()
-    seconds = {"host": 0.0, "layer": 0.0}
+    seconds = {"host": 0.0, "layer": 0.0, "mask": 0.0}
     originals = {}
 
     def wrap(owner, name, region):
@@ -183,6 +184,10 @@ def host_profile(stock, plugged, batch: int, context: int, steps: int = 8) -> di
     wrap(ForwardHost, "begin_forward", "host")
     wrap(ForwardHost, "enter", "layer")
     wrap(layer_cls, "attend", "layer")
+    modeling = sys.modules[type(stock.model).__module__]
+    for name in ("create_causal_mask", "create_sliding_window_causal_mask"):
+        if hasattr(modeling, name):
+            wrap(modeling, name, "mask")
     try:
         out = {}
         plugs = [(label, plugged, hf_kvplug.PlugCache(plugged, max_batch_size=batch, max_cache_len=context + steps + 4,
@@ -194,7 +199,7 @@ def host_profile(stock, plugged, batch: int, context: int, steps: int = 8) -> di
                 tok = model(ids, **kw).logits[:, -1:].argmax(-1)
                 tok = model(tok, **kw).logits[:, -1:].argmax(-1)
                 counter.counts.clear()
-                seconds.update(host=0.0, layer=0.0)
+                seconds.update(host=0.0, layer=0.0, mask=0.0)
                 t0 = time.perf_counter()
                 with counter:
                     for _ in range(steps):
@@ -205,7 +210,8 @@ def host_profile(stock, plugged, batch: int, context: int, steps: int = 8) -> di
             out[label] = {"ops_per_step": sum(c.values()), "ops_host_per_step": c.get("host", 0.0),
                           "ops_per_layer": c.get("layer", 0.0) / layers, "ms_per_step_counted": total / steps * 1e3,
                           "host_us_per_step": seconds["host"] / steps * 1e6,
-                          "layer_us_per_layer": seconds["layer"] / steps / layers * 1e6}
+                          "layer_us_per_layer": seconds["layer"] / steps / layers * 1e6,
+                          "ops_mask_per_step": c.get("mask", 0.0), "mask_us_per_step": seconds["mask"] / steps * 1e6}
         return out
     finally:
         for (owner, name), fn in originals.items():
@@ -276,13 +282,15 @@ def main(argv=None) -> int:
     lines = table(rows, providers, sizes, TINY_TARGETS if args.tiny else TARGETS)
     lines += ["", f"Per decode step at {sizes[0][0]}x{sizes[0][1]} (aten ops counted by dispatch, Python time by "
                   "perf_counter, 8 steps):", "",
-              "| cache | aten ops per step | host work per step (once per forward) | per layer (enter + attend) |",
-              "|---|---|---|---|"]
+              "| cache | aten ops per step | host work per step (once per forward) | per layer (enter + attend) "
+              "| transformers' mask functions per step |",
+              "|---|---|---|---|---|"]
     for label, r in profile.items():
         plug = label.startswith("plug")
         host = f"{r['ops_host_per_step']:.0f} ops, {r['host_us_per_step']:.0f} us" if plug else "-"
         layer = f"{r['ops_per_layer']:.0f} ops, {r['layer_us_per_layer']:.0f} us" if plug else "-"
-        lines.append(f"| {label} | {r['ops_per_step']:.0f} | {host} | {layer} |")
+        mask = f"{r['ops_mask_per_step']:.0f} ops, {r['mask_us_per_step']:.0f} us"
+        lines.append(f"| {label} | {r['ops_per_step']:.0f} | {host} | {layer} | {mask} |")
     text = "\n".join(lines)
     print("\n" + text)
     stem = f"cpu-{datetime.date.today().isoformat()}{'-tiny' if args.tiny else ''}"
