@@ -580,24 +580,27 @@ def _per_layer(build: Callable[[int], Callable[[torch.Tensor], torch.Tensor]]):
     return get
 
 
-def outlier_k(head_dim: int, pairs: int, rest_fn: str = "asym", fixed: bool = False) -> Side:
+def outlier_k(head_dim: int, pairs: int, rest_fn: str = "asym", fixed: bool = False, groups: int = 2) -> Side:
     """Mixed precision by channel: per (layer, KV head) the `pairs` RoPE pairs (channels j, j + head_dim / 2) of the
     largest rms over CALIB's keys (the calibration text) are stored as INT8, symmetric: one fp16 scale per token and
     head (max |x| / 127), or fixed=True: a fixed fp16 scale per (layer, KV head, pair), 1.5 x the pair's largest
     norm sqrt(x_j^2 + x_j+D/2^2) over the calibration keys / 127 (RoPE turns a pair, its norm stays), codes clamped;
     nothing per token. The other head_dim - 2 pairs channels are rotated by Q = rotation(head_dim - 2 pairs, "Q")
     (no Hadamard of that size; a kernel rotates q once per query with any orthogonal matrix) and stored as 4-bit
-    halves, each with an fp16 scale and min: rest_fn "asym" (asymq), "search" (asymq_search: the same format) or
-    "minmax" (tableq with the 16-entry Lloyd-Max table for the min-max normalization). The channel choice is a
+    codes in `groups` groups (2: halves; 1: one), each with an fp16 scale and min: rest_fn "asym" (asymq), "search"
+    (asymq_search: the same format) or "minmax" (tableq with the 16-entry Lloyd-Max table for the min-max
+    normalization). The channel choice is a
     fixed per-(layer, KV head) permutation of q. Bytes at head_dim 128: the same fraction of channels
-    (2 pairs * 128 / head_dim) at 1 byte, the fp16 scale unless fixed, the rest at 4 bits with two (scale, min)."""
+    (2 pairs * 128 / head_dim) at 1 byte, the fp16 scale unless fixed, the rest at 4 bits with a (scale, min) per
+    group."""
     d, n8 = head_dim, 2 * pairs
     rest = d - n8
+    g = rest // groups
     r = rotation(rest, "Q")
     rt = r.t().contiguous()
-    table = lloyd_levels("minmax", rest // 2)
-    quant4 = dict(asym=lambda y: asymq(y, rest // 2, 4), search=lambda y: asymq_search(y, rest // 2),
-                  minmax=lambda y: tableq(y, rest // 2, table, "minmax"))[rest_fn]
+    table = lloyd_levels("minmax", g)
+    quant4 = dict(asym=lambda y: asymq(y, g, 4), search=lambda y: asymq_search(y, g),
+                  minmax=lambda y: tableq(y, g, table, "minmax"))[rest_fn]
 
     def build(layer: int):
         k = CALIB[layer]["k"]  # [H, N, D]
@@ -624,8 +627,8 @@ def outlier_k(head_dim: int, pairs: int, rest_fn: str = "asym", fixed: bool = Fa
     what = dict(asym="asym INT4", search="asym INT4 (MSE range search)", minmax="4-bit Lloyd-Max table (min-max)")
     return Side("token", None, f"{n8} outlier channels per (layer, KV head) (calibrated, RoPE pairs) INT8 sym with "
                 + ("a fixed calibrated scale per pair" if fixed else "an fp16 scale per token")
-                + f"; the other {rest} Q-rotated, {what[rest_fn]} halves",
-                c8 + (0 if fixed else 2) + (BYTES_HEAD_DIM - c8) / 2 + 8, per_layer=_per_layer(build))
+                + f"; the other {rest} Q-rotated, {what[rest_fn]} " + ("halves" if groups == 2 else "one group"),
+                c8 + (0 if fixed else 2) + (BYTES_HEAD_DIM - c8) / 2 + 4 * groups, per_layer=_per_layer(build))
 
 
 def kmeans2(p: torch.Tensor, init: torch.Tensor, iters: int = 20) -> torch.Tensor:
@@ -701,6 +704,8 @@ def int4v_candidates(head_dim: int) -> list[Scheme]:
     v4 = t(asym(h))
     search = Side("token", lambda x: asymq_search(x, h), f"asym INT4 per token, halves ({h} each), range by an MSE "
                   "search over 6 shrink factors (encoder only)", BYTES_HEAD_DIM / 2 + 8)
+    search1 = Side("token", lambda x: asymq_search(x, hd), "asym INT4 per token, one group a head, range by an MSE "
+                   "search over 6 shrink factors (encoder only)", BYTES_HEAD_DIM / 2 + 4)
     return [
         Scheme("Hs K, V asym halves + exact tail (K, V)", t(rot(asym(h))), v4, "tail"),
         # (1) bit splits
@@ -734,6 +739,14 @@ def int4v_candidates(head_dim: int) -> list[Scheme]:
                t(rot(asym(h))), "mixed"),
         Scheme("K 4 RoPE pairs INT8 fixed scale + Q INT4 search, Hs V search + tail",
                t(outlier_k(hd, 4, "search", fixed=True)), t(rot(search)), "mixed"),
+        # (3b) the same with one (scale, min) per group of K's INT4 channels and of V: under 0.30x at 4k with the
+        # tail counted (2026-12-07)
+        Scheme("K 3 RoPE pairs INT8 fixed + Q INT4 search one group, Hs V search one group + tail",
+               t(outlier_k(hd, 3, "search", fixed=True, groups=1)), t(rot(search1)), "mixed"),
+        Scheme("K 4 RoPE pairs INT8 fixed + Q INT4 search one group, Hs V search one group + tail",
+               t(outlier_k(hd, 4, "search", fixed=True, groups=1)), t(rot(search1)), "mixed"),
+        Scheme("K 3 RoPE pairs INT8 fixed + Q INT4 search halves, Hs V search one group + tail",
+               t(outlier_k(hd, 3, "search", fixed=True)), t(rot(search1)), "mixed"),
         # (4) ceiling: 2-D VQ
         Scheme("K Hs VQ2 halves + tail", t(vq2_k(hd, h)), v4, "vq"),
     ]
