@@ -391,10 +391,9 @@ def test_a_decode_step_hands_the_decoder_its_4d_mask(family, monkeypatch):
     import sys
 
     from hf_kvplug.compat import cache_from_kwargs
-    from models import tiny_model as tiny
 
     if family == "qwen3_next":
-        stock, plugged = tiny(family), hf_kvplug.patch(tiny(family))
+        stock, plugged = tiny_model(family), hf_kvplug.patch(tiny_model(family))
         cache = hf_kvplug.PlugCache(plugged, max_batch_size=6, max_cache_len=96, block_size=16)
     else:
         stock, plugged, cache = _pair(family)
