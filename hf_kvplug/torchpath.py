@@ -13,8 +13,9 @@ What makes it cheap:
     SDPA attends over it, each KV head's queries as its rows (no GQA expansion); rows spaced evenly in the pool are
     one strided view, one SDPA call. In the kernels' layout (blocks first) such a row is attended block by block
     (`[blocks x nheads_k]` small products, summed); other rows (shared, forked or ring blocks) are gathered once, in
-    SDPA's layout. INT8 and INT4 codes become floats on the way; their scales and minima apply as the kernels apply
-    them;
+    SDPA's layout. INT8 and INT4 codes become floats on the way: a short span's are dequantized and go to SDPA (few
+    ops), a long one's go through two products with the scales and minima applied as the kernels apply them (less
+    memory read; `DEQUANT_SLOTS`);
   * a slot no query sees never reaches an output: its score is -inf, and its V is zeroed whenever the output would
     not be finite otherwise (a NaN or Inf an earlier request left there), as the reference zeroes it.
 """
@@ -26,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from .reference import INT4_MAX, has_tail, quantize, query_ranges, write_tail_from, write_tail_ref
+from .reference import INT4_MAX, INT8_MAX, has_tail, quantize, query_ranges, write_tail_from, write_tail_ref
 
 
 # Up to this many slots over all rows, a call gathers K and V into one dense copy and runs PyTorch's SDPA: a few ops,
@@ -34,6 +35,11 @@ from .reference import INT4_MAX, has_tail, quantize, query_ranges, write_tail_fr
 DENSE_SLOTS = 1024
 
 KINDS = {torch.int8: "int8", torch.uint8: "int4"}  # storage dtype -> codes (else K/V in the model dtype)
+
+# Up to this many slots a row, a call dequantizes INT8 / INT4 codes and attends the floats with PyTorch's SDPA (few
+# ops, where per-op overhead outweighs the copy); past it, two products on the codes (`_scores`, `_values`) apply
+# the scales to scores and probabilities, which reads less memory.
+DEQUANT_SLOTS = {"int8": 1024, "int4": 512}
 
 
 class Plan(NamedTuple):
@@ -441,7 +447,8 @@ def _code_parts(codes, scales, tails, p: Plan, slab: bool) -> tuple:
 def attend_step_codes(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor:
     """An INT8 or INT4 layer's decode step on its views (`CodeViews`): the new token's codes and scales (and exact
     values) written through them, in place, then `q [B, 1, nheads, D]` attends each row's span: `[B, 1, nheads,
-    D]`: the arithmetic of every INT8 / INT4 read on this path (`_int8_scores`, `_int8_values`, `_int4_scores`,
+    D]`: the arithmetic of every INT8 / INT4 read on this path (a short span dequantized and attended by SDPA over
+    all rows at once, `_dequantized_span`; a long one through `_int8_scores`, `_int8_values`, `_int4_scores`,
     `_int4_values`, the exact tail's slots as `_exact_pass` adds them), so the same bits as the general path, in few
     ops, batched over rows and KV heads. For a call without autograd (the caller checks): its ops run in inference
     mode, which spares each the bookkeeping autograd does even under no_grad (about 0.2 ms a step of the benchmark's
@@ -456,13 +463,20 @@ def _codes_step(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor
     k_codes, v_codes = _pair(views.codes)
     nheads_k, c0 = k_codes.shape[1], k_codes.shape[2]
     n, group = batch * nheads_k, nheads // nheads_k
-    int4 = k_codes.dtype == torch.uint8
+    kind = KINDS[k_codes.dtype]
+    int4 = kind == "int4"
     new = torch.stack((k, v))
-    codes, params = _quantize_int4(new) if int4 else quantize(new, k_codes.dtype)  # [2, B, 1, Hk, ...] each
+    codes, params = _quantize(new, k_codes.dtype)  # [2, B, 1, Hk, ...] each
     _put(views.new, codes)
     _put(views.new_params, params)
     if views.new_exact is not None:
         _put(views.new_exact, new)
+    k_exact, v_exact = (None, None) if views.exact is None else _pair(views.exact)
+    if c0 + (0 if k_exact is None else k_exact.shape[1]) <= DEQUANT_SLOTS[kind]:
+        keys, values = _dequantized_span(views, kind, batch, nheads_k, head_dim)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.reshape(batch, nheads_k, group, head_dim).to(torch.float32), keys, values, scale=softmax_scale)
+        return out.view(batch, 1, nheads, head_dim)
     qf = q.reshape(n, group, head_dim).to(torch.float32) * softmax_scale
     if int4:
         k_params, v_params = _pair_params(views.params, n)
@@ -470,7 +484,6 @@ def _codes_step(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor
     else:
         k_params, v_params = _pair(views.params)
         s = _int8_scores(qf, k_codes, k_params)
-    k_exact, v_exact = (None, None) if views.exact is None else _pair(views.exact)
     if k_exact is not None:
         s = torch.cat([s, torch.bmm(qf, k_exact.to(torch.float32).transpose(1, 2))], -1)
     probs = torch.softmax(s, -1)
@@ -478,6 +491,21 @@ def _codes_step(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor
     if v_exact is not None:
         out.add_(torch.bmm(probs[..., c0:], v_exact.to(torch.float32)))
     return out.view(batch, 1, nheads, head_dim)
+
+
+def _dequantized_span(views: CodeViews, kind: str, batch: int, nheads_k: int, head_dim: int) -> tuple:
+    """A short span's K and V as fp32 `[B, Hk, slots, D]` each (`_dequantize`, then the exact tail's slots): a slab's
+    views dequantize K's and V's together, in one pass."""
+    if isinstance(views.codes, tuple):
+        kv = [_dequantize(c, s, kind) for c, s in zip(views.codes, views.params)]
+        if views.exact is not None:  # the span's last slots, from the tail
+            kv = [torch.cat((x, t.view(batch, nheads_k, -1, head_dim).to(torch.float32)), 2)
+                  for x, t in zip(kv, views.exact)]
+        return tuple(kv)
+    kv = _dequantize(views.codes, views.params, kind)  # [2, B, Hk, c0, D]
+    if views.exact is not None:
+        kv = torch.cat((kv, views.exact.view(2, batch, nheads_k, -1, head_dim).to(torch.float32)), 3)
+    return kv.unbind(0)
 
 
 def _pair(x) -> tuple:
@@ -656,8 +684,23 @@ def _write_tail(k, v, keys, values, k_scales, v_scales, kind: str) -> None:
 
 
 def _quantize(x: torch.Tensor, storage: torch.dtype):
-    """`reference.quantize`, with INT4 in fewer ops (`_quantize_int4`)."""
+    """`reference.quantize`, with INT8 and INT4 in fewer ops (`_quantize_int8`, `_quantize_int4`)."""
+    if storage == torch.int8:
+        return _quantize_int8(x)
     return _quantize_int4(x) if storage == torch.uint8 else quantize(x, storage)
+
+
+def _quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference.quantize_int8` in 11 aten ops where it takes 14: the same codes and scales, bit for bit (tests hold
+    the two equal). The same arithmetic: the largest magnitude (one norm instead of abs and max), scale = amax /
+    127, codes round(x * inv) clamped to [-127, 127] with inv = 127 / amax computed as the reference computes it
+    (the reciprocal of amax clamped to 1e-30, times 127), 0 where amax is NaN; where amax is 0 every x is +-0, so
+    its codes are 0 whatever inv is."""
+    xf = x.float()
+    amax = torch.linalg.vector_norm(xf, float("inf"), -1)
+    inv = amax.clamp_min(1e-30).reciprocal_().mul_(INT8_MAX).nan_to_num_(nan=0.0)
+    codes = torch.mul(xf, inv.unsqueeze(-1)).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return codes, amax / INT8_MAX
 
 
 def _quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -712,9 +755,9 @@ def _attend_rows(q, parts, p: Plan, softmax_scale: float, kind: str, ex: Exact |
 
     Each KV head's queries are the rows of its SDPA call, ordered (group, query), so there is no GQA expansion; K/V
     in the model dtype go to SDPA in it, as stock attends, codes through two products with their scales applied
-    to the scores and probabilities. The same arithmetic whichever way the slots were read, so a fork, a copy or
-    a loaded file (whose blocks may lie elsewhere) gives the same bits as the cache it came from. `ex`: the columns
-    read from the exact tail instead (quantized caches)."""
+    to the scores and probabilities (short spans: dequantized, then SDPA). The same arithmetic whichever way the
+    slots were read, so a fork, a copy or a loaded file (whose blocks may lie elsewhere) gives the same bits as the
+    cache it came from. `ex`: the columns read from the exact tail instead (quantized caches)."""
     batch, q_len, nheads, head_dim = q.shape
     nheads_k = parts[0][0].shape[1]
     group = nheads // nheads_k
@@ -746,9 +789,10 @@ def _rows_pass(qh, parts, softmax_scale: float, kind: str, bias, blind, safe: bo
     """`qh [B, Hk, R, D]` over `parts` (`_attend_rows`): `[B, Hk, R, D]`. `safe`: the K and V of slots no query
     sees zeroed (their scores -inf). `ex`: columns whose K/V come from the exact tail (codes only)."""
     hidden = torch.isinf(bias) if safe else None  # [B, 1, R or 1, T]
-    if kind != "fp" and qh.shape[0] > 1:  # row by row: each row's codes as floats stay in the CPU's caches between
-        parts = [tuple(None if x is None else x[i:i + 1] for x in part) for part in parts  # the two products
-                 for i in range(part[0].shape[0])]
+    short = kind != "fp" and parts[0][0].shape[2] <= DEQUANT_SLOTS[kind]  # dequantized, then SDPA (as the step)
+    if kind != "fp" and not short and qh.shape[0] > 1:  # row by row: each row's codes as floats stay in the CPU's
+        parts = [tuple(None if x is None else x[i:i + 1] for x in part) for part in parts  # caches between the two
+                 for i in range(part[0].shape[0])]  # products
     outs, b, whole = [], 0, len(parts) == 1
     for kb, vb, ks, vs in parts:
         n = kb.shape[0]
@@ -760,7 +804,15 @@ def _rows_pass(qh, parts, softmax_scale: float, kind: str, bias, blind, safe: bo
             kb, vb = kb.masked_fill(unseen, 0), vb.masked_fill(unseen, 0)
             ks, vs = (None if x is None else x.masked_fill(unseen if x.dim() == 4 else unseen.squeeze(-1), 0)
                       for x in (ks, vs))
-        if kind == "fp":
+        if short:  # a short span: its codes as floats, then SDPA over all its rows at once, as a decode step calls it
+            if ex is not None and ex.use is None:  # (columns [c0, T) are every row's tail's)
+                kb, vb, ks, vs = (x[:, :, :ex.c0] for x in (kb, vb, ks, vs))
+            kb, vb = _dequantize(kb, ks, kind), _dequantize(vb, vs, kind)
+            if ex is not None:
+                kb, vb = _with_exact(kb, vb, ex, b, n, unseen)
+            outs.append(torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=bn,
+                                                                         scale=softmax_scale))
+        elif kind == "fp":
             outs.append(torch.nn.functional.scaled_dot_product_attention(
                 qb, kb.to(qb.dtype), vb.to(qb.dtype), attn_mask=bn, scale=softmax_scale))
         elif ex is not None:
@@ -774,6 +826,31 @@ def _rows_pass(qh, parts, softmax_scale: float, kind: str, bias, blind, safe: bo
         b += n
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
     return out if blind is None else out.masked_fill(blind, 0.0)
+
+
+def _dequantize(codes, params, kind: str) -> torch.Tensor:
+    """Codes `[..., T, Dc]` with their scales `[..., T]` (int8) or parameters `[..., T, 4]` (int4) as fp32 `[..., T,
+    D]`: code x scale, or per half code x s + m, the reference's dequantization bit for bit. Every read of a short
+    span on this path attends these (`DEQUANT_SLOTS`)."""
+    if kind == "int8":
+        return _floats(codes).mul_(params.unsqueeze(-1))
+    p = params.to(torch.float32).unflatten(-1, (2, 2))  # [..., T, half, (scale, minimum)]
+    planes = torch.stack((codes & 15, codes >> 4), -2).to(torch.float32)  # [..., T, half, D/2]
+    return planes.mul_(p[..., 0:1]).add_(p[..., 1:2]).flatten(-2)
+
+
+def _with_exact(keys, values, ex: Exact, b: int, n: int, unseen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized `keys, values` of rows [b, b + n) with the exact tail's columns after theirs: `[n, Hk, ex.c0,
+    D]` (every row's columns [c0, T) the tail's) or `[n, Hk, T, D]` (where `ex.use` says). `unseen [n, 1, T, 1]`:
+    slots no query sees, their tail values zeroed (`_rows_pass`' safe pass)."""
+    c0 = ex.c0
+    kt, vt = ex.k[b:b + n].to(torch.float32), ex.v[b:b + n].to(torch.float32)
+    if unseen is not None:
+        kt, vt = kt.masked_fill(unseen[:, :, c0:], 0), vt.masked_fill(unseen[:, :, c0:], 0)
+    if ex.use is not None:  # rows of several lengths: a column is the tail's where `use` says, else the codes'
+        use = ex.use[b:b + n].transpose(2, 3)  # [n, 1, w, 1]
+        kt, vt = torch.where(use, kt, keys[:, :, c0:]), torch.where(use, vt, values[:, :, c0:])
+    return torch.cat((keys[:, :, :c0], kt), 2), torch.cat((values[:, :, :c0], vt), 2)
 
 
 def _exact_pass(qs, kb, vb, ks, vs, kind: str, bias, hidden, unseen, ex: Exact, b: int, n: int) -> torch.Tensor:

@@ -465,17 +465,21 @@ def test_a_cpu_cache_keeps_its_layers_in_one_slab(monkeypatch):
     assert inner.slabs == [] and steps == []  # used outside inference_mode: its buffers were copied
 
 
+@pytest.mark.parametrize("reads", ["dequantized", "products"])
 @pytest.mark.parametrize("kv_dtype, exact_tail", [("int4", True), ("int4", False), ("int8", False)])
-def test_a_quantized_cache_decodes_through_its_slabs(kv_dtype, exact_tail, monkeypatch):
+def test_a_quantized_cache_decodes_through_its_slabs(kv_dtype, exact_tail, reads, monkeypatch):
     """INT8 and INT4 on the PyTorch path: a fresh cache keeps the codes, scales (and exact tails) of its layers in
     slabs, and each decode step takes the views of every layer at once (`torchpath.code_step_views`,
     `ops.attend_step`); a copy (buffers of its own: each layer's `_decode_step_codes`), a fork of another such cache
     (it and its parent copy each block they share before writing it: the general path) and the fresh cache give the
-    same bits step after step, across block boundaries, with INT4's exact tail and without; the reference gives the
-    same within rounding."""
+    same bits step after step, across block boundaries, with INT4's exact tail and without, the spans read
+    dequantized (short ones) or through the products on the codes (long ones); the reference gives the same within
+    rounding."""
     import copy
 
-    from hf_kvplug import ops
+    from hf_kvplug import ops, torchpath
+    limit = 1 << 30 if reads == "dequantized" else 0
+    monkeypatch.setattr(torchpath, "DEQUANT_SLOTS", {"int8": limit, "int4": limit})
     plugged = hf_kvplug.patch(tiny_model("llama"))
     cache, parent, ref = (hf_kvplug.PlugCache(plugged, max_batch_size=6, max_cache_len=96, block_size=4,
                                               kv_dtype=kv_dtype, exact_tail=exact_tail, max_tokens=1024, backend=b)

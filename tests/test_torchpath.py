@@ -13,9 +13,23 @@ import pytest
 import torch
 
 from hf_kvplug import ops, torchpath
-from hf_kvplug.reference import attend_with_kvcache_ref, quantize
+from hf_kvplug.reference import attend_with_kvcache_ref, dequantize, quantize
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(params=["dequantized", "products"])
+def reads(request, monkeypatch):
+    """How the fast path reads INT8 / INT4 spans: dequantized, then SDPA (short spans, `DEQUANT_SLOTS`), or through
+    two products on the codes (long ones). Every test that reads codes runs both."""
+    limit = 1 << 30 if request.param == "dequantized" else 0
+    monkeypatch.setattr(torchpath, "DEQUANT_SLOTS", {"int8": limit, "int4": limit})
+    return request.param
+
+
+def _one_read(kv, reads):
+    if kv is None and reads == "products":
+        pytest.skip("K/V in the model dtype: no codes to read")
 
 
 def _heads_first(t: torch.Tensor) -> torch.Tensor:
@@ -62,10 +76,11 @@ CASES = list(itertools.product(
 @pytest.mark.parametrize("dtype, kv, layout, shape", CASES,
                          ids=[f"{str(d)[6:]}-{kv}-{lay}-L{s[0]}w{s[1]}{'' if s[2] else 'nc'}"
                               for d, kv, lay, s in CASES])
-def test_fast_path_equals_the_reference(dtype, kv, layout, shape, path, monkeypatch):
+def test_fast_path_equals_the_reference(dtype, kv, layout, shape, path, monkeypatch, reads):
     """Every way of attending: a dense copy and SDPA (small calls, and rows whose blocks are not consecutive), the
     blocks read where they lie (rows of consecutive blocks, past DENSE_SLOTS), and buffers stored heads first (a
     PlugCache's on this path): each row's span viewed where it lies and given to SDPA, scattered rows gathered."""
+    _one_read(kv, reads)
     if path == "blocks" and layout not in ("runs", "adjacent"):
         pytest.skip("scattered blocks are always gathered into a dense copy")
     monkeypatch.setattr(torchpath, "DENSE_SLOTS", 0 if path == "blocks" else 1 << 30)
@@ -120,8 +135,9 @@ def test_fast_path_equals_the_reference(dtype, kv, layout, shape, path, monkeypa
 @pytest.mark.parametrize("path", ["dense", "blocks", "heads-first"])
 @pytest.mark.parametrize("kv", [None, "int8", "int4"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_stale_values_in_hidden_slots_never_leak(kv, value, path, monkeypatch):
+def test_stale_values_in_hidden_slots_never_leak(kv, value, path, monkeypatch, reads):
     """NaN / Inf in slots past a row's length, before its start and in a hole: never in any output (K and V)."""
+    _one_read(kv, reads)
     monkeypatch.setattr(torchpath, "DENSE_SLOTS", 0 if path == "blocks" else 1 << 30)
     batch, nheads, nheads_k, head_dim, bs, max_blocks = 2, 4, 2, 8, 4, 5
     bufs = _cache(batch, nheads_k, head_dim, bs, max_blocks, torch.float32, kv, "runs", 1,
@@ -189,9 +205,10 @@ def test_buffers_in_another_layout_go_to_the_reference():
 
 
 @pytest.mark.parametrize("kv, exact", [(None, False), ("int8", False), ("int4", True)])
-def test_a_step_with_grad_survives_the_next_write(kv, exact):
+def test_a_step_with_grad_survives_the_next_write(kv, exact, reads):
     """A decode step run with grad keeps copies of what it read, not views of the pool: the next step's write (in
     place) leaves its backward intact, and the gradient is the reference's (INT4: with its exact tail too)."""
+    _one_read(kv, reads)
     batch, nheads, nheads_k, head_dim, bs, max_blocks = 2, 4, 2, 8, 4, 5
     lengths, starts = torch.full((batch,), 9, dtype=torch.int32), torch.zeros(batch, dtype=torch.int32)
     grads = []
@@ -297,6 +314,29 @@ def test_step_views_of_a_slab_are_each_layers_decode_step(dtype):
     assert torch.equal(mine, theirs) and not torch.equal(mine, slab)
 
 
+def test_the_int8_quantizer_and_the_dequantization_are_the_references():
+    """The fast path's INT8 quantizer (`_quantize_int8`, fewer ops) writes the reference's codes and scales bit for
+    bit, and `_dequantize` (short spans' reads) gives the reference's values for INT8 and INT4, in every model dtype,
+    for vectors of every scale, zeros of both signs, subnormal magnitudes, values past fp16's range, infinities and
+    NaN (the NaN elements' own codes aside, which no read uses: their scale is NaN)."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(60):
+        x = torch.randn(4, 6, 64, generator=g) * 10 ** torch.empty(4, 6, 1).uniform_(-45, 40, generator=g)
+        x[0, 0], x[0, 1], x[0, 3] = 0.0, 1.5, -0.0
+        x[0, 4, ::2] = -0.0
+        x[1, 0, 3], x[1, 1, 40], x[1, 2, 5] = float("inf"), -float("inf"), float("nan")
+        x[1, 3], x[2, 0], x[2, 1], x[2, 2] = 65504 * 3, -1e-7, 1e-40, 3e-31
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            (want, want_s), (got, got_s) = quantize(x.to(dtype), torch.int8), torchpath._quantize_int8(x.to(dtype))
+            nan = want_s.isnan()
+            assert torch.equal(nan, got_s.isnan()) and torch.equal(want_s[~nan], got_s[~nan]), (trial, dtype)
+            assert torch.equal(want[~nan], got[~nan]), (trial, dtype)
+            for storage, kind in ((torch.int8, "int8"), (torch.uint8, "int4")):
+                codes, params = quantize(x.to(dtype), storage)
+                ref = dequantize(codes, params, torch.float32)
+                assert torch.equal(ref.nan_to_num(), torchpath._dequantize(codes, params, kind).nan_to_num())
+
+
 def test_the_int4_quantizer_is_the_references():
     """The fast path's INT4 quantizer (`_quantize_int4`, fewer ops) writes the reference's codes and parameters bit
     for bit, in every model dtype, for vectors of every scale, constant halves, signed zeros, subnormal spreads,
@@ -324,7 +364,7 @@ def test_the_int4_quantizer_is_the_references():
 @pytest.mark.parametrize("kv, exact", [("int4", True), ("int4", False), ("int8", False)])
 @pytest.mark.parametrize("layout, window", [("runs", 0), ("adjacent", 0), ("runs", 6), ("runs", 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_codes_decode_step_is_the_general_path(dtype, layout, window, kv, exact):
+def test_the_codes_decode_step_is_the_general_path(dtype, layout, window, kv, exact, reads):
     """An INT8 or INT4 cache's decode step (one query a row, each row's span a view ending with its new token, every
     slot seen, one length for all rows) runs in one frame of few ops (`_decode_step_codes`): the same bytes written
     as the general path (`_spans`, `_write_tail`, the exact tail's write and read, `_attend_rows`) and the
@@ -379,7 +419,7 @@ TAIL_CASES = list(itertools.product(
 @pytest.mark.parametrize("dtype, kv, layout, shape", TAIL_CASES,
                          ids=[f"{str(d)[6:]}-{kv}-{lay}-L{s[0]}w{s[1]}{'' if s[2] else 'nc'}"
                               for d, kv, lay, s in TAIL_CASES])
-def test_the_exact_tail_equals_the_reference(dtype, kv, layout, shape):
+def test_the_exact_tail_equals_the_reference(dtype, kv, layout, shape, reads):
     """A quantized cache's exact tail (`reference`, rule 4): the new tokens in a row's last, partial block go to the
     tail too, and those slots are read from it, on the fast path as in the reference, with rows of one length (a
     PlugCache's, whose host knows it) or of several, new tokens that fill a block or cross into the next, windows,
