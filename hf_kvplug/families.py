@@ -21,6 +21,9 @@ class Family:
         Mixtral, Qwen3-MoE); with `layer_types`, the `sliding_attention` layers have it.
     passes_window: stock hands `sliding_window=` to the attention function (Qwen2-MoE applies it through the mask
         only, so its flash-attention path has none).
+    whole_head_rope: the modeling module's `apply_rotary_pos_emb` is Llama's, over the whole head (`x * cos +
+        rotate_half(x) * sin`), so a plugged decode step may apply it to q and k in one pass, once the patcher has
+        seen it give the same bits (`attention.one_pass_rope`); Qwen3-Next / Qwen3.5 rotate part of each head.
     """
 
     module: str
@@ -29,9 +32,10 @@ class Family:
     output_gate: bool = False
     window_all_layers: bool = False
     passes_window: bool = True
+    whole_head_rope: bool = True
 
 
-_QWEN3_NEXT = dict(qk_norm=True, output_gate=True)
+_QWEN3_NEXT = dict(qk_norm=True, output_gate=True, whole_head_rope=False)
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("transformers.models.llama.modeling_llama", "LlamaAttention"),

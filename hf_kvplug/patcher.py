@@ -13,7 +13,7 @@ import torch
 from transformers.generation.utils import GenerationMixin
 
 from . import compat, prefix
-from .attention import plug_attention_forward
+from .attention import one_pass_rope, plug_attention_forward
 from .cache import PlugCache
 from .families import FAMILIES, Family
 from .geometry import Geometry, RankLayout
@@ -76,6 +76,7 @@ def patch(model):
         module.__dict__["_kvplug_attr"] = (attr, module.__dict__.get(attr))
         module._kvplug_family = spec
         module._kvplug_num_layers = module.config.num_hidden_layers
+        module.__dict__["_kvplug_rope"] = one_pass_rope(module)  # (a hub function is a Module: not a child)
         setattr(module, attr, types.MethodType(plug_attention_forward, module))
     if "_kvplug_generate" in model.__dict__:
         return model
@@ -108,6 +109,7 @@ def unpatch(model):
         del module.__dict__[_MARK]
         del module.__dict__["_kvplug_family"]
         del module.__dict__["_kvplug_num_layers"]
+        del module.__dict__["_kvplug_rope"]
         if previous is None:
             module.__dict__.pop(attr, None)
         else:
