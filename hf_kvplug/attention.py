@@ -99,7 +99,7 @@ def _plugged_forward(self, cache, hidden_states, position_embeddings=None, atten
     # Looked up at call time so a RoPE (or eager attention) swapped into the modeling module is honoured.
     modeling = sys.modules[type(self).__module__]
     if (input_shape[1] == 1 and self._kvplug_rope is not None and modeling.apply_rotary_pos_emb is self._kvplug_rope
-            and cos.shape[-1] == self.head_dim and not cache.layer(self.layer_idx).fresh):
+            and cos.shape[-1] == self.head_dim and q.dtype == k.dtype and not cache.layer(self.layer_idx).fresh):
         q, k = rope_one_pass(q, k, cos, sin, modeling.rotate_half)  # a decode step: the same bits, fewer ops
     else:
         q, k = modeling.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
