@@ -59,16 +59,18 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 # ---------------------------------------------------------------- reference ops (custom_op, opaque to Inductor)
 
-def _check_writable_on_host(block_table, cache_seqlens, batch: int, q_len: int, block_size: int) -> None:
-    """CPU only (the read is free there): raise, before anything is written, if a new token has no slot."""
+def _check_writable_on_host(block_table, cache_seqlens, batch: int, q_len: int, block_size: int):
+    """CPU only (the read is free there): raise, before anything is written, if a new token has no slot. Returns
+    each new token's (slot, block) `[batch, q_len]` (`reference.slot_blocks`)."""
     from .reference import slot_blocks
 
-    _, _, ok = slot_blocks(block_table, cache_seqlens, batch, q_len, block_size)
+    slots, blocks, ok = slot_blocks(block_table, cache_seqlens, batch, q_len, block_size)
     if not bool(ok.all()):
         row = int((~ok).any(1).nonzero()[0, 0])
         raise ValueError(f"row {row} has no cache slot for {int((~ok[row]).sum())} of its {q_len} new tokens "
                          f"(cache_seqlens={int(cache_seqlens[row])}, {block_table.shape[1]} blocks of {block_size} "
                          "slots, unmapped blocks are -1)")
+    return slots, blocks
 
 
 def _attend_ref_bounded(q, k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, cache_starts,
@@ -298,12 +300,17 @@ def write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_s
     status = _empty(k.device, torch.int32) if status is None else status
     args = (k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, status,
             *_tails(k_tail, v_tail, k, k_cache))
+    where = None
     if k.device.type == "cpu" and not torch.compiler.is_compiling():
-        _check_writable_on_host(block_table, cache_seqlens, k.shape[0], k.shape[1], k_cache.shape[2])
-    if resolve_backend(backend, k.device) == "triton":
+        where = _check_writable_on_host(block_table, cache_seqlens, k.shape[0], k.shape[1], k_cache.shape[2])
+    choice = resolve_backend(backend, k.device)
+    if choice == "triton":
         if k.device.type != "cuda":
             return _kernels.write_kvcache(*args[:-2], k_tail=args[-2], v_tail=args[-1])
         return torch.ops.hf_kvplug.write_kvcache(*args)
     if k.device.type == "cpu":
+        fast = where is not None and choice == "torch" and k_cache.dtype in (k.dtype, torch.int8, torch.uint8)
+        if fast and all(map(torchpath.paged_layout, (k_cache, v_cache))):  # every token has a slot (checked above)
+            return torchpath.write_new(*args[:6], *where, *args[-2:])
         return torch.ops.hf_kvplug.write_kvcache_ref(*args)
     write_kvcache_ref(*args)

@@ -228,9 +228,13 @@ def _write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, sb, sh, 
         return torch.tensor([rows[b][s // bs] * sb + h * sh + s % bs for b in range(batch)
                              for s in range(length, length + n_new) for h in range(nheads_k)], device=device)
     new = cache_seqlens[:batch].long().unsqueeze(1) + torch.arange(n_new, device=device)  # [B, n_new] slots
-    blk = block_table[:batch].long().gather(1, new // bs)
-    heads = torch.arange(nheads_k, device=device) * sh
-    return ((blk * sb + new % bs).unsqueeze(-1) + heads).reshape(-1)
+    return _storage_rows(new, block_table[:batch].long().gather(1, new // bs), bs, nheads_k, sb, sh)
+
+
+def _storage_rows(slots, blocks, bs: int, nheads_k: int, sb: int, sh: int) -> torch.Tensor:
+    """`[B * n_new * nheads_k]`: the rows of the storage (`_slot_rows`) of slots `[B, n_new]` in their blocks."""
+    heads = torch.arange(nheads_k, device=slots.device) * sh
+    return ((blocks * sb + slots % bs).unsqueeze(-1) + heads).reshape(-1)
 
 
 def _seen(cache_seqlens, cache_starts, cache_valid, batch, q_len, n_new, window, causal, t0, t1,
@@ -276,16 +280,36 @@ def _runs(rows, batch: int, first: int, nb: int) -> list[int] | None:
     return runs
 
 
-def write(k, v, k_cache, v_cache, k_scale, v_scale, p: Plan) -> None:
-    """Write `k, v [B, n_new, nheads_k, D]` at the plan's slots (quantized for int8 / int4 caches), in place."""
+def write(k, v, k_cache, v_cache, k_scale, v_scale, wflat: torch.Tensor) -> None:
+    """Write `k, v [B, n_new, nheads_k, D]` at the rows of the storage `wflat` names (`Plan.wflat`), quantized for
+    int8 / int4 caches, in place."""
     rows = k.shape[0] * k.shape[1] * k.shape[2]
     new = (k.reshape(rows, -1), v.reshape(rows, -1))  # [B * n_new * Hk, D] each
     if k_cache.dtype != k.dtype:  # K and V quantized in one pass
         new, s = _quantize(torch.stack(new), k_cache.dtype)
         for scale, part in zip((k_scale, v_scale), s):
-            _slot_rows(scale).index_copy_(0, p.wflat, part)
+            _slot_rows(scale).index_copy_(0, wflat, part)
     for cache, part in zip((k_cache, v_cache), new):
-        _slot_rows(cache).index_copy_(0, p.wflat, part)
+        _slot_rows(cache).index_copy_(0, wflat, part)
+
+
+def write_new(k, v, k_cache, v_cache, k_scale, v_scale, slots, blocks, k_tail=None, v_tail=None) -> None:
+    """`reference.write_kvcache_ref` for new tokens `k, v [B, n_new, nheads_k, D]` whose slots and blocks `[B,
+    n_new]` (`reference.slot_blocks`) are all mapped (on the CPU `ops.write_kvcache` checks that first), buffers in
+    a `paged_layout`, K/V in the cache's dtype or codes: the same bytes written, in place, in a few ops (a
+    prefill's write into a PlugCache): one `index_copy_` per buffer (K and V quantized together), and the exact
+    tail's positions (one copy per buffer where every row starts at the same slot)."""
+    batch, n_new, nheads_k = k.shape[:3]
+    if not batch or not n_new:
+        return
+    write(k, v, k_cache, v_cache, k_scale, v_scale,
+          _storage_rows(slots, blocks, k_cache.shape[2], nheads_k, *slot_strides(k_cache)))
+    if has_tail(k_tail):
+        starts = slots[:, 0]
+        if bool((starts == starts[0]).all()):  # (the CPU: free to read)
+            write_tail_from(k, v, k_tail, v_tail, int(starts[0]))
+        else:
+            write_tail_ref(k, v, k_tail, v_tail, starts, torch.ones((batch, n_new), dtype=torch.bool, device=k.device))
 
 
 def _blocks(buf: torch.Tensor, p: Plan) -> list[torch.Tensor]:
@@ -359,11 +383,11 @@ def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: 
                                   *((k_tail, v_tail) if exact else (None, None)))
     if p.mode == "blocks":
         if p.wflat is not None:
-            write(k, v, k_cache, v_cache, k_scale, v_scale, p)
+            write(k, v, k_cache, v_cache, k_scale, v_scale, p.wflat)
         return _attend_blocks(q, k_cache, v_cache, k_scale, v_scale, p, softmax_scale, kind)
     read = _spans if p.mode == "spans" else _gathered
     if p.wflat is not None:
-        write(k, v, k_cache, v_cache, k_scale, v_scale, p)
+        write(k, v, k_cache, v_cache, k_scale, v_scale, p.wflat)
     keys, values = read(k_cache, p), read(v_cache, p)
     scales = (read(k_scale, p), read(v_scale, p)) if kind != "fp" else ([None] * len(keys),) * 2
     if p.tail and k is not None and k.shape[1]:

@@ -265,22 +265,27 @@ def test_quantized_bound_catches_a_broken_scale(kv_dtype, bound):
     ids = stock.generate(_prompt(1, 12), max_new_tokens=8, do_sample=False)
     ref = _teacher_forced_logits(stock, ids, DynamicCache(config=stock.config), 8)
     layer = cache.layers[0]
-    name = f"quantize_{kv_dtype}"
-    original = getattr(hf_kvplug.reference, name)
+    # the reference's quantizer and the PyTorch path's (the same codes in fewer ops), each broken alike
+    quantizers = [(hf_kvplug.reference, f"quantize_{kv_dtype}"), (hf_kvplug.torchpath, f"_quantize_{kv_dtype}")]
 
-    def off_by_two(x):  # a plausible bug: scale computed with the wrong range
-        q, s = original(x)
-        if kv_dtype == "int4":
-            s = s.clone()
-            s[..., 0::2] *= 2  # (scale, minimum) per half: the scales only
-            return q, s
-        return q, s * 2
+    def off_by_two(original):  # a plausible bug: scale computed with the wrong range
+        def broken(x):
+            q, s = original(x)
+            if kv_dtype == "int4":
+                s = s.clone()
+                s[..., 0::2] *= 2  # (scale, minimum) per half: the scales only
+                return q, s
+            return q, s * 2
+        return broken
 
+    originals = [getattr(module, name) for module, name in quantizers]
     try:
-        setattr(hf_kvplug.reference, name, off_by_two)
+        for (module, name), original in zip(quantizers, originals):
+            setattr(module, name, off_by_two(original))
         got = _teacher_forced_logits(plugged, ids, cache, 8)
     finally:
-        setattr(hf_kvplug.reference, name, original)
+        for (module, name), original in zip(quantizers, originals):
+            setattr(module, name, original)
     assert layer.k_scale.abs().sum() > 0
     assert ((got - ref).abs().max() / ref.abs().max()).item() > bound
 

@@ -314,6 +314,34 @@ def test_step_views_of_a_slab_are_each_layers_decode_step(dtype):
     assert torch.equal(mine, theirs) and not torch.equal(mine, slab)
 
 
+@pytest.mark.parametrize("kv, exact", [(None, False), ("int8", False), ("int4", False), ("int4", True)])
+@pytest.mark.parametrize("layout", ["runs", "adjacent", "shuffled"])
+@pytest.mark.parametrize("heads_first", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_write_on_the_cpu_is_the_references(dtype, heads_first, layout, kv, exact, monkeypatch):
+    """`ops.write_kvcache` on CPU tensors takes the PyTorch path (`torchpath.write_new`: a prefill's write into a
+    PlugCache) and writes the reference's bytes: K/V or codes, scales, and the exact tail's positions, for rows of one
+    length or of several, new tokens that fill blocks or cross into the next, and none."""
+    batch, nheads_k, head_dim, bs, max_blocks = 3, 2, 16, 4, 6
+    fast = []
+    real = torchpath.write_new
+    monkeypatch.setattr(torchpath, "write_new", lambda *a, **k: fast.append(1) or real(*a, **k))
+    for lengths, n_new in (([0, 0, 0], 9), ([5, 5, 5], 3), ([2, 7, 4], 5), ([4, 4, 4], 4), ([3, 3, 3], 0)):
+        bufs = _cache(batch, nheads_k, head_dim, bs, max_blocks, dtype, kv, layout, 4, used=4, heads_first=heads_first)
+        g = torch.Generator().manual_seed(n_new)
+        k, v = (torch.randn(batch, n_new, nheads_k, head_dim, generator=g).to(dtype) for _ in range(2))
+        tails = [torch.randn(batch, nheads_k, bs, head_dim, generator=g).to(dtype) for _ in range(2)] if exact else []
+        seqlens = torch.tensor(lengths, dtype=torch.int32)
+        mine, ref = ([t.clone() for t in bufs[:4] + tails] for _ in range(2))
+        fast.clear()
+        for out, backend in ((mine, "auto"), (ref, "reference")):
+            ops.write_kvcache(k, v, *out[:4], bufs[4], seqlens, backend=backend,
+                              **(dict(k_tail=out[4], v_tail=out[5]) if exact else {}))
+        assert len(fast) == 1
+        for a, b in zip(mine, ref):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()), (lengths, n_new)
+
+
 def test_the_int8_quantizer_and_the_dequantization_are_the_references():
     """The fast path's INT8 quantizer (`_quantize_int8`, fewer ops) writes the reference's codes and scales bit for
     bit, and `_dequantize` (short spans' reads) gives the reference's values for INT8 and INT4, in every model dtype,
