@@ -309,8 +309,10 @@ def write_kvcache(k, v, k_cache, v_cache, k_scale, v_scale, block_table, cache_s
             return _kernels.write_kvcache(*args[:-2], k_tail=args[-2], v_tail=args[-1])
         return torch.ops.hf_kvplug.write_kvcache(*args)
     if k.device.type == "cpu":
-        fast = where is not None and choice == "torch" and k_cache.dtype in (k.dtype, torch.int8, torch.uint8)
-        if fast and all(map(torchpath.paged_layout, (k_cache, v_cache))):  # every token has a slot (checked above)
+        codes = k_cache.dtype in (torch.int8, torch.uint8)
+        bufs = (k_cache, v_cache, *args[4:6]) if codes else (k_cache, v_cache)
+        if (where is not None and choice == "torch" and (codes or k_cache.dtype == k.dtype)
+                and all(map(torchpath.paged_layout, bufs))):  # every token has a slot (checked above)
             return torchpath.write_new(*args[:6], *where, *args[-2:])
         return torch.ops.hf_kvplug.write_kvcache_ref(*args)
     write_kvcache_ref(*args)
