@@ -306,10 +306,7 @@ def write_new(k, v, k_cache, v_cache, k_scale, v_scale, slots, blocks, k_tail=No
           _storage_rows(slots, blocks, k_cache.shape[2], nheads_k, *slot_strides(k_cache)))
     if has_tail(k_tail):
         starts = slots[:, 0]
-        if bool((starts == starts[0]).all()):  # (the CPU: free to read)
-            write_tail_from(k, v, k_tail, v_tail, int(starts[0]))
-        else:
-            write_tail_ref(k, v, k_tail, v_tail, starts, torch.ones((batch, n_new), dtype=torch.bool, device=k.device))
+        _tail_write(k, v, k_tail, v_tail, int(starts[0]) if bool((starts == starts[0]).all()) else starts)  # (CPU)
 
 
 def _blocks(buf: torch.Tensor, p: Plan) -> list[torch.Tensor]:
@@ -356,11 +353,17 @@ def _exact(k_tail, v_tail, p: Plan) -> Exact | None:
 def _write_exact(k, v, k_tail, v_tail, p: Plan) -> None:
     """Rule 4's write through the plan: the new tokens that land in their row's last block, into the tail (every
     new token has a slot: the plan's caller made sure)."""
-    if isinstance(p.ends, int):
-        write_tail_from(k[:p.batch], v[:p.batch], k_tail, v_tail, p.ends - k.shape[1])
+    _tail_write(k[:p.batch], v[:p.batch], k_tail, v_tail, p.ends - k.shape[1])
+
+
+def _tail_write(k, v, k_tail, v_tail, before: int | torch.Tensor) -> None:
+    """Rule 4's write for new tokens `k, v [B, n_new, nheads_k, D]` that all have a slot, row b's from slot
+    `before[b]`: one copy per buffer when `before` is an int (every row starts there), else the reference's."""
+    if isinstance(before, int):
+        write_tail_from(k, v, k_tail, v_tail, before)
         return
     ok = torch.ones(k.shape[:2], dtype=torch.bool, device=k_tail.device)
-    write_tail_ref(k, v, k_tail, v_tail, p.ends - k.shape[1], ok)
+    write_tail_ref(k, v, k_tail, v_tail, before, ok)
 
 
 def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: float, k_tail=None,
