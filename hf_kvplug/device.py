@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import compat
+from . import compat, rope
 
 
 class DeviceState:
@@ -46,10 +46,22 @@ class DeviceState:
         # and, by layer index, the views of a decode step's buffers for layers whose K/V lie in a slab
         # (`torchpath.step_views`: new-token slots for K and V, then their spans), built with the plans
         self.step_views: dict = {}
+        # and the one-pass RoPE's tables of the forward under way (`rope_tables`), made by its first layer
+        self.rope: tuple | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.block_tables.values(), self.starts, self.valid, self.status, self.no_valid, self.one,
                 *([] if self.rotation is None else [self.rotation])]
+
+    def rope_tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rope.tables(cos, sin)`, made once per forward: every attention layer of a forward gets the same position
+        embeddings (the same tensors), so the first makes the tables and the others find them (by identity: other
+        tensors get tables of their own). Inside a compiled graph, made where they are used."""
+        if torch.compiler.is_compiling():
+            return rope.tables(cos, sin)
+        if self.rope is None or self.rope[0] is not cos or self.rope[1] is not sin:
+            self.rope = (cos, sin, *rope.tables(cos, sin))
+        return self.rope[2:]
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """`x [..., head_dim] @ rotation` (one matmul in x's dtype; x itself without a rotation)."""
@@ -79,7 +91,7 @@ class DeviceState:
         other.rotation = None if self.rotation is None else self.rotation.clone()
         other.rotation_gain = self.rotation_gain
         compat.mark_static(*other.tensors())
-        other.plans, other.step_views = {}, {}
+        other.plans, other.step_views, other.rope = {}, {}, None
         return other
 
     def copy_from(self, other: "DeviceState") -> None:

@@ -23,7 +23,7 @@ class Family:
         only, so its flash-attention path has none).
     whole_head_rope: the modeling module's `apply_rotary_pos_emb` is Llama's, over the whole head (`x * cos +
         rotate_half(x) * sin`), so a plugged decode step may apply it to q and k in one pass, once the patcher has
-        seen it give the same bits (`attention.one_pass_rope`); Qwen3-Next / Qwen3.5 rotate part of each head.
+        seen it give the same bits (`rope.probe`); Qwen3-Next / Qwen3.5 rotate part of each head.
     """
 
     module: str

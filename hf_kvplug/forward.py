@@ -95,7 +95,7 @@ class ForwardHost:
         """The PyTorch fast path's plans for this forward (layers off CUDA, after the prefill): one per device and
         (ring, window), built once here from what the host knows and shared by every layer with that key."""
         for dev in self.device_states.values():
-            dev.plans, dev.step_views = {}, {}
+            dev.plans, dev.step_views, dev.rope = {}, {}, None
         if not q_len or not self.plan_layers or self.attn_layers[0].fresh:
             return
         for layer in self.plan_layers:

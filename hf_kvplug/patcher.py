@@ -12,8 +12,8 @@ from typing import NamedTuple
 import torch
 from transformers.generation.utils import GenerationMixin
 
-from . import compat, prefix
-from .attention import one_pass_rope, plug_attention_forward
+from . import compat, prefix, rope
+from .attention import plug_attention_forward
 from .cache import PlugCache
 from .families import FAMILIES, Family
 from .geometry import Geometry, RankLayout
@@ -76,7 +76,7 @@ def patch(model):
         module.__dict__["_kvplug_attr"] = (attr, module.__dict__.get(attr))
         module._kvplug_family = spec
         module._kvplug_num_layers = module.config.num_hidden_layers
-        module.__dict__["_kvplug_rope"] = one_pass_rope(module)  # (a hub function is a Module: not a child)
+        module.__dict__["_kvplug_rope"] = rope.probe(module)  # (a hub function is a Module: not a child)
         setattr(module, attr, types.MethodType(plug_attention_forward, module))
     if "_kvplug_generate" in model.__dict__:
         return model

@@ -442,28 +442,30 @@ def test_a_decode_step_hands_the_decoder_its_4d_mask(family, monkeypatch):
                                                                                   ">= 5.5"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_decode_step_applies_rope_in_one_pass_with_stocks_bits(family, dtype, monkeypatch):
-    """A plugged decode step applies the model's RoPE to q and k in one pass (`attention.rope_one_pass`) where the
-    patcher has seen the modeling module's `apply_rotary_pos_emb` give the same bits (Llama's over the whole head);
-    Qwen3-Next rotates part of each head and keeps calling it. Logits and cache contents are bit for bit those of
-    the step calling it, with left padding, through block boundaries, and a RoPE swapped into the modeling module
-    after patching is honoured."""
+    """A plugged decode step applies the model's RoPE to q and k in one pass (`rope.one_pass`, its tables made once a
+    step) where the patcher has seen the modeling module's `apply_rotary_pos_emb` give the same bits (Llama's over
+    the whole head); Qwen3-Next rotates part of each head and keeps calling it. Logits and cache contents are bit
+    for bit those of the step calling it, with left padding, through block boundaries, and a RoPE (or a
+    `rotate_half`) swapped into the modeling module after patching is honoured."""
     import sys
 
-    from hf_kvplug import attention
+    from hf_kvplug import rope
 
     plugged = hf_kvplug.patch(tiny_model(family).to(dtype))
     modules = [m for m in plugged.modules() if "_kvplug_rope" in m.__dict__]
     modeling = sys.modules[type(modules[0]).__module__]
-    assert all((m._kvplug_rope is modeling.apply_rotary_pos_emb) == (family != "qwen3_next") for m in modules)
-    one_pass = []
-    real = attention.rope_one_pass
-    monkeypatch.setattr(attention, "rope_one_pass", lambda *a: one_pass.append(1) or real(*a))
+    probed = (modeling.apply_rotary_pos_emb, getattr(modeling, "rotate_half", None))
+    assert all((m._kvplug_rope == probed) == (family != "qwen3_next") for m in modules)
+    one_pass, made = [], []
+    real, real_tables = rope.one_pass, rope.tables
+    monkeypatch.setattr(rope, "one_pass", lambda *a: one_pass.append(1) or real(*a))
+    monkeypatch.setattr(rope, "tables", lambda *a: made.append(1) or real_tables(*a))
     runs = []
     for use in (True, False):
         if not use:
             for m in modules:
                 m.__dict__["_kvplug_rope"] = None
-        one_pass.clear()
+        one_pass.clear(), made.clear()
         cache = hf_kvplug.PlugCache(plugged, max_batch_size=3, max_cache_len=48, block_size=4)
         ids, mask = _left_padded()
         logits = []
@@ -477,21 +479,25 @@ def test_a_decode_step_applies_rope_in_one_pass_with_stocks_bits(family, dtype, 
         layer = cache.layers[-1]
         runs.append((torch.stack(logits), layer.gather_slots(layer.kv.k, layer.kv.k_scale, 0, ids.shape[1] + 7, 3)))
         assert len(one_pass) == (7 * len(modules) if use and family != "qwen3_next" else 0)
+        assert len(made) == (7 if use and family != "qwen3_next" else 0)  # the tables: once per step
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     if family == "qwen3_next":
         return
-    for m in modules:  # patched again: the one pass is back; a RoPE swapped in after is called instead
-        m.__dict__["_kvplug_rope"] = modeling.apply_rotary_pos_emb
-    calls = []
-    stock_rope = modeling.apply_rotary_pos_emb
-    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", lambda *a, **k: calls.append(1) or stock_rope(*a, **k))
-    one_pass.clear()
-    cache = hf_kvplug.PlugCache(plugged, max_batch_size=3, max_cache_len=48, block_size=4)
-    ids, mask = _left_padded()
-    with torch.no_grad():
-        plugged(ids, attention_mask=mask, **kv(cache))
-        plugged(_prompt(3, 1), attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1), **kv(cache))
-    assert not one_pass and len(calls) == 2 * len(modules)
+    for m in modules:  # patched again: the one pass is back; a RoPE or rotate_half swapped in after is called
+        m.__dict__["_kvplug_rope"] = probed
+    for name, per_call in (("apply_rotary_pos_emb", 1), ("rotate_half", 2)):
+        calls = []
+        with monkeypatch.context() as mp:
+            fn = getattr(modeling, name)
+            mp.setattr(modeling, name, lambda *a, fn=fn, **k: calls.append(1) or fn(*a, **k))
+            one_pass.clear()
+            cache = hf_kvplug.PlugCache(plugged, max_batch_size=3, max_cache_len=48, block_size=4)
+            ids, mask = _left_padded()
+            with torch.no_grad():
+                plugged(ids, attention_mask=mask, **kv(cache))
+                plugged(_prompt(3, 1), attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1),
+                        **kv(cache))
+        assert not one_pass and len(calls) == 2 * per_call * len(modules)
 
 
 def test_a_cpu_cache_keeps_its_layers_in_one_slab(monkeypatch):

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each module's level: a module imports only modules of a lower level (docs/architecture.md says what each owns).
 LEVELS = [
     # leaves: no import from the package
-    {"compat", "families", "state", "reference", "blocks", "kernels", "prefix", "rotation"},
+    {"compat", "families", "state", "reference", "blocks", "kernels", "prefix", "rotation", "rope"},
     {"geometry", "torchpath", "device"},
     {"ops", "config"},
     {"layers"},
