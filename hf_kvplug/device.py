@@ -48,6 +48,8 @@ class DeviceState:
         self.step_views: dict = {}
         # and the one-pass RoPE's tables of the forward under way (`rope_tables`), made by its first layer
         self.rope: tuple | None = None
+        # and, by (ring, window), where a prefill writes its new tokens (`torchpath.WritePlan`), built with the plans
+        self.writes: dict = {}
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.block_tables.values(), self.starts, self.valid, self.status, self.no_valid, self.one,
@@ -91,7 +93,7 @@ class DeviceState:
         other.rotation = None if self.rotation is None else self.rotation.clone()
         other.rotation_gain = self.rotation_gain
         compat.mark_static(*other.tensors())
-        other.plans, other.step_views, other.rope = {}, {}, None
+        other.plans, other.step_views, other.rope, other.writes = {}, {}, None, {}
         return other
 
     def copy_from(self, other: "DeviceState") -> None:
@@ -137,6 +139,7 @@ class DeviceState:
         self.lead_free = True
         self.valid.fill_(1)
         self.status.zero_()
+        self.plans, self.step_views, self.rope, self.writes = {}, {}, None, {}  # (the next forward plans again)
 
 
 class MaskRecord(NamedTuple):

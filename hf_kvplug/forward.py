@@ -86,17 +86,28 @@ class ForwardHost:
                 for dev in self.device_states.values():
                     dev.record(batch, mask)
                 self.state.mask_recorded(mask.holes)
-            self._plan(batch, length, q_len)
+            self._plan(batch, length, q_len, leaders)
             self.state.prepare(batch, q_len, leaders)
             if self._generate is not None:
                 self._generate["begun"] = True
 
-    def _plan(self, batch: int, length: int, q_len: int) -> None:
-        """The PyTorch fast path's plans for this forward (layers off CUDA, after the prefill): one per device and
-        (ring, window), built once here from what the host knows and shared by every layer with that key."""
+    def _plan(self, batch: int, length: int, q_len: int, leaders: list[int] | None) -> None:
+        """The PyTorch fast path's plans for this forward (layers off CUDA): one per device and (ring, window), built
+        once here from what the host knows and shared by every layer with that key. A prefill's only say where its
+        new tokens go (`DeviceState.writes`): the rows written (`leaders`, or all) hold `length` tokens, and every
+        slot of the new ones is mapped (`Paging.prepare` has just made sure)."""
         for dev in self.device_states.values():
-            dev.plans, dev.step_views, dev.rope = {}, {}, None
-        if not q_len or not self.plan_layers or self.attn_layers[0].fresh:
+            dev.plans, dev.step_views, dev.rope, dev.writes = {}, {}, None, {}
+        if not q_len or not self.plan_layers:
+            return
+        if self.attn_layers[0].fresh:
+            rows = leaders if leaders is not None else list(range(batch))
+            for layer in self.plan_layers:  # (a ring keeps the last of a long prompt: its own write)
+                if layer.ring is None and all(torchpath.paged_layout(buf) for buf in layer.kv if buf.numel()):
+                    layer.dev.writes[layer.plan_key] = torchpath.WritePlan(
+                        len(rows), q_len, torchpath.write_rows(layer.block_table, rows, length, q_len,
+                                                               self.config.block_size, self.config.nheads_k,
+                                                               torchpath.slot_strides(layer.kv.k)))
             return
         for layer in self.plan_layers:
             key = layer.plan_key

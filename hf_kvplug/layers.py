@@ -324,7 +324,11 @@ class PlugLayer(CacheLayerMixin):
         if leaders is not None:
             rows = torch.tensor(leaders, device=self.device)
             k, v, table, seqlens = k[rows], v[rows], table[rows], seqlens[rows]
-        self._store(k, v, table, seqlens)
+        planned = None if torch.compiler.is_compiling() else self.dev.writes.get(self.plan_key)
+        if planned is not None and (planned.batch, planned.q_len) == tuple(k.shape[:2]):
+            ops.write_planned(k, v, *self.kv, planned.wflat)  # off CUDA: where the forward's host work planned
+        else:
+            self._store(k, v, table, seqlens)
         self._advance(batch, q_len)
 
     def attend(self, q, k, v, softmax_scale: float, holes: bool) -> torch.Tensor:

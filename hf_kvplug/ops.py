@@ -271,6 +271,13 @@ def attend_step(q, k, v, views, softmax_scale: float) -> torch.Tensor:
     return torchpath.attend_step(q, k, v, *views, softmax_scale)
 
 
+def write_planned(k, v, k_cache, v_cache, k_scale, v_scale, wflat: torch.Tensor) -> None:
+    """A PlugCache prefill's write on the PyTorch path, at the rows of the storage its forward's host work found
+    (`torchpath.WritePlan`: every slot mapped, buffers in a paged layout): `k, v [B, L, nheads_k, D]` stored (INT8 /
+    INT4 quantized) in place, the same bytes `write_kvcache` stores, without its per-call check and slot lookup."""
+    torchpath.write(k, v, k_cache, v_cache, k_scale, v_scale, wflat)
+
+
 def _tails(k_tail, v_tail, q, k_cache) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact tail's buffers, checked against the cache, or two 0-element tensors standing for none (registered
     ops take tensors)."""

@@ -274,11 +274,12 @@ def _checked_generate(generate):
         cache = compat.cache_from_kwargs(kwargs)
         if not isinstance(cache, PlugCache):
             return generate(self, *args, **kwargs)
-        if not _uses_cache(self, args, kwargs):
+        read = _generation_call(self, args, kwargs)  # (merging the configs copies them: once a call)
+        if not _uses_cache(read):
             # generate(use_cache=False): stock would re-feed the whole sequence every step into the cache it was
             # given; the PlugCache is left untouched and generate() runs without a cache, as asked.
             return generate(self, *args, **{k: v for k, v in kwargs.items() if k not in compat.CACHE_KWARGS})
-        call = validate_generate(self, cache, args, kwargs)
+        call = validate_generate(self, cache, args, kwargs, read)
         assisted = bool(kwargs.get("prompt_lookup_num_tokens")) or kwargs.get("assistant_model") is not None
         indexing = cache.config.prefix_caching and call.ids is not None
         # (assisted decoding feeds its whole first candidate sequence whatever the cache holds: no prefix there)
@@ -310,8 +311,9 @@ def _generation_call(model, args, kwargs):
     return call, config, model_kwargs
 
 
-def _uses_cache(model, args, kwargs) -> bool:
-    _, config, model_kwargs = _generation_call(model, args, kwargs)
+def _uses_cache(read) -> bool:
+    """Whether a generate() call read by `_generation_call` runs with a cache."""
+    _, config, model_kwargs = read
     return config.use_cache is not False and model_kwargs.get("use_cache") is not False
 
 
@@ -333,10 +335,11 @@ class GenerateCall(NamedTuple):
     filled: int = 0
 
 
-def validate_generate(model, cache: PlugCache, args, kwargs) -> GenerateCall:
+def validate_generate(model, cache: PlugCache, args, kwargs, read=None) -> GenerateCall:
     """Raise a ValueError, before anything is written, if a generate() call cannot run in `cache`. Reads the
-    call as generate() does (inputs and generation_config by keyword or position, kwargs over the config)."""
-    call, config, _ = _generation_call(model, args, kwargs)
+    call as generate() does (inputs and generation_config by keyword or position, kwargs over the config), or takes
+    `read`, what `_generation_call` read of it."""
+    call, config, _ = read if read is not None else _generation_call(model, args, kwargs)
     cache.check_model(model)
     inputs = call.get("inputs")
     for name in ("input_ids", "inputs_embeds"):

@@ -231,6 +231,28 @@ def _write_rows(block_table, cache_seqlens, batch, n_new, bs, nheads_k, sb, sh, 
     return _storage_rows(new, block_table[:batch].long().gather(1, new // bs), bs, nheads_k, sb, sh)
 
 
+class WritePlan(NamedTuple):
+    """Where a prefill's new tokens go (`ForwardHost._plan`, `DeviceState.writes`): `batch` rows written (a shared
+    prompt's leaders, or every row) of `q_len` tokens each, at the rows of the storage `wflat [batch * q_len *
+    nheads_k]` (`write_rows`)."""
+
+    batch: int
+    q_len: int
+    wflat: torch.Tensor
+
+
+def write_rows(block_table, rows: list[int], length: int, n_new: int, bs: int, nheads_k: int,
+               strides: tuple[int, int]) -> torch.Tensor:
+    """`[len(rows) * n_new * nheads_k]` int64: the rows of the storage (`_slot_rows`, for buffers of `slot_strides`
+    `strides`) where slots [length, length + n_new) of the table's `rows` lie, ordered as the new tokens `[rows,
+    n_new, nheads_k]`: `write`'s `wflat`. Every one of those slots must be mapped."""
+    device = block_table.device
+    slots = torch.arange(length, length + n_new, device=device).expand(len(rows), n_new)
+    table = block_table[:len(rows)] if rows == list(range(len(rows))) else \
+        block_table[torch.tensor(rows, device=device)]
+    return _storage_rows(slots, table.long().gather(1, slots // bs), bs, nheads_k, *strides)
+
+
 def _storage_rows(slots, blocks, bs: int, nheads_k: int, sb: int, sh: int) -> torch.Tensor:
     """`[B * n_new * nheads_k]`: the rows of the storage (`_slot_rows`) of slots `[B, n_new]` in their blocks."""
     heads = torch.arange(nheads_k, device=slots.device) * sh

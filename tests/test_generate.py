@@ -500,6 +500,33 @@ def test_a_decode_step_applies_rope_in_one_pass_with_stocks_bits(family, dtype, 
         assert not one_pass and len(calls) == 2 * per_call * len(modules)
 
 
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "int4"])
+def test_a_prefill_writes_where_its_forward_planned(kv_dtype, monkeypatch):
+    """On the PyTorch path a prefill's host work finds once where its new tokens go (`torchpath.WritePlan`) and each
+    layer writes there (`ops.write_planned`): the same tokens and the same bytes in every buffer as each layer's own
+    checked write (`ops.write_kvcache`), with left padding and rows that share their prompt's blocks."""
+    from hf_kvplug import ops
+
+    model = hf_kvplug.patch(tiny_model("llama"))
+    planned = []
+    real = ops.write_planned
+    monkeypatch.setattr(ops, "write_planned", lambda *a: planned.append(1) or real(*a))
+    ids, mask = _left_padded()
+    runs = []
+    for plan in (True, False):
+        cache = hf_kvplug.PlugCache(model, max_batch_size=6, max_cache_len=32, block_size=4, kv_dtype=kv_dtype)
+        if not plan:
+            cache.plan_layers = []  # no plans: every layer checks and writes on its own
+        planned.clear()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2, do_sample=False,
+                                 **kv(cache))
+        assert len(planned) == (len(cache.attn_layers) if plan else 0)
+        runs.append((out, [buf.clone() for layer in cache.attn_layers for buf in layer.kv if buf.numel()]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
 def test_a_cpu_cache_keeps_its_layers_in_one_slab(monkeypatch):
     """On the PyTorch path a fresh cache stores every layer's K and V in one slab, whose views its forward's host
     work takes once for a decode step (`ops.attend_step` for each layer); a fork shares the slab, a copy and a cache
