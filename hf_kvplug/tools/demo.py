@@ -7,8 +7,8 @@ the first token that differs from stock marked. `--model PATH` loads a local che
 it. A model whose tokenizer has a chat template gets chat prompts through it (CHAT_PROMPTS, or `--prompt`), one
 after the other. `--model random` (or `--family`) builds a tiny random Llama / Qwen2 / Qwen3 in code from a seeded
 config (no tokenizer: the prompt becomes byte ids and outputs print as token ids). Timings: each cache's generate()
-runs ROUNDS times, the caches taking turns; each figure is the median of its runs (decode: of each run's median
-step).
+runs ROUNDS times, the caches taking turns (each round in the order opposite to the last's, so that a drift in the
+machine's load favours none); each figure is the median of its runs (decode: of each run's median step).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def generate_once(model, prompt: torch.Tensor, new_tokens: int, cache, name: str
                    decode_ms=median_p20_p80(steps)[0] if steps else None, total_ms=(end - start) * 1e3)
 
 
-ROUNDS = 3  # timed generate() calls per cache, in turns
+ROUNDS = 5  # timed generate() calls per cache, in turns (each round in the other order)
 
 
 def median_run(runs: list[DemoRun]) -> DemoRun:
@@ -238,11 +238,18 @@ def run_prompt(model, tokenizer, prompt: torch.Tensor, n: int, kv_dtype: str, eo
     plugged = [(f"kvplug ({dname})", _plug_factory(model, max_len, None))]
     if kv_dtype != "none":
         plugged.append((f"kvplug ({kv_dtype})", _plug_factory(model, max_len, kv_dtype)))
+    caches = [("stock (DynamicCache)", None)] + plugged
     rounds = []  # the caches take turns, ROUNDS times, so a change in the machine's load falls on all of them alike
-    for _ in range(ROUNDS):
-        rounds.append([generate_once(model, prompt, n, lambda: None, "stock (DynamicCache)", eos)])
-        with patched(model):
-            rounds[-1] += [generate_once(model, prompt, n, factory, name, eos) for name, factory in plugged]
+    for i in range(ROUNDS):
+        runs = [None] * len(caches)
+        for j in (range(len(caches)) if i % 2 == 0 else reversed(range(len(caches)))):  # each round the other way
+            name, factory = caches[j]
+            if factory is None:
+                runs[j] = generate_once(model, prompt, n, lambda: None, name, eos)
+                continue
+            with patched(model):
+                runs[j] = generate_once(model, prompt, n, factory, name, eos)
+        rounds.append(runs)
     runs = [median_run([r[i] for r in rounds]) for i in range(len(rounds[0]))]
     until = "up to {n} greedy new tokens from each (the reply ends at EOS)" if eos else \
         "{n} greedy new tokens from each (EOS ignored)"
@@ -251,7 +258,7 @@ def run_prompt(model, tokenizer, prompt: torch.Tensor, n: int, kv_dtype: str, eo
         first = None if r is runs[0] else first_difference(r, runs[0])
         print(f"\n{r.name}" + ("" if r is runs[0] else f": {compare(r, runs[0]).split(': ', 1)[1]}"))
         print(block(completion(r, tokenizer, first)))
-    print(f"\ntimings, the median of {ROUNDS} runs each, the caches taking turns:")
+    print(f"\ntimings, the median of {ROUNDS} runs each, the caches taking turns in alternating order:")
     for r in runs:
         print(timing(r))
     print()
