@@ -57,7 +57,8 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 def build_models(tiny: bool, device, seed: int):
-    """(stock, plugged): two instances of one random Llama, the second patched."""
+    """(stock, plugged): two instances of one random Llama sharing their weights (the same tensors, so that a step of
+    either finds them as warm in the CPU's caches as a step of the other left them), the second patched."""
     import hf_kvplug
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -71,7 +72,7 @@ def build_models(tiny: bool, device, seed: int):
     torch.manual_seed(seed)
     stock = LlamaForCausalLM(config).to(device).eval()
     plugged = LlamaForCausalLM(config).to(device).eval()
-    plugged.load_state_dict(stock.state_dict())
+    plugged.load_state_dict(stock.state_dict(), assign=True)
     return stock, hf_kvplug.patch(plugged)
 
 
@@ -249,6 +250,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--providers", default=None, help="comma list (default: all that build here)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dequant-slots", default=None, metavar="INT8,INT4",
+                   help="for tuning: torchpath.DEQUANT_SLOTS for this run (default: the shipped values)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/cpu-<date>[-tiny])")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -259,7 +262,12 @@ def main(argv=None) -> int:
     providers = (args.providers.split(",") if args.providers else
                  ["dynamic", "static", "static_2x", *(f"quantized-{b}" for b in backends), "plug", "plug_int8",
                   "plug_int4"])
+    from hf_kvplug import torchpath
+
+    if args.dequant_slots:
+        torchpath.DEQUANT_SLOTS.update(zip(("int8", "int4"), map(int, args.dequant_slots.split(","))))
     env = environment()
+    env["dequant_slots"] = dict(torchpath.DEQUANT_SLOTS)
     print(f"# {'tiny (host-bound)' if args.tiny else 'default'} model on {device}: " + ", ".join(
         f"{k} {v}" for k, v in env.items()))
     if missing:
