@@ -701,6 +701,9 @@ def int4v_candidates(head_dim: int) -> list[Scheme]:
     def t(side: Side) -> Side:
         return tail(side)
 
+    def s4(side: Side) -> Side:  # the first 4 tokens of each row exact, their fp16 bytes counted per row
+        return replace(sunk(side, 4), bytes_row=side.bytes_row + 4 * 2.0 * BYTES_HEAD_DIM)
+
     v4 = t(asym(h))
     search = Side("token", lambda x: asymq_search(x, h), f"asym INT4 per token, halves ({h} each), range by an MSE "
                   "search over 6 shrink factors (encoder only)", BYTES_HEAD_DIM / 2 + 8)
@@ -747,6 +750,13 @@ def int4v_candidates(head_dim: int) -> list[Scheme]:
                t(outlier_k(hd, 4, "search", fixed=True, groups=1)), t(rot(search1)), "mixed"),
         Scheme("K 3 RoPE pairs INT8 fixed + Q INT4 search halves, Hs V search one group + tail",
                t(outlier_k(hd, 3, "search", fixed=True)), t(rot(search1)), "mixed"),
+        # (3c) 2026-12-07: the shipped scheme and the best variants under 0.30x at 4k, each row's first 4 tokens
+        # (attention sinks) exact too, counted as fp16 per row
+        Scheme("Hs K, V asym halves + exact tail (K, V) + 4 sinks", s4(t(rot(asym(h)))), s4(v4), "mixed"),
+        Scheme("K 3 RoPE pairs INT8 fixed + Q INT4 search one group, Hs V search one group + tail + 4 sinks",
+               s4(t(outlier_k(hd, 3, "search", fixed=True, groups=1))), s4(t(rot(search1))), "mixed"),
+        Scheme("K 4 RoPE pairs INT8 fixed + Q INT4 search one group, Hs V search one group + tail + 4 sinks",
+               s4(t(outlier_k(hd, 4, "search", fixed=True, groups=1))), s4(t(rot(search1))), "mixed"),
         # (4) ceiling: 2-D VQ
         Scheme("K Hs VQ2 halves + tail", t(vq2_k(hd, h)), v4, "vq"),
     ]
