@@ -14,6 +14,7 @@ machine's load favours none); each figure is the median of its runs (decode: of 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -241,15 +242,12 @@ def run_prompt(model, tokenizer, prompt: torch.Tensor, n: int, kv_dtype: str, eo
     caches = [("stock (DynamicCache)", None)] + plugged
     rounds = []  # the caches take turns, ROUNDS times, so a change in the machine's load falls on all of them alike
     for i in range(ROUNDS):
-        runs = [None] * len(caches)
+        turn = [None] * len(caches)
         for j in (range(len(caches)) if i % 2 == 0 else reversed(range(len(caches)))):  # each round the other way
             name, factory = caches[j]
-            if factory is None:
-                runs[j] = generate_once(model, prompt, n, lambda: None, name, eos)
-                continue
-            with patched(model):
-                runs[j] = generate_once(model, prompt, n, factory, name, eos)
-        rounds.append(runs)
+            with patched(model) if factory else contextlib.nullcontext():
+                turn[j] = generate_once(model, prompt, n, factory or (lambda: None), name, eos)
+        rounds.append(turn)
     runs = [median_run([r[i] for r in rounds]) for i in range(len(rounds[0]))]
     until = "up to {n} greedy new tokens from each (the reply ends at EOS)" if eos else \
         "{n} greedy new tokens from each (EOS ignored)"
