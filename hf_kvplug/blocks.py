@@ -140,33 +140,50 @@ class BlockTable:
 
     def blocks_needed(self, rows: list[int], start: int, end: int, reserve: int, block_size: int) -> int:
         """Fresh blocks `prepare_write` with the same arguments would take (mapped + copied), changing nothing."""
-        return self._needed(rows, self.blocks_for(max(end, reserve), block_size),
-                            self.positions_written(start, end, block_size))
+        return self._need(rows, self.blocks_for(max(end, reserve), block_size),
+                          self.positions_written(start, end, block_size))[0]
 
-    def _needed(self, rows: list[int], cover: int, written: list[int]) -> int:
-        """`blocks_needed` for rows that must cover `cover` blocks and write into positions `written`."""
+    def _need(self, rows: list[int], cover: int, written: list[int]) -> tuple[int, set[int]]:
+        """(fresh blocks, blocks the prefix index gives up) for rows that must cover `cover` blocks and write into
+        positions `written`. Where the pool has too few, a block the index shares with a row that writes into it
+        leaves the index (its entry is given up) rather than be copied: what the index keeps never makes a request
+        that fits the cache fail."""
+        needed = self._needed(rows, cover, written)
+        index = self.pool.index
+        if needed <= self.pool.available() or index is None:
+            return needed, set()
+        drop = {self.rows[b][i] for b in rows for i in written if i < len(self.rows[b])} & index.blocks()
+        return (self._needed(rows, cover, written, drop), drop) if drop else (needed, drop)
+
+    def _needed(self, rows: list[int], cover: int, written: list[int], unindexed: set[int] = frozenset()) -> int:
+        """`_need`'s count, the index's reference to the blocks `unindexed` not counted."""
         writers: dict[int, int] = {}  # shared block -> rows of this write that will write into it
         new = 0
         for b in rows:
             row = self.rows[b]
             new += max(0, cover - len(row))
             for i in written:
-                if i < len(row) and self.pool.refs[row[i]] > 1:
+                if i < len(row) and self.pool.refs[row[i]] - (row[i] in unindexed) > 1:
                     writers[row[i]] = writers.get(row[i], 0) + 1
         # A block every holder of which writes into it: the last writer keeps it, the others copy it.
-        return new + (sum(n if self.pool.refs[blk] > n else n - 1 for blk, n in writers.items()) if writers else 0)
+        return new + (sum(n if self.pool.refs[blk] - (blk in unindexed) > n else n - 1 for blk, n in writers.items())
+                      if writers else 0)
 
     def prepare_write(self, rows: list[int], start: int, end: int, reserve: int,
                       block_size: int) -> list[tuple[int, int]]:
         """Make slots [start, end) of `rows` writable: map missing blocks (so each row covers max(end, reserve)
-        slots) and give each row a private copy of every shared block it will write into. Returns the (src, dst)
-        block pairs whose data the caller must copy. All or nothing: raises PoolExhausted before changing anything."""
+        slots) and give each row a private copy of every shared block it will write into (a block shared with the
+        prefix index only leaves the index instead, when the pool has no room for the copy: `_need`). Returns the
+        (src, dst) block pairs whose data the caller must copy. All or nothing: raises PoolExhausted before changing
+        anything."""
         cover = self.blocks_for(max(end, reserve), block_size)
         written = self.positions_written(start, end, block_size)
-        needed = self._needed(rows, cover, written)
-        if needed == 0:
+        needed, drop = self._need(rows, cover, written)
+        if needed == 0 and not drop:
             return []
         self.pool.make_room(needed)  # all or nothing: raises before any change, naming the pool
+        if drop:
+            self.pool.index.forget(drop)
         # Each block goes where it keeps the row's blocks consecutive if that one is free: after the row's previous
         # block, or at the row's home (row b of a pool with room for every row: blocks [b * width, (b + 1) * width)).
         copies, taken = [], 0
@@ -402,6 +419,16 @@ class PrefixIndex:
 
     def idle(self) -> int:
         return sum(self.pool.refs[block] == 1 for _, block in self.entries.values())
+
+    def blocks(self) -> set[int]:
+        return {block for _, block in self.entries.values()}
+
+    def forget(self, blocks: set[int]) -> None:
+        """Give up the entries of `blocks` (their references; entries below them can no longer match, and go when
+        the pool needs room, as idle ones do)."""
+        for key in [k for k, (_, block) in self.entries.items() if block in blocks]:
+            _, block = self.entries.pop(key)
+            self.pool.decref([block])
 
     def evict(self, n: int) -> None:
         """Give up to `n` idle blocks back to the pool, least recently used first."""

@@ -282,10 +282,12 @@ def _checked_generate(generate):
         call = validate_generate(self, cache, args, kwargs, read)
         assisted = bool(kwargs.get("prompt_lookup_num_tokens")) or kwargs.get("assistant_model") is not None
         indexing = cache.config.prefix_caching and call.ids is not None
-        # (assisted decoding feeds its whole first candidate sequence whatever the cache holds: no prefix there)
+        # No prefix reused where the prompt must run whole: assisted decoding feeds its whole first candidate sequence
+        # whatever the cache holds, and a call that returns the prompt's attentions or hidden states gets them for
+        # every prompt token, as stock's (the index still takes its blocks when it ends).
+        reuse = indexing and call.empty and not assisted and not _returns_prompt_states(read[1])
         cache.generate_begins(call.reserve, call.share, prefix.fingerprint(self, cache.config) if indexing else None,
-                              (call.ids, call.mask) if indexing and call.empty and not assisted else None,
-                              filled=call.filled)
+                              (call.ids, call.mask) if reuse else None, filled=call.filled)
         failed, out = True, None
         try:
             with compat.eager_only(cache, call.eager or (assisted and compat.ASSISTED_REFUSES_COMPILEABLE)):
@@ -309,6 +311,12 @@ def _generation_call(model, args, kwargs):
     extra = {k: v for k, v in kwargs.items() if k not in _GENERATE_PARAMS}
     config, model_kwargs = model._prepare_generation_config(call.get("generation_config"), **extra)
     return call, config, model_kwargs
+
+
+def _returns_prompt_states(config) -> bool:
+    """Whether generate() under the merged `config` returns the prefill's attentions or hidden states (one per prompt
+    token)."""
+    return bool(config.return_dict_in_generate and (config.output_attentions or config.output_hidden_states))
 
 
 def _uses_cache(read) -> bool:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from hf_kvplug.blocks import BlockPool, BlockTable, PoolExhausted
+from hf_kvplug.blocks import BlockPool, BlockTable, PoolExhausted, PrefixIndex
 
 BS = 4
 
@@ -70,6 +70,31 @@ def test_exhaustion_changes_nothing():
     with pytest.raises(PoolExhausted, match="2 free blocks of 5 and 3 more"):
         table.prepare_write([1], 0, 12, 12, BS)
     assert ([list(r) for r in table.rows], list(pool.refs), list(pool.free)) == before
+
+
+def test_a_full_pool_writes_into_a_block_the_index_shares():
+    """Rows filled the pool, and the prefix index holds their first blocks; a crop sends each row back into that
+    block: with no block free for the copies, the index gives up its entries of those blocks (not the others) and
+    the rows write in place. With a free block, the index keeps them and the row copies."""
+    pool = BlockPool(4)
+    pool.index = PrefixIndex(pool)
+    table = BlockTable(pool, 2, 2)
+    table.prepare_write([0, 1], 0, 8, 8, BS)  # two rows of two full blocks: no block free
+    first = [table.rows[0][0], table.rows[1][0]]
+    pool.index.insert([("a",)], [first[0]])
+    pool.index.insert([("b",)], [first[1]])
+    pool.index.insert([("a",), ("a2",)], [first[0], table.rows[0][1]])
+    assert pool.nfree == 0 and pool.available() == 0
+    assert table.blocks_needed([0, 1], 2, 3, 3, BS) == 0  # (the index's share of those blocks is given up)
+    assert table.prepare_write([0, 1], 2, 3, 3, BS) == []  # slot 2 of each row: the shared first block
+    assert [table.rows[0][0], table.rows[1][0]] == first and pool.index.blocks() == {table.rows[0][1]}
+    want = [1] * 4
+    want[table.rows[0][1]] = 2
+    assert pool.refs == want
+    table.release([1])  # now a block is free: the index keeps what it holds and the row copies
+    pool.index.insert([("c",)], [first[0]])
+    copies = table.prepare_write([0], 1, 2, 2, BS)
+    assert copies == [(first[0], table.rows[0][0])] and first[0] in pool.index.blocks()
 
 
 def test_select_moves_references():

@@ -99,6 +99,49 @@ def test_every_mode_gives_stock_tokens(mode):
     assert cache.stats()["prefix_hit_tokens"] > 0
 
 
+@pytest.mark.parametrize("asked", ["output_attentions", "output_hidden_states"])
+def test_a_call_returning_the_prompts_states_runs_the_prompt_whole(asked):
+    """A call that returns the prefill's attentions or hidden states gets them for every prompt token, as stock's
+    (found by `tests/fuzz.py`: with blocks reused, the prefill covered only the rest); its blocks are indexed all the
+    same, and the next call without them reuses the prefix."""
+    stock = tiny_model("llama", attn="eager")
+    plugged = hf_kvplug.patch(tiny_model("llama", attn="eager"))
+    cache = hf_kvplug.PlugCache(plugged, max_batch_size=2, max_cache_len=64, block_size=BS, prefix_caching=True)
+    ids = _ids(21, 4)
+    kw = {"max_new_tokens": 5, "do_sample": False, "return_dict_in_generate": True, asked: True}
+    plugged.generate(ids, **kv(cache), **kw)
+    cache.reset()
+    out, ref = plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw)
+    assert cache.stats()["prefix_hit_tokens"] == 0 and torch.equal(out.sequences, ref.sequences)
+    field = asked.removeprefix("output_")
+    for a, b in zip(getattr(ref, field), getattr(out, field)):  # per step, per layer
+        for x, y in zip(a, b):
+            assert x.shape == y.shape and torch.allclose(x, y, atol=1e-5)
+    cache.reset()
+    assert torch.equal(plugged.generate(ids, **kv(cache), max_new_tokens=5, do_sample=False), ref.sequences)
+    assert cache.stats()["prefix_hit_tokens"] == 16
+
+
+def test_a_crop_back_into_indexed_blocks_fits_a_cache_sized_for_the_request():
+    """A cache sized exactly for its rows, filled, its blocks indexed; then crop back into the first block and go on
+    (found by `tests/fuzz.py`: the copies of the indexed blocks found no room). The rows write in place, the index
+    giving those entries up, and the tokens are stock's."""
+    stock = tiny_model("llama")
+    plugged = hf_kvplug.patch(tiny_model("llama"))
+    cache = hf_kvplug.PlugCache(plugged, max_batch_size=2, max_cache_len=24, block_size=16, prefix_caching=True)
+    stock_cache = DynamicCache(config=stock.config)
+    ids = _ids(8, 5, batch=2)
+    kw = dict(max_new_tokens=9, do_sample=False)
+    out = plugged.generate(ids, **kv(cache), **kw)
+    assert torch.equal(out, stock.generate(ids, **kv(stock_cache), **kw))
+    assert cache.stats()["prefix_cached_blocks"] == 2 and cache.stats()["blocks_in_use"] == 4
+    cache.crop(-13)
+    stock_cache.crop(-13)
+    more = torch.cat([out[:, :3], _ids(1, 6, batch=2)], 1)
+    kw = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(plugged.generate(more, **kv(cache), **kw), stock.generate(more, **kv(stock_cache), **kw))
+
+
 def test_left_padded_batches_reuse_what_every_row_shares():
     """Rows with the same padding and tokens match; generate skips the same count for every row, so a batch reuses
     the blocks all its rows find."""
