@@ -22,22 +22,28 @@ def plug_attention_forward(self, *args, **kwargs):
     return _plugged_forward(self, cache, *args[:3], **kwargs)
 
 
-def _wants_weights(module, kwargs, rows) -> bool:
-    """Stock returns attention weights only from eager attention, and only when asked. Found once per forward, by
-    its first attention layer (`ForwardState.weights`): every layer sees the same config and keyword arguments, and
-    reading the config costs microseconds a layer."""
+def _attends_eagerly(module, kwargs, rows) -> bool:
+    """Whether this step runs the model's own eager attention over the layer's gathered K/V, as stock runs it: in
+    every step on eager code of a model loaded with `attn_implementation="eager"`, for its arithmetic (in half
+    precision it rounds the scores and the probabilities to the model dtype, where the fused step keeps fp32, and the
+    tokens would part) and its weights (`output_attentions`). Inside a compiled graph only when the weights are asked
+    for (the fused step keeps the graph's shapes fixed). Found once per forward, by its first attention layer
+    (`ForwardState.eager`): every layer sees the same config and keyword arguments, and reading the config costs
+    microseconds a layer."""
     compiling = torch.compiler.is_compiling()
-    if rows.weights is not None and not compiling:
-        return rows.weights
+    if rows.eager is not None and not compiling:
+        return rows.eager
     config = module.config
     if config._attn_implementation != "eager":
-        wanted = False
+        eager = False
+    elif not compiling:
+        eager = True
     else:
         asked = kwargs.get("output_attentions")
-        wanted = bool(getattr(config, "output_attentions", False) if asked is None else asked)
+        eager = bool(getattr(config, "output_attentions", False) if asked is None else asked)
     if not compiling:
-        rows.weights_decided(wanted)
-    return wanted
+        rows.eager_decided(eager)
+    return eager
 
 
 def _plugged_forward(self, cache, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
@@ -85,7 +91,7 @@ def _plugged_forward(self, cache, hidden_states, position_embeddings=None, atten
         out, weights = attend(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
                               dropout=0.0, scaling=self.scaling, **kwargs)
         layer.write(k, v, rows.leaders)
-    elif _wants_weights(self, kwargs, rows):  # output_attentions: the model's eager attention over the gathered K/V
+    elif _attends_eagerly(self, kwargs, rows):  # the model's eager attention over the gathered K/V, as stock's
         out, weights = layer.attend_dense(self, q.transpose(1, 2), k, v, modeling.eager_attention_forward,
                                           rows.length, rows.holes)
     else:

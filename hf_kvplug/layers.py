@@ -351,11 +351,11 @@ class PlugLayer(CacheLayerMixin):
         return self._attend(q, k, v, softmax_scale, self.cache_seqlens, valid)
 
     def attend_dense(self, module, q, k, v, attention_fn, total: int, holes: bool):
-        """The slow path for `output_attentions=True`: write the new K/V, gather this layer's K/V and run the
-        model's own (eager) attention over it with a mask built from the cache's bounds, as a stock cache would
-        (a sliding-window layer over its last `window - 1` cached tokens and the new ones, as transformers' sliding
-        layers give it). q `[B, nheads, L, D]`, k `[B, L, nheads_k, D]`, v likewise; `total`: tokens each row holds
-        after this forward. Returns `(out [B, L, nheads, D], weights)`."""
+        """The step of a model with eager attention (and its `output_attentions`): write the new K/V, gather this
+        layer's K/V and run the model's own eager attention over it with a mask built from the cache's bounds, as a
+        stock cache would (a sliding-window layer over its last `window - 1` cached tokens and the new ones, as
+        transformers' sliding layers give it). q `[B, nheads, L, D]`, k `[B, L, nheads_k, D]`, v likewise; `total`:
+        tokens each row holds after this forward. Returns `(out [B, L, nheads, D], weights)`."""
         batch, q_len = k.shape[:2]
         q, k = self.dev.rotate(q), self.dev.rotate(k)  # the weights are unchanged: (q R) . (k R) / g = q . k
         before = total - q_len

@@ -24,8 +24,8 @@ class ForwardState:
     top: the most tokens the rows held since the last reset (a sliding-window ring holds [top - ring, length)).
     leaders: rows of a prefill whose K/V are stored for their whole group (generate()'s expanded rows), or None.
     pending: tokens the open forward adds. phase, shape: where the forward is, and (batch, q_len) it was prepared for.
-    weights: whether the open forward's attention returns its weights (output_attentions), as its first attention
-    layer found (the same config and keyword arguments reach every layer); None until then.
+    eager: whether the open forward's layers attend with the model's eager attention, as its first attention layer
+    found (the same config reaches every layer); None until then.
     `sync` reads the device's lengths when the host lost count (set by the cache that owns this state).
     """
 
@@ -38,7 +38,7 @@ class ForwardState:
         self.leaders: list[int] | None = None
         self.pending = 0
         self.phase, self.shape = IDLE, None
-        self.weights: bool | None = None
+        self.eager: bool | None = None
 
     @property
     def open(self) -> bool:
@@ -63,7 +63,7 @@ class ForwardState:
         self.top = max(self.top, self.length)
         self.leaders, self.pending = leaders, q_len
         self.phase, self.shape = PREPARED, (batch, q_len)
-        self.weights = None
+        self.eager = None
 
     @property
     def prepared(self) -> bool:
@@ -82,9 +82,9 @@ class ForwardState:
         if self.phase == PREPARED:
             self.phase = RUNNING
 
-    def weights_decided(self, wanted: bool) -> None:
-        """The open forward's first attention layer found whether the forward returns attention weights."""
-        self.weights = wanted
+    def eager_decided(self, eager: bool) -> None:
+        """The open forward's first attention layer found whether the model attends with its eager attention."""
+        self.eager = eager
 
     def layer_done(self, last: bool) -> None:
         """An attention layer ran; the last one ends the forward. (An attribute store: torch.compile replays it after
@@ -95,7 +95,7 @@ class ForwardState:
     def traced(self, batch: int) -> None:
         """A forward compiled as a whole runs with no eager code before it: only the device will know the count."""
         self.batch, self.length, self.leaders = batch, None, None
-        self.phase, self.weights = TRACED, None
+        self.phase, self.eager = TRACED, None
 
     def mask_recorded(self, holes: bool) -> None:
         """The forward's attention mask was recorded on the devices; `holes`: it has a 0 after a 1 somewhere."""
