@@ -1,0 +1,54 @@
+"""Random generate() calls, stock against plugged (`tests/fuzz.py`): a fixed range of its cases in every run of the
+suite. Longer runs, and one case again: `python tests/fuzz.py --help`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fuzz
+
+CASES = 120  # seeds 0..119: every family, generate mode and follow-up the draw knows, about 20 s
+CHUNK = 20
+
+
+@pytest.mark.parametrize("first", range(0, CASES, CHUNK))
+def test_random_generate_calls_give_stock_results(first):
+    torch.set_num_threads(1)
+    failed = {}
+    for seed in range(first, first + CHUNK):
+        diff = fuzz.run(fuzz.draw(seed))
+        if diff:
+            failed[seed] = diff
+    assert not failed, "\n".join(f"seed {s} ({fuzz.draw(s)}): {d}" for s, d in failed.items())
+
+
+def test_the_draw_covers_what_it_claims():
+    """The suite's seeds reach every family, mode and follow-up, prefix caching, eager attention, padding, output
+    fields and embeddings (so the fixed range does not silently narrow when the draw changes)."""
+    cases = [fuzz.draw(seed) for seed in range(CASES)]
+    assert {c["family"] for c in cases} == set(fuzz.FAMILIES)
+    assert {c["mode"] for c in cases} == set(fuzz.MODES)
+    assert {c["then"] for c in cases} == set(fuzz.FOLLOW_UPS)
+    assert any(c["cache"]["prefix_caching"] and c["then"] == "again" for c in cases)
+    assert any(c["attn"] == "eager" and c["gen"].get("output_attentions") for c in cases)
+    assert any(any(c["pads"]) for c in cases) and any(c["embeds"] for c in cases)
+    assert any(c["gen"].get("output_hidden_states") for c in cases)
+    assert any(c["cache"]["slack"] == 0 and c["cache"]["max_batch_size"] == c["batch"] * max(
+        c["gen"].get("num_beams", 1), c["gen"].get("num_return_sequences", 1)) for c in cases)
+
+
+def test_a_difference_is_reported(monkeypatch):
+    """The harness can fail: a plugged model that returns other tokens is caught."""
+    case = next(c for c in map(fuzz.draw, range(CASES)) if c["mode"] == "greedy")
+    original = fuzz._generate
+
+    def off_by_one(model, *args, **kwargs):
+        out, err = original(model, *args, **kwargs)
+        if hasattr(model, "_kvplug_patched") or any(hasattr(m, "_kvplug_original_forward") for m in model.modules()):
+            seq = out.sequences if hasattr(out, "sequences") else out
+            seq[:, -1] = (seq[:, -1] + 1) % fuzz.VOCAB
+        return out, err
+
+    monkeypatch.setattr(fuzz, "_generate", off_by_one)
+    assert "sequences differ" in fuzz.run(case)
