@@ -1,16 +1,22 @@
 """Differential fuzzing of generate(): random calls, stock against plugged, the same tokens required.
 
-Each case draws a tiny model (`models.tiny_model`: a family, fp32 / bf16 / fp16, sdpa or eager attention), a batch
-of prompts (random lengths, left padding, token ids or embeddings), a generate mode (greedy, sampling with a seed,
-beam search, beam sampling, prompt lookup, an assistant model) with random logits processors and stopping
-(repetition penalty, n-gram blocking, bad words, minimum length, an eos token, top-k / top-p / temperature), what
-generate() returns (scores, logits, attentions, hidden states; a dict or a tensor) and a PlugCache (block size,
-prefix caching, max_batch_size and max_cache_len from exactly what the call needs to more). Some cases go on with a
-second call (`FOLLOW_UPS`): from the first call's output in the same caches, in forks, in a cache saved and loaded
-back, or after a crop; or a reset cache given a new request or the same prompt again. Stock runs with a
-DynamicCache (its own, or the one passed along the calls). A case passes when the plugged call returns stock's
-sequences and its other outputs within the model dtype's rounding (where stock raises there is nothing to compare:
-counted, not failed); it fails on any other difference, and prints its seed and draw so that it can be rerun alone.
+Each case draws:
+- a tiny model (`models.tiny_model`): a family, fp32 / bf16 / fp16, sdpa or eager attention;
+- a batch of prompts: random lengths, left padding, token ids or embeddings;
+- a generate mode (greedy, sampling with a seed, beam search, beam sampling, prompt lookup, an assistant model), or a
+  decode loop of one's own with the prompt in chunks;
+- logits processors and stopping: repetition penalty, n-gram blocking, bad words, minimum length, an eos token,
+  top-k / top-p / temperature;
+- what generate() returns: scores, logits, attentions, hidden states; a dict or a tensor;
+- a PlugCache: block size, prefix caching, max_batch_size and max_cache_len from exactly what the call needs to more,
+  K/V in the model dtype or INT8 / INT4 (those run against a PlugCache on the reference backend, the oracle, instead
+  of stock);
+- a follow-up (`FOLLOW_UPS`): a second call from the first one's output in the same caches, in forks, in a cache
+  saved and loaded back, or after a crop; or a reset cache given a new request, or the same prompt again.
+Stock runs with a DynamicCache (its own, or the one passed along the calls). A case passes when the plugged call
+returns stock's sequences and its other outputs within the model dtype's rounding (where stock raises there is
+nothing to compare: counted, not failed); it fails on any other difference, and prints its seed and draw so that it
+can be rerun alone.
 
     python tests/fuzz.py --cases 200                 # from seed 0; --seed S to start elsewhere
     python tests/fuzz.py --minutes 20 --seed 1000    # as many cases as fit
@@ -45,6 +51,9 @@ VOCAB = 128
 FAMILIES = {"llama": 3, "qwen2": 2, "qwen3": 2, "qwen3_sliding": 2, "mistral": 1, "mixtral_sliding": 1,
             "qwen2_moe_sliding": 1, "qwen3_moe": 1}
 DTYPES = {"float32": 4, "bfloat16": 1, "float16": 1}
+# the plugged cache's K/V: the model dtype (against stock), or INT8 / INT4 against the reference backend's PlugCache
+KV_DTYPES = {"": 6, "int8": 1, "int4": 1}
+# (and "loop", drawn apart: the model called step by step, the prompt in chunks, as a decode loop of one's own does)
 MODES = {"greedy": 3, "sample": 3, "beam": 3, "beam_sample": 1, "prompt_lookup": 1, "assisted": 1}
 # what a case does after its first call (with the weights it is drawn with): nothing; go on from its output in the
 # same caches, in a fork of each (then in the originals too), in a PlugCache saved and loaded back, or after cropping
@@ -120,6 +129,13 @@ def draw(seed: int) -> dict:
     case["then"] = then
     case["next"] = dict(extra=r.randint(1, 6), max_new_tokens=r.randint(1, 10), seed=r.randint(0, 10**6),
                         keep=r.random())
+    case["kv_dtype"] = pick(KV_DTYPES) or None
+    if r.random() < 0.12 and not single:  # a decode loop of the caller's own instead of generate()
+        case.update(mode="loop", then="none", embeds=False, gen={},
+                    loop=dict(chunk=r.randint(1, length), position_ids=r.random() < 0.5))
+        case["cache"]["max_batch_size"] = batch + r.choice([0, 1])
+    if case["kv_dtype"]:  # fp32: in half precision the fast path and the reference part by a rounding, and at ties
+        case["dtype"] = "float32"
     return case
 
 
@@ -186,6 +202,43 @@ def _generate(model, ids, mask, cache, gen: dict, max_new: int, seed: int, assis
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+def _loop(model, cache, ids, mask, chunk: int, steps: int, position_ids: bool):
+    """A decode loop of one's own: the prompt in chunks of `chunk` tokens, then `steps` greedy steps of one token,
+    each call given the 2D mask so far (and `position_ids` from it if asked). Returns the last logits of each call
+    after the prompt, `[batch, vocab]` each, or the exception's type and message."""
+    out, length = [], ids.shape[1]
+    call = cache_kwargs(cache)
+    try:
+        with torch.no_grad():
+            for start in range(0, length, chunk):
+                end = min(length, start + chunk)
+                kw = dict(attention_mask=mask[:, :end], **call)
+                if position_ids:
+                    kw["position_ids"] = (mask[:, :end].cumsum(-1) - 1).clamp(min=0)[:, start:end]
+                logits = model(ids[:, start:end], **kw).logits[:, -1]
+            out.append(logits)
+            for _ in range(steps):
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                kw = dict(attention_mask=mask, **call)
+                if position_ids:
+                    kw["position_ids"] = mask.cumsum(-1)[:, -1:] - 1
+                logits = model(logits.argmax(-1, keepdim=True), **kw).logits[:, -1]
+                out.append(logits)
+    except Exception as e:  # noqa: BLE001 - compared with what stock raised
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return out
+
+
+def _compare_loop(ref, out, dtype: torch.dtype) -> str | None:
+    for i, (x, y) in enumerate(zip(ref, out)):
+        if not torch.equal(x.argmax(-1), y.argmax(-1)):
+            return f"loop: step {i} picks {y.argmax(-1).tolist()} where stock picks {x.argmax(-1).tolist()}"
+        bound = ROUNDING * torch.finfo(dtype).eps * x.float().abs().clamp(min=1)
+        if ((x.float() - y.float()).abs() > bound).any():
+            return f"loop: step {i}: logits differ by {(x.float() - y.float()).abs().max().item():.3g}"
+    return None
+
+
 REFUSED = {"count": 0}  # calls stock refused (raised) in this process: nothing to compare with
 
 
@@ -200,10 +253,11 @@ def _refused(ref_err: str | None, out_err: str | None, what: str) -> str | None:
 
 
 def run(case: dict) -> str | None:
-    """Run one case; None if plugged matched stock, else the difference."""
+    """Run one case; None if plugged matched stock (or, for an INT8 / INT4 cache, the reference backend), else the
+    difference."""
     from transformers import DynamicCache
 
-    family, attn, dtype = case["family"], case["attn"], getattr(torch, case["dtype"])
+    family, attn, dtype, kv_dtype = case["family"], case["attn"], getattr(torch, case["dtype"]), case["kv_dtype"]
     stock = tiny_model(family, dtype, attn=attn)
     plugged = hf_kvplug.patch(tiny_model(family, dtype, attn=attn))
     assistant = tiny_model(family, dtype, seed=1, attn=attn) if case["mode"] == "assisted" else None
@@ -215,9 +269,26 @@ def run(case: dict) -> str | None:
     if case["then"] == "fork":  # a fork shares its pool: room for both caches' rows (PlugCache's max_tokens)
         extra["max_tokens"] = 2 * c["max_batch_size"] * -(-max_len // c["block_size"]) * c["block_size"]
     cache = hf_kvplug.PlugCache(plugged, max_batch_size=c["max_batch_size"], max_cache_len=max_len,
-                                block_size=c["block_size"], prefix_caching=c["prefix_caching"], **extra)
-    stock_cache = DynamicCache(config=stock.config)
+                                block_size=c["block_size"], prefix_caching=c["prefix_caching"], kv_dtype=kv_dtype,
+                                **extra)
+    if kv_dtype is None:
+        def new_stock_cache():
+            return DynamicCache(config=stock.config)
+    else:  # what the quantized cache must give: the reference backend's (plain PyTorch, the oracle)
+        stock = hf_kvplug.patch(stock)
+
+        def new_stock_cache():  # (with the same prefix caching: a reused prefix is read from its codes)
+            return hf_kvplug.PlugCache(stock, max_batch_size=c["max_batch_size"], max_cache_len=max_len,
+                                       block_size=c["block_size"], prefix_caching=c["prefix_caching"],
+                                       kv_dtype=kv_dtype, backend="reference", **extra)
+    stock_cache = new_stock_cache()
     ids, mask = _prompt(case, case["seed"])
+    if case["mode"] == "loop":
+        loop = (ids, mask, case["loop"]["chunk"], case["max_new_tokens"], case["loop"]["position_ids"])
+        ref, out = _loop(stock, stock_cache, *loop), _loop(plugged, cache, *loop)
+        if isinstance(ref, str) or isinstance(out, str):
+            return _refused(ref if isinstance(ref, str) else None, out if isinstance(out, str) else None, "loop")
+        return _compare_loop(ref, out, dtype)
     first = (case["gen"], case["max_new_tokens"], case["seed"], assistant, case["embeds"])
     ref, ref_err = _generate(stock, ids, mask, stock_cache, *first)
     out, out_err = _generate(plugged, ids, mask, cache, *first)
@@ -256,7 +327,10 @@ def run(case: dict) -> str | None:
                 shutil.rmtree(os.path.dirname(path), ignore_errors=True)
     else:  # a reset cache (stock: a fresh DynamicCache) given a new request, or the same prompt again
         cache.reset()
-        stock_cache = DynamicCache(config=stock.config)
+        if kv_dtype is None:
+            stock_cache = new_stock_cache()
+        else:
+            stock_cache.reset()  # (keeping its prefix index, as the plugged cache keeps its own)
         ids2, mask2 = (ids, mask) if then == "again" else (
             torch.randint(2, VOCAB, (ids.shape[0], nxt["extra"] + 2), generator=g), None)
         mask2 = torch.ones_like(ids2) if mask2 is None else mask2
