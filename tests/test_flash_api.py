@@ -92,6 +92,25 @@ CASES = [
 ]
 
 
+def _random_case(seed: int) -> tuple:
+    """A case drawn at random over every option above (more head dims, lengths, windows and caps), for coverage beyond
+    the hand-picked lines; the same rule holds it."""
+    import random
+
+    r = random.Random(seed)
+    sq = r.choice([1, 1, 1, 2, 3, 5, 8, 17])
+    local = r.choice([False, False, True, (r.randint(0, 10), r.randint(0, 5)), (-1, r.randint(0, 3)),
+                      (r.randint(0, 8), -1)])
+    new_kv = r.random() < 0.6
+    return (sq, r.randint(sq + 2, 96), r.choice([16, 32, 59, 64, 80, 128]),
+            r.choice(["contiguous", "batch_idx", "leftpad", "paged"]), r.choice(["mha", "gqa", "mqa"]),
+            r.random() < 0.5, local, new_kv, r.choice([0.0, 0.0, 0.5, 1.0]) if new_kv else 0.0, r.random() < 0.25,
+            r.choice([0.0, 0.0, 0.0, 5.0, 30.0]))
+
+
+CASES += [_random_case(seed) for seed in range(16)]
+
+
 def _ids(case):
     sq, sk, d, layout, mha, causal, local, new_kv, rot, alibi, cap = case
     window = f"-w{local[0]}.{local[1]}" if isinstance(local, tuple) else ""
@@ -100,7 +119,7 @@ def _ids(case):
             f"{f'-cap{cap:g}' if cap else ''}")
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])  # auto: the PyTorch fast path off CUDA
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
 def test_flash_attn_with_kvcache(case, dtype, backend):
