@@ -35,6 +35,11 @@ LEGACY_CROP = "tokens_to_remove" not in inspect.signature(DynamicLayer.crop).par
 # compileable layer, so the generate wrapper presents a PlugCache as eager-only for assisted calls there.
 ASSISTED_REFUSES_COMPILEABLE = TRANSFORMERS_VERSION < Version("5.5.0")
 
+# 5.21: generate()'s chunked prefill (`prefill_chunk_size`) feeds only what a non-empty cache does not hold. Before,
+# it fed the whole prompt from its first token whatever the cache held, so a prefix reused from the index (which
+# stock's empty cache never holds) would be fed again: the generate wrapper reuses none there.
+CHUNKED_PREFILL_SKIPS_CACHED = TRANSFORMERS_VERSION >= Version("5.21.0")
+
 # 5.13: the maximum cache length is asked with `get_max_length()`; 5.4-5.12 ask `get_max_cache_shape()` (kept,
 # deprecated, afterwards). A PlugCache and its layers answer both names (`answer_max_length_under_both_names`).
 MAX_LENGTH_METHODS = ("get_max_length", "get_max_cache_shape")

@@ -283,9 +283,11 @@ def _checked_generate(generate):
         assisted = bool(kwargs.get("prompt_lookup_num_tokens")) or kwargs.get("assistant_model") is not None
         indexing = cache.config.prefix_caching and call.ids is not None
         # No prefix reused where the prompt must run whole: assisted decoding feeds its whole first candidate sequence
-        # whatever the cache holds, and a call that returns the prompt's attentions or hidden states gets them for
-        # every prompt token, as stock's (the index still takes its blocks when it ends).
-        reuse = indexing and call.empty and not assisted and not _returns_prompt_states(read[1])
+        # whatever the cache holds, so does a chunked prefill before transformers 5.21, and a call that returns the
+        # prompt's attentions or hidden states gets them for every prompt token, as stock's (the index still takes
+        # its blocks when the call ends).
+        chunked = read[1].prefill_chunk_size is not None and not compat.CHUNKED_PREFILL_SKIPS_CACHED
+        reuse = indexing and call.empty and not assisted and not chunked and not _returns_prompt_states(read[1])
         cache.generate_begins(call.reserve, call.share, prefix.fingerprint(self, cache.config) if indexing else None,
                               (call.ids, call.mask) if reuse else None, filled=call.filled)
         failed, out = True, None

@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 import hf_kvplug
+from hf_kvplug import compat
 from hf_kvplug.compat import cache_kwargs as kv
 from models import tiny_model
 
@@ -140,6 +141,20 @@ def test_a_crop_back_into_indexed_blocks_fits_a_cache_sized_for_the_request():
     more = torch.cat([out[:, :3], _ids(1, 6, batch=2)], 1)
     kw = dict(max_new_tokens=6, do_sample=False)
     assert torch.equal(plugged.generate(more, **kv(cache), **kw), stock.generate(more, **kv(stock_cache), **kw))
+
+
+def test_a_chunked_prefill_gives_stock_tokens():
+    """generate(prefill_chunk_size=...) after a request with the same prompt: stock's tokens. Transformers before 5.21
+    chunks the prompt from its first token whatever the cache holds, so a reused prefix would be fed twice (found by
+    `tests/fuzz.py` on 5.4: silently other tokens); nothing is reused there."""
+    stock, plugged, cache = _pair()
+    ids = _ids(21, 8)
+    kw = dict(max_new_tokens=8, do_sample=False, prefill_chunk_size=4)
+    want = stock.generate(ids, **kw)
+    for _ in range(2):
+        cache.reset()
+        assert torch.equal(plugged.generate(ids, **kv(cache), **kw), want)
+    assert cache.stats()["prefix_hit_tokens"] == (16 if compat.CHUNKED_PREFILL_SKIPS_CACHED else 0)
 
 
 def test_left_padded_batches_reuse_what_every_row_shares():
