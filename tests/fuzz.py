@@ -12,8 +12,8 @@ Each case draws:
   K/V in the model dtype or INT8 / INT4 (those run against a PlugCache on the reference backend, the oracle, instead
   of stock);
 - a follow-up (`FOLLOW_UPS`): a second call from the first one's output in the same caches, in forks, in a cache
-  saved and loaded back, or after a crop; or a reset cache given a new request, or the same prompt again, or a new
-  request stopped by an exception raised inside a layer, then run again after a reset.
+  saved and loaded back, or after a crop; or a reset cache given a new request, the same prompt again, one that
+  shares its start, or a new request stopped by an exception raised inside a layer, then run again after a reset.
 Stock runs with a DynamicCache (its own, or the one passed along the calls). A case passes when the plugged call
 returns stock's sequences and its other outputs within the model dtype's rounding (where stock raises there is
 nothing to compare: counted, not failed); it fails on any other difference, and prints its seed and draw so that it
@@ -62,16 +62,18 @@ KV_DTYPES = {"": 6, "int8": 1, "int4": 1}
 MODES = {"greedy": 3, "sample": 3, "beam": 3, "beam_sample": 1, "prompt_lookup": 1, "assisted": 1}
 # what a case does after its first call (with the weights it is drawn with): nothing; go on from its output in the
 # same caches, in a fork of each (then in the originals too), in a PlugCache saved and loaded back, or after cropping
-# both; a reset cache given a new request, or the same prompt again (prefix caching finds it), or a new request
-# stopped by an exception inside a layer, then the cache reset and the request run again
-FOLLOW_UPS = {"none": 5, "continue": 3, "fork": 1, "saved": 1, "crop": 2, "reset": 2, "again": 2, "fault": 1}
+# both; a reset cache given a new request, the same prompt again or one sharing its start (prefix caching finds
+# them), or a new request stopped by an exception inside a layer, then the cache reset and the request run again
+FOLLOW_UPS = {"none": 5, "continue": 3, "fork": 1, "saved": 1, "crop": 2, "reset": 2, "again": 2, "fault": 1,
+              "shared": 2}
 ON_OUTPUT = ("continue", "fork", "saved", "crop")  # (one row per prompt, the output's tokens in the cache)
 # Outputs other than tokens: within this many units of the model dtype's rounding, relative to the largest magnitude
 # of the tensor compared (at least 1): the plugged decode step reads the same K/V in another layout (an fp32 sum in
 # another order), and differences grow with depth. INT8 / INT4 against the reference: a rounding upstream can move a
-# value across a code's boundary, an error of a quantization step in one element (seen: 3e-5 of logits of 0.5).
+# value across a code's boundary, an error of a quantization step in one element (seen: 3e-5 of logits of 0.5 with
+# INT8, 2.6e-3 with INT4).
 ROUNDING = 64
-ROUNDING_CODES = 4096
+ROUNDING_CODES = {"int8": 2**12, "int4": 2**16}
 
 
 def draw(seed: int) -> dict:
@@ -140,6 +142,10 @@ def draw(seed: int) -> dict:
     if then in ON_OUTPUT and (rows != batch or mode not in ("greedy", "sample") or case["embeds"]):
         then = r.choice(["reset", "again", "none"])
     case["then"] = then
+    if then in ON_OUTPUT:  # (transformers 5.4 chunks a prompt from its first token whatever the cache holds)
+        gen.pop("prefill_chunk_size", None)
+    if then in ("again", "shared") and case["family"] not in HYBRID and r.random() < 0.5:
+        case["cache"]["prefix_caching"] = True  # (what those follow-ups exercise most)
     case["next"] = dict(extra=r.randint(1, 6), max_new_tokens=r.randint(1, 10), seed=r.randint(0, 10**6),
                         keep=r.random())
     case["kv_dtype"] = pick(KV_DTYPES) or None
@@ -259,9 +265,9 @@ def _compare_loop(ref, out, dtype: torch.dtype, rounding: int = ROUNDING) -> str
 REFUSED = {"count": 0}  # calls stock refused (raised) in this process: nothing to compare with
 
 
-def _faulty(model, nxt: dict, call) -> None:
+def _faulty(model, nxt: dict, call) -> bool:
     """`call()` with an exception raised in one layer's attention (or linear-attention) module at one of its calls,
-    both drawn (if the call makes fewer, it runs whole)."""
+    both drawn (if the call makes fewer, it runs whole). Returns whether the exception was raised."""
     layers = model.model.layers
     layer = layers[nxt["seed"] % len(layers)]
     module = getattr(layer, "self_attn", None) or getattr(layer, "linear_attn", None) or layer
@@ -277,6 +283,7 @@ def _faulty(model, nxt: dict, call) -> None:
         call()
     finally:
         handle.remove()
+    return calls[0] > at
 
 
 def _refused(ref_err: str | None, out_err: str | None, what: str) -> str | None:
@@ -319,7 +326,7 @@ def run(case: dict) -> str | None:
                                        block_size=c["block_size"], prefix_caching=c["prefix_caching"],
                                        kv_dtype=kv_dtype, backend="reference", **extra)
     stock_cache = new_stock_cache()
-    rounding = ROUNDING if kv_dtype is None else ROUNDING_CODES
+    rounding = ROUNDING if kv_dtype is None else ROUNDING_CODES[kv_dtype]
     ids, mask = _prompt(case, case["seed"])
     if case["mode"] == "loop":
         loop = (ids, mask, case["loop"]["chunk"], case["max_new_tokens"], case["loop"]["position_ids"])
@@ -372,9 +379,14 @@ def run(case: dict) -> str | None:
         ids2, mask2 = (ids, mask) if then == "again" else (
             torch.randint(2, VOCAB, (ids.shape[0], nxt["extra"] + 2), generator=g), None)
         mask2 = torch.ones_like(ids2) if mask2 is None else mask2
+        if then == "shared":  # the prompt's first tokens (a system prompt, say), then others
+            keep = 1 + int(nxt["keep"] * (ids.shape[1] - 1))
+            ids2, mask2 = torch.cat([ids[:, :keep], ids2], 1), torch.cat([mask[:, :keep], mask2], 1)
     second = (case["gen"], nxt["max_new_tokens"], nxt["seed"], assistant, case["embeds"] and then not in ON_OUTPUT)
     if then == "fault":  # the request stopped by an exception inside one attention layer; reset, then run again
-        _faulty(plugged, nxt, lambda: _generate(plugged, ids2, mask2, cache, *second))
+        if not _faulty(plugged, nxt, lambda: _generate(plugged, ids2, mask2, cache, *second)) and kv_dtype:
+            _generate(stock, ids2, mask2, stock_cache, *second)  # it ran whole: so does the reference (prefix index)
+            stock_cache.reset()
         cache.reset()
     ref2, ref_err = _generate(stock, ids2, mask2, stock_cache, *second)
     out2, out_err = _generate(plugged, ids2, mask2, cache, *second)
