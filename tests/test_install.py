@@ -1,5 +1,8 @@
 """The install as a user meets it: the repository root never shadows HuggingFace's `kernels` package (which
-transformers >= 5.25 imports), from the root or anywhere else, and `hf_kvplug.kernels` still is this checkout's."""
+transformers >= 5.25 imports), from the root or anywhere else, and `hf_kvplug.kernels` still is this checkout's.
+Without that package, the bare name is an empty stand-in (a namespace package's look) that transformers takes for
+no package; raising there broke `import transformers` in the root under releases that probe it by importing it
+(5.20, for one)."""
 
 from __future__ import annotations
 
@@ -27,13 +30,22 @@ def _run(code: str, cwd: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("where", ["root", "elsewhere"])
 def test_import_kernels_is_huggingfaces_package(where, tmp_path):
     """`python -c "import kernels"` started in the repository root (which puts the root first on sys.path) gives
-    HuggingFace's package when it is installed, and no module at all otherwise; never this checkout's directory."""
+    HuggingFace's package when it is installed; otherwise nothing from this checkout: elsewhere no module, in the root
+    an empty stand-in (no file, no submodules, a version below every release); transformers' probe says whether the
+    package is there."""
     cwd = ROOT if where == "root" else str(tmp_path)
-    run = _run("import kernels; print(kernels.__file__)", cwd)
+    code = ("import kernels, importlib; from transformers.utils.import_utils import is_kernels_available as a; "
+            "print(kernels.__file__, getattr(kernels, '__version__', '-'), a())\n"
+            "try:\n    importlib.import_module('kernels.launch'); print('launch')\nexcept ImportError: print('none')")
+    run = _run(code, cwd)
     if HF_KERNELS:
         assert run.returncode == 0, run.stderr
-        path = os.path.realpath(run.stdout.strip())
-        assert not path.startswith(os.path.realpath(os.path.join(ROOT, "kernels")) + os.sep), path
+        path, _, available = run.stdout.split()[:3]
+        assert available == "True"
+        assert not os.path.realpath(path).startswith(os.path.realpath(os.path.join(ROOT, "kernels")) + os.sep), path
+    elif where == "root":
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == ["None", "0+absent", "False", "none"], run.stdout
     else:
         assert run.returncode != 0 and "No module named 'kernels'" in run.stderr, run.stderr
 
@@ -47,19 +59,18 @@ def test_a_second_checkout_on_the_path_shadows_nothing(tmp_path):
         (other / "kernels" / "__init__.py").write_bytes(f.read())
     code = f"import sys; sys.path[:0] = [{str(other)!r}, {ROOT!r}]; import kernels; print(kernels.__file__)"
     run = _run(code, str(tmp_path))
+    assert run.returncode == 0, run.stderr[-2000:]  # (no RecursionError)
     if HF_KERNELS:
-        assert run.returncode == 0, run.stderr[-2000:]
         path = os.path.realpath(run.stdout.strip())
         assert not path.startswith((os.path.realpath(os.path.join(ROOT, "kernels")) + os.sep,
                                     os.path.realpath(other / "kernels") + os.sep)), path
     else:
-        assert run.returncode != 0 and "No module named 'kernels'" in run.stderr, run.stderr[-2000:]
-        assert "RecursionError" not in run.stderr
+        assert run.stdout.strip() == "None"  # the stand-in
 
 
 def test_repo_root_imports_transformers_and_our_kernels():
-    """From the root: transformers' modeling code imports (it imports `kernels` from 5.25), and hf_kvplug's
-    kernels are this checkout's `kernels/` directory under their installed name."""
+    """From the root: transformers' modeling code imports (it imports `kernels` from 5.25, and probes it before),
+    and hf_kvplug's kernels are this checkout's `kernels/` directory under their installed name."""
     code = ("import transformers.modeling_utils, hf_kvplug, hf_kvplug.kernels as k, os; "
             "print(os.path.realpath(os.path.dirname(k.__file__)))")
     run = _run(code, ROOT)
