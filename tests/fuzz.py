@@ -142,15 +142,14 @@ def draw(seed: int) -> dict:
     if then in ON_OUTPUT and (rows != batch or mode not in ("greedy", "sample") or case["embeds"]):
         then = r.choice(["reset", "again", "none"])
     case["then"] = then
-    if then in ON_OUTPUT:  # (transformers 5.4 chunks a prompt from its first token whatever the cache holds)
-        gen.pop("prefill_chunk_size", None)
     if then in ("again", "shared") and case["family"] not in HYBRID and r.random() < 0.5:
         case["cache"]["prefix_caching"] = True  # (what those follow-ups exercise most)
     case["next"] = dict(extra=r.randint(1, 6), max_new_tokens=r.randint(1, 10), seed=r.randint(0, 10**6),
                         keep=r.random())
     case["kv_dtype"] = pick(KV_DTYPES) or None
-    if r.random() < 0.1 and not single:  # generate() feeds the prompt in chunks
-        gen["prefill_chunk_size"] = r.randint(1, 8)
+    chunk = r.randint(1, 8)  # generate() feeds the prompt in chunks (not into a cache that holds tokens: transformers
+    if r.random() < 0.1 and not single and case["then"] not in ON_OUTPUT:  # before 5.21 feeds them all again)
+        gen["prefill_chunk_size"] = chunk
     if r.random() < 0.12 and not single:  # a decode loop of the caller's own instead of generate()
         case.update(mode="loop", then="none", embeds=False, gen={},
                     loop=dict(chunk=r.randint(1, length), position_ids=r.random() < 0.5))
