@@ -49,7 +49,8 @@ from hf_kvplug import compat  # noqa: E402
 from hf_kvplug.compat import cache_kwargs  # noqa: E402
 
 VOCAB = 128
-# the families a case draws from, with their weights: the three base families most, the windowed ones and an MoE
+# the families a case draws from, with their weights: the three base families most, then Mistral, the sliding-window
+# ones, an MoE and a hybrid
 FAMILIES = {"llama": 3, "qwen2": 2, "qwen3": 2, "qwen3_sliding": 2, "mistral": 1, "mixtral_sliding": 1,
             "qwen2_moe_sliding": 1, "qwen3_moe": 1, "qwen3_next": 1}
 # hybrid models (linear-attention layers): where transformers has their cache layers (else llama is run instead);
@@ -133,7 +134,7 @@ def draw(seed: int) -> dict:
     need = length + case["max_new_tokens"] + (8 if single else 0)
     case["cache"] = dict(max_batch_size=rows + r.choice([0, 0, 1, 3]), block_size=r.choice([4, 8, 16]),
                          prefix_caching=r.random() < 0.25, slack=r.choice([0, 0, 3, 17]), need=need)
-    then = r.choice(list(r.choices(list(FOLLOW_UPS), weights=list(FOLLOW_UPS.values()))))
+    then = pick(FOLLOW_UPS)
     if case["family"] in HYBRID:
         case["cache"]["prefix_caching"] = False
         then = "continue" if then == "saved" else then
@@ -147,8 +148,9 @@ def draw(seed: int) -> dict:
     case["next"] = dict(extra=r.randint(1, 6), max_new_tokens=r.randint(1, 10), seed=r.randint(0, 10**6),
                         keep=r.random())
     case["kv_dtype"] = pick(KV_DTYPES) or None
-    chunk = r.randint(1, 8)  # generate() feeds the prompt in chunks (not into a cache that holds tokens: transformers
-    if r.random() < 0.1 and not single and case["then"] not in ON_OUTPUT:  # before 5.21 feeds them all again)
+    # generate() feeds the prompt in chunks (not into a cache that holds tokens: before 5.21 it feeds them all again)
+    chunk = r.randint(1, 8)
+    if r.random() < 0.1 and not single and case["then"] not in ON_OUTPUT:
         gen["prefill_chunk_size"] = chunk
     if r.random() < 0.12 and not single:  # a decode loop of the caller's own instead of generate()
         case.update(mode="loop", then="none", embeds=False, gen={},
