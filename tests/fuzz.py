@@ -352,8 +352,8 @@ def run(case: dict) -> str | None:
             keep = 1 + int(nxt["keep"] * (held - 1))
             try:
                 stock_cache.crop(keep - held)
-            except (RuntimeError, ValueError):  # stock's sliding-window layers cannot go back past their window
-                return None
+            except (RuntimeError, ValueError) as e:  # stock's sliding-window layers cannot go back past the window
+                return _refused(f"{type(e).__name__}: {e}", None, "crop")
             cache.crop(keep - held)
             seq = seq[:, :keep]
         more = torch.randint(2, VOCAB, (seq.shape[0], nxt["extra"]), generator=g)
