@@ -22,25 +22,25 @@ def plug_attention_forward(self, *args, **kwargs):
     return _plugged_forward(self, cache, *args[:3], **kwargs)
 
 
-def _attends_eagerly(module, kwargs, rows) -> bool:
-    """Whether this step runs the model's own eager attention over the layer's gathered K/V, as stock runs it: in
-    every step on eager code of a model loaded with `attn_implementation="eager"`, for its arithmetic (in half
-    precision it rounds the scores and the probabilities to the model dtype, where the fused step keeps fp32, and the
-    tokens would part) and its weights (`output_attentions`). Inside a compiled graph only when the weights are asked
-    for (the fused step keeps the graph's shapes fixed). Found once per forward, by its first attention layer
-    (`ForwardState.eager`): every layer sees the same config and keyword arguments, and reading the config costs
-    microseconds a layer."""
+def _attends_eagerly(module, kwargs, rows, dtype: torch.dtype) -> bool:
+    """Whether this step runs the model's own eager attention over the layer's gathered K/V, as stock runs it: for a
+    model loaded with `attn_implementation="eager"` when it asks for the weights (`output_attentions`), and, on eager
+    code, in every step of a half-precision one: its eager attention rounds the scores and the probabilities to the
+    model dtype, which the fused step (fp32 inside) cannot reproduce, and the tokens would part. In fp32 both compute
+    in fp32 and differ by a rounding, as with sdpa, so the fused step serves it. Inside a compiled graph only for the
+    weights (the fused step keeps the graph's shapes fixed). Found once per forward, by its first attention layer
+    (`ForwardState.eager`): every layer sees the same config, keyword arguments and dtype, and reading the config
+    costs microseconds a layer."""
     compiling = torch.compiler.is_compiling()
     if rows.eager is not None and not compiling:
         return rows.eager
     config = module.config
     if config._attn_implementation != "eager":
         eager = False
-    elif not compiling:
-        eager = True
     else:
         asked = kwargs.get("output_attentions")
-        eager = bool(getattr(config, "output_attentions", False) if asked is None else asked)
+        eager = bool(getattr(config, "output_attentions", False) if asked is None else asked) or (
+            not compiling and dtype != torch.float32)
     if not compiling:
         rows.eager_decided(eager)
     return eager
@@ -91,7 +91,7 @@ def _plugged_forward(self, cache, hidden_states, position_embeddings=None, atten
         out, weights = attend(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
                               dropout=0.0, scaling=self.scaling, **kwargs)
         layer.write(k, v, rows.leaders)
-    elif _attends_eagerly(self, kwargs, rows):  # the model's eager attention over the gathered K/V, as stock's
+    elif _attends_eagerly(self, kwargs, rows, q.dtype):  # the model's eager attention over the gathered K/V, as stock's
         out, weights = layer.attend_dense(self, q.transpose(1, 2), k, v, modeling.eager_attention_forward,
                                           rows.length, rows.holes)
     else:
