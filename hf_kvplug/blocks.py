@@ -426,12 +426,14 @@ class PrefixIndex:
     def forget(self, blocks: set[int]) -> None:
         """Give up the entries of `blocks` (their references; entries below them can no longer match, and go when
         the pool needs room, as idle ones do)."""
-        for key in [k for k, (_, block) in self.entries.items() if block in blocks]:
-            _, block = self.entries.pop(key)
-            self.pool.decref([block])
+        self._drop([k for k, (_, block) in self.entries.items() if block in blocks])
 
     def evict(self, n: int) -> None:
         """Give up to `n` idle blocks back to the pool, least recently used first."""
-        for key in [k for k, (_, block) in self.entries.items() if self.pool.refs[block] == 1][:n]:
+        self._drop([k for k, (_, block) in self.entries.items() if self.pool.refs[block] == 1][:n])
+
+    def _drop(self, keys: list) -> None:
+        """Remove the entries `keys` and their references to their blocks."""
+        for key in keys:
             _, block = self.entries.pop(key)
             self.pool.decref([block])

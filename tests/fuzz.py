@@ -173,6 +173,17 @@ def _prompt(case: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def _bound(x: torch.Tensor, dtype: torch.dtype, rounding: int) -> float:
+    """How far a plugged output may lie from stock's `x` (fp32): `rounding` units of the model dtype's rounding,
+    relative to x's largest magnitude (at least 1)."""
+    return rounding * torch.finfo(dtype).eps * max(1.0, x.abs().max().item())
+
+
+def _error(e: Exception) -> str:
+    """An exception as a case reports it: its type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def _nested(x) -> list:
     """A generate() output field (a tensor, or tuples of them per step and layer) as a flat list of tensors."""
     if x is None:
@@ -202,7 +213,7 @@ def _compare(ref, out, what: str, dtype: torch.dtype, rounding: int = ROUNDING) 
             if not finite.any():
                 continue
             x, y = x[finite].float(), y[finite].float()
-            bound = rounding * torch.finfo(dtype).eps * max(1.0, x.abs().max().item())
+            bound = _bound(x, dtype, rounding)
             if ((x - y).abs() > bound).any():
                 return f"{what}: {field}[{i}] differ by {(x - y).abs().max().item():.3g}"
     return None
@@ -223,7 +234,7 @@ def _generate(model, ids, mask, cache, gen: dict, max_new: int, seed: int, assis
         with torch.no_grad():
             return model.generate(ids, **kw), None
     except Exception as e:  # noqa: BLE001 - compared with what stock raised
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None, _error(e)
 
 
 def _loop(model, cache, ids, mask, chunk: int, steps: int, position_ids: bool):
@@ -249,7 +260,7 @@ def _loop(model, cache, ids, mask, chunk: int, steps: int, position_ids: bool):
                 logits = model(logits.argmax(-1, keepdim=True), **kw).logits[:, -1]
                 out.append(logits)
     except Exception as e:  # noqa: BLE001 - compared with what stock raised
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return _error(e)
     return out
 
 
@@ -259,7 +270,7 @@ def _compare_loop(ref, out, dtype: torch.dtype, rounding: int = ROUNDING) -> str
     its best (the two loops then go on from different tokens, and nothing after is compared)."""
     for i, (x, y) in enumerate(zip(ref, out)):
         x, y = x.float(), y.float()
-        bound = rounding * torch.finfo(dtype).eps * max(1.0, x.abs().max().item())
+        bound = _bound(x, dtype, rounding)
         if ((x - y).abs() > bound).any():
             return f"loop: step {i}: logits differ by {(x - y).abs().max().item():.3g}"
         picked, best = y.argmax(-1), x.argmax(-1)

@@ -8,6 +8,7 @@ most a small multiple of a same-dtype PyTorch computation's, plus 1e-5. Both bac
 """
 
 import math
+import random
 import zlib
 
 import pytest
@@ -95,8 +96,6 @@ CASES = [
 def _random_case(seed: int) -> tuple:
     """A case drawn at random over every option above (more head dims, lengths, windows and caps), for coverage beyond
     the hand-picked lines; the same rule holds it."""
-    import random
-
     r = random.Random(seed)
     sq = r.choice([1, 1, 1, 2, 3, 5, 8, 17])
     local = r.choice([False, False, True, (r.randint(0, 10), r.randint(0, 5)), (-1, r.randint(0, 3)),
