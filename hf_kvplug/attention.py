@@ -70,10 +70,16 @@ def _plugged_forward(self, cache, hidden_states, position_embeddings=None, atten
     # Looked up at call time so a RoPE (or eager attention) swapped into the modeling module is honoured.
     modeling = sys.modules[type(self).__module__]
     probed, plug = self._kvplug_rope, cache.layer(self.layer_idx)
+    rotated = False  # q and k carry a quantized cache's key rotation (else the layer applies it)
     if (input_shape[1] == 1 and probed is not None and modeling.apply_rotary_pos_emb is probed[0]
             and modeling.rotate_half is probed[1] and cos.shape[-1] == self.head_dim and q.dtype == k.dtype
             and not plug.fresh):
-        q, k = rope.one_pass(q, k, *plug.dev.rope_tables(cos, sin))  # a decode step: the same bits, fewer ops
+        dev = plug.dev
+        if dev.rotation is None:
+            q, k = rope.one_pass(q, k, *dev.rope_tables(cos, sin))  # a decode step: the same bits, fewer ops
+        else:  # and the rotation in the same product
+            q, k = rope.one_pass_rotated(q, k, dev.rope_rotated(cos, sin))
+            rotated = True
     else:
         q, k = modeling.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, L, heads, D], as the cache stores K
@@ -93,9 +99,9 @@ def _plugged_forward(self, cache, hidden_states, position_embeddings=None, atten
         layer.write(k, v, rows.leaders)
     elif _attends_eagerly(self, kwargs, rows, q.dtype):  # the model's eager attention over the gathered K/V, as stock's
         out, weights = layer.attend_dense(self, q.transpose(1, 2), k, v, modeling.eager_attention_forward,
-                                          rows.length, rows.holes)
+                                          rows.length, rows.holes, rotated)
     else:
-        out = layer.attend(q, k, v, self.scaling, rows.holes)
+        out = layer.attend(q, k, v, self.scaling, rows.holes, rotated)
     out = out.reshape(*input_shape, -1)
     if gate is not None:
         out = out * torch.sigmoid(gate)

@@ -46,7 +46,8 @@ class DeviceState:
         # and, by layer index, the views of a decode step's buffers for layers whose K/V lie in a slab
         # (`torchpath.step_views`: new-token slots for K and V, then their spans), built with the plans
         self.step_views: dict = {}
-        # and the one-pass RoPE's tables of the forward under way (`rope_tables`), made by its first layer
+        # and the one-pass RoPE's tables of the forward under way (`rope_tables`, then `rope_rotated`'s), made by
+        # its first layer
         self.rope: tuple | None = None
         # and, by (ring, window), where a prefill writes its new tokens (`torchpath.WritePlan`), built with the plans
         self.writes: dict = {}
@@ -63,7 +64,16 @@ class DeviceState:
             return rope.tables(cos, sin)
         if self.rope is None or self.rope[0] is not cos or self.rope[1] is not sin:
             self.rope = (cos, sin, *rope.tables(cos, sin))
-        return self.rope[2:]
+        return self.rope[2:4]
+
+    def rope_rotated(self, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`rope.rotated_table` of `rope_tables(cos, sin)` and the key rotation, made once per forward alike."""
+        tables = self.rope_tables(cos, sin)
+        if torch.compiler.is_compiling():
+            return rope.rotated_table(*tables, self.rotation)
+        if len(self.rope) == 4:
+            self.rope = (*self.rope, rope.rotated_table(*tables, self.rotation))
+        return self.rope[4]
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """`x [..., head_dim] @ rotation` (one matmul in x's dtype; x itself without a rotation)."""

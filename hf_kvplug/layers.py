@@ -331,13 +331,15 @@ class PlugLayer(CacheLayerMixin):
             self._store(k, v, table, seqlens)
         self._advance(batch, q_len)
 
-    def attend(self, q, k, v, softmax_scale: float, holes: bool) -> torch.Tensor:
+    def attend(self, q, k, v, softmax_scale: float, holes: bool, rotated: bool = False) -> torch.Tensor:
         """Fused write + attention for `q [B, L, nheads, D]`, `k, v [B, L, nheads_k, D]`; advances the lengths.
         `holes`: the recorded mask has holes, so the kernels read the slot mask. A quantized cache's keys and
-        queries go in rotated alike (`DeviceState.rotate`)."""
+        queries go in rotated alike (`DeviceState.rotate`; `rotated`: the caller rotated them)."""
         dev = self.dev
         if dev.rotation is not None:
-            q, k, softmax_scale = dev.rotate(q), dev.rotate(k), dev.softmax_scale(softmax_scale)
+            if not rotated:
+                q, k = dev.rotate(q), dev.rotate(k)
+            softmax_scale = dev.softmax_scale(softmax_scale)
         views = None if torch.compiler.is_compiling() else dev.step_views.get(self.layer_idx)
         if (views is not None and q.shape[1] == 1 and q.shape[0] == views.batch and q.dtype == self.config.dtype
                 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
@@ -350,14 +352,16 @@ class PlugLayer(CacheLayerMixin):
     def _attend_rows(self, q, k, v, softmax_scale, valid):
         return self._attend(q, k, v, softmax_scale, self.cache_seqlens, valid)
 
-    def attend_dense(self, module, q, k, v, attention_fn, total: int, holes: bool):
+    def attend_dense(self, module, q, k, v, attention_fn, total: int, holes: bool, rotated: bool = False):
         """The step of a model with eager attention (and its `output_attentions`): write the new K/V, gather this
         layer's K/V and run the model's own eager attention over it with a mask built from the cache's bounds, as a
         stock cache would (a sliding-window layer over its last `window - 1` cached tokens and the new ones, as
         transformers' sliding layers give it). q `[B, nheads, L, D]`, k `[B, L, nheads_k, D]`, v likewise; `total`:
-        tokens each row holds after this forward. Returns `(out [B, L, nheads, D], weights)`."""
+        tokens each row holds after this forward (`rotated`: q and k carry the key rotation already). Returns `(out
+        [B, L, nheads, D], weights)`."""
         batch, q_len = k.shape[:2]
-        q, k = self.dev.rotate(q), self.dev.rotate(k)  # the weights are unchanged: (q R) . (k R) / g = q . k
+        if not rotated:  # the weights are unchanged: (q R) . (k R) / g = q . k
+            q, k = self.dev.rotate(q), self.dev.rotate(k)
         before = total - q_len
         lo = self.first_seen(before)
         past = [self.gather_slots(buf, scale, lo, before, batch)  # read before the write: a ring reuses places

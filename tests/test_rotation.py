@@ -103,3 +103,28 @@ def test_files_say_how_keys_are_stored(tmp_path):
         assert torch.equal(a, b)
         with pytest.raises(ValueError, match="rotate_keys= must match how the file stores keys"):
             hf_kvplug.PlugCache.load(path, model, rotate_keys=rotate is False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,cos_rows", [(1, 1), (3, 3), (3, 1)])
+@pytest.mark.parametrize("head_dim", [16, 64, 80])
+def test_a_decode_step_rotates_in_its_rope(dtype, batch, cos_rows, head_dim):
+    """A quantized cache's decode step applies RoPE and the key rotation in one product (`rope.one_pass_rotated`):
+    the one-pass RoPE, then `x @ R`, to the rounding of the model dtype (fp32 inside, one rounding at the end), for
+    position embeddings per row or one row for all."""
+    from hf_kvplug import rope
+
+    g = torch.Generator().manual_seed(head_dim + batch)
+    q = torch.randn(batch, 1, 6, head_dim, generator=g).to(dtype)
+    k = torch.randn(batch, 1, 2, head_dim, generator=g).to(dtype)
+    pos = torch.randint(0, 4000, (cos_rows, 1, 1), generator=g).float()
+    freqs = pos * 10000.0 ** -(torch.arange(0, head_dim, 2) / head_dim)
+    emb = torch.cat((freqs, freqs), -1)
+    tables = rope.tables(emb.cos().to(dtype), emb.sin().to(dtype))
+    r = key_rotation(head_dim)
+    got = rope.one_pass_rotated(q, k, rope.rotated_table(*tables, r))
+    want = [x.float() @ r for x in rope.one_pass(q.float(), k.float(), *(t.float() for t in tables))]
+    tol = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    for a, b in zip(got, want):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert (a.float() - b).abs().max() <= tol * b.abs().max()
