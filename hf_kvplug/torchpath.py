@@ -535,17 +535,14 @@ def _codes_step(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor
     kind = KINDS[k_codes.dtype]
     int4 = kind == "int4"
     new = torch.stack((k, v))
+    quantize = _quantize_int4 if int4 else _quantize_int8
     if views.new is not None:  # (else written with the slab's, `flush`)
-        codes, params = _quantize(new, k_codes.dtype)  # [2, B, 1, Hk, ...] each
-        _put(views.new, codes)
-        _put(views.new_params, params)
+        quantize(new, (views.new, views.new_params))  # [2, B, 1, Hk, ...] each
     if views.new_exact is not None:
         _put(views.new_exact, new)
     if views.flush is not None:  # every layer of the slab has its new token in its tail now
         codes, params, exact = views.flush
-        done = _quantize(exact, k_codes.dtype)
-        codes.copy_(done[0])
-        params.copy_(done[1])
+        quantize(exact, (codes, params))
     k_exact, v_exact = (None, None) if views.exact is None else _pair(views.exact)
     if c0 + (0 if k_exact is None else k_exact.shape[1]) <= DEQUANT_SLOTS[kind]:
         keys, values = _dequantized_span(views, kind, batch, nheads_k, head_dim)
@@ -765,25 +762,35 @@ def _quantize(x: torch.Tensor, storage: torch.dtype):
     return _quantize_int4(x) if storage == torch.uint8 else quantize(x, storage)
 
 
-def _quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`reference.quantize_int8` in 11 aten ops where it takes 14: the same codes and scales, bit for bit (tests hold
+def _quantize_int8(x: torch.Tensor, out: tuple | None = None):
+    """`reference.quantize_int8` in 10 aten ops where it takes 14: the same codes and scales, bit for bit (tests hold
     the two equal). The same arithmetic: the largest magnitude (one norm instead of abs and max), scale = amax /
-    127, codes round(x * inv) clamped to [-127, 127] with inv = 127 / amax computed as the reference computes it
-    (the reciprocal of amax clamped to 1e-30, times 127), 0 where amax is NaN; where amax is 0 every x is +-0, so
-    its codes are 0 whatever inv is."""
+    127, codes round(x * inv) with inv = 127 / amax computed as the reference computes it (the reciprocal of amax
+    clamped to 1e-30, times 127), 0 where amax is NaN; where amax is 0 every x is +-0, so its codes are 0 whatever
+    inv is. The reference's clamp to [-127, 127] changes nothing and is left out: for amax >= 1e-30, |x| <= amax and
+    inv = 127 / amax to two roundings, so |x * inv| <= 127 (1 + 2^-24)^3 < 127.5; below, inv is about 1.27e32 and
+    |x| < 1e-30; a NaN stays NaN through both. `out`: (codes, scales) destinations (tensors or `CodeViews` pairs)
+    written in place, the codes converted by the copy (what `.to(torch.int8)` does), and None returned; else
+    `(codes, scales)`."""
     xf = x.float()
     amax = torch.linalg.vector_norm(xf, float("inf"), -1)
     inv = amax.clamp_min(1e-30).reciprocal_().mul_(INT8_MAX).nan_to_num_(nan=0.0)
-    codes = torch.mul(xf, inv.unsqueeze(-1)).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return codes, amax / INT8_MAX
+    codes = torch.mul(xf, inv.unsqueeze(-1)).round_()
+    if out is None:
+        return codes.to(torch.int8), amax / INT8_MAX
+    _put(out[0], codes)
+    _put(out[1], amax.div_(INT8_MAX))
+    return None
 
 
-def _quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_int4(x: torch.Tensor, out: tuple | None = None):
     """`reference.quantize_int4` in 22 aten ops where it takes 31: the same codes and parameters, bit for bit (NaN
     payloads aside; tests hold the two equal). A decode step quantizes a few vectors a layer, so the ops' count is
     its cost. The same arithmetic: the halves' minima and maxima, s = (max - min) / 15 and the minimum kept in fp16,
     codes round((x - m) / s) clamped to [0, 15] (1 / s is 0 where s is 0, or NaN), the high half's code times 16
-    added to the low half's (the high nibble)."""
+    added to the low half's (the high nibble; as bytes, so that a NaN half's code leaves the other half's whole).
+    `out`: (codes, parameters) destinations (tensors or `CodeViews` pairs) written in place, and None returned;
+    else `(codes, parameters)`."""
     halves = x.float().unflatten(-1, (2, x.shape[-1] // 2))
     lo, hi = halves.amin(-1), halves.amax(-1)
     params = torch.stack([(hi - lo) / INT4_MAX, lo], -1).half()  # [..., 2, 2]: (scale, minimum) of each half
@@ -791,7 +798,12 @@ def _quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     inv = s.reciprocal().nan_to_num_(nan=0.0, posinf=0.0)
     n = (halves - m.unsqueeze(-1)).mul_(inv.unsqueeze(-1)).round_().clamp_(0, INT4_MAX).to(torch.uint8)
     low, high = n.unbind(-2)
-    return torch.add(low, high, alpha=16), params.flatten(-2)
+    codes = torch.add(low, high, alpha=16)
+    if out is None:
+        return codes, params.flatten(-2)
+    _put(out[0], codes)
+    _put(out[1], params.flatten(-2))
+    return None
 
 
 def _last(view: torch.Tensor, n: int) -> torch.Tensor:

@@ -356,9 +356,12 @@ def test_the_int8_quantizer_and_the_dequantization_are_the_references():
         x[1, 3], x[2, 0], x[2, 1], x[2, 2] = 65504 * 3, -1e-7, 1e-40, 3e-31
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             (want, want_s), (got, got_s) = quantize(x.to(dtype), torch.int8), torchpath._quantize_int8(x.to(dtype))
-            nan = want_s.isnan()
-            assert torch.equal(nan, got_s.isnan()) and torch.equal(want_s[~nan], got_s[~nan]), (trial, dtype)
-            assert torch.equal(want[~nan], got[~nan]), (trial, dtype)
+            into = torch.empty_like(want), torch.empty_like(want_s)  # the decode step's: written through views
+            assert torchpath._quantize_int8(x.to(dtype), into) is None
+            for codes, scales in ((got, got_s), into):
+                nan = want_s.isnan()
+                assert torch.equal(nan, scales.isnan()) and torch.equal(want_s[~nan], scales[~nan]), (trial, dtype)
+                assert torch.equal(want[~nan], codes[~nan]), (trial, dtype)
             for storage, kind in ((torch.int8, "int8"), (torch.uint8, "int4")):
                 codes, params = quantize(x.to(dtype), storage)
                 ref = dequantize(codes, params, torch.float32)
@@ -380,13 +383,16 @@ def test_the_int4_quantizer_is_the_references():
         x[2, 0] = -1e-7
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             (want, want_p), (got, got_p) = quantize(x.to(dtype), torch.uint8), torchpath._quantize_int4(x.to(dtype))
-            nan = want_p.isnan()
-            assert torch.equal(nan, got_p.isnan()), (trial, dtype)
-            assert torch.equal(want_p.view(torch.int16)[~nan], got_p.view(torch.int16)[~nan]), (trial, dtype)
-            read = ~nan.view(*nan.shape[:-1], 2, 2).any(-1)  # [..., 2]: halves whose codes a read uses
-            lo_ok, hi_ok = read.unbind(-1)
-            assert torch.equal((want & 15)[lo_ok], (got & 15)[lo_ok]) and torch.equal((want >> 4)[hi_ok],
-                                                                                       (got >> 4)[hi_ok])
+            into = torch.empty_like(want), torch.empty_like(want_p)  # the decode step's: written through views
+            assert torchpath._quantize_int4(x.to(dtype), into) is None
+            for got, got_p in ((got, got_p), into):
+                nan = want_p.isnan()
+                assert torch.equal(nan, got_p.isnan()), (trial, dtype)
+                assert torch.equal(want_p.view(torch.int16)[~nan], got_p.view(torch.int16)[~nan]), (trial, dtype)
+                read = ~nan.view(*nan.shape[:-1], 2, 2).any(-1)  # [..., 2]: halves whose codes a read uses
+                lo_ok, hi_ok = read.unbind(-1)
+                assert torch.equal((want & 15)[lo_ok], (got & 15)[lo_ok]) and torch.equal((want >> 4)[hi_ok],
+                                                                                           (got >> 4)[hi_ok])
 
 
 @pytest.mark.parametrize("kv, exact", [("int4", True), ("int4", False), ("int8", False)])
