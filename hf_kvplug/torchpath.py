@@ -923,7 +923,9 @@ def _dequantize(codes, params, kind: str) -> torch.Tensor:
         return _floats(codes).mul_(params.unsqueeze(-1))
     p = params.to(torch.float32).unflatten(-1, (2, 2))  # [..., T, half, (scale, minimum)]
     planes = torch.stack((codes & 15, codes >> 4), -2).to(torch.float32)  # [..., T, half, D/2]
-    return planes.mul_(p[..., 0:1]).add_(p[..., 1:2]).flatten(-2)
+    # code x s + m in one op: a 4-bit code times an fp16 scale is exact in fp32, so a fused product-add (as addcmul
+    # may run) rounds once, where the reference's product and sum round once too
+    return torch.addcmul(p[..., 1:2], planes, p[..., 0:1]).flatten(-2)
 
 
 def _with_exact(keys, values, ex: Exact, b: int, n: int, unseen) -> tuple[torch.Tensor, torch.Tensor]:
