@@ -22,6 +22,7 @@ can be rerun alone.
     python tests/fuzz.py --cases 200                 # from seed 0; --seed S to start elsewhere
     python tests/fuzz.py --minutes 20 --seed 1000    # as many cases as fit
     python tests/fuzz.py --case 417 --verbose        # one case again, its draw printed
+    python tests/fuzz.py --kv-dtype int4 --dtype bfloat16 --cases 100   # narrowed: INT4 in bf16 (decode loops)
 
 `tests/test_fuzz.py` runs a fixed range of seeds in the suite (and CI).
 """
@@ -158,6 +159,18 @@ def draw(seed: int) -> dict:
         case["cache"]["max_batch_size"] = batch + r.choice([0, 1])
     if case["kv_dtype"] and case["mode"] != "loop":  # fp32: in half precision the fast path and the reference part
         case["dtype"] = "float32"  # by a rounding, and at ties (a decode loop of one's own is compared up to a tie)
+    return case
+
+
+def narrow(case: dict, kv_dtype: str | None = None, dtype: str | None = None, loop: bool = False) -> dict:
+    """`case` with its cache's K/V format, its model dtype or its mode set (`--kv-dtype`, `--dtype`, `--loop`): a
+    decode loop of one's own (drawn from the case's seed), where a half-precision INT8 / INT4 case must be one."""
+    r = random.Random(case["seed"] * 7 + 1)
+    case = dict(case, kv_dtype=kv_dtype or case["kv_dtype"], dtype=dtype or case["dtype"])
+    half = case["kv_dtype"] and case["dtype"] != "float32"
+    if (loop or half) and case["mode"] != "loop":
+        case.update(mode="loop", then="none", embeds=False, gen={},
+                    loop=dict(chunk=r.randint(1, case["length"]), position_ids=r.random() < 0.5))
     return case
 
 
@@ -430,6 +443,10 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=None, help="run cases until this much time has passed")
     p.add_argument("--case", type=int, default=None, help="run only the case of this seed")
     p.add_argument("--verbose", action="store_true", help="print every case's draw")
+    p.add_argument("--kv-dtype", choices=["int8", "int4"], help="every case's PlugCache in this format")
+    p.add_argument("--dtype", choices=list(DTYPES), help="every case's model in this dtype (INT8 / INT4 in half "
+                   "precision: decode loops)")
+    p.add_argument("--loop", action="store_true", help="every case a decode loop of one's own")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from transformers.utils import logging
@@ -440,7 +457,7 @@ def main(argv=None) -> int:
     for seed in seeds:
         if args.minutes and time.time() - start > args.minutes * 60:
             break
-        case = draw(seed)
+        case = narrow(draw(seed), args.kv_dtype, args.dtype, args.loop)
         if args.verbose:
             print(case, flush=True)
         try:

@@ -23,6 +23,18 @@ def test_random_generate_calls_give_stock_results(first):
     assert not failed, "\n".join(f"seed {s} ({fuzz.draw(s)}): {d}" for s, d in failed.items())
 
 
+@pytest.mark.parametrize("kv_dtype, dtype", [("int8", "bfloat16"), ("int4", "float16"), ("int4", "bfloat16")])
+def test_quantized_caches_in_half_precision_decode_as_the_reference(kv_dtype, dtype):
+    """INT8 / INT4 caches in a half-precision model against the reference backend's, in decode loops of one's own
+    (`fuzz.narrow`), compared step by step up to a tie: a few seeds each (more: `python tests/fuzz.py --kv-dtype
+    int4 --dtype bfloat16 --cases N`)."""
+    torch.set_num_threads(1)
+    cases = [fuzz.narrow(fuzz.draw(seed), kv_dtype, dtype) for seed in range(8)]
+    assert all(c["mode"] == "loop" and c["kv_dtype"] == kv_dtype and c["dtype"] == dtype for c in cases)
+    failed = {c["seed"]: d for c in cases if (d := fuzz.run(c))}
+    assert not failed, failed
+
+
 def test_the_draw_covers_what_it_claims():
     """The suite's seeds reach every family, dtype, K/V format, mode and follow-up, prefix caching, eager attention,
     padding, output fields and embeddings (so the fixed range does not silently narrow when the draw changes)."""
