@@ -491,11 +491,10 @@ def code_step_views(codes: torch.Tensor, scales: torch.Tensor, tails: torch.Tens
     block is read from its codes at once: each layer writes its own."""
     assert p.step and isinstance(p.ends, int) and codes.dim() == 5, "code step views: a step plan over a slab"
     raw = _code_parts(codes, scales, tails, p, True)
-    parts = [None if x is None else x.unbind(0) for x in raw]
-    count = codes.shape[0] // 2
-    views = [CodeViews(p.batch, *(None if x is None else x[i] for x in parts)) for i in range(count)]
-    if tails is not None and p.ends % codes.shape[3]:  # the new token lies in its row's partial block
-        views = [v._replace(new=None, new_params=None) for v in views]
+    defer = tails is not None and p.ends % codes.shape[3] != 0  # the new token lies in its row's partial block
+    parts = [None if x is None or (defer and j < 2) else x.unbind(0) for j, x in enumerate(raw)]
+    views = [CodeViews(p.batch, *(None if x is None else x[i] for x in parts)) for i in range(codes.shape[0] // 2)]
+    if defer:
         views[-1] = views[-1]._replace(flush=raw[:3])
     return views
 
