@@ -528,8 +528,8 @@ def attend_step_codes(q, k, v, views: CodeViews, softmax_scale: float) -> torch.
 
 def _codes_step(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor:
     batch, _, nheads, head_dim = q.shape
-    k_codes, v_codes = _pair(views.codes)
-    nheads_k, c0 = k_codes.shape[1], k_codes.shape[2]
+    k_codes = views.codes[0] if isinstance(views.codes, tuple) else views.codes  # ([2, ...]: its shape from dim 1)
+    nheads_k, c0 = k_codes.shape[-3], k_codes.shape[-2]
     n, group = batch * nheads_k, nheads // nheads_k
     kind = KINDS[k_codes.dtype]
     int4 = kind == "int4"
@@ -549,6 +549,7 @@ def _codes_step(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor
             q.reshape(batch, nheads_k, group, head_dim).to(torch.float32), keys, values, scale=softmax_scale)
         return out.view(batch, 1, nheads, head_dim)
     qf = q.reshape(n, group, head_dim).to(torch.float32) * softmax_scale
+    k_codes, v_codes = _pair(views.codes)
     if int4:
         k_params, v_params = _pair_params(views.params, n)
         s = _int4_scores(qf, k_codes, k_params)
@@ -918,8 +919,8 @@ def _dequantize(codes, params, kind: str) -> torch.Tensor:
     """Codes `[..., T, Dc]` with their scales `[..., T]` (int8) or parameters `[..., T, 4]` (int4) as fp32 `[..., T,
     D]`: code x scale, or per half code x s + m, the reference's dequantization bit for bit. Every read of a short
     span on this path attends these (`DEQUANT_SLOTS`)."""
-    if kind == "int8":
-        return _floats(codes).mul_(params.unsqueeze(-1))
+    if kind == "int8":  # (int8 codes times fp32 scales: fp32, the codes converted exactly)
+        return torch.mul(codes, params.unsqueeze(-1))
     p = params.to(torch.float32).unflatten(-1, (2, 2))  # [..., T, half, (scale, minimum)]
     planes = torch.stack((codes & 15, codes >> 4), -2).to(torch.float32)  # [..., T, half, D/2]
     # code x s + m in one op: a 4-bit code times an fp16 scale is exact in fp32, so a fused product-add (as addcmul
