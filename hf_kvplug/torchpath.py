@@ -922,9 +922,9 @@ def _dequantize(codes, params, kind: str) -> torch.Tensor:
     if kind == "int8":  # (int8 codes times fp32 scales: fp32, the codes converted exactly)
         return torch.mul(codes, params.unsqueeze(-1))
     p = params.to(torch.float32).unflatten(-1, (2, 2))  # [..., T, half, (scale, minimum)]
-    planes = torch.stack((codes & 15, codes >> 4), -2).to(torch.float32)  # [..., T, half, D/2]
-    # code x s + m in one op: a 4-bit code times an fp16 scale is exact in fp32, so a fused product-add (as addcmul
-    # may run) rounds once, where the reference's product and sum round once too
+    planes = torch.stack((codes & 15, codes >> 4), -2)  # [..., T, half, D/2], uint8
+    # code x s + m in one op (the codes promoted to fp32 exactly): a 4-bit code times an fp16 scale is exact in fp32,
+    # so a fused product-add (as addcmul may run) rounds once, where the reference's product and sum round once too
     return torch.addcmul(p[..., 1:2], planes, p[..., 0:1]).flatten(-2)
 
 
