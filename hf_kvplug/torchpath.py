@@ -520,13 +520,17 @@ def attend_step_codes(q, k, v, views: CodeViews, softmax_scale: float) -> torch.
     `_int4_values`, the exact tail's slots as `_exact_pass` adds them), so the same bits as the general path, in few
     ops, batched over rows and KV heads. For a call without autograd (the caller checks): its ops run in inference
     mode, which spares each the bookkeeping autograd does even under no_grad (about 0.2 ms a step of the benchmark's
-    4-layer INT4 model), and the output is an ordinary tensor."""
+    4-layer INT4 model), and the output is an ordinary tensor: a short span's SDPA runs after it, outside (its
+    inputs may be inference tensors, and its output is then ordinary without a copy)."""
     with torch.inference_mode():
         out = _codes_step(q, k, v, views, softmax_scale)
+    if isinstance(out, tuple):  # (query, keys, values) of a short span
+        out = torch.nn.functional.scaled_dot_product_attention(*out, scale=softmax_scale)
+        return out.view(q.shape).to(q.dtype)
     return out.to(q.dtype, copy=True)
 
 
-def _codes_step(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor:
+def _codes_step(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor | tuple:
     batch, _, nheads, head_dim = q.shape
     k_codes = views.codes[0] if isinstance(views.codes, tuple) else views.codes  # ([2, ...]: its shape from dim 1)
     nheads_k, c0 = k_codes.shape[-3], k_codes.shape[-2]
@@ -545,9 +549,7 @@ def _codes_step(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor
     k_exact, v_exact = (None, None) if views.exact is None else _pair(views.exact)
     if c0 + (0 if k_exact is None else k_exact.shape[1]) <= DEQUANT_SLOTS[kind]:
         keys, values = _dequantized_span(views, kind, batch, nheads_k, head_dim)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.reshape(batch, nheads_k, group, head_dim).to(torch.float32), keys, values, scale=softmax_scale)
-        return out.view(batch, 1, nheads, head_dim)
+        return q.reshape(batch, nheads_k, group, head_dim).to(torch.float32), keys, values  # (SDPA: the caller's)
     qf = q.reshape(n, group, head_dim).to(torch.float32) * softmax_scale
     k_codes, v_codes = _pair(views.codes)
     if int4:
