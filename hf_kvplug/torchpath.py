@@ -457,21 +457,15 @@ class CodeViews(NamedTuple):
     Hk, D]` (int8) or `[B, 1, Hk, D/2]` (int4), scales `[B, 1, Hk]` (int8) or parameters `[B, 1, Hk, 4]` (int4), and
     exact values `[B, 1, Hk, D]` (INT4's exact tail; None: none); the codes `[B, Hk, c0, ...]` and scales or
     parameters `[B, Hk, c0, ...]` of the span's slots [t0, lo) read from the pool, and the exact values `[B * Hk, w,
-    D]` of its slots [lo, end) read from the tail (None: none; `reference`, rule 4).
-
-    `new` and `new_params` are None where the step writes the new token's codes later, for every layer of its slab
-    at once (`code_step_views`): the layer whose views carry `flush`, the slab's last, quantizes the new tokens of
-    all of them from their tails (`[layers, 2, B, 1, Hk, D]`) into their codes and parameters (`[layers, 2, B, 1,
-    Hk, ...]`), once its own step is done."""
+    D]` of its slots [lo, end) read from the tail (None: none; `reference`, rule 4)."""
 
     batch: int
-    new: torch.Tensor | tuple | None
-    new_params: torch.Tensor | tuple | None
+    new: torch.Tensor | tuple
+    new_params: torch.Tensor | tuple
     new_exact: torch.Tensor | tuple | None
     codes: torch.Tensor | tuple
     params: torch.Tensor | tuple
     exact: torch.Tensor | tuple | None
-    flush: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def code_step_views(codes: torch.Tensor, scales: torch.Tensor, tails: torch.Tensor | None, p: Plan) -> list[CodeViews]:
@@ -480,23 +474,10 @@ def code_step_views(codes: torch.Tensor, scales: torch.Tensor, tails: torch.Tens
     and `scales` `[2 * count, nheads_k, num_blocks, block_size(, 4)]` hold layer i's K at i and its V at count + i
     (`KV.allocate_group`), `tails` `[2 * count, max_batch, nheads_k, block_size, head_dim]` its exact tail's alike
     (`Tail.allocate_group`), or None; `p` a step plan with one length for all rows. Returns each layer's, ordered as
-    the slab.
-
-    With tails, a new token that does not fill its block is read from the tail in this step (rule 4), its codes
-    only by later forwards: the layers' steps then write the tails alone, and the last layer's views carry the
-    slab's new codes, parameters and tail slots (`CodeViews.flush`), through which that layer quantizes every
-    layer's new token in one pass (a decode step quantizes a few vectors a layer, so it costs the ops' count, not
-    their size). The codes are the same bits, written before the forward returns (a forward stopped part-way
-    leaves its layers' lengths apart, and the cache refuses to go on before a reset). A token that fills its
-    block is read from its codes at once: each layer writes its own."""
+    the slab."""
     assert p.step and isinstance(p.ends, int) and codes.dim() == 5, "code step views: a step plan over a slab"
-    raw = _code_parts(codes, scales, tails, p, True)
-    defer = tails is not None and p.ends % codes.shape[3] != 0  # the new token lies in its row's partial block
-    parts = [None if x is None or (defer and j < 2) else x.unbind(0) for j, x in enumerate(raw)]
-    views = [CodeViews(p.batch, *(None if x is None else x[i] for x in parts)) for i in range(codes.shape[0] // 2)]
-    if defer:
-        views[-1] = views[-1]._replace(flush=raw[:3])
-    return views
+    parts = [None if x is None else x.unbind(0) for x in _code_parts(codes, scales, tails, p, True)]
+    return [CodeViews(p.batch, *(None if x is None else x[i] for x in parts)) for i in range(codes.shape[0] // 2)]
 
 
 def _code_parts(codes, scales, tails, p: Plan, slab: bool) -> tuple:
@@ -538,14 +519,9 @@ def _codes_step(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor
     kind = KINDS[k_codes.dtype]
     int4 = kind == "int4"
     new = torch.stack((k, v))
-    quantize = _quantize_int4 if int4 else _quantize_int8
-    if views.new is not None:  # (else written with the slab's, `flush`)
-        quantize(new, (views.new, views.new_params))  # [2, B, 1, Hk, ...] each
+    (_quantize_int4 if int4 else _quantize_int8)(new, (views.new, views.new_params))  # [2, B, 1, Hk, ...] each
     if views.new_exact is not None:
         _put(views.new_exact, new)
-    if views.flush is not None:  # every layer of the slab has its new token in its tail now
-        codes, params, exact = views.flush
-        quantize(exact, (codes, params))
     k_exact, v_exact = (None, None) if views.exact is None else _pair(views.exact)
     if c0 + (0 if k_exact is None else k_exact.shape[1]) <= DEQUANT_SLOTS[kind]:
         keys, values = _dequantized_span(views, kind, batch, nheads_k, head_dim)

@@ -568,6 +568,37 @@ def test_a_cpu_cache_keeps_its_layers_in_one_slab(monkeypatch):
     assert inner.slabs == [] and steps == []  # used outside inference_mode: its buffers were copied
 
 
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("mixed", ["grad", "compiled"])
+def test_layers_of_one_forward_on_different_paths_decode_as_the_reference(kv_dtype, mixed):
+    """A decode loop whose layers take different paths in one forward: the last layer's weights require grad with
+    grad enabled (its step takes the general path, the others the slab's views), or only the last layer compiled.
+    Every step's logits are the reference backend's, across blocks that fill (a step that left any layer's codes to
+    another layer would part from it once the block is read from its codes)."""
+    def run(backend):
+        model = hf_kvplug.patch(tiny_model("llama", num_hidden_layers=3))
+        model.requires_grad_(False)
+        if mixed == "grad":
+            model.model.layers[-1].self_attn.q_proj.weight.requires_grad_(True)
+        else:
+            model.model.layers[-1].compile(backend="eager", dynamic=False)
+        cache = hf_kvplug.PlugCache(model, max_batch_size=2, max_cache_len=64, kv_dtype=kv_dtype, block_size=8,
+                                    backend=backend)
+        ids = torch.randint(2, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+        with torch.set_grad_enabled(mixed == "grad"):
+            out = model(ids, **kv(cache))
+            logits = [out.logits[:, -1].detach()]
+            for _ in range(20):  # blocks fill at 8, 16 and 24 tokens
+                out = model(out.logits[:, -1:].argmax(-1), **kv(cache))
+                logits.append(out.logits[:, -1].detach())
+        return torch.stack(logits)
+
+    torch._dynamo.reset()
+    got, want = run("auto"), run("reference")
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert (got - want).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("reads", ["dequantized", "products"])
 @pytest.mark.parametrize("kv_dtype, exact_tail", [("int4", True), ("int4", False), ("int8", False)])
 def test_a_quantized_cache_decodes_through_its_slabs(kv_dtype, exact_tail, reads, monkeypatch):
