@@ -513,10 +513,10 @@ def attend_step_codes(q, k, v, views: CodeViews, softmax_scale: float) -> torch.
 
 def _codes_step(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor | tuple:
     batch, _, nheads, head_dim = q.shape
-    k_codes = views.codes[0] if isinstance(views.codes, tuple) else views.codes  # ([2, ...]: its shape from dim 1)
-    nheads_k, c0 = k_codes.shape[-3], k_codes.shape[-2]
+    held = views.codes[0] if isinstance(views.codes, tuple) else views.codes  # K's, or K's and V's: [(2,) B, Hk, c0, .]
+    nheads_k, c0 = held.shape[-3], held.shape[-2]
     n, group = batch * nheads_k, nheads // nheads_k
-    kind = KINDS[k_codes.dtype]
+    kind = KINDS[held.dtype]
     int4 = kind == "int4"
     new = torch.stack((k, v))
     (_quantize_int4 if int4 else _quantize_int8)(new, (views.new, views.new_params))  # [2, B, 1, Hk, ...] each
