@@ -263,6 +263,8 @@ class PlugCache(ForwardHost, DynamicCache):
             raise ValueError(f"row index out of range in {index}")
         self._writable_here()
         self.seq_length_now()
+        for layer in self.attn_layers:
+            layer.settle()  # through the rows' tables as they are
         self.paging.select(index)
         self._sync_tables()
         for dev in self.device_states.values():
@@ -293,9 +295,13 @@ class PlugCache(ForwardHost, DynamicCache):
         return other
 
     def _settle(self) -> None:
+        """Before a fork, a copy or a file: the host's count, and every code the decode steps left to the exact tails
+        written (`PlugLayer.settle`)."""
         self.seq_length_now()
         if self.state.open:
             self.sync_lengths()
+        for layer in self.attn_layers:
+            layer.settle()
 
     def _twin(self, pools: dict, kvs: list[KV], paging: Paging, slabs: list[Slab] | None = None) -> "PlugCache":
         """A cache over `pools` and buffers `kvs` (in `slabs`, where they are) holding what this one holds

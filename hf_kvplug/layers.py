@@ -159,6 +159,16 @@ class Tail(NamedTuple):
         self.v[:keys.shape[0], :, at].copy_(values)
 
 
+class Unwritten(NamedTuple):
+    """Slots [first, end) of rows < batch, all in the rows' last block, whose codes the decode step left unwritten:
+    the exact tail holds their values, and every read takes them from there until the block fills
+    (`PlugLayer.settle` writes them)."""
+
+    batch: int
+    first: int
+    end: int
+
+
 class PlugLayer(CacheLayerMixin):
     """One decoder layer's paged K/V pool, its scales and per-row lengths, on the layer's device.
 
@@ -186,6 +196,10 @@ class PlugLayer(CacheLayerMixin):
         self.cache_seqlens = torch.zeros(config.max_batch_size, dtype=torch.int32, device=self.device)
         # the rows' own: a fork or a copy shares the pool, never the tail (given: the cache's, in one storage)
         self.tail = (tail or Tail.allocate(config, self.device)) if config.exact_tail else None
+        # Host-side: the slots whose codes the decode step left to the exact tail (`Unwritten`), or None. Only a step
+        # that reads its token from the tail leaves them (a quantizer less per layer and step); anything else that
+        # reads or writes this layer's pool, or moves its rows, calls `settle` first, which writes them.
+        self.unwritten: Unwritten | None = None
         compat.mark_static(*self.kv, *(self.tail or ()), self.cache_seqlens)
         self.is_initialized = True
         self.is_last = layer_idx == config.attention_layers[-1]  # its forward ends the cache's forward
@@ -253,6 +267,7 @@ class PlugLayer(CacheLayerMixin):
     def reset(self, *args, **kwargs) -> None:
         self.cache_seqlens.zero_()
         self.fresh = True
+        self.unwritten = None  # (the rows hold nothing)
 
     def activate_past_recording(self, *args, **kwargs) -> None:
         """Nothing to do: every token stays in its slot until `crop` moves the length back (transformers 5.25 passes
@@ -282,6 +297,7 @@ class PlugLayer(CacheLayerMixin):
 
     def gather_slots(self, buf: torch.Tensor, scale: torch.Tensor, lo: int, hi: int, batch: int) -> torch.Tensor:
         """Slots [lo, hi) of rows < batch, `[batch, nheads_k, hi - lo, head_dim]` in the model dtype."""
+        self.settle()
         if hi <= lo or batch == 0:
             return torch.zeros((batch, self.config.nheads_k, 0, self.config.head_dim), dtype=self.config.dtype,
                                device=self.device)
@@ -316,6 +332,7 @@ class PlugLayer(CacheLayerMixin):
     def write(self, k, v, leaders: list[int] | None) -> None:
         """Store `k, v [B, L, nheads_k, D]` into an empty cache (the first forward); advances the lengths. Rows
         that share a leader's prompt blocks (generate()'s expanded rows) are not written: the leader's K/V serve."""
+        self.settle()
         batch, q_len = k.shape[:2]
         k = self.dev.rotate(k)
         table, seqlens = self.block_table, self.cache_seqlens
@@ -343,8 +360,16 @@ class PlugLayer(CacheLayerMixin):
         views = None if torch.compiler.is_compiling() else dev.step_views.get(self.layer_idx)
         if (views is not None and q.shape[1] == 1 and q.shape[0] == views.batch and q.dtype == self.config.dtype
                 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
-            out = ops.attend_step(q, k, v, views, softmax_scale)  # the decode step, when this layer's slab has one
+            # the decode step, when this layer's slab has one; a token it reads from the tail leaves its codes
+            end, wait = self.state.length, views.codes_can_wait  # (the forward's host work prepared it: a host count)
+            u = self.unwritten
+            if u is not None and not (wait and (u.batch, u.end) == (views.batch, end - 1)):
+                self.settle()  # (before a step that reads them, or one that does not follow on from them)
+            out = ops.attend_step(q, k, v, views, softmax_scale, codes=not wait)
+            if wait:
+                self.unwritten = Unwritten(views.batch, end - 1 if self.unwritten is None else u.first, end)
         else:
+            self.settle()
             out = self._attend_rows(q, k, v, softmax_scale, dev.valid if holes else dev.no_valid)
         self._advance(*q.shape[:2])
         return out
@@ -359,6 +384,7 @@ class PlugLayer(CacheLayerMixin):
         transformers' sliding layers give it). q `[B, nheads, L, D]`, k `[B, L, nheads_k, D]`, v likewise; `total`:
         tokens each row holds after this forward (`rotated`: q and k carry the key rotation already). Returns `(out
         [B, L, nheads, D], weights)`."""
+        self.settle()
         batch, q_len = k.shape[:2]
         if not rotated:  # the weights are unchanged: (q R) . (k R) / g = q . k
             q, k = self.dev.rotate(q), self.dev.rotate(k)
@@ -395,6 +421,17 @@ class PlugLayer(CacheLayerMixin):
         """Write `k, v [B, L, nheads_k, D]` at slots seqlens[b] + i."""
         ops.write_kvcache(k, v, *self.kv, table, seqlens, status=self.dev.status, backend=self.backend)
 
+    def settle(self) -> None:
+        """Write the codes the decode step left to the exact tail (`unwritten`), quantized from the values the tail
+        holds: the codes a write at once would have stored (the same values, the same quantizer)."""
+        u, self.unwritten = self.unwritten, None
+        if u is None:
+            return
+        bs = self.config.block_size
+        at = slice(u.first % bs, (u.end - 1) % bs + 1)
+        k, v = (t[:u.batch, :, at].transpose(1, 2) for t in self.tail)
+        self._store(k, v, self.block_table, torch.full((u.batch,), u.first, dtype=torch.int32, device=self.device))
+
     def _stored_new(self, k, v, before: int, total: int, batch: int) -> list[torch.Tensor]:
         """The new K and V as the cache holds them, `[batch, nheads_k, L, D]` each."""
         return [self.gather_slots(buf, scale, before, total, batch)
@@ -415,6 +452,7 @@ class PlugLayer(CacheLayerMixin):
     def crop_to(self, keep: int, batch: int, length: int) -> None:
         """Rows < batch holding `length` tokens keep their first `keep`. A crop into an earlier block than the last
         one written refills the tail from the pool: that block's exact values were overwritten (rule 4)."""
+        self.settle()
         self.cache_seqlens[:batch].fill_(keep)
         bs = self.config.block_size
         first = keep - keep % bs
@@ -424,13 +462,16 @@ class PlugLayer(CacheLayerMixin):
                              first)
 
     def select(self, index: list[int]) -> None:
+        assert self.unwritten is None, "rows move with their codes written (the cache settles first)"
         idx = torch.tensor(index, device=self.device)
         self.cache_seqlens[:len(index)] = self.cache_seqlens[idx]
         for t in self.tail or ():
             t[:len(index)] = t[idx]
 
     def take_rows(self, theirs: "PlugLayer") -> None:
-        """Hold the rows `theirs` holds (a fork or a copy of its cache, whose pool this layer shares or copied)."""
+        """Hold the rows `theirs` holds (a fork or a copy of its cache, whose pool this layer shares or copied, its
+        codes written: `settle`)."""
+        assert theirs.unwritten is None, "a fork or a copy takes a layer's pool with its codes written (settle)"
         self.cache_seqlens.copy_(theirs.cache_seqlens)
         self.fresh = theirs.fresh
         for mine, other in zip(self.tail or (), theirs.tail or ()):

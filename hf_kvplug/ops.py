@@ -261,13 +261,14 @@ def attend_planned(q, k, v, kv, plan: torchpath.Plan, softmax_scale: float, tail
     return torchpath.attend(q, k, v, *kv, plan, softmax_scale, *(tail or (None, None)))
 
 
-def attend_step(q, k, v, views, softmax_scale: float) -> torch.Tensor:
+def attend_step(q, k, v, views, softmax_scale: float, codes: bool = True) -> torch.Tensor:
     """The decode step of a PlugCache layer whose buffers are part of a slab, through the views its forward's host
     work took of them: `torchpath.StepViews` (K/V in the model dtype, `torchpath.step_views`) or
     `torchpath.CodeViews` (INT8 / INT4, `torchpath.code_step_views`); the new token's K and V are written through
-    them, in place. The same ops, on the same views, as `attend_planned` runs for that step."""
+    them, in place. The same ops, on the same views, as `attend_planned` runs for that step. `codes=False`: the new
+    token's codes are not written (`CodeViews.codes_can_wait`; its caller writes them later, `PlugLayer.settle`)."""
     if isinstance(views, torchpath.CodeViews):
-        return torchpath.attend_step_codes(q, k, v, views, softmax_scale)
+        return torchpath.attend_step_codes(q, k, v, views, softmax_scale, codes)
     return torchpath.attend_step(q, k, v, *views, softmax_scale)
 
 

@@ -40,7 +40,9 @@ token i's slot).
      and prefix-cached blocks stay plain). The rule applies per call: a call of several tokens that fills a block
      reads that block's tokens from their codes, where one token a call would have read the earlier ones exactly.
      The caller keeps the tail holding the tokens of each row's last block (`PlugLayer`: a crop into an earlier
-     block refills it from the pool).
+     block refills it from the pool). Since no call reads the codes of slots t >= tail_lo_b, a PlugLayer's decode
+     step on the PyTorch path leaves them unwritten until its block fills or anything else touches the pool, then
+     writes them from the tail (`PlugLayer.settle`): the codes this rule writes at once, bit for bit.
 cache_seqlens is not advanced: the caller does that.
 """
 

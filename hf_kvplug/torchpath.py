@@ -467,6 +467,10 @@ class CodeViews(NamedTuple):
     params: torch.Tensor | tuple
     exact: torch.Tensor | tuple | None
 
+    # the step reads its rows' last block, the new token's, from the exact tail (the block is not full after it):
+    # nothing reads that token's codes before the block fills, so they may be written later (`PlugLayer.unwritten`)
+    codes_can_wait = property(lambda self: self.exact is not None)
+
 
 def code_step_views(codes: torch.Tensor, scales: torch.Tensor, tails: torch.Tensor | None, p: Plan) -> list[CodeViews]:
     """The views `_decode_step_codes` takes of each layer's buffers, for all the layers of a slab at once (one view
@@ -493,25 +497,27 @@ def _code_parts(codes, scales, tails, p: Plan, slab: bool) -> tuple:
             None if tails is None or not w else _tail_slots(tails, p.batch, lo % bs, w))
 
 
-def attend_step_codes(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor:
+def attend_step_codes(q, k, v, views: CodeViews, softmax_scale: float, codes: bool = True) -> torch.Tensor:
     """An INT8 or INT4 layer's decode step on its views (`CodeViews`): the new token's codes and scales (and exact
-    values) written through them, in place, then `q [B, 1, nheads, D]` attends each row's span: `[B, 1, nheads,
-    D]`: the arithmetic of every INT8 / INT4 read on this path (a short span dequantized and attended by SDPA over
-    all rows at once, `_dequantized_span`; a long one through `_int8_scores`, `_int8_values`, `_int4_scores`,
-    `_int4_values`, the exact tail's slots as `_exact_pass` adds them), so the same bits as the general path, in few
-    ops, batched over rows and KV heads. For a call without autograd (the caller checks): its ops run in inference
-    mode, which spares each the bookkeeping autograd does even under no_grad (about 0.2 ms a step of the benchmark's
-    4-layer INT4 model), and the output is an ordinary tensor: a short span's SDPA runs after it, outside (its
-    inputs may be inference tensors, and its output is then ordinary without a copy)."""
+    values) written through them, in place (`codes=False`: its exact values only, where `views.codes_can_wait`),
+    then `q [B, 1, nheads, D]` attends each row's span: `[B, 1, nheads, D]`. The arithmetic of every INT8 / INT4
+    read on this path (a short span dequantized and attended by SDPA over all rows at once, `_dequantized_span`; a
+    long one through `_int8_scores`, `_int8_values`, `_int4_scores`, `_int4_values`, the exact tail's slots as
+    `_exact_pass` adds them), so the same bits as the general path, in few ops, batched over rows and KV heads. For a
+    call without autograd (the caller checks): its ops run in inference mode, which spares each the bookkeeping
+    autograd does even under no_grad (about 0.2 ms a step of the benchmark's 4-layer INT4 model), and the output is
+    an ordinary tensor: a short span's SDPA runs after it, outside (its inputs may be inference tensors, and its
+    output is then ordinary without a copy)."""
+    assert codes or views.codes_can_wait, "a step's codes wait only where the step reads its token from the tail"
     with torch.inference_mode():
-        out = _codes_step(q, k, v, views, softmax_scale)
+        out = _codes_step(q, k, v, views, softmax_scale, codes)
     if isinstance(out, tuple):  # (query, keys, values) of a short span
         out = torch.nn.functional.scaled_dot_product_attention(*out, scale=softmax_scale)
         return out.view(q.shape).to(q.dtype)
     return out.to(q.dtype, copy=True)
 
 
-def _codes_step(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor | tuple:
+def _codes_step(q, k, v, views: CodeViews, softmax_scale: float, codes: bool) -> torch.Tensor | tuple:
     batch, _, nheads, head_dim = q.shape
     held = views.codes[0] if isinstance(views.codes, tuple) else views.codes  # K's, or K's and V's: [(2,) B, Hk, c0, .]
     nheads_k, c0 = held.shape[-3], held.shape[-2]
@@ -519,7 +525,8 @@ def _codes_step(q, k, v, views: CodeViews, softmax_scale: float) -> torch.Tensor
     kind = KINDS[held.dtype]
     int4 = kind == "int4"
     new = torch.stack((k, v))
-    (_quantize_int4 if int4 else _quantize_int8)(new, (views.new, views.new_params))  # [2, B, 1, Hk, ...] each
+    if codes:
+        (_quantize_int4 if int4 else _quantize_int8)(new, (views.new, views.new_params))  # [2, B, 1, Hk, ...] each
     if views.new_exact is not None:
         _put(views.new_exact, new)
     k_exact, v_exact = (None, None) if views.exact is None else _pair(views.exact)
@@ -686,6 +693,7 @@ class StepViews(NamedTuple):
     values: torch.Tensor
 
     batch = property(lambda self: self.keys.shape[0])
+    codes_can_wait = False  # (no codes)
 
 
 def step_views(slab: torch.Tensor, p: Plan) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:

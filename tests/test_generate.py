@@ -548,7 +548,7 @@ def test_a_cpu_cache_keeps_its_layers_in_one_slab(monkeypatch):
     want = stock.generate(ids, max_new_tokens=6, do_sample=False)
     steps = []
     real = ops.attend_step
-    monkeypatch.setattr(ops, "attend_step", lambda *a: steps.append(1) or real(*a))
+    monkeypatch.setattr(ops, "attend_step", lambda *a, **kw: steps.append(1) or real(*a, **kw))
     n_layers = len(cache.attn_layers)
     assert [slab.layers for slab in cache.slabs] == [tuple(layer.layer_idx for layer in cache.attn_layers)]
     assert torch.equal(plugged.generate(ids, **kv(cache), max_new_tokens=6, do_sample=False), want)
@@ -622,7 +622,7 @@ def test_a_quantized_cache_decodes_through_its_slabs(kv_dtype, exact_tail, reads
     assert (cache.slabs[0].tails is not None) == exact_tail
     steps = []
     real = ops.attend_step
-    monkeypatch.setattr(ops, "attend_step", lambda *a: steps.append(1) or real(*a))
+    monkeypatch.setattr(ops, "attend_step", lambda *a, **kw: steps.append(1) or real(*a, **kw))
     ids = _prompt(batch=2, length=9)
     with torch.no_grad():
         for c in (cache, parent, ref):

@@ -237,3 +237,95 @@ def test_random_calls_agree_with_the_reference(backend, calls):
         for a, b in zip(mine["bufs"] + [mine["k_tail"], mine["v_tail"]],
                         ref["bufs"] + [ref["k_tail"], ref["v_tail"]]):
             assert torch.equal(a.nan_to_num(), b.nan_to_num()), i
+
+
+def _waiting_loop(cache, plugged, steps: int, between=None, first: int = 11):
+    """A prompt of `first` tokens, then `steps` greedy decode steps, `between(step, cache)` after each (it may
+    return another cache to go on with); the logits of each step."""
+    ids = torch.randint(2, 128, (2, first), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = plugged(ids, **kv(cache))
+        logits = [out.logits[:, -1]]
+        for i in range(steps):
+            out = plugged(out.logits[:cache.batch, -1:].argmax(-1), **kv(cache))
+            logits.append(out.logits[:, -1])
+            if between is not None:
+                cache = between(i, cache) or cache
+    return torch.cat(logits), cache
+
+
+def test_codes_a_decode_step_leaves_to_the_tail_are_the_codes_written_at_once(monkeypatch):
+    """A decode step that reads its token from the exact tail (its block not full) leaves that token's codes
+    unwritten (`PlugLayer.unwritten`); the step that fills the block, or anything else that touches the pool, writes
+    them first (`settle`). Across three blocks that fill, the logits and, once settled, every buffer are bit for bit
+    those of a cache that writes each token's codes at once."""
+    from hf_kvplug import torchpath
+    plugged, cache = _setup()
+    left = []
+    got, cache = _waiting_loop(cache, plugged, 22, lambda i, c: left.append(c.attn_layers[0].unwritten))
+    assert all(u is not None for u in left[:4])  # tokens 12-15: their block (8-15) fills at token 16
+    assert left[4] is None and left[5] == (2, 16, 17)  # the step that filled it wrote them; the next one waits
+    monkeypatch.setattr(torchpath.CodeViews, "codes_can_wait", property(lambda self: False))
+    _, at_once = _setup()
+    want, at_once = _waiting_loop(at_once, plugged, 22)
+    assert all(layer.unwritten is None for layer in at_once.attn_layers)
+    assert torch.equal(got, want)
+    cache._settle()
+    for mine, theirs in zip(cache.attn_layers, at_once.attn_layers):
+        assert mine.unwritten is None
+        for a, b in zip((*mine.kv, *mine.tail), (*theirs.kv, *theirs.tail)):
+            assert torch.equal(a, b)
+
+
+def _save_load(tmp_path):
+    def op(cache, plugged):
+        cache.save(tmp_path / "c.safetensors")
+        return hf_kvplug.PlugCache.load(tmp_path / "c.safetensors", plugged)
+    return op
+
+
+def _grad_step(cache, plugged):
+    """One step with the last layer's weights requiring grad, grad enabled: that layer takes the general path."""
+    w = plugged.model.layers[-1].self_attn.q_proj.weight
+    w.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            plugged(torch.full((2, 1), 7), **kv(cache))
+    finally:
+        w.requires_grad_(False)
+
+
+OPERATIONS = {
+    "crop in the block": lambda c, m: c.crop(-2),
+    "crop into the block before": lambda c, m: c.crop(-6),
+    "reorder": lambda c, m: c.reorder_cache(torch.tensor([1, 1])),
+    "select one row": lambda c, m: c.batch_select_indices(torch.tensor([0])),
+    "fork": lambda c, m: c.fork(),
+    "deep copy": lambda c, m: copy.deepcopy(c),
+    "keys": lambda c, m: [layer.keys for layer in c.layers] and None,
+    "three tokens": lambda c, m: m(torch.full((c.batch, 3), 9), **kv(c)) and None,
+    "grad on one layer": _grad_step,
+}
+
+
+@pytest.mark.parametrize("name", [*OPERATIONS, "save and load"])
+def test_codes_left_to_the_tail_are_written_before_anything_else_reads_them(name, tmp_path):
+    """Whatever comes between decode steps while codes wait in the tail (a crop within the block or into the one
+    before, beams, selecting rows, a fork, a copy, a file, reading keys, a forward of several tokens, a step one
+    layer takes on the general path) gives the logits the reference backend gives, step after step, as the blocks
+    fill."""
+    plugged, cache = _setup()
+    _, ref = _setup(backend="reference")
+    op = _save_load(tmp_path) if name == "save and load" else OPERATIONS[name]
+
+    def between(i, c):
+        if i != 2:  # 14 tokens: 12 and 13 wait in the tail
+            return None
+        if c.backend != "reference":
+            assert all(layer.unwritten == (2, 11, 14) for layer in c.attn_layers)
+        return op(c, plugged)
+
+    got, cache = _waiting_loop(cache, plugged, 14, between)
+    want, ref = _waiting_loop(ref, plugged, 14, between)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert (got - want).abs().max() < 1e-4
