@@ -13,6 +13,7 @@ and never see the cache. What they need of the rows (batch, lengths, leaders, ho
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import NamedTuple
@@ -210,10 +211,10 @@ class PlugLayer(CacheLayerMixin):
     def __repr__(self):
         return f"{type(self).__name__}(layer={self.layer_idx}, device={self.device}, window={self.window})"
 
-    k_cache = property(lambda self: self.kv.k)
-    v_cache = property(lambda self: self.kv.v)
-    k_scale = property(lambda self: self.kv.k_scale)
-    v_scale = property(lambda self: self.kv.v_scale)
+    k_cache = property(lambda self: self.settle() or self.kv.k)
+    v_cache = property(lambda self: self.settle() or self.kv.v)
+    k_scale = property(lambda self: self.settle() or self.kv.k_scale)
+    v_scale = property(lambda self: self.settle() or self.kv.v_scale)
 
     @property
     def block_table(self) -> torch.Tensor:
@@ -424,13 +425,20 @@ class PlugLayer(CacheLayerMixin):
     def settle(self) -> None:
         """Write the codes the decode step left to the exact tail (`unwritten`), quantized from the values the tail
         holds: the codes a write at once would have stored (the same values, the same quantizer)."""
-        u, self.unwritten = self.unwritten, None
+        u = self.unwritten
         if u is None:
             return
         bs = self.config.block_size
         at = slice(u.first % bs, (u.end - 1) % bs + 1)
         k, v = (t[:u.batch, :, at].transpose(1, 2) for t in self.tail)
-        self._store(k, v, self.block_table, torch.full((u.batch,), u.first, dtype=torch.int32, device=self.device))
+        seqlens = torch.full((u.batch,), u.first, dtype=torch.int32, device=self.device)
+        # a cache built inside inference_mode holds inference tensors: written inside it, as its steps wrote them
+        # (`inference_mode(False)` would switch it off inside a caller's: only ever entered)
+        inner = (not torch.compiler.is_compiling() and self.kv.k.is_inference()
+                 and not torch.is_inference_mode_enabled())
+        with torch.inference_mode() if inner else contextlib.nullcontext():
+            self._store(k, v, self.block_table, seqlens)
+        self.unwritten = None  # (only once written: a write that raised leaves them waiting)
 
     def _stored_new(self, k, v, before: int, total: int, batch: int) -> list[torch.Tensor]:
         """The new K and V as the cache holds them, `[batch, nheads_k, L, D]` each."""

@@ -214,6 +214,27 @@ def test_no_recompiles_after_warmup(family, kv_dtype):
     assert_no_graph_breaks()
 
 
+def test_int4_codes_an_eager_step_leaves_waiting_cause_no_recompile():
+    """generate() continued call after call with one unseen token: each call's first forward is an eager one-token
+    step, which leaves INT4 codes waiting in the exact tail (`PlugLayer.unwritten`); the compiled call writes them on
+    eager code before entering the graph, so the graph never sees them: one frame, the eager tokens."""
+    model, cache = plugged("llama", kv_dtype="int4", max_cache_len=128)
+    backend = CountingBackend("eager")
+    config = compile_config(backend)
+    ids = prompt(11)[0]
+    want = ids
+    for i in range(4):
+        want = generate(model, cache, want, None, 3 + i, reset=False)
+    cache.reset()
+    got = ids
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(4):
+            got = generate(model, cache, got, None, 3 + i, config=config, reset=False)
+            assert all(layer.unwritten is None for layer in cache.attn_layers)
+    assert torch.equal(got, want)
+    assert backend.frames == 1
+
+
 @pytest.mark.parametrize("kv_dtype", [None, "int8"])
 def test_left_padded_batch_compiled_equals_eager(kv_dtype):
     model = tiny_model("llama")

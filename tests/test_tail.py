@@ -329,3 +329,65 @@ def test_codes_left_to_the_tail_are_written_before_anything_else_reads_them(name
     want, ref = _waiting_loop(ref, plugged, 14, between)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert (got - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["save", "fork", "deep copy", "keys", "k_cache"])
+def test_codes_waiting_in_a_cache_built_in_inference_mode_are_written_outside_it(name, tmp_path):
+    """A cache built and decoded inside torch.inference_mode() holds inference tensors, with codes waiting in the
+    tail; outside it, a file, a fork, a copy, its keys and its pool attributes still work and continue as the
+    reference (the codes are written as its steps wrote them, inside inference mode; a fork, which shares those
+    tensors, goes on inside it)."""
+    plugged, _ = _setup()
+    ids = torch.randint(2, 128, (2, 11), generator=torch.Generator().manual_seed(3))
+
+    def build(backend):
+        with torch.inference_mode():
+            cache = _setup(backend=backend)[1]
+            out = plugged(ids, **kv(cache))
+            for _ in range(2):  # tokens 11 and 12 wait in the tail
+                out = plugged(out.logits[:, -1:].argmax(-1), **kv(cache))
+        return cache, out.logits[:, -1:].argmax(-1)
+
+    def then(cache):
+        if name == "save":
+            cache.save(tmp_path / "c.safetensors")
+            return hf_kvplug.PlugCache.load(tmp_path / "c.safetensors", plugged)
+        if name == "fork":
+            return cache.fork()
+        if name == "deep copy":
+            return copy.deepcopy(cache)
+        if name == "keys":
+            [layer.keys for layer in cache.layers]
+        else:
+            [layer.k_cache for layer in cache.attn_layers]
+        return cache
+
+    logits = []
+    for backend in ("auto", "reference"):
+        cache, tok = build(backend)
+        if backend == "auto":
+            assert all(layer.unwritten is not None for layer in cache.attn_layers)
+        cache = then(cache)
+        assert all(layer.unwritten is None for layer in cache.attn_layers)
+        with torch.inference_mode() if name == "fork" else torch.no_grad():
+            steps = []
+            for _ in range(6):  # the block fills at 16
+                out = plugged(tok, **kv(cache))
+                tok = out.logits[:, -1:].argmax(-1)
+                steps.append(out.logits[:, -1])
+        logits.append(torch.stack(steps))
+    assert (logits[0] - logits[1]).abs().max() < 1e-4
+
+
+def test_the_pool_attributes_give_codes_written():
+    """`k_cache`, `v_cache`, `k_scale`, `v_scale` (the paged pool, documented) write the codes waiting in the tail
+    first: they hold what a cache writing each token's codes at once holds."""
+    plugged, cache = _setup()
+    _, ref = _setup(backend="reference")
+    _waiting_loop(cache, plugged, 3)
+    _waiting_loop(ref, plugged, 3)
+    assert all(layer.unwritten is not None for layer in cache.attn_layers)
+    for mine, theirs in zip(cache.attn_layers, ref.attn_layers):
+        for attr in ("k_cache", "v_cache", "k_scale", "v_scale"):
+            a, b = getattr(mine, attr), getattr(theirs, attr)
+            assert torch.equal(a.transpose(0, 1).contiguous().transpose(0, 1) if a.shape != b.shape else a, b), attr
