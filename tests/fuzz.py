@@ -155,7 +155,7 @@ def draw(seed: int) -> dict:
         gen["prefill_chunk_size"] = chunk
     if r.random() < 0.12 and not single:  # a decode loop of the caller's own instead of generate()
         case.update(mode="loop", then="none", embeds=False, gen={},
-                    loop=dict(chunk=r.randint(1, length), position_ids=r.random() < 0.5))
+                    loop=dict(chunk=r.randint(1, length), position_ids=r.random() < 0.5, grad_layer=_grad_layer(r)))
         case["cache"]["max_batch_size"] = batch + r.choice([0, 1])
     if case["kv_dtype"] and case["mode"] != "loop":  # fp32: in half precision the fast path and the reference part
         case["dtype"] = "float32"  # by a rounding, and at ties (a decode loop of one's own is compared up to a tie)
@@ -170,8 +170,17 @@ def narrow(case: dict, kv_dtype: str | None = None, dtype: str | None = None, lo
     half = case["kv_dtype"] and case["dtype"] != "float32"
     if (loop or half) and case["mode"] != "loop":
         case.update(mode="loop", then="none", embeds=False, gen={},
-                    loop=dict(chunk=r.randint(1, case["length"]), position_ids=r.random() < 0.5))
+                    loop=dict(chunk=r.randint(1, case["length"]), position_ids=r.random() < 0.5,
+                              grad_layer=_grad_layer(r)))
     return case
+
+
+def _grad_layer(r: random.Random) -> int | None:
+    """A loop's layers on different paths, a third of the time: the attention layer of this index (modulo the
+    model's) has a weight that requires grad, and every third step runs with grad enabled, so that in those steps
+    that layer takes the general path where the others take the decode step's (INT4's codes waiting in its tail
+    since its last step are written first)."""
+    return r.randint(0, 7) if r.random() < 0.33 else None
 
 
 def _prompt(case: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,10 +259,11 @@ def _generate(model, ids, mask, cache, gen: dict, max_new: int, seed: int, assis
         return None, _error(e)
 
 
-def _loop(model, cache, ids, mask, chunk: int, steps: int, position_ids: bool):
+def _loop(model, cache, ids, mask, chunk: int, steps: int, position_ids: bool, grad: bool = False):
     """A decode loop of one's own: the prompt in chunks of `chunk` tokens, then `steps` greedy steps of one token,
-    each call given the 2D mask so far (and `position_ids` from it if asked). Returns the last logits of each call
-    after the prompt, `[batch, vocab]` each, or the exception's type and message."""
+    each call given the 2D mask so far (and `position_ids` from it if asked; `grad`: every third step with grad
+    enabled, so that a layer whose weight requires grad switches paths). Returns the last logits of each call after
+    the prompt, `[batch, vocab]` each, or the exception's type and message."""
     out, length = [], ids.shape[1]
     call = cache_kwargs(cache)
     try:
@@ -263,14 +273,15 @@ def _loop(model, cache, ids, mask, chunk: int, steps: int, position_ids: bool):
                 kw = dict(attention_mask=mask[:, :end], **call)
                 if position_ids:
                     kw["position_ids"] = (mask[:, :end].cumsum(-1) - 1).clamp(min=0)[:, start:end]
-                logits = model(ids[:, start:end], **kw).logits[:, -1]
+                logits = model(ids[:, start:end], **kw).logits[:, -1].detach()
             out.append(logits)
-            for _ in range(steps):
+            for i in range(steps):
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
                 kw = dict(attention_mask=mask, **call)
                 if position_ids:
                     kw["position_ids"] = mask.cumsum(-1)[:, -1:] - 1
-                logits = model(logits.argmax(-1, keepdim=True), **kw).logits[:, -1]
+                with torch.set_grad_enabled(grad and i % 3 == 2):
+                    logits = model(logits.argmax(-1, keepdim=True), **kw).logits[:, -1].detach()
                 out.append(logits)
     except Exception as e:  # noqa: BLE001 - compared with what stock raised
         return _error(e)
@@ -363,7 +374,14 @@ def run(case: dict) -> str | None:
     rounding = ROUNDING if kv_dtype is None or dtype != torch.float32 else ROUNDING_CODES[kv_dtype]
     ids, mask = _prompt(case, case["seed"])
     if case["mode"] == "loop":
-        loop = (ids, mask, case["loop"]["chunk"], case["max_new_tokens"], case["loop"]["position_ids"])
+        grad_layer = case["loop"].get("grad_layer")
+        if grad_layer is not None:  # one attention layer's weight requires grad, in both models
+            for model in (stock, plugged):
+                model.requires_grad_(False)
+                attn = [layer.self_attn for layer in model.model.layers if hasattr(layer, "self_attn")]
+                next(attn[grad_layer % len(attn)].parameters()).requires_grad_(True)
+        loop = (ids, mask, case["loop"]["chunk"], case["max_new_tokens"], case["loop"]["position_ids"],
+                grad_layer is not None)
         ref, out = _loop(stock, stock_cache, *loop), _loop(plugged, cache, *loop)
         if isinstance(ref, str) or isinstance(out, str):
             return _refused(ref if isinstance(ref, str) else None, out if isinstance(out, str) else None, "loop")
