@@ -716,7 +716,11 @@ def attend_step(q, k, v, k_new, v_new, keys, values, softmax_scale: float) -> to
     """The decode step on views: `k, v [B, n, nheads_k, D]` into `k_new, v_new` (views of the buffers where the new
     tokens go, in place), then `q [B, 1, nheads, D]` attends `keys, values [B, nheads_k, slots, D]` (spans ending
     with the new tokens, every slot seen) with PyTorch's SDPA, each KV head's queries as its rows: `[B, 1, nheads,
-    D]`."""
+    D]`. For a call without autograd (the caller checks): with grad enabled it runs under no_grad, since autograd
+    refuses in-place writes to `step_views`' views (`unbind`'s) and reads of them after one there."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return attend_step(q, k, v, k_new, v_new, keys, values, softmax_scale)
     k_new.copy_(k)
     v_new.copy_(v)
     batch, _, nheads, head_dim = q.shape

@@ -568,7 +568,7 @@ def test_a_cpu_cache_keeps_its_layers_in_one_slab(monkeypatch):
     assert inner.slabs == [] and steps == []  # used outside inference_mode: its buffers were copied
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "int4"])
 @pytest.mark.parametrize("mixed", ["grad", "compiled"])
 def test_layers_of_one_forward_on_different_paths_decode_as_the_reference(kv_dtype, mixed):
     """A decode loop whose layers take different paths in one forward: the last layer's weights require grad with
