@@ -360,7 +360,8 @@ class PlugLayer(CacheLayerMixin):
             softmax_scale = dev.softmax_scale(softmax_scale)
         views = None if torch.compiler.is_compiling() else dev.step_views.get(self.layer_idx)
         if (views is not None and q.shape[1] == 1 and q.shape[0] == views.batch and q.dtype == self.config.dtype
-                and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+                and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                                      or self.kv.k.requires_grad or self.kv.v.requires_grad))):
             # the decode step, when this layer's slab has one; a token it reads from the tail leaves its codes
             end, wait = self.state.length, views.codes_can_wait  # (the forward's host work prepared it: a host count)
             u = self.unwritten

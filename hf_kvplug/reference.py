@@ -35,14 +35,15 @@ token i's slot).
      tail_lo_b = BLOCK_SIZE * (L_b // BLOCK_SIZE). Every new token whose slot t is writable and lies in the row's
      last block written, t >= BLOCK_SIZE * ((L_b - 1) // BLOCK_SIZE) (the partial block, or the one that just
      filled: a crop back into it finds it exact), is also stored unquantized at k_tail[b, :, t % BLOCK_SIZE], and
-     every slot t >= tail_lo_b is read from there instead of the pool. The pool always holds every token's codes, so
-     a block that fills is read quantized from then on, and a full block never depends on the tail (shared, forked
-     and prefix-cached blocks stay plain). The rule applies per call: a call of several tokens that fills a block
-     reads that block's tokens from their codes, where one token a call would have read the earlier ones exactly.
-     The caller keeps the tail holding the tokens of each row's last block (`PlugLayer`: a crop into an earlier
-     block refills it from the pool). Since no call reads the codes of slots t >= tail_lo_b, a PlugLayer's decode
-     step on the PyTorch path leaves them unwritten until its block fills or anything else touches the pool, then
-     writes them from the tail (`PlugLayer.settle`): the codes this rule writes at once, bit for bit.
+     every slot t >= tail_lo_b is read from there instead of the pool. The pool holds every token's codes (here at
+     once; a PlugLayer may write a partial block's later, below), so a block that fills is read quantized from then
+     on, and a full block never depends on the tail (shared, forked and prefix-cached blocks stay plain). The rule
+     applies per call: a call of several tokens that fills a block reads that block's tokens from their codes, where
+     one token a call would have read the earlier ones exactly. The caller keeps the tail holding the tokens of each
+     row's last block (`PlugLayer`: a crop into an earlier block refills it from the pool). Since no call reads the
+     codes of slots t >= tail_lo_b, a PlugLayer's decode step on the PyTorch path leaves them unwritten until its
+     block fills or anything else touches the pool, then writes them from the tail (`PlugLayer.settle`): the codes
+     this rule writes at once, bit for bit.
 cache_seqlens is not advanced: the caller does that.
 """
 

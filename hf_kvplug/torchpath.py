@@ -397,7 +397,8 @@ def attend(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, softmax_scale: 
     if exact and (p.mode == "blocks" or k_cache.dtype == q.dtype):
         raise ValueError("the exact tail is read on this path for quantized caches stored heads first or gathered "
                          "(a PlugCache's), not for this call: use the reference")
-    grad = torch.is_grad_enabled() and (q.requires_grad or k is not None and (k.requires_grad or v.requires_grad))
+    grad = torch.is_grad_enabled() and (q.requires_grad or k is not None and (k.requires_grad or v.requires_grad)
+                                        or k_cache.requires_grad or v_cache.requires_grad)  # (K/V written with grad)
     if (p.step and not exact and k_cache.dtype == q.dtype and k is not None and q.shape[1] == 1 and not grad
             and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()):
         return _decode_step(q, k, v, k_cache, v_cache, p, softmax_scale)
@@ -716,8 +717,9 @@ def attend_step(q, k, v, k_new, v_new, keys, values, softmax_scale: float) -> to
     """The decode step on views: `k, v [B, n, nheads_k, D]` into `k_new, v_new` (views of the buffers where the new
     tokens go, in place), then `q [B, 1, nheads, D]` attends `keys, values [B, nheads_k, slots, D]` (spans ending
     with the new tokens, every slot seen) with PyTorch's SDPA, each KV head's queries as its rows: `[B, 1, nheads,
-    D]`. For a call without autograd (the caller checks): with grad enabled it runs under no_grad, since autograd
-    refuses in-place writes to `step_views`' views (`unbind`'s) and reads of them after one there."""
+    D]`. For a call without autograd (the caller checks: q, k, v and the buffers need no grad): with grad enabled it
+    runs under no_grad, since autograd refuses in-place writes to `step_views`' views (`unbind`'s) and reads of them
+    after one there."""
     if torch.is_grad_enabled():
         with torch.no_grad():
             return attend_step(q, k, v, k_new, v_new, keys, values, softmax_scale)

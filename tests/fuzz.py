@@ -155,8 +155,9 @@ def draw(seed: int) -> dict:
         gen["prefill_chunk_size"] = chunk
     if r.random() < 0.12 and not single:  # a decode loop of the caller's own instead of generate()
         case.update(mode="loop", then="none", embeds=False, gen={},
-                    loop=dict(chunk=r.randint(1, length), position_ids=r.random() < 0.5, grad_layer=_grad_layer(r)))
+                    loop=dict(chunk=r.randint(1, length), position_ids=r.random() < 0.5))
         case["cache"]["max_batch_size"] = batch + r.choice([0, 1])
+        case["loop"]["grad_layer"] = _grad_layer(r)  # (drawn last: the earlier draws stay those of older seeds)
     if case["kv_dtype"] and case["mode"] != "loop":  # fp32: in half precision the fast path and the reference part
         case["dtype"] = "float32"  # by a rounding, and at ties (a decode loop of one's own is compared up to a tie)
     return case
@@ -178,8 +179,8 @@ def narrow(case: dict, kv_dtype: str | None = None, dtype: str | None = None, lo
 def _grad_layer(r: random.Random) -> int | None:
     """A loop's layers on different paths, a third of the time: the attention layer of this index (modulo the
     model's) has a weight that requires grad, and every third step runs with grad enabled, so that in those steps
-    that layer takes the general path where the others take the decode step's (INT4's codes waiting in its tail
-    since its last step are written first)."""
+    that layer and the ones after it (their inputs need grad then) take the general path where the ones before it
+    take the decode step's (INT4's codes waiting in their tails since their last step are written first)."""
     return r.randint(0, 7) if r.random() < 0.33 else None
 
 

@@ -599,6 +599,46 @@ def test_layers_of_one_forward_on_different_paths_decode_as_the_reference(kv_dty
     assert (got - want).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("route", ["slab", "copy"])
+def test_gradients_through_cached_kv_flow_as_with_a_dynamic_cache(route):
+    """A forward with grad whose K/V carry history (inputs_embeds that require grad), then a step whose own q / k / v
+    need none: its logits still depend on the cached K/V (the step takes the general path, never the decode step's
+    no_grad one). Through a copy (each layer's own buffers) the gradient to the embeddings is DynamicCache's; a fresh
+    cache's slab is written in place by the next step, so autograd refuses that backward (it raises: never a gradient
+    silently lost)."""
+    import copy
+
+    from transformers import DynamicCache
+
+    def run(kind):
+        model = tiny_model("llama")
+        model.requires_grad_(False)
+        if kind == "stock":
+            cache = DynamicCache(config=model.config)
+        else:
+            model = hf_kvplug.patch(model)
+            cache = hf_kvplug.PlugCache(model, max_batch_size=1, max_cache_len=64, block_size=8)
+        with torch.no_grad():
+            model(_prompt(length=5), **kv(cache))
+        if kind == "copy":
+            cache = copy.deepcopy(cache)
+        emb = model.get_input_embeddings()(torch.tensor([[7]])).detach().requires_grad_(True)
+        model(inputs_embeds=emb, **kv(cache))
+        out = model(torch.tensor([[9]]), **kv(cache))
+        assert out.logits.requires_grad
+        if kind == "slab":
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                out.logits.sum().backward()
+            return None
+        out.logits.sum().backward()
+        return emb.grad
+
+    want = run("stock")
+    got = run(route)
+    if route == "copy":
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("reads", ["dequantized", "products"])
 @pytest.mark.parametrize("kv_dtype, exact_tail", [("int4", True), ("int4", False), ("int8", False)])
 def test_a_quantized_cache_decodes_through_its_slabs(kv_dtype, exact_tail, reads, monkeypatch):
