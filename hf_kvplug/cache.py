@@ -263,8 +263,7 @@ class PlugCache(ForwardHost, DynamicCache):
             raise ValueError(f"row index out of range in {index}")
         self._writable_here()
         self.seq_length_now()
-        for layer in self.attn_layers:
-            layer.settle()  # through the rows' tables as they are
+        self.write_waiting_codes()  # through the rows' tables as they are
         self.paging.select(index)
         self._sync_tables()
         for dev in self.device_states.values():
@@ -300,6 +299,11 @@ class PlugCache(ForwardHost, DynamicCache):
         self.seq_length_now()
         if self.state.open:
             self.sync_lengths()
+        self.write_waiting_codes()
+
+    def write_waiting_codes(self) -> None:
+        """Write every code an INT4 decode step left waiting in a layer's exact tail (`PlugLayer.settle`): before
+        anything moves rows, shares or copies the pool, or runs a compiled graph that would otherwise trace it."""
         for layer in self.attn_layers:
             layer.settle()
 

@@ -259,8 +259,7 @@ def _compiled_call_getter(original):
                 batch, q_len = inputs.shape[:2]
                 if not cache.state.is_prepared(batch, q_len):
                     cache.begin_forward(batch, q_len, kwargs.get("attention_mask"), from_generate=True)
-                for layer in cache.attn_layers:  # codes an eager step left waiting: written here, not traced
-                    layer.settle()
+                cache.write_waiting_codes()  # on eager code, not traced into the graph
             return compiled(*args, **kwargs)
 
         return call
