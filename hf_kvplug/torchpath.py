@@ -455,10 +455,11 @@ def _decode_step_codes(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, sof
 class CodeViews(NamedTuple):
     """Where an INT8 or INT4 layer's decode step writes and reads, each field K's and V's: one view `[2, ...]` (a
     slab's, `code_step_views`) or a pair (one layer's buffers, `_decode_step_codes`). The new token's codes `[B, 1,
-    Hk, D]` (int8) or `[B, 1, Hk, D/2]` (int4), scales `[B, 1, Hk]` (int8) or parameters `[B, 1, Hk, 4]` (int4), and
-    exact values `[B, 1, Hk, D]` (INT4's exact tail; None: none); the codes `[B, Hk, c0, ...]` and scales or
-    parameters `[B, Hk, c0, ...]` of the span's slots [t0, lo) read from the pool, and the exact values `[B * Hk, w,
-    D]` of its slots [lo, end) read from the tail (None: none; `reference`, rule 4)."""
+    Hk, D]` (int8) or `[B, 1, Hk, D/2]` (int4), scales `[B, 1, Hk, 1]` (int8: a trailing 1, so that they broadcast
+    against codes with no op) or parameters `[B, 1, Hk, 4]` (int4), and exact values `[B, 1, Hk, D]` (INT4's exact
+    tail; None: none); the codes `[B, Hk, c0, ...]` and scales or parameters `[B, Hk, c0, 1 or 4]` of the span's
+    slots [t0, lo) read from the pool, and the exact values `[B * Hk, w, D]` of its slots [lo, end) read from the tail
+    (None: none; `reference`, rule 4)."""
 
     batch: int
     new: torch.Tensor | tuple
@@ -491,6 +492,7 @@ def _code_parts(codes, scales, tails, p: Plan, slab: bool) -> tuple:
     exact values read from the tail."""
     bs, end = codes.shape[3 if slab else 2], p.ends
     lo = max(end - end % bs, p.t0) if tails is not None else end  # the first slot read from the tail
+    scales = scales if scales.dim() == codes.dim() else scales.unsqueeze(-1)  # INT8's: [..., block_size, 1]
     c0, w = lo - p.t0, end - lo
     return (_span_slots(codes, p, p.slots - 1, 1, True, slab), _span_slots(scales, p, p.slots - 1, 1, True, slab),
             None if tails is None else _tail_slots(tails, p.batch, (end - 1) % bs, 1, True),
@@ -533,8 +535,8 @@ def _codes_step(q, k, v, views: CodeViews, softmax_scale: float, codes: bool) ->
     k_exact, v_exact = (None, None) if views.exact is None else _pair(views.exact)
     if c0 + (0 if k_exact is None else k_exact.shape[1]) <= DEQUANT_SLOTS[kind]:
         keys, values = _dequantized_span(views, kind, batch, nheads_k, head_dim)
-        return q.reshape(batch, nheads_k, group, head_dim).to(torch.float32), keys, values  # (SDPA: the caller's)
-    qf = q.reshape(n, group, head_dim).to(torch.float32) * softmax_scale
+        return _f32(q.reshape(batch, nheads_k, group, head_dim)), keys, values  # (SDPA: the caller's)
+    qf = _f32(q.reshape(n, group, head_dim)) * softmax_scale
     k_codes, v_codes = _pair(views.codes)
     if int4:
         k_params, v_params = _pair_params(views.params, n)
@@ -543,11 +545,11 @@ def _codes_step(q, k, v, views: CodeViews, softmax_scale: float, codes: bool) ->
         k_params, v_params = _pair(views.params)
         s = _int8_scores(qf, k_codes, k_params)
     if k_exact is not None:
-        s = torch.cat([s, torch.bmm(qf, k_exact.to(torch.float32).transpose(1, 2))], -1)
+        s = torch.cat([s, torch.bmm(qf, _f32(k_exact).transpose(1, 2))], -1)
     probs = torch.softmax(s, -1)
     out = (_int4_values if int4 else _int8_values)(probs[..., :c0], v_codes, v_params)
     if v_exact is not None:
-        out.add_(torch.bmm(probs[..., c0:], v_exact.to(torch.float32)))
+        out.add_(torch.bmm(probs[..., c0:], _f32(v_exact)))
     return out.view(batch, 1, nheads, head_dim)
 
 
@@ -557,13 +559,18 @@ def _dequantized_span(views: CodeViews, kind: str, batch: int, nheads_k: int, he
     if isinstance(views.codes, tuple):
         kv = [_dequantize(c, s, kind) for c, s in zip(views.codes, views.params)]
         if views.exact is not None:  # the span's last slots, from the tail
-            kv = [torch.cat((x, t.view(batch, nheads_k, -1, head_dim).to(torch.float32)), 2)
+            kv = [torch.cat((x, _f32(t.view(batch, nheads_k, -1, head_dim))), 2)
                   for x, t in zip(kv, views.exact)]
         return tuple(kv)
     kv = _dequantize(views.codes, views.params, kind)  # [2, B, Hk, c0, D]
     if views.exact is not None:
-        kv = torch.cat((kv, views.exact.view(2, batch, nheads_k, -1, head_dim).to(torch.float32)), 3)
+        kv = torch.cat((kv, _f32(views.exact.view(2, batch, nheads_k, -1, head_dim))), 3)
     return kv.unbind(0)
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """`x` as fp32: itself where it is (a decode step's `.to` dispatches an op even then)."""
+    return x if x.dtype == torch.float32 else x.to(torch.float32)
 
 
 def _pair(x) -> tuple:
@@ -755,35 +762,38 @@ def _quantize(x: torch.Tensor, storage: torch.dtype):
 
 
 def _quantize_int8(x: torch.Tensor, out: tuple | None = None):
-    """`reference.quantize_int8` in 10 aten ops where it takes 14: the same codes and scales, bit for bit (tests hold
-    the two equal). The same arithmetic: the largest magnitude (one norm instead of abs and max), scale = amax /
-    127, codes round(x * inv) with inv = 127 / amax computed as the reference computes it (the reciprocal of amax
-    clamped to 1e-30, times 127), 0 where amax is NaN; where amax is 0 every x is +-0, so its codes are 0 whatever
-    inv is. The reference's clamp to [-127, 127] changes nothing and is left out: for amax >= 1e-30, |x| <= amax and
-    inv = 127 / amax to two roundings, so |x * inv| <= 127 (1 + 2^-24)^3 < 127.5; below, inv is about 1.27e32 and
-    |x| < 1e-30; a NaN stays NaN through both. `out`: (codes, scales) destinations (tensors or `CodeViews` pairs)
-    written in place, the codes converted by the copy (what `.to(torch.int8)` does), and None returned; else
-    `(codes, scales)`."""
-    xf = x.float()
-    amax = torch.linalg.vector_norm(xf, float("inf"), -1)
+    """`reference.quantize_int8` in 9 aten ops where it takes 14 (10 and 15 for half precision), writing through views:
+    the same codes and scales, bit for bit (tests hold the two equal). The same arithmetic: the largest magnitude (one
+    norm instead of abs and max), scale = amax / 127, codes round(x * inv) with inv = 127 / amax computed as the
+    reference computes it (the reciprocal of amax clamped to 1e-30, times 127), 0 where amax is NaN; where amax is 0
+    every x is +-0, so its codes are 0 whatever inv is. The reference's clamp to [-127, 127] changes nothing and is left
+    out: for amax >= 1e-30, |x| <= amax and inv = 127 / amax to two roundings, so |x * inv| <= 127 (1 + 2^-24)^3 <
+    127.5; below, inv is about 1.27e32 and |x| < 1e-30; a NaN stays NaN through both. `out`: (codes, scales)
+    destinations (tensors or `CodeViews` pairs, the scales' with a trailing 1) written in place, the codes converted by
+    the copy (what `.to(torch.int8)` does), and None returned; else `(codes, scales)`."""
+    xf = _f32(x)
+    amax = torch.linalg.vector_norm(xf, float("inf"), -1, keepdim=True)
     inv = amax.clamp_min(1e-30).reciprocal_().mul_(INT8_MAX).nan_to_num_(nan=0.0)
-    codes = torch.mul(xf, inv.unsqueeze(-1)).round_()
+    codes = torch.mul(xf, inv).round_()
     if out is None:
-        return codes.to(torch.int8), amax / INT8_MAX
+        return codes.to(torch.int8), (amax / INT8_MAX).squeeze(-1)
     _put(out[0], codes)
-    _put(out[1], amax.div_(INT8_MAX))
+    if isinstance(out[1], tuple):
+        _put(out[1], amax.div_(INT8_MAX))
+    else:  # (written by the division itself: one op where a division and a copy take two)
+        torch.div(amax, INT8_MAX, out=out[1])
     return None
 
 
 def _quantize_int4(x: torch.Tensor, out: tuple | None = None):
-    """`reference.quantize_int4` in 22 aten ops where it takes 31: the same codes and parameters, bit for bit (NaN
-    payloads aside; tests hold the two equal). A decode step quantizes a few vectors a layer, so the ops' count is
-    its cost. The same arithmetic: the halves' minima and maxima, s = (max - min) / 15 and the minimum kept in fp16,
-    codes round((x - m) / s) clamped to [0, 15] (1 / s is 0 where s is 0, or NaN), the high half's code times 16
-    added to the low half's (the high nibble; as bytes, so that a NaN half's code leaves the other half's whole).
-    `out`: (codes, parameters) destinations (tensors or `CodeViews` pairs) written in place, and None returned;
-    else `(codes, parameters)`."""
-    halves = x.float().unflatten(-1, (2, x.shape[-1] // 2))
+    """`reference.quantize_int4` in 23 aten ops where it takes 30 (24 and 31 for half precision), writing through views:
+    the same codes and parameters, bit for bit (NaN payloads aside; tests hold the two equal). A decode step quantizes a
+    few vectors a layer, so the ops' count is its cost. The same arithmetic: the halves' minima and maxima, s = (max -
+    min) / 15 and the minimum kept in fp16, codes round((x - m) / s) clamped to [0, 15] (1 / s is 0 where s is 0, or
+    NaN), the high half's code times 16 added to the low half's (the high nibble; as bytes, so that a NaN half's code
+    leaves the other half's whole). `out`: (codes, parameters) destinations (tensors or `CodeViews` pairs) written in
+    place, and None returned; else `(codes, parameters)`."""
+    halves = _f32(x).unflatten(-1, (2, x.shape[-1] // 2))
     lo, hi = halves.amin(-1), halves.amax(-1)
     params = torch.stack([(hi - lo) / INT4_MAX, lo], -1).half()  # [..., 2, 2]: (scale, minimum) of each half
     s, m = params.float().unbind(-1)
@@ -912,12 +922,13 @@ def _dequantize(codes, params, kind: str) -> torch.Tensor:
     D]`: code x scale, or per half code x s + m, the reference's dequantization bit for bit. Every read of a short
     span on this path attends these (`DEQUANT_SLOTS`)."""
     if kind == "int8":  # (int8 codes times fp32 scales: fp32, the codes converted exactly)
-        return torch.mul(codes, params.unsqueeze(-1))
+        return torch.mul(codes, params if params.dim() == codes.dim() else params.unsqueeze(-1))
     p = params.to(torch.float32).unflatten(-1, (2, 2))  # [..., T, half, (scale, minimum)]
     planes = torch.stack((codes & 15, codes >> 4), -2)  # [..., T, half, D/2], uint8
     # code x s + m in one op (the codes promoted to fp32 exactly): a 4-bit code times an fp16 scale is exact in fp32,
     # so a fused product-add (as addcmul may run) rounds once, where the reference's product and sum round once too
-    return torch.addcmul(p[..., 1:2], planes, p[..., 0:1]).flatten(-2)
+    s, m = p.split(1, -1)  # (one op where two slices take two)
+    return torch.addcmul(m, planes, s).flatten(-2)
 
 
 def _with_exact(keys, values, ex: Exact, b: int, n: int, unseen) -> tuple[torch.Tensor, torch.Tensor]:
