@@ -231,6 +231,7 @@ class Side:
     tail_fn8: Callable[[torch.Tensor], torch.Tensor] = int8_roundtrip  # INT8 in the same rotation, for tail(int8)
     # per_layer(layer) -> fn for that layer (replaces fn): schemes whose tables come from CALIB (int4v_candidates)
     per_layer: Callable[[int], Callable[[torch.Tensor], torch.Tensor]] | None = None
+    window: int = 0  # "window": how many of each row's newest tokens are read from the window (`windowed`)
 
 
 EXACT = Side("exact")
@@ -298,6 +299,19 @@ def tail(inner: Side, int8: bool = False) -> Side:
 
 
 tail_k = tail  # the pylm study's name
+
+
+def windowed(inner: Side, w: int, int8: bool = True, rot8: Side | None = None) -> Side:
+    """`inner` (per token) written for every token at once, and each row's newest `w` tokens also kept in a ring of
+    `w` slots per row (INT8, sym per token with an fp32 scale as INT8 caches store it, in `rot8`'s rotation or
+    `inner`'s; int8=False: exact) and read from there: a sliding window, where the exact tail holds only the partial
+    block (1 to 64 tokens). Codes never change (the ring is a second copy), so blocks stay shareable; the ring is
+    per row and counted per row."""
+    fn8 = (rot8.fn if rot8 is not None else inner.tail_fn8) if int8 else None
+    per8 = (BYTES_HEAD_DIM + 4.0) if int8 else 2.0 * BYTES_HEAD_DIM
+    return replace(inner, kind="window", window=w, tail_fn=fn8, bytes_row=inner.bytes_row + w * per8,
+                   desc=f"{inner.desc}; each row's newest {w} tokens read from a ring " + ("in INT8" if int8 else
+                                                                                            "kept exact"))
 
 
 def prescale_k(inner: Side) -> Side:
@@ -759,6 +773,23 @@ def int4v_candidates(head_dim: int) -> list[Scheme]:
                s4(t(outlier_k(hd, 4, "search", fixed=True, groups=1))), s4(t(rot(search1))), "mixed"),
         # (4) ceiling: 2-D VQ
         Scheme("K Hs VQ2 halves + tail", t(vq2_k(hd, h)), v4, "vq"),
+        # (5) 2026-12-07: a sliding window in place of the exact tail, the newest tokens of each row in an INT8 ring
+        # (a second copy: the codes never change), sized to fit 0.30x at 4k; keys' INT8 Hs-rotated as INT8 caches
+        # store them
+        Scheme("Hs K, V asym halves + exact window 64", windowed(rot(asym(h)), 64, False),
+               windowed(asym(h), 64, False), "window"),
+        Scheme("Hs K, V asym halves + INT8 window 128", windowed(rot(asym(h)), 128), windowed(asym(h), 128),
+               "window"),
+        Scheme("Hs K, V asym halves + INT8 window 128 + 4 sinks", s4(windowed(rot(asym(h)), 128)),
+               s4(windowed(asym(h), 128)), "window"),
+        Scheme("Hs K + INT8 window 192, V asym halves + INT8 window 64 + 4 sinks", s4(windowed(rot(asym(h)), 192)),
+               s4(windowed(asym(h), 64)), "window"),
+        Scheme("K 3 RoPE pairs INT8 fixed + Q INT4 search one group, Hs V search one group + INT8 window 128 + 4 "
+               "sinks", s4(windowed(outlier_k(hd, 3, "search", fixed=True, groups=1), 128, rot8=int8_rot(hd))),
+               s4(windowed(rot(search1), 128)), "window"),
+        Scheme("K 4 RoPE pairs INT8 fixed + Q INT4 search one group, Hs V search one group + INT8 window 128 + 4 "
+               "sinks", s4(windowed(outlier_k(hd, 4, "search", fixed=True, groups=1), 128, rot8=int8_rot(hd))),
+               s4(windowed(rot(search1), 128)), "window"),
     ]
 
 
@@ -798,7 +829,7 @@ class FakeQuantLayer(DynamicLayer):
             raise ValueError(f"batch {b} is not {len(self.sides)} blocks of {self.rows} rows")
         self.device = key_states.device
         self.bufs = [torch.zeros(b, h, self.max_len, d, dtype=key_states.dtype, device=self.device) for _ in range(2)]
-        self.prescale = {}
+        self.prescale, self.aux = {}, {}
         self.is_initialized = True
 
     def _mu(self, c: int, i: int, side: Side, new: torch.Tensor) -> torch.Tensor:
@@ -836,6 +867,13 @@ class FakeQuantLayer(DynamicLayer):
                     self.prescale[c, i] = f16(torch.cat([pair, pair], -1).clamp_min(1e-3))
                 s = self.prescale[c, i]
                 buf[:, :, t0:t1] = (side.fn(new.float() / s) * s).to(buf.dtype)
+            elif side.kind == "window":  # the codes at once; the newest `window` read from the ring
+                codes = self.aux.setdefault((c, i), torch.zeros_like(buf))  # every token's codes, read back
+                codes[:, :, t0:t1] = side.fn(new.float()).to(buf.dtype)
+                buf[:, :, t0:t1] = new if side.tail_fn is None else side.tail_fn(new.float()).to(buf.dtype)
+                lo0, lo1 = max(side.sink, t0 - side.window), max(side.sink, t1 - side.window)
+                if lo1 > lo0:  # tokens that left the window: their codes
+                    buf[:, :, lo0:lo1] = codes[:, :, lo0:lo1]
             elif side.kind == "kivi":  # full precision (or tail_fn) until its block fills
                 buf[:, :, t0:t1] = new if side.tail_fn is None else side.tail_fn(new.float()).to(buf.dtype)
                 for blk in range(t0 // KIVI_BLOCK, t1 // KIVI_BLOCK):  # blocks completed by this write
