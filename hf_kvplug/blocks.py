@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import weakref
 
 
 class PoolExhausted(ValueError):
@@ -39,6 +40,8 @@ class BlockPool:
         # candidate free ids, lowest first; an id taken out of turn stays until popped (its count says it is taken)
         self._heap = list(range(num_blocks))
         self.index: PrefixIndex | None = None  # full blocks kept for later requests (prefix caching), evictable
+        # the caches mapping this pool's blocks: one, and each cache forked from it (they share the buffers too)
+        self.holders: weakref.WeakSet = weakref.WeakSet()
 
     def available(self) -> int:
         """Free blocks, and blocks only the prefix index holds (it gives them up when room is needed)."""

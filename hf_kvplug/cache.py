@@ -110,6 +110,8 @@ class PlugCache(ForwardHost, DynamicCache):
             pools[None].index = PrefixIndex(pools[None])
         # a cache dropped without reset() gives its blocks back (a fork shares its pools with others that go on)
         weakref.finalize(self, self.paging.release)
+        for pool in pools.values():
+            pool.holders.add(self)
         self.state = ForwardState(sync=self.sync_lengths)
         devices = dict.fromkeys(config.layer_devices[i] for i in config.attention_layers)
         rotation = key_rotation(config.head_dim).to(config.dtype) if config.key_rotation else None

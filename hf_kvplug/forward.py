@@ -8,6 +8,8 @@ the model's forward pre-hooks) and `traced_forward` inside a forward compiled as
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from . import prefix, torchpath
@@ -241,12 +243,28 @@ class ForwardHost:
                 dev.load_table(ring, dense)
             self._compiled_rows = 0  # reserve() says again which rows a forward compiled as a whole may use
 
+    def _shares_pool(self) -> bool:
+        """Whether another live cache maps blocks of this cache's pools, sharing its buffers: a fork, or the cache
+        this one was forked from (`BlockPool.holders`)."""
+        if all(len(pool.holders) <= 1 for pool in self.pools.values()):
+            return False
+        gc.collect()  # (a dropped fork that reference cycles keep until collected holds nothing)
+        return any(len(pool.holders) > 1 for pool in self.pools.values())
+
     def _writable_here(self) -> None:
         """A cache built inside torch.inference_mode() holds inference tensors, which cannot be written outside it.
         Used outside, it moves its state into ordinary tensors once (new addresses: a compiled graph re-records),
         as a stock DynamicCache, which makes new tensors every step, simply works there."""
-        if torch.is_inference_mode_enabled() or not self.attn_layers[0].cache_seqlens.is_inference():
+        if torch.is_inference_mode_enabled() or not (self.attn_layers[0].cache_seqlens.is_inference()
+                                                      or self.attn_layers[0].kv.k.is_inference()):
             return
+        if self._shares_pool():  # its copy would part from theirs: writes of one, mapped by the other, unseen
+            raise RuntimeError(
+                "this PlugCache was built inside torch.inference_mode() and shares its blocks with another cache (a "
+                "fork, or the cache it was forked from); outside inference_mode its inference tensors cannot be "
+                "written, and a copy of its own would no longer see the other cache's writes to blocks they share. "
+                "Use both inside torch.inference_mode(), give it a pool of its own with copy.deepcopy(cache), or "
+                "build the cache outside inference_mode (it works inside torch.no_grad() and inference_mode alike).")
         for key, dev in self.device_states.items():
             self.device_states[key] = dev.clone()
         for layer in self.attn_layers:

@@ -7,6 +7,8 @@ a clear error, and the cache is usable again after reset().
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache, GenerationConfig
@@ -292,3 +294,36 @@ def test_cache_built_in_inference_mode_works_outside():
     cache.reset()
     with torch.inference_mode():  # and inside again
         assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
+
+
+def test_forks_of_a_cache_built_in_inference_mode_refuse_to_part_outside_it():
+    """A cache built inside torch.inference_mode() moves its state into ordinary tensors when used outside it; one
+    that shares its blocks with another (a fork, or the cache it was forked from) refuses instead, before anything
+    is written, and stays usable inside inference mode: a copy of its own would no longer see the blocks the other
+    writes and the shared prefix index hands it (the tokens were silently wrong). A deep copy has a pool of its own
+    and works outside; once the fork is gone, the parent works outside too."""
+    stock, plugged, _ = _pair("llama")
+    system = torch.randint(2, 128, (1, 41), generator=torch.Generator().manual_seed(0))
+    turn = [torch.randint(2, 128, (1, 5 + i), generator=torch.Generator().manual_seed(1 + i)) for i in range(3)]
+    kw = dict(max_new_tokens=6, do_sample=False)
+    with torch.inference_mode():
+        parent = hf_kvplug.PlugCache(plugged, max_batch_size=2, max_cache_len=128, block_size=8, prefix_caching=True)
+        fork = parent.fork()
+    for cache in (fork, parent):
+        with torch.no_grad(), pytest.raises(RuntimeError, match="shares its blocks with another cache"):
+            plugged.generate(torch.cat([system, turn[0]], 1), **kv(cache), **kw)
+        with pytest.raises(RuntimeError, match="shares its blocks with another cache"):
+            cache.reset()
+    with torch.inference_mode():  # both still work inside it, the fork mapping the parent's indexed blocks
+        for cache, ids in ((parent, torch.cat([system, turn[0]], 1)), (fork, torch.cat([system, turn[1]], 1))):
+            cache.reset()
+            assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
+        assert fork.stats()["prefix_hit_tokens"] == 40
+    own = copy.deepcopy(fork)
+    ids = torch.cat([system, turn[2]], 1)
+    with torch.no_grad():
+        own.reset()
+        assert torch.equal(plugged.generate(ids, **kv(own), **kw), stock.generate(ids, **kw))
+        del fork, own, cache  # (the loop above left `cache` naming the fork)
+        parent.reset()
+        assert torch.equal(plugged.generate(ids, **kv(parent), **kw), stock.generate(ids, **kw))
