@@ -143,6 +143,7 @@ class PlugCache(ForwardHost, DynamicCache):
         # filled (tokens a row holds once the prompt is in)
         self._generate: dict | None = None
         self._compiled_rows = 0  # leading rows mapped to max_cache_len with private blocks (reserve())
+        self._reserved_from = 0  # from which slot on reserve() made them private
 
     # --- sizes -----------------------------------------------------------------------------------------
 
@@ -244,6 +245,8 @@ class PlugCache(ForwardHost, DynamicCache):
         for layer in self.attn_layers:
             layer.crop_to(keep, self.batch, length)
         self.state.cropped(keep)
+        if keep < self._reserved_from:  # the next write lands where reserve() made nothing private
+            self._compiled_rows = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor, *args, **kwargs) -> None:
         """Beam search: row b becomes row beam_idx[b]. Moves block ids and reference counts, copies no K/V (a row
@@ -350,6 +353,14 @@ class PlugCache(ForwardHost, DynamicCache):
             raise ValueError("This PlugCache was built for another model (cache vs model: " + "; ".join(diffs)
                              + "). Build one with hf_kvplug.PlugCache(model, ...).")
 
+    def clear_prefix_index(self) -> None:
+        """Prefix caching: forget every block kept for later requests (the cache's own rows keep theirs). Needed only
+        after a change to the model that `prefix.fingerprint` cannot see (a write through `.data` that misses every
+        element it probes); weights changed otherwise, adapters and configs are seen."""
+        index = self.pools[None].index if None in self.pools else None
+        if index is not None:
+            index.clear()
+
     def reset_stats(self) -> None:
         """Start counting `stats()["prefix_hit_tokens"]` again."""
         if self.pools.get(None) and self.pools[None].index is not None:
@@ -362,6 +373,8 @@ class PlugCache(ForwardHost, DynamicCache):
         prefix caching, `root` names the model and format (`prefix.fingerprint`: the index keeps only entries made
         under it) and `prompt = (input_ids, attention_mask)` maps what the index holds of the prompts
         (`reuse_prefix`)."""
+        with inference_mode_explained("PlugCache.generate_begins"):
+            self._writable_here()  # (before reuse_prefix changes the tables)
         if self.state.open:
             self.sync_lengths()
         if root is not None and self.config.prefix_caching:

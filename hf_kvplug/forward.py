@@ -168,6 +168,7 @@ class ForwardHost:
         cache holds, their tokens and mask over (at least) the tokens the cache holds."""
         index, table, bs = self.pools[None].index, self.paging.tables[None], self.config.block_size
         length = self.seq_length_now()
+        self._compiled_rows = 0  # the index holds these blocks too: a crop back into them must copy them first
         for row, tokens, bits in finished:
             count = min(len(tokens), length) // bs
             if len(tokens) >= count * bs and len(bits) >= count * bs and len(table.rows[row]) >= count:
@@ -222,11 +223,14 @@ class ForwardHost:
         that forwards compiled as a whole (which cannot map blocks) can run. Raises if the pool is too small."""
         rows = self.max_batch_size if rows is None else rows
         tokens = self.max_cache_len if tokens is None else tokens
-        try:
-            full = self.paging.reserve(rows, self.seq_length_now(), tokens, self._copy_blocks)
-        finally:
-            self._sync_tables()
-        self._compiled_rows = full
+        with inference_mode_explained("PlugCache.reserve"):
+            self._writable_here()  # (before any table changes)
+            start = self.seq_length_now()
+            try:
+                full = self.paging.reserve(rows, start, tokens, self._copy_blocks)
+            finally:
+                self._sync_tables()
+        self._compiled_rows, self._reserved_from = full, start
 
     def _copy_blocks(self, ring: int | None, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: block src's data into block dst, in every layer of group `ring`."""

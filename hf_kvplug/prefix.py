@@ -10,22 +10,39 @@ from __future__ import annotations
 
 import itertools
 
+import torch
+
 _IDENTITIES = itertools.count(1)
+PROBES = 8  # elements of each weight read by `fingerprint`
 
 
 def fingerprint(model, config) -> tuple:
     """What besides tokens and mask decides a block's K/V for `model` in a cache of `config`: the model object (a
-    number it keeps for its life, never reused), its weights' in-place versions (a load_state_dict or an optimizer
-    step changes them), its active adapters, its config, and the cache's dtype, kv_dtype, key rotation and block
-    size."""
+    number it keeps for its life, never reused), its weights (`weights`), its active adapters, its config, and the
+    cache's dtype, kv_dtype, key rotation and block size."""
     identity = model.__dict__.setdefault("_kvplug_identity", next(_IDENTITIES))
-    versions = sum(p._version for p in model.parameters())
+    versions = weights(model)
     try:
         adapters = tuple(model.active_adapters()) if getattr(model, "_hf_peft_config_loaded", False) else ()
     except (ValueError, AttributeError):
         adapters = ()
     return (identity, versions, adapters, model.config.to_json_string(), str(config.dtype), config.kv_dtype,
             config.key_rotation, config.block_size)
+
+
+def weights(model) -> tuple:
+    """Each weight's storage address and in-place version (a replaced Parameter, a `load_state_dict`, an optimizer
+    step change them) and the bits of `PROBES` elements spread over it, which also see writes through `.data` (they
+    leave the version as it was); one host read for them all. A write through `.data` that changes none of the
+    probed elements goes unseen: call the cache's `clear_prefix_index()` then."""
+    params = [p for p in model.parameters() if p.device.type != "meta"]
+    probes: dict[torch.device, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for p in params:
+            probes.setdefault(p.device, []).append(
+                p.detach().reshape(-1)[::max(1, p.numel() // PROBES)][:PROBES].to(torch.float32, copy=True))
+        bits = tuple(tuple(torch.cat(group).view(torch.int32).tolist()) for group in probes.values())
+    return tuple((p.data_ptr(), p._version) for p in params), bits
 
 
 def row_blocks(tokens: list[int], mask: list[int], block_size: int, count: int) -> list[tuple]:

@@ -314,6 +314,8 @@ def test_forks_of_a_cache_built_in_inference_mode_refuse_to_part_outside_it():
             plugged.generate(torch.cat([system, turn[0]], 1), **kv(cache), **kw)
         with pytest.raises(RuntimeError, match="shares its blocks with another cache"):
             cache.reset()
+        with pytest.raises(RuntimeError, match="shares its blocks with another cache"):
+            cache.reserve(rows=1)  # (before its tables change: it used to map blocks whose copy then failed)
     with torch.inference_mode():  # both still work inside it, the fork mapping the parent's indexed blocks
         for cache, ids in ((parent, torch.cat([system, turn[0]], 1)), (fork, torch.cat([system, turn[1]], 1))):
             cache.reset()

@@ -230,6 +230,33 @@ def test_changed_weights_are_never_matched():
     assert cache.stats()["prefix_hit_tokens"] == before
 
 
+@pytest.mark.parametrize("how", ["data", "parameter", "cleared"])
+def test_weights_written_through_data_or_replaced_are_never_matched(how):
+    """Writes through `.data` leave a weight's in-place version as it was, and a replaced Parameter starts again at
+    version 0: the index's root probes each weight's elements and address too, so nothing indexed before matches
+    (the tokens were silently the old weights' K/V); unchanged weights still match; `clear_prefix_index()` forgets
+    what an edit missing every probed element would leave."""
+    stock, plugged, cache = _pair()
+    ids = _ids(30, 8)
+    kw = dict(max_new_tokens=6, do_sample=False)
+    plugged.generate(ids, **kv(cache), **kw)
+    cache.reset()
+    plugged.generate(ids, **kv(cache), **kw)
+    assert cache.stats()["prefix_hit_tokens"] == 24  # unchanged: matched
+    new = torch.randn_like(plugged.model.layers[0].self_attn.k_proj.weight) * 0.1
+    for model in (plugged, stock):
+        proj = model.model.layers[0].self_attn.k_proj
+        if how == "parameter":
+            proj.weight = torch.nn.Parameter(new.clone())
+        elif how == "data":
+            proj.weight.data.copy_(new)
+    cache.reset()
+    if how == "cleared":
+        cache.clear_prefix_index()
+    assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
+    assert cache.stats()["prefix_hit_tokens"] == 24
+
+
 def test_forks_share_the_index_and_files_load_into_one():
     stock, plugged, cache = _pair()
     kw = dict(max_new_tokens=5, do_sample=False)

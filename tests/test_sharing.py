@@ -209,6 +209,38 @@ def test_fork_makes_a_loop_compiled_as_a_whole_reserve_again():
     assert fork.get_seq_length() == 9
 
 
+def test_a_crop_below_reserve_makes_a_loop_compiled_as_a_whole_reserve_again():
+    """reserve() makes blocks private from the length at that time; a crop back below it (into blocks a fork still
+    maps) would let a forward compiled as a whole write into a shared block without copying it (the fork's tokens
+    changed): such a forward is refused until reserve() again, while a crop within what came after reserve() is not;
+    and once a generate() call indexed the rows' blocks (prefix caching), they are shared with the index too."""
+    _, plugged, cache = _pair("llama")
+    with torch.no_grad():
+        plugged(torch.randint(2, 128, (1, 20)), **kv(cache))
+    fork = cache.fork()
+    cache.reserve(rows=1)
+    with torch.no_grad():
+        plugged(torch.randint(2, 128, (1, 3)), **kv(cache))
+    cache.crop(-2)  # back to 21 >= 20: still private
+    cache.traced_forward(1, 1, None)
+    cache.sync_lengths()
+    cache.crop(-9)  # back to 13, inside a block the fork maps
+    with pytest.raises(ValueError, match="reserve"):
+        cache.traced_forward(1, 1, None)
+    cache.reserve(rows=1)
+    cache.traced_forward(1, 1, None)
+    cache.sync_lengths()
+    assert fork.get_seq_length() == 20
+
+    _, plugged, cache = _pair("llama", prefix_caching=True)
+    cache.reserve(rows=1)
+    plugged.generate(torch.randint(2, 128, (1, 19)), **kv(cache), max_new_tokens=4, do_sample=False)
+    assert cache.stats()["prefix_cached_blocks"] >= 2
+    cache.crop(-12)
+    with pytest.raises(ValueError, match="reserve"):
+        cache.traced_forward(1, 1, None)
+
+
 @pytest.mark.parametrize("how", ["fork", "deepcopy"])
 def test_dropped_forks_and_copies_give_their_blocks_back(how):
     """A server forks a prefilled system prompt per request: each fork's private blocks return to the pool once the
