@@ -188,9 +188,10 @@ class ForwardHost:
         """What a forward compiled as a whole, with no eager code before it (`torch.compile(model)` in a loop of
         your own), can do: device-side mask recording. Blocks must already be mapped (`reserve()`)."""
         if self._compiled_rows < batch:
-            raise ValueError("a forward compiled as a whole cannot map cache blocks; call cache.reserve() once "
-                             "before the loop (or compile model.forward and call the model, whose pre-hook maps "
-                             "blocks eagerly)")
+            raise ValueError("a forward compiled as a whole cannot map cache blocks; call cache.reserve() before "
+                             "the loop, and again after a fork, a crop below the length at reserve() or a generate() "
+                             "call that indexed blocks for prefix caching (or compile model.forward and call the "
+                             "model, whose pre-hook maps blocks eagerly)")
         mask = read_mask_traced(attention_mask, self.max_cache_len)
         if mask is not None:
             for dev in self.device_states.values():
@@ -259,10 +260,10 @@ class ForwardHost:
         """A cache built inside torch.inference_mode() holds inference tensors, which cannot be written outside it.
         Used outside, it moves its state into ordinary tensors once (new addresses: a compiled graph re-records),
         as a stock DynamicCache, which makes new tensors every step, simply works there."""
-        if torch.is_inference_mode_enabled() or not (self.attn_layers[0].cache_seqlens.is_inference()
-                                                      or self.attn_layers[0].kv.k.is_inference()):
+        first = self.attn_layers[0]
+        if torch.is_inference_mode_enabled() or not (first.cache_seqlens.is_inference() or first.kv.k.is_inference()):
             return
-        if self._shares_pool():  # its copy would part from theirs: writes of one, mapped by the other, unseen
+        if first.kv.k.is_inference() and self._shares_pool():  # a copy would part from theirs: writes unseen
             raise RuntimeError(
                 "this PlugCache was built inside torch.inference_mode() and shares its blocks with another cache (a "
                 "fork, or the cache it was forked from); outside inference_mode its inference tensors cannot be "
@@ -271,7 +272,9 @@ class ForwardHost:
                 "build the cache outside inference_mode (it works inside torch.no_grad() and inference_mode alike).")
         for key, dev in self.device_states.items():
             self.device_states[key] = dev.clone()
+        moved = False
         for layer in self.attn_layers:
-            layer.unpin_from_inference_mode()
+            moved |= layer.unpin_from_inference_mode()
             layer.dev = self.device_states[layer.device]
-        self.slabs = []  # each layer's buffers are a copy of their own now
+        if moved:
+            self.slabs = []  # each layer's buffers are a copy of their own now

@@ -486,12 +486,19 @@ class PlugLayer(CacheLayerMixin):
         for mine, other in zip(self.tail or (), theirs.tail or ()):
             mine[:].copy_(other)  # through a new view: a write autograd records leaves a slab's other views stale
 
-    def unpin_from_inference_mode(self) -> None:
-        """Move buffers built inside torch.inference_mode() into ordinary tensors (new addresses)."""
-        self.kv = self.kv.clone()
-        self.tail = None if self.tail is None else self.tail.clone()
-        self.cache_seqlens = self.cache_seqlens.clone()
+    def unpin_from_inference_mode(self) -> bool:
+        """Move the buffers built inside torch.inference_mode() into ordinary tensors (new addresses; the K/V only
+        where they are such: a fork made inside it of a cache built outside shares ordinary ones). Returns whether
+        the K/V or the tail moved."""
+        moved = self.kv.k.is_inference() or (self.tail is not None and self.tail.k.is_inference())
+        if self.kv.k.is_inference():
+            self.kv = self.kv.clone()
+        if self.tail is not None and self.tail.k.is_inference():
+            self.tail = self.tail.clone()
+        if self.cache_seqlens.is_inference():
+            self.cache_seqlens = self.cache_seqlens.clone()
         compat.mark_static(*self.kv, *(self.tail or ()), self.cache_seqlens)
+        return moved
 
 
 compat.answer_max_length_under_both_names(PlugLayer)

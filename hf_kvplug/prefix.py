@@ -34,15 +34,26 @@ def weights(model) -> tuple:
     """Each weight's storage address and in-place version (a replaced Parameter, a `load_state_dict`, an optimizer
     step change them) and the bits of `PROBES` elements spread over it, which also see writes through `.data` (they
     leave the version as it was); one host read for them all. A write through `.data` that changes none of the
-    probed elements goes unseen: call the cache's `clear_prefix_index()` then."""
+    probed elements goes unseen: call the cache's `clear_prefix_index()` then. A sharded weight (a DTensor, tensor
+    parallelism) is probed in its local shard."""
     params = [p for p in model.parameters() if p.device.type != "meta"]
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
     probes: dict[torch.device, list[torch.Tensor]] = {}
     with torch.no_grad():
-        for p in params:
-            probes.setdefault(p.device, []).append(
-                p.detach().reshape(-1)[::max(1, p.numel() // PROBES)][:PROBES].to(torch.float32, copy=True))
-        bits = tuple(tuple(torch.cat(group).view(torch.int32).tolist()) for group in probes.values())
-    return tuple((p.data_ptr(), p._version) for p in params), bits
+        for x in local:
+            probes.setdefault(x.device, []).append(_probe(x.detach().reshape(-1)[::max(1, x.numel() // PROBES)]
+                                                          [:PROBES]))
+        bits = tuple(tuple(torch.cat(group).tolist()) for group in probes.values())
+    return tuple((x.data_ptr(), p._version) for p, x in zip(params, local)), bits
+
+
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    """The bytes of `x` (1-D), as uint8: every bit of every dtype seen alike (a float32 view would round fp64 and
+    int64); a dtype that cannot be viewed so (quantized tensors) as its float32 value's bytes."""
+    try:
+        return x.contiguous().view(torch.uint8)
+    except (RuntimeError, TypeError):
+        return x.to(torch.float32).contiguous().view(torch.uint8)
 
 
 def row_blocks(tokens: list[int], mask: list[int], block_size: int, count: int) -> list[tuple]:

@@ -88,6 +88,26 @@ def run(model, kv=False, kv_dtype=None):
     return out
 
 
+def check_prefix(tag, model):
+    """Prefix caching on the distributed model: two requests sharing a 17-token system prompt, the second mapping its
+    two full blocks from the index (the root probes each rank's shards of the weights), each with the tokens the
+    model gives without a cache."""
+    torch.manual_seed(1)
+    system = torch.randint(2, COMMON["vocab_size"], (1, 17))
+    cache = hf_kvplug.PlugCache(model, max_batch_size=1, max_cache_len=48, block_size=8, prefix_caching=True)
+    for turn in range(2):
+        ids = torch.cat([system, torch.randint(2, COMMON["vocab_size"], (1, 4 + turn))], 1)
+        cache.reset()
+        got = model.generate(ids, **cache_kwargs(cache), max_new_tokens=5, do_sample=False)
+        want = model.generate(ids, max_new_tokens=5, do_sample=False)
+        hits = cache.stats()["prefix_hit_tokens"]
+        ok = torch.equal(got, want) and hits == 16 * turn
+        if not ok:
+            FAILS.append(f"rank{RANK} {tag} prefix caching, request {turn}: tokens_equal={torch.equal(got, want)} "
+                         f"hit tokens {hits}")
+        log0(f"{'ok  ' if ok else 'FAIL'} {tag:36s} prefix caching, request {turn}: hit tokens {hits}")
+
+
 def check(tag, ref, got, skip=(), rel=None):
     for key in ref:
         if key[1] == "greedy" and min(len(set(row[7:].tolist())) for row in got[key][0]) < 3:
@@ -159,6 +179,8 @@ def main():
             stock = run(model)
             hf_kvplug.patch(model)
             fp, int8 = run(model, kv=True), run(model, kv=True, kv_dtype="int8")
+            if mode == "tp":
+                check_prefix(f"{name} {mode}", model)
             del model
             known_bad = {("leftpad", "greedy"), ("leftpad", "beam")} if mode == "pp" else set()
             check(f"{name} {mode} plugged vs stock {mode}", stock, fp, skip=known_bad)

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_two_ranks_tensor_and_pipeline_parallel():
     """Llama and Qwen3, fp and INT8, greedy and beam, TP=2 and PP=2 (PP where transformers has it): plugged tokens and
-    logits equal stock's under the same setup and in one process (tests/dist_run.py says what is checked)."""
+    logits equal stock's under the same setup and in one process; prefix caching under TP maps the index's blocks
+    (tests/dist_run.py says what is checked)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests"))
     env.pop("TRITON_INTERPRET", None)
     # the module form: the `torchrun` script's shebang may point at another environment

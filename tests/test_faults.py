@@ -329,3 +329,15 @@ def test_forks_of_a_cache_built_in_inference_mode_refuse_to_part_outside_it():
         del fork, own, cache  # (the loop above left `cache` naming the fork)
         parent.reset()
         assert torch.equal(plugged.generate(ids, **kv(parent), **kw), stock.generate(ids, **kw))
+
+    # a fork made inside inference mode of a cache built outside it shares ordinary K/V: it moves only its own state
+    # and works outside, each cache mapping the blocks the other indexed
+    normal = hf_kvplug.PlugCache(plugged, max_batch_size=2, max_cache_len=128, block_size=8, prefix_caching=True)
+    with torch.inference_mode():
+        twin = normal.fork()
+    with torch.no_grad():
+        for i, cache in enumerate((twin, normal, twin)):
+            ids = torch.cat([system, turn[i]], 1)
+            cache.reset()
+            assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
+            assert cache.stats()["prefix_hit_tokens"] == 40 * i
