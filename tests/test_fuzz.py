@@ -67,3 +67,15 @@ def test_a_difference_is_reported(monkeypatch):
 
     monkeypatch.setattr(fuzz, "_generate", off_by_one)
     assert "sequences differ" in fuzz.run(case)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "int4"])
+def test_caches_sharing_a_pool_never_change_each_others_reads(kv_dtype):
+    """Forks over one pool and prefix index, in random interleavings of generate() calls, forks, drops, crops and
+    row reorders (`tests/fuzz_sharing.py`): no operation on one cache changes what another reads, and no indexed
+    block changes (more: `python tests/fuzz_sharing.py --kv-dtype int4 --seeds 0 500`)."""
+    import fuzz_sharing
+
+    torch.set_num_threads(1)
+    bad = fuzz_sharing.run(kv_dtype, range(10))
+    assert not bad, "\n".join(bad)
