@@ -455,11 +455,10 @@ def _decode_step_codes(q, k, v, k_cache, v_cache, k_scale, v_scale, p: Plan, sof
 class CodeViews(NamedTuple):
     """Where an INT8 or INT4 layer's decode step writes and reads, each field K's and V's: one view `[2, ...]` (a
     slab's, `code_step_views`) or a pair (one layer's buffers, `_decode_step_codes`). The new token's codes `[B, 1,
-    Hk, D]` (int8) or `[B, 1, Hk, D/2]` (int4), scales `[B, 1, Hk, 1]` (int8: a trailing 1, so that they broadcast
-    against codes with no op) or parameters `[B, 1, Hk, 4]` (int4), and exact values `[B, 1, Hk, D]` (INT4's exact
-    tail; None: none); the codes `[B, Hk, c0, ...]` and scales or parameters `[B, Hk, c0, 1 or 4]` of the span's
-    slots [t0, lo) read from the pool, and the exact values `[B * Hk, w, D]` of its slots [lo, end) read from the tail
-    (None: none; `reference`, rule 4)."""
+    Hk, D]` (int8) or `[B, 1, Hk, D/2]` (int4), scales `[B, 1, Hk]` (int8) or parameters `[B, 1, Hk, 4]` (int4), and
+    exact values `[B, 1, Hk, D]` (INT4's exact tail; None: none); the codes `[B, Hk, c0, ...]` and scales or
+    parameters `[B, Hk, c0, ...]` of the span's slots [t0, lo) read from the pool, and the exact values `[B * Hk, w,
+    D]` of its slots [lo, end) read from the tail (None: none; `reference`, rule 4)."""
 
     batch: int
     new: torch.Tensor | tuple
@@ -492,7 +491,6 @@ def _code_parts(codes, scales, tails, p: Plan, slab: bool) -> tuple:
     exact values read from the tail."""
     bs, end = codes.shape[3 if slab else 2], p.ends
     lo = max(end - end % bs, p.t0) if tails is not None else end  # the first slot read from the tail
-    scales = scales if scales.dim() == codes.dim() else scales.unsqueeze(-1)  # INT8's: [..., block_size, 1]
     c0, w = lo - p.t0, end - lo
     return (_span_slots(codes, p, p.slots - 1, 1, True, slab), _span_slots(scales, p, p.slots - 1, 1, True, slab),
             None if tails is None else _tail_slots(tails, p.batch, (end - 1) % bs, 1, True),
@@ -762,26 +760,23 @@ def _quantize(x: torch.Tensor, storage: torch.dtype):
 
 
 def _quantize_int8(x: torch.Tensor, out: tuple | None = None):
-    """`reference.quantize_int8` in 9 aten ops where it takes 14 (10 and 15 for half precision), writing through views:
+    """`reference.quantize_int8` in 11 aten ops where it takes 14 (12 and 15 for half precision), writing through views:
     the same codes and scales, bit for bit (tests hold the two equal). The same arithmetic: the largest magnitude (one
     norm instead of abs and max), scale = amax / 127, codes round(x * inv) with inv = 127 / amax computed as the
     reference computes it (the reciprocal of amax clamped to 1e-30, times 127), 0 where amax is NaN; where amax is 0
     every x is +-0, so its codes are 0 whatever inv is. The reference's clamp to [-127, 127] changes nothing and is left
     out: for amax >= 1e-30, |x| <= amax and inv = 127 / amax to two roundings, so |x * inv| <= 127 (1 + 2^-24)^3 <
     127.5; below, inv is about 1.27e32 and |x| < 1e-30; a NaN stays NaN through both. `out`: (codes, scales)
-    destinations (tensors or `CodeViews` pairs, the scales' with a trailing 1) written in place, the codes converted by
-    the copy (what `.to(torch.int8)` does), and None returned; else `(codes, scales)`."""
+    destinations (tensors or `CodeViews` pairs) written in place, the codes converted by the copy (what
+    `.to(torch.int8)` does), and None returned; else `(codes, scales)`."""
     xf = _f32(x)
-    amax = torch.linalg.vector_norm(xf, float("inf"), -1, keepdim=True)
+    amax = torch.linalg.vector_norm(xf, float("inf"), -1)
     inv = amax.clamp_min(1e-30).reciprocal_().mul_(INT8_MAX).nan_to_num_(nan=0.0)
-    codes = torch.mul(xf, inv).round_()
+    codes = torch.mul(xf, inv.unsqueeze(-1)).round_()
     if out is None:
-        return codes.to(torch.int8), (amax / INT8_MAX).squeeze(-1)
+        return codes.to(torch.int8), amax / INT8_MAX
     _put(out[0], codes)
-    if isinstance(out[1], tuple):
-        _put(out[1], amax.div_(INT8_MAX))
-    else:  # (written by the division itself: one op where a division and a copy take two)
-        torch.div(amax, INT8_MAX, out=out[1])
+    _put(out[1], amax.div_(INT8_MAX))
     return None
 
 
@@ -922,7 +917,7 @@ def _dequantize(codes, params, kind: str) -> torch.Tensor:
     D]`: code x scale, or per half code x s + m, the reference's dequantization bit for bit. Every read of a short
     span on this path attends these (`DEQUANT_SLOTS`)."""
     if kind == "int8":  # (int8 codes times fp32 scales: fp32, the codes converted exactly)
-        return torch.mul(codes, params if params.dim() == codes.dim() else params.unsqueeze(-1))
+        return torch.mul(codes, params.unsqueeze(-1))
     p = params.to(torch.float32).unflatten(-1, (2, 2))  # [..., T, half, (scale, minimum)]
     planes = torch.stack((codes & 15, codes >> 4), -2)  # [..., T, half, D/2], uint8
     # code x s + m in one op (the codes promoted to fp32 exactly): a 4-bit code times an fp16 scale is exact in fp32,
