@@ -459,13 +459,14 @@ class PlugLayer(CacheLayerMixin):
         """Raise if a crop to `keep` tokens leaves the next forward needing what this layer no longer holds."""
 
     def crop_to(self, keep: int, batch: int, length: int) -> None:
-        """Rows < batch holding `length` tokens keep their first `keep`. A crop into an earlier block than the last
-        one written refills the tail from the pool: that block's exact values were overwritten (rule 4)."""
+        """Rows < batch holding `length` tokens keep their first `keep`. The tail holds the block of a row's last
+        slot (rule 4): a crop whose last slot falls in an earlier block (a block boundary included, so that a second
+        crop finds the block it lands in) refills the tail from the pool, whose codes are all that is left of it."""
         self.settle()
         self.cache_seqlens[:batch].fill_(keep)
         bs = self.config.block_size
-        first = keep - keep % bs
-        if self.tail is not None and first < keep and first < length - 1 - (length - 1) % bs:
+        first = (keep - 1) - (keep - 1) % bs  # the block of the last slot kept
+        if self.tail is not None and 0 < keep < length and first != (length - 1) - (length - 1) % bs:
             self.tail.refill(*(self.gather_slots(buf, scale, first, keep, batch)
                                for buf, scale in ((self.kv.k, self.kv.k_scale), (self.kv.v, self.kv.v_scale))),
                              first)

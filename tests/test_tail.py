@@ -97,6 +97,29 @@ def test_a_crop_into_an_earlier_block_refills_the_tail_from_the_pool():
     assert not torch.equal(a, b)
 
 
+@pytest.mark.parametrize("between", ["nothing", "fork", "select"])
+def test_two_crops_the_first_to_a_block_boundary_read_as_one(between):
+    """A crop to a block boundary leaves no slot of the block it lands after in the old tail: a second crop into that
+    block must refill it, and the cache reads as one cropped once (it read the later block's tokens before)."""
+    ids = torch.randint(2, 128, (1, 26))
+    plugged, twice = _setup()
+    _, once = _setup()
+    with torch.no_grad():
+        for c in (twice, once):
+            plugged(ids, **kv(c))
+        twice.crop(-2)  # 24: a block boundary
+        if between == "fork":
+            twice = twice.fork()
+        elif between == "select":
+            twice.reorder_cache(torch.tensor([0]))
+        twice.crop(-3)  # 21: into block 16..23
+        once.crop(-5)
+        for mine, theirs in zip(twice.layers, once.layers):
+            assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+        step = torch.randint(2, 128, (1, 1))
+        assert torch.equal(plugged(step, **kv(twice)).logits, plugged(step, **kv(once)).logits)
+
+
 def _setup_keys(ids):
     plugged, cache = _setup()
     plugged(ids, **kv(cache))
