@@ -289,6 +289,11 @@ class PlugCache(ForwardHost, DynamicCache):
         self._compiled_rows = 0  # its rows share blocks now: a forward compiled as a whole needs reserve() again
         return self._twin(self.pools, [layer.kv for layer in self.attn_layers], self.paging.fork(), self.slabs)
 
+    def __copy__(self) -> "PlugCache":
+        """`copy.copy(cache)`: a fork. A copy of the object's fields would share its bookkeeping and blocks without
+        their reference counts, and dropping either would give the other's blocks back to the pool."""
+        return self.fork()
+
     def __deepcopy__(self, memo) -> "PlugCache":
         """An independent copy with a pool of its own (HF's prompt-reuse recipe deep-copies a prefilled cache per
         request); `fork()` gives the same without copying any block."""

@@ -106,6 +106,30 @@ def test_fork_shares_blocks_and_diverges():
 
 
 @torch.no_grad()
+def test_a_shallow_copy_is_a_fork_and_outlives_the_original():
+    """`copy.copy(cache)` gives a fork: the original dropped (its blocks given back) leaves the copy's rows whole,
+    while another cache over the pool takes blocks (before, the copy shared the original's bookkeeping, which the
+    original's finalizer emptied: the copy then read blocks another request wrote)."""
+    import gc
+    stock, plugged, cache = _pair("llama")
+    ids, other, steps = (torch.randint(2, 128, shape) for shape in ((2, 10), (2, 10), (2, 4)))
+    plugged(ids, **kv(cache))
+    twin = copy.copy(cache)
+    assert type(twin) is type(cache) and twin.paging is not cache.paging
+    del cache
+    gc.collect()
+    assert twin.get_seq_length() == 10
+    other_cache = twin.fork()
+    other_cache.reset()
+    plugged(other, **kv(other_cache))
+    ref_cache = DynamicCache(config=stock.config)
+    stock(ids, **kv(ref_cache))
+    for i in range(steps.shape[1]):
+        torch.testing.assert_close(plugged(steps[:, i:i + 1], **kv(twin)).logits,
+                                   stock(steps[:, i:i + 1], **kv(ref_cache)).logits)
+
+
+@torch.no_grad()
 def test_deepcopy_prompt_reuse_recipe():
     """HF's recipe: prefill a shared prefix, deep-copy the cache per request, generate with different suffixes."""
     stock, plugged, cache = _pair("qwen3")
