@@ -382,12 +382,13 @@ class PlugCache(ForwardHost, DynamicCache):
             self._writable_here()  # (before reuse_prefix changes the tables)
         if self.state.open:
             self.sync_lengths()
+        reused = 0
         if root is not None and self.config.prefix_caching:
             self.pools[None].index.set_root(root)
             if prompt is not None:
-                self.reuse_prefix(*prompt, share)
+                reused = self.reuse_prefix(*prompt, share) * prompt[0].shape[0]  # tokens reused, all prompts
         self._generate = {"reserve": reserve, "share": share, "recording": self.linear.recording, "begun": False,
-                          "filled": filled}
+                          "filled": filled, "reused": reused}
 
     @property
     def in_generate(self) -> bool:
@@ -397,10 +398,18 @@ class PlugCache(ForwardHost, DynamicCache):
     def generate_ends(self, failed: bool, finished=None) -> None:
         """After the generate() call: linear-attention layers stop recording their past if the call switched it on
         (assisted decoding), so later calls keep no state copies and compile again. A call that failed leaves the
-        count as the layers hold it: a forward stopped part-way is still open, and the next use checks it. With
+        count as the layers hold it: a forward stopped part-way is still open, and the next use checks it (one that
+        reused a prefix and stopped before its prompt was in gives it back: the cache is empty again, as it was). With
         prefix caching, the rows `finished` lists (`index_rows`) go into the index."""
         hints, self._generate = self._generate or {}, None
-        if failed:
+        # A call that reused a prefix into an empty cache and failed before its prompt was in (refused before its
+        # first forward, or a forward of the prompt stopped) leaves the cache empty, as it found it: the layers may
+        # all still hold just the prefix, which no check would catch and the next prompt would continue.
+        prompt_open = self.state.open and (self.state.length or 0) <= hints.get("filled", 0)
+        if failed and hints.get("reused") and (not hints.get("begun") or prompt_open):
+            self.reset()
+            self.pools[None].index.hit_tokens -= hints["reused"]
+        elif failed:
             self.state.abandon()  # a forward prepared for a step that never ran: the next one prepares again
         elif finished and self.config.prefix_caching:
             self.index_rows(finished)

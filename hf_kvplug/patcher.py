@@ -282,7 +282,9 @@ def _checked_generate(generate):
             return generate(self, *args, **{k: v for k, v in kwargs.items() if k not in compat.CACHE_KWARGS})
         call = validate_generate(self, cache, args, kwargs, read)
         assisted = bool(kwargs.get("prompt_lookup_num_tokens")) or kwargs.get("assistant_model") is not None
-        indexing = cache.config.prefix_caching and call.ids is not None
+        # The index keys a block by its tokens and mask bits: a call whose K/V other inputs also decide (position_ids,
+        # inputs_embeds beside the ids, a vision model's pixels) neither reuses nor indexes.
+        indexing = cache.config.prefix_caching and call.ids is not None and not _inputs_beyond_ids(read[2])
         # No prefix reused where the prompt must run whole: assisted decoding feeds its whole first candidate sequence
         # whatever the cache holds, so does a chunked prefill before transformers 5.21, and a call that returns the
         # prompt's attentions or hidden states gets them for every prompt token, as stock's (the index still takes
@@ -314,6 +316,26 @@ def _generation_call(model, args, kwargs):
     extra = {k: v for k, v in kwargs.items() if k not in _GENERATE_PARAMS}
     config, model_kwargs = model._prepare_generation_config(call.get("generation_config"), **extra)
     return call, config, model_kwargs
+
+
+def _inputs_beyond_ids(model_kwargs) -> list[str]:
+    """The tensors a generate() call passes its model besides input_ids and attention_mask (`_generation_call`'s
+    model kwargs)."""
+    return [k for k, v in model_kwargs.items()
+            if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask")]
+
+
+def _attended_mask(ids: torch.Tensor, config) -> torch.Tensor | None:
+    """The 2D mask generate() builds for `ids [B, P]` passed without one (transformers'
+    `_prepare_attention_mask_for_generation`): the pad token's positions hidden where it occurs in the ids and is no
+    EOS token, else None (every token seen). The prefix index keys a block by the mask its K/V were computed under."""
+    pad, eos = config.pad_token_id, config.eos_token_id
+    if pad is None:
+        return None
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if pad in eos or not bool((ids == pad).any()):
+        return None
+    return ids.ne(pad).long()
 
 
 def _returns_prompt_states(config) -> bool:
@@ -374,12 +396,18 @@ def validate_generate(model, cache: PlugCache, args, kwargs, read=None) -> Gener
     if mask is not None and mask.dim() != 2:
         raise ValueError("a PlugCache follows a 2D attention_mask ([batch, tokens], 1 = attend); generate() was "
                          f"given one of {mask.dim()} dimensions")
+    # generate() makes max_new_tokens, else max_length less the inputs it was given (at least one); the cache holds
+    # them after `seen`, the history included where only the new turn is passed
     max_new = config.max_new_tokens
-    total = seen + max_new if max_new is not None else max(config.max_length or 0, seen)
+    if max_new is None:
+        max_new = max((config.max_length or 0) - prompt, 1)
+    total = seen + max_new
     if total > cache.max_cache_len:
         raise ValueError(f"prompt ({seen} tokens) + new tokens = {total} exceeds the PlugCache's max_cache_len="
                          f"{cache.max_cache_len}; build it with max_cache_len >= {total}")
-    ids = inputs if not inputs.is_floating_point() else None
+    ids = inputs if not inputs.is_floating_point() and kwargs.get("inputs_embeds") is None else None
+    if ids is not None and mask is None:
+        mask = _attended_mask(ids, config)
     return GenerateCall(total, expand, expand if past == 0 else 1, ids, mask, (config.num_beams or 1) > 1, past == 0,
                         compat.generate_runs_eager(model, config, cache), seen)
 

@@ -51,6 +51,23 @@ def test_over_max_cache_len_when_continuing_with_only_the_new_turn(warm):
     assert _unchanged(cache, snap)
 
 
+def test_max_length_counts_from_the_ids_given(warm):
+    """generate() makes max_length less the ids it is given: passed only the new turn with the whole conversation's
+    mask, it makes more tokens than max_length less the conversation, and the check counts those (it let such a
+    call run, then fail part-way after writing)."""
+    model, cache, out = warm  # 9 tokens cached, max_cache_len 32
+    snap = _snapshot(cache)
+    new_turn = torch.randint(2, 128, (1, 5))
+    mask = torch.ones(1, out.shape[1] + 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_cache_len=32"):  # 25 - 5 = 20 new tokens after 14 held: 33 slots
+        model.generate(new_turn, attention_mask=mask, **kv(cache), max_length=25, do_sample=False)
+    assert _unchanged(cache, snap)
+    # what fits runs, as stock's: 12 - 5 new tokens, the last one not written
+    held = cache.get_seq_length()
+    got = model.generate(new_turn, attention_mask=mask, **kv(cache), max_length=12, do_sample=False)
+    assert got.shape[1] == 12 and cache.get_seq_length() == held + 5 + 7 - 1
+
+
 def test_over_max_cache_len_in_a_direct_forward(warm):
     model, cache, _ = warm
     snap = _snapshot(cache)

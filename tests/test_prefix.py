@@ -283,6 +283,80 @@ def test_save_load_with_prefix_caching(tmp_path):
     assert torch.equal(plugged.generate(turn, **kv(loaded), **kw), stock.generate(turn, **kv(ref), **kw))
 
 
+def _logits(model, ids, cache=None, **kw):
+    out = model.generate(ids, **(kv(cache) if cache is not None else {}), max_new_tokens=6, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, **kw)
+    return out.sequences, torch.stack(out.logits)
+
+
+@pytest.mark.parametrize("order", ["inferred first", "given first"])
+def test_a_prompt_without_a_mask_is_keyed_by_the_mask_generate_infers(order):
+    """Passed no attention_mask, generate() hides the pad token where it occurs in the prompt: those blocks' K/V were
+    computed under that mask, and a request giving the same tokens every column visible must not reuse them (nor the
+    other way round)."""
+    stock, plugged, cache = _pair()
+    ids = _ids(20, 3)
+    ids[0, [2, 5, 9]] = stock.generation_config.pad_token_id
+    calls = [{}, {"attention_mask": torch.ones_like(ids)}]
+    for kw in calls if order == "inferred first" else calls[::-1]:
+        cache.reset()
+        seq, logits = _logits(plugged, ids, cache, **kw)
+        ref_seq, ref_logits = _logits(stock, ids, **kw)
+        assert torch.equal(seq, ref_seq)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert cache.stats()["prefix_hit_tokens"] == 0
+    cache.reset()  # the same call again does reuse
+    seq, logits = _logits(plugged, ids, cache, **calls[0])
+    assert cache.stats()["prefix_hit_tokens"] == 16
+    torch.testing.assert_close(logits, _logits(stock, ids, **calls[0])[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("extra", ["position_ids", "inputs_embeds"])
+def test_calls_whose_kv_other_inputs_decide_neither_reuse_nor_index(extra):
+    """position_ids, or inputs_embeds beside the ids (soft prompts, a vision model's placeholders), decide K/V the
+    tokens and mask do not show: such a call reuses nothing and indexes nothing."""
+    stock, plugged, cache = _pair()
+    ids = _ids(20, 4)
+    with torch.no_grad():
+        if extra == "position_ids":
+            kws = [{"position_ids": torch.arange(20)[None] + 7}]
+        else:
+            kws = [{"inputs_embeds": plugged.get_input_embeddings()(ids) * s} for s in (1.0, 0.5)]
+    plugged.generate(ids, **kv(cache), max_new_tokens=6, do_sample=False)  # indexed: plain ids
+    for kw in kws:
+        cache.reset()
+        seq, logits = _logits(plugged, ids, cache, **kw)
+        ref_seq, ref_logits = _logits(stock, ids, **kw)
+        assert torch.equal(seq, ref_seq)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert cache.stats()["prefix_hit_tokens"] == 0
+
+
+@pytest.mark.parametrize("how", ["refused", "prefill fails"])
+def test_a_call_that_fails_before_its_prompt_is_in_leaves_the_cache_empty(how):
+    """A request that reuses indexed blocks and fails before its prompt is in (refused by generate() itself for a
+    misspelt keyword, or an error in the first layer of the rest's prefill) leaves the cache empty, as a stock cache
+    stays: the next request does not continue from the mapped prefix."""
+    stock, plugged, cache = _pair()
+    ids, other = _ids(20, 5), _ids(20, 6)
+    plugged.generate(ids, **kv(cache), max_new_tokens=6, do_sample=False)
+    cache.reset()
+    if how == "refused":
+        with pytest.raises(ValueError):
+            plugged.generate(ids, **kv(cache), max_new_tokens=6, do_sample=False, attention_maks=torch.ones_like(ids))
+    else:
+        def fail(*args):
+            raise torch.OutOfMemoryError("simulated")
+        hook = plugged.model.layers[0].register_forward_pre_hook(fail)
+        with pytest.raises(torch.OutOfMemoryError):
+            plugged.generate(ids, **kv(cache), max_new_tokens=6, do_sample=False)
+        hook.remove()
+    assert cache.get_seq_length() == 0 and cache.stats()["prefix_hit_tokens"] == 0
+    assert torch.equal(plugged.generate(other, **kv(cache), max_new_tokens=6, do_sample=False),
+                       stock.generate(other, max_new_tokens=6, do_sample=False))
+
+
+
 @pytest.mark.parametrize("family", ["qwen3_5", "qwen3_sliding"])
 def test_refused_where_blocks_do_not_hold_the_state(family):
     plugged = hf_kvplug.patch(tiny_model(family))
