@@ -347,11 +347,14 @@ class Paging:
         return other
 
     def dirty_tables(self):
-        """(ring, dense table `[max_rows][max_blocks]`) of each table changed since the last call."""
+        """(ring, dense table `[max_rows][max_blocks]`) of each table changed since it was last `loaded`."""
         for ring, table in self.tables.items():
             if table.dirty:
-                table.dirty = False
                 yield ring, table.to_dense()
+
+    def loaded(self, ring: int | None) -> None:
+        """The table of `ring` is on every device as it is now."""
+        self.tables[ring].dirty = False
 
     def mark_dirty(self) -> None:
         for table in self.tables.values():

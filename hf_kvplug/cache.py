@@ -22,7 +22,7 @@ from . import compat, ops
 from .blocks import BlockPool, Paging, PrefixIndex
 from .config import PlugConfig
 from .device import DeviceState
-from .forward import KEEP_MASK, ForwardHost, inference_mode_explained
+from .forward import KEEP_MASK, ForwardHost, all_or_broken, inference_mode_explained
 from .geometry import Geometry, RankLayout
 from .layers import KV, LinearLayers, PlugLayer, RemoteLayer, Slab, Tail, attention_layer
 from .rotation import key_rotation, rotation_gain
@@ -217,19 +217,22 @@ class PlugCache(ForwardHost, DynamicCache):
         """Empty every row (buffers keep their addresses); blocks go back to the pool; the next forward prefills."""
         with inference_mode_explained("PlugCache.reset"):
             self._writable_here()
-            self.paging.release()
-            self._sync_tables()
-            self.linear.reset()
-            for layer in self.attn_layers:
-                layer.reset()
-            for dev in self.device_states.values():
-                dev.reset()
-        self.state.reset()
+            with all_or_broken(self.state, "reset()"):
+                self.paging.release()
+                self._sync_tables()
+                self.linear.reset()
+                for layer in self.attn_layers:
+                    layer.reset()
+                for dev in self.device_states.values():
+                    dev.reset()
+        self.state.reset()  # (the rows are whole again)
 
     def crop(self, n: int, *args, **kwargs) -> None:
         """Drop `-n` tokens (n < 0), or keep the first `n` tokens where transformers crops that way (its older,
         positive convention). Blocks stay mapped; the next write copies a block first if it is shared."""
+        self.state.check_whole()
         self._writable_here()
+        self._settle()  # (a forward prepared that never ran is dropped: the layers say what they hold)
         length = self.seq_length_now()
         if n < 0:
             keep = max(0, length + n)
@@ -241,10 +244,11 @@ class PlugCache(ForwardHost, DynamicCache):
             keep = length
         for layer in self.attn_layers:
             layer.check_crop(keep, self.state.top)
-        self.linear.crop(keep - length)
-        for layer in self.attn_layers:
-            layer.crop_to(keep, self.batch, length)
-        self.state.cropped(keep)
+        with all_or_broken(self.state, "crop()"):
+            self.linear.crop(keep - length)
+            for layer in self.attn_layers:
+                layer.crop_to(keep, self.batch, length)
+            self.state.cropped(keep)
         if keep < self._reserved_from:  # the next write lands where reserve() made nothing private
             self._compiled_rows = 0
 
@@ -266,17 +270,18 @@ class PlugCache(ForwardHost, DynamicCache):
             raise ValueError(f"{len(index)} rows exceed the PlugCache's max_batch_size={self.max_batch_size}")
         if any(i < 0 or i >= self.max_batch_size for i in index):
             raise ValueError(f"row index out of range in {index}")
+        self.state.check_whole()
         self._writable_here()
-        self.seq_length_now()
-        self.write_waiting_codes()  # through the rows' tables as they are
-        self.paging.select(index)
-        self._sync_tables()
-        for dev in self.device_states.values():
-            dev.select(index, self.holes)
-        for layer in self.attn_layers:
-            layer.select(index)
-        self.linear.select(index)
-        self.state.selected(len(index))
+        self._settle()  # codes written through the rows' tables as they are; a forward that never ran dropped
+        with all_or_broken(self.state, "row reorder"):
+            self.paging.select(index)
+            self._sync_tables()
+            for dev in self.device_states.values():
+                dev.select(index, self.holes)
+            for layer in self.attn_layers:
+                layer.select(index)
+            self.linear.select(index)
+            self.state.selected(len(index))
 
     # --- sharing, copies, files ------------------------------------------------------------------------
 
@@ -304,8 +309,10 @@ class PlugCache(ForwardHost, DynamicCache):
         return other
 
     def _settle(self) -> None:
-        """Before a fork, a copy or a file: the host's count, and every code the decode steps left to the exact tails
-        written (`PlugLayer.settle`)."""
+        """Before a fork, a copy, a file, a crop or a reorder: the host's count (an open forward's checked: the
+        layers say what they hold), and every code the decode steps left to the exact tails written
+        (`PlugLayer.settle`)."""
+        self.state.check_whole()
         self.seq_length_now()
         if self.state.open:
             self.sync_lengths()
@@ -378,6 +385,7 @@ class PlugCache(ForwardHost, DynamicCache):
         prefix caching, `root` names the model and format (`prefix.fingerprint`: the index keeps only entries made
         under it) and `prompt = (input_ids, attention_mask)` maps what the index holds of the prompts
         (`reuse_prefix`)."""
+        self.state.check_whole()
         with inference_mode_explained("PlugCache.generate_begins"):
             self._writable_here()  # (before reuse_prefix changes the tables)
         if self.state.open:

@@ -38,6 +38,23 @@ class inference_mode_explained:
         return False
 
 
+class all_or_broken:
+    """`with all_or_broken(state, what):` around changes to a cache's rows that must all happen once begun (its
+    checks passed): an exception inside (out of memory, KeyboardInterrupt) marks the rows broken
+    (`ForwardState.broke`), so that every later use raises until reset() instead of reading half-changed rows."""
+
+    def __init__(self, state, what: str):
+        self.state, self.what = state, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb) -> bool:
+        if kind is not None:
+            self.state.broke(f"{self.what} stopped part-way ({kind.__name__})")
+        return False
+
+
 class ForwardHost:
     """PlugCache's host side of a forward (a mixin: the state it works on is the cache's, `cache.py`)."""
 
@@ -48,6 +65,7 @@ class ForwardHost:
         shared blocks private where this forward writes. `from_generate` / `first_step`: a forward of a generate()
         call, its first or a later one (None: the first this call prepares). Raises before anything is written."""
         with inference_mode_explained("PlugCache.begin_forward"):
+            self.state.check_whole()
             self._writable_here()
             if self.state.open:
                 self.sync_lengths()  # the last forward stopped part-way or never ran: go on only if the layers agree
@@ -151,15 +169,17 @@ class ForwardHost:
         reused = min(len(f) for f in found)
         if not reused:
             return 0
-        for r in range(rows):
-            table.rows[r] = list(found[r // expand][:reused])
-            table.pool.incref(table.rows[r])
-        table.dirty = True
-        self._sync_tables()
-        for layer in self.attn_layers:
-            layer.cache_seqlens[:rows].fill_(reused * bs)
-            layer.fresh = False
-        self.state.restore(rows, reused * bs, False, reused * bs)  # the first forward records the mask over all
+        with all_or_broken(self.state, "prefix reuse"):
+            for r in range(rows):
+                blocks = list(found[r // expand][:reused])
+                table.pool.incref(blocks)  # (before the row names them: a release never frees a block twice)
+                table.rows[r] = blocks
+            table.dirty = True
+            self._sync_tables()
+            for layer in self.attn_layers:
+                layer.cache_seqlens[:rows].fill_(reused * bs)
+                layer.fresh = False
+            self.state.restore(rows, reused * bs, False, reused * bs)  # the first forward records the mask over all
         index.hit_tokens += batch * reused * bs
         return reused * bs
 
@@ -224,6 +244,7 @@ class ForwardHost:
         that forwards compiled as a whole (which cannot map blocks) can run. Raises if the pool is too small."""
         rows = self.max_batch_size if rows is None else rows
         tokens = self.max_cache_len if tokens is None else tokens
+        self.state.check_whole()
         with inference_mode_explained("PlugCache.reserve"):
             self._writable_here()  # (before any table changes)
             start = self.seq_length_now()
@@ -235,17 +256,19 @@ class ForwardHost:
 
     def _copy_blocks(self, ring: int | None, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: block src's data into block dst, in every layer of group `ring`."""
-        if copies:
+        if copies:  # the tables already map the copies: a copy that stops leaves a row reading a block never filled
             src, dst = [c[0] for c in copies], [c[1] for c in copies]
-            for layer in self.attn_layers:
-                if layer.ring == ring:
-                    layer.kv.copy_blocks(src, dst)
+            with all_or_broken(self.state, "copy on write"):
+                for layer in self.attn_layers:
+                    if layer.ring == ring:
+                        layer.kv.copy_blocks(src, dst)
 
     def _sync_tables(self) -> None:
         for ring, dense in self.paging.dirty_tables():
             dense = torch.tensor(dense, dtype=torch.int32)
             for dev in self.device_states.values():
                 dev.load_table(ring, dense)
+            self.paging.loaded(ring)  # (only once on every device: a load that raised is tried again)
             self._compiled_rows = 0  # reserve() says again which rows a forward compiled as a whole may use
 
     def _shares_pool(self) -> bool:

@@ -26,6 +26,9 @@ class ForwardState:
     pending: tokens the open forward adds. phase, shape: where the forward is, and (batch, q_len) it was prepared for.
     eager: whether the open forward's layers attend with the model's eager attention, as its first attention layer
     found (the same config reaches every layer); None until then.
+    broken: what stopped part-way among changes that must all happen (a crop, a reorder, a copy on write, a reset:
+    an out-of-memory error or KeyboardInterrupt inside), or None: the rows are not known then, and every use but
+    reset() raises (`check_whole`).
     `sync` reads the device's lengths when the host lost count (set by the cache that owns this state).
     """
 
@@ -39,6 +42,17 @@ class ForwardState:
         self.pending = 0
         self.phase, self.shape = IDLE, None
         self.eager: bool | None = None
+        self.broken: str | None = None
+
+    def broke(self, what: str) -> None:
+        """Changes that must all happen stopped part-way (`what`): nothing but reset() may use the rows now."""
+        self.broken = what
+
+    def check_whole(self) -> None:
+        """Raise if changes to the rows stopped part-way (`broke`)."""
+        if self.broken is not None:
+            raise RuntimeError(f"the PlugCache's {self.broken}, so what its rows hold is not known; call "
+                               "cache.reset() (its blocks go back to the pool) and run the request again")
 
     @property
     def open(self) -> bool:

@@ -282,6 +282,115 @@ def test_interrupted_generate_then_reset():
     assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
 
 
+# ------------------------------------------------------------------------------------------ changes stopped part-way
+
+def _raising_at(monkeypatch, owner, name, at, exc):
+    """`owner.name` raises `exc` at its `at`-th call (1-based), then runs as before."""
+    real, calls = getattr(owner, name), []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            raise exc("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, fake)
+
+
+@pytest.mark.parametrize("exc", [torch.OutOfMemoryError, KeyboardInterrupt])
+@pytest.mark.parametrize("where", ["copy on write", "crop", "reorder", "reset"])
+def test_changes_stopped_part_way_refuse_every_use_until_reset(monkeypatch, where, exc):
+    """Out of memory or Ctrl-C inside changes that must all happen (a fork's copy on write, whose table already maps
+    the copy; a crop or a reorder of an INT4 cache, layer by layer with its tails; a reset) left rows that read a
+    block never filled, or layers that disagree unseen: every use now raises until reset(), and the parent of a fork
+    is untouched. Then the cache gives stock's tokens again."""
+    from hf_kvplug import layers as layers_mod
+    from hf_kvplug.layers import KV
+
+    stock, plugged, parent = _pair("llama", kv_dtype="int4" if where in ("crop", "reorder") else None, block_size=4)
+    ids, step = torch.randint(2, 128, (2, 10)), torch.randint(2, 128, (2, 1))
+    kw = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        plugged(ids, **kv(parent))
+        want = plugged(step, **kv(parent.fork())).logits
+        cache = parent.fork()
+        if where == "copy on write":  # the fork's first write goes into the block it shares with its parent
+            _raising_at(monkeypatch, KV, "copy_blocks", 1, exc)
+            do = lambda: plugged(step, **kv(cache))  # noqa: E731
+        elif where == "crop":
+            _raising_at(monkeypatch, layers_mod.PlugLayer, "crop_to", 2, exc)
+            do = lambda: cache.crop(-3)  # noqa: E731
+        elif where == "reorder":
+            _raising_at(monkeypatch, layers_mod.PlugLayer, "select", 2, exc)
+            do = lambda: cache.reorder_cache(torch.tensor([1, 0]))  # noqa: E731
+        else:
+            _raising_at(monkeypatch, layers_mod.PlugLayer, "reset", 2, exc)
+            do = cache.reset
+        with pytest.raises(exc):
+            do()
+        monkeypatch.undo()
+        for use in (lambda: plugged(step, **kv(cache)), lambda: cache.crop(-1), cache.fork,
+                    lambda: plugged.generate(ids, **kv(cache), **kw)):
+            with pytest.raises(RuntimeError, match="stopped part-way.*call cache.reset"):
+                use()
+        torch.testing.assert_close(plugged(step, **kv(parent)).logits, want)
+        cache.reset()
+    assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
+
+
+def test_a_device_table_load_that_fails_is_tried_again(monkeypatch):
+    """A fork's copy on write maps a new block; loading the table that names it fails (out of memory): the next
+    forward loads it again, rather than writing through the old table into the block the parent holds."""
+    from hf_kvplug.device import DeviceState
+
+    stock, plugged, parent = _pair("llama", block_size=4, backend="reference")
+    ids, steps = torch.randint(2, 128, (1, 10)), torch.randint(2, 128, (1, 3))
+    ref = DynamicCache(config=stock.config)
+    with torch.no_grad():
+        plugged(ids, **kv(parent))
+        stock(ids, **kv(ref))
+        fork, ref_fork = parent.fork(), copy.deepcopy(ref)
+        _raising_at(monkeypatch, DeviceState, "load_table", 1, torch.OutOfMemoryError)
+        with pytest.raises(torch.OutOfMemoryError):
+            plugged(steps[:, :1], **kv(fork))
+        monkeypatch.undo()
+        for i in range(steps.shape[1]):
+            torch.testing.assert_close(plugged(steps[:, i:i + 1], **kv(fork)).logits,
+                                       stock(steps[:, i:i + 1], **kv(ref_fork)).logits)
+            torch.testing.assert_close(plugged(steps[:, i:i + 1], **kv(parent)).logits,
+                                       stock(steps[:, i:i + 1], **kv(ref)).logits)
+
+
+@pytest.mark.parametrize("then", ["crop", "reorder"])
+def test_a_forward_that_never_ran_then_a_crop_or_reorder(then):
+    """A hand-written loop whose forward is stopped by the user's own pre-hook (the cache prepared it, no layer ran),
+    then crop() or reorder_cache(): the cache drops the prepared forward, as a stock cache never saw it."""
+    stock, plugged, cache = _pair("llama", block_size=4, max_batch_size=2, max_cache_len=32)
+    ids, steps = torch.randint(2, 128, (2, 9)), torch.randint(2, 128, (2, 4))
+    ref = DynamicCache(config=stock.config)
+    with torch.no_grad():
+        plugged(ids, **kv(cache))
+        stock(ids, **kv(ref))
+
+        def stop(*args):
+            raise RuntimeError("the user's hook")
+
+        hook = plugged.register_forward_pre_hook(stop)
+        with pytest.raises(RuntimeError, match="the user's hook"):
+            plugged(steps[:, :1], **kv(cache))
+        hook.remove()
+        if then == "crop":
+            cache.crop(-2)
+            ref.crop(-2)
+        else:
+            cache.reorder_cache(torch.tensor([1, 0]))
+            ref.reorder_cache(torch.tensor([1, 0]))
+        for i in range(1, steps.shape[1]):
+            torch.testing.assert_close(plugged(steps[:, i:i + 1], **kv(cache)).logits,
+                                       stock(steps[:, i:i + 1], **kv(ref)).logits)
+        assert cache.get_seq_length() == ref.get_seq_length()
+
+
 # ------------------------------------------------------------------------------------------------ inference mode
 
 def test_cache_built_in_inference_mode_works_outside():
