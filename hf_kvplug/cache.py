@@ -93,6 +93,12 @@ class PlugCache(ForwardHost, DynamicCache):
             if dtype is None or device is None:
                 raise ValueError("PlugCache(config, ...) needs dtype= and device= (or pass the model instead)")
             geometry = Geometry.from_hf_config(hf_config, dtype=dtype, device=device, layout=layout)
+        length_rope = compat.rope_types(hf_config) & {"dynamic", "longrope"}
+        if prefix_caching and length_rope:
+            raise ValueError(f"prefix_caching=True reuses one request's K/V in another; this model's RoPE "
+                             f"({', '.join(sorted(length_rope))}) changes its frequencies with each forward's length, "
+                             "so a reused prefix would carry the frequencies of the request that wrote it: build the "
+                             "cache without prefix_caching")
         config = PlugConfig(geometry, max_batch_size=max_batch_size, max_cache_len=max_cache_len, kv_dtype=kv_dtype,
                             block_size=block_size, max_tokens=max_tokens, trim_windows=trim_windows,
                             window_slack=window_slack, prefix_caching=prefix_caching, rotate_keys=rotate_keys,

@@ -216,3 +216,19 @@ def kv_heads_per_rank(tp_plan: dict | None, nheads_k: int, tp_size: int) -> int:
     if local is None:
         raise ValueError(f"{nheads_k} KV heads do not split over {tp_size} tensor-parallel ranks")
     return local
+
+
+# RoPE's parameters: `rope_parameters` (5.x), `rope_scaling` where a config keeps the older name; either a dict with a
+# `rope_type` (older: `type`), or one such dict per layer type.
+def rope_types(config) -> set[str]:
+    """The RoPE types a transformers config names (its text config's, for a multimodal one)."""
+    config = getattr(config, "text_config", None) or config
+    found = set()
+    for name in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, name, None)
+        if isinstance(params, dict):
+            for p in (params.values() if all(isinstance(v, dict) for v in params.values()) and params else [params]):
+                kind = p.get("rope_type", p.get("type"))
+                if kind:
+                    found.add(kind)
+    return found

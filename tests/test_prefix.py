@@ -373,3 +373,31 @@ def test_refused_where_blocks_do_not_hold_the_state(family):
             cache.reset()
             assert torch.equal(plugged.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
         assert cache.stats()["prefix_hit_tokens"] == 24
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_refused_where_rope_depends_on_the_length(rope_type, tmp_path):
+    """Dynamic NTK and LongRoPE change RoPE's frequencies with each forward's length: a prefix's K/V depend on the
+    request that wrote them, so prefix caching is refused at construction. Without it the cache follows stock."""
+    from transformers import AutoModelForCausalLM
+
+    from models import tiny_config
+
+    cfg = tiny_config("llama", max_position_embeddings=32)
+    rope = {"rope_type": rope_type, "factor": 2.0, "rope_theta": 10000.0}
+    if rope_type == "longrope":
+        half = cfg.hidden_size // cfg.num_attention_heads // 2
+        rope.update(short_factor=[1.0] * half, long_factor=[2.0] * half, original_max_position_embeddings=16)
+    cfg.rope_parameters = rope
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    stock, plugged = (AutoModelForCausalLM.from_pretrained(tmp_path).eval() for _ in range(2))
+    hf_kvplug.patch(plugged)
+    with pytest.raises(ValueError, match="prefix_caching=True.*" + rope_type):
+        hf_kvplug.PlugCache(plugged, max_batch_size=1, max_cache_len=128, block_size=BS, prefix_caching=True)
+    cache = hf_kvplug.PlugCache(plugged, max_batch_size=1, max_cache_len=128, block_size=BS)
+    ids = _ids(40, 7)  # past the original length: the frequencies change
+    seq, logits = _logits(plugged, ids, cache, pad_token_id=0)
+    ref_seq, ref_logits = _logits(stock, ids, pad_token_id=0)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
