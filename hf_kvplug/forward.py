@@ -13,6 +13,7 @@ import gc
 import torch
 
 from . import prefix, torchpath
+from .blocks import PoolExhausted
 from .device import read_mask, read_mask_traced
 from .layers import PlugLayer
 
@@ -98,6 +99,10 @@ class ForwardHost:
                 mask = read_mask(attention_mask, batch, length + q_len, q_len, from_generate, first_step, fresh)
             try:
                 leaders = self.paging.prepare(batch, length, length + q_len, reserve, share, self._copy_blocks)
+            except PoolExhausted:
+                if share > 1:  # the followers found no room after the leaders took theirs: the rows held nothing
+                    self.paging.release()  # (a fresh cache), and hold nothing again
+                raise
             finally:
                 self._sync_tables()  # the device tables always match the host's
             if fresh:

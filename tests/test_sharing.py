@@ -105,6 +105,19 @@ def test_fork_shares_blocks_and_diverges():
     torch.testing.assert_close(got, stock(suffixes[0], **kv(ref_cache)).logits)
 
 
+def test_a_shared_prompt_that_finds_no_room_leaves_the_pool_as_it_was():
+    """A prompt expanded to rows that share its blocks (num_return_sequences) in a pool too small: the leaders map
+    their blocks, the followers then find no room. The error comes before anything is written, and the pool is as
+    it was: a request that fits runs in the same cache, as in a fresh one."""
+    stock, plugged, cache = _pair("llama", max_batch_size=4, max_cache_len=32, block_size=4, max_tokens=40)
+    big, small = torch.randint(2, 128, (1, 9)), torch.randint(2, 128, (1, 9))
+    with pytest.raises(ValueError, match="free blocks"):
+        plugged.generate(big, **kv(cache), max_new_tokens=20, do_sample=False, num_beams=4, num_return_sequences=4)
+    assert cache.stats()["blocks_in_use"] == 0 and cache.get_seq_length() == 0
+    kw = dict(max_new_tokens=6, do_sample=False, num_beams=2, num_return_sequences=2)
+    assert torch.equal(plugged.generate(small, **kv(cache), **kw), stock.generate(small, **kw))
+
+
 @torch.no_grad()
 def test_a_shallow_copy_is_a_fork_and_outlives_the_original():
     """`copy.copy(cache)` gives a fork: the original dropped (its blocks given back) leaves the copy's rows whole,
