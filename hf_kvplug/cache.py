@@ -223,7 +223,7 @@ class PlugCache(ForwardHost, DynamicCache):
         """Empty every row (buffers keep their addresses); blocks go back to the pool; the next forward prefills."""
         with inference_mode_explained("PlugCache.reset"):
             self._writable_here()
-            with all_or_broken(self.state, "reset()"):
+            with all_or_broken(self, "reset()"):
                 self.paging.release()
                 self._sync_tables()
                 self.linear.reset()
@@ -250,8 +250,8 @@ class PlugCache(ForwardHost, DynamicCache):
             keep = length
         for layer in self.attn_layers:
             layer.check_crop(keep, self.state.top)
-        with all_or_broken(self.state, "crop()"):
-            self.linear.crop(keep - length)
+        self.linear.crop(keep - length)  # (it refuses, changing nothing, where transformers' layers keep no past)
+        with all_or_broken(self, "crop()"):
             for layer in self.attn_layers:
                 layer.crop_to(keep, self.batch, length)
             self.state.cropped(keep)
@@ -279,7 +279,7 @@ class PlugCache(ForwardHost, DynamicCache):
         self.state.check_whole()
         self._writable_here()
         self._settle()  # codes written through the rows' tables as they are; a forward that never ran dropped
-        with all_or_broken(self.state, "row reorder"):
+        with all_or_broken(self, "row reorder"):
             self.paging.select(index)
             self._sync_tables()
             for dev in self.device_states.values():

@@ -40,19 +40,21 @@ class inference_mode_explained:
 
 
 class all_or_broken:
-    """`with all_or_broken(state, what):` around changes to a cache's rows that must all happen once begun (its
+    """`with all_or_broken(cache, what):` around changes to a cache's rows that must all happen once begun (its
     checks passed): an exception inside (out of memory, KeyboardInterrupt) marks the rows broken
-    (`ForwardState.broke`), so that every later use raises until reset() instead of reading half-changed rows."""
+    (`ForwardState.broke`), so that every later use raises until reset() instead of reading half-changed rows (a
+    forward compiled as a whole too: it needs reserve() again, which refuses)."""
 
-    def __init__(self, state, what: str):
-        self.state, self.what = state, what
+    def __init__(self, cache: "ForwardHost", what: str):
+        self.cache, self.what = cache, what
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, e, tb) -> bool:
         if kind is not None:
-            self.state.broke(f"{self.what} stopped part-way ({kind.__name__})")
+            self.cache.state.broke(f"{self.what} stopped part-way ({kind.__name__})")
+            self.cache._compiled_rows = 0
         return False
 
 
@@ -174,7 +176,7 @@ class ForwardHost:
         reused = min(len(f) for f in found)
         if not reused:
             return 0
-        with all_or_broken(self.state, "prefix reuse"):
+        with all_or_broken(self, "prefix reuse"):
             for r in range(rows):
                 blocks = list(found[r // expand][:reused])
                 table.pool.incref(blocks)  # (before the row names them: a release never frees a block twice)
@@ -212,6 +214,7 @@ class ForwardHost:
     def traced_forward(self, batch: int, q_len: int, attention_mask) -> None:
         """What a forward compiled as a whole, with no eager code before it (`torch.compile(model)` in a loop of
         your own), can do: device-side mask recording. Blocks must already be mapped (`reserve()`)."""
+        self.state.check_whole()
         if self._compiled_rows < batch:
             raise ValueError("a forward compiled as a whole cannot map cache blocks; call cache.reserve() before "
                              "the loop, and again after a fork, a crop below the length at reserve() or a generate() "
@@ -263,7 +266,7 @@ class ForwardHost:
         """Copy-on-write: block src's data into block dst, in every layer of group `ring`."""
         if copies:  # the tables already map the copies: a copy that stops leaves a row reading a block never filled
             src, dst = [c[0] for c in copies], [c[1] for c in copies]
-            with all_or_broken(self.state, "copy on write"):
+            with all_or_broken(self, "copy on write"):
                 for layer in self.attn_layers:
                     if layer.ring == ring:
                         layer.kv.copy_blocks(src, dst)

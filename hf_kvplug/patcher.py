@@ -332,7 +332,8 @@ def _attended_mask(ids: torch.Tensor, config) -> torch.Tensor | None:
     pad, eos = config.pad_token_id, config.eos_token_id
     if pad is None:
         return None
-    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = int(torch.as_tensor(pad).flatten()[0])  # (an int, a list, a tensor or a numpy int, as generate() takes)
+    eos = [] if eos is None else torch.as_tensor(eos).flatten().tolist()
     if pad in eos or not bool((ids == pad).any()):
         return None
     return ids.ne(pad).long()
@@ -396,20 +397,32 @@ def validate_generate(model, cache: PlugCache, args, kwargs, read=None) -> Gener
     if mask is not None and mask.dim() != 2:
         raise ValueError("a PlugCache follows a 2D attention_mask ([batch, tokens], 1 = attend); generate() was "
                          f"given one of {mask.dim()} dimensions")
-    # generate() makes max_new_tokens, else max_length less the inputs it was given (at least one); the cache holds
-    # them after `seen`, the history included where only the new turn is passed
-    max_new = config.max_new_tokens
-    if max_new is None:
-        max_new = max((config.max_length or 0) - prompt, 1)
-    total = seen + max_new
+    total = seen + _new_tokens(model, config, call, kwargs, inputs)  # after the history, where only a turn is passed
     if total > cache.max_cache_len:
         raise ValueError(f"prompt ({seen} tokens) + new tokens = {total} exceeds the PlugCache's max_cache_len="
                          f"{cache.max_cache_len}; build it with max_cache_len >= {total}")
     ids = inputs if not inputs.is_floating_point() and kwargs.get("inputs_embeds") is None else None
-    if ids is not None and mask is None:
+    if ids is not None and mask is None and cache.config.prefix_caching:  # (the index's key; one device read)
         mask = _attended_mask(ids, config)
     return GenerateCall(total, expand, expand if past == 0 else 1, ids, mask, (config.num_beams or 1) > 1, past == 0,
                         compat.generate_runs_eager(model, config, cache), seen)
+
+
+def _new_tokens(model, config, call: dict, kwargs: dict, inputs: torch.Tensor) -> int:
+    """The tokens a generate() call makes at most, as its `_prepare_generated_length` works them out: max_new_tokens;
+    else with no max_length set anywhere (the call, the config it was given, the model's), 20 more than the input
+    ids (none for inputs_embeds alone), capped at max_position_embeddings; else max_length less the inputs. At
+    least one (generate() refuses a max_length under the prompt before any forward)."""
+    if config.max_new_tokens is not None:
+        return config.max_new_tokens
+    given = call.get("generation_config")
+    ids_len = 0 if inputs.is_floating_point() else inputs.shape[1]
+    if (kwargs.get("max_length") is None and (given is None or given.max_length is None)
+            and model.generation_config.max_length is None):
+        limit = (config.max_length or 20) + ids_len
+        longest = getattr(model.config, "max_position_embeddings", None)
+        return max((limit if longest is None else min(limit, longest)) - ids_len, 1)
+    return max((config.max_length or 0) - inputs.shape[1], 1)
 
 
 def _finished_rows(out, call: GenerateCall) -> list[tuple[int, list[int], list[int]]] | None:

@@ -68,6 +68,39 @@ def test_max_length_counts_from_the_ids_given(warm):
     assert got.shape[1] == 12 and cache.get_seq_length() == held + 5 + 7 - 1
 
 
+@pytest.mark.parametrize("how", ["default", "embeds"])
+def test_max_length_left_at_its_default_counts_twenty_new_tokens(how):
+    """With no max_length or max_new_tokens anywhere, generate() makes 20 tokens after the input ids (or after no ids
+    at all for inputs_embeds, and then max_length counts from the embeddings): the check counts what it makes, and a
+    cache too short for it refuses before writing (it let the call run and fail part-way)."""
+    model = hf_kvplug.patch(tiny_model("llama"))
+    cache = hf_kvplug.PlugCache(model, max_batch_size=1, max_cache_len=24, block_size=4)
+    ids = torch.randint(2, 128, (1, 8))
+    kw = {"input_ids": ids} if how == "default" else {"inputs_embeds": model.get_input_embeddings()(ids).detach()}
+    with pytest.raises(ValueError, match="max_cache_len=24"):
+        model.generate(**kw, **kv(cache), do_sample=False)
+    assert cache.get_seq_length() == 0 and cache.stats()["blocks_in_use"] == 0
+    out = model.generate(**kw, **kv(cache), do_sample=False, max_new_tokens=12)  # what fits runs
+    assert out.shape[1] == (8 if how == "default" else 0) + 12
+
+
+@pytest.mark.parametrize("eos", [5, [5, 6], "tensor", "numpy"])
+def test_eos_token_id_in_any_form_generate_takes(eos):
+    """generate() takes eos_token_id as an int, a list, a tensor or a numpy int; so does the call's check (it read a
+    tensor's as a list and raised)."""
+    import numpy as np
+
+    stock = tiny_model("llama")
+    model = hf_kvplug.patch(tiny_model("llama"))
+    eos = {"tensor": torch.tensor(5), "numpy": np.int64(5)}.get(eos, eos) if isinstance(eos, str) else eos
+    ids = torch.randint(2, 128, (1, 8))
+    for prefix_caching in (False, True):
+        cache = hf_kvplug.PlugCache(model, max_batch_size=1, max_cache_len=32, block_size=4,
+                                    prefix_caching=prefix_caching)
+        kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=eos)
+        assert torch.equal(model.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
+
+
 def test_over_max_cache_len_in_a_direct_forward(warm):
     model, cache, _ = warm
     snap = _snapshot(cache)

@@ -193,6 +193,24 @@ def test_hybrid_cache_holds_attention_layers_only(family):
     assert cache.is_linear == [k == "linear" for k in kinds]
 
 
+@pytest.mark.parametrize("family", HYBRIDS)
+def test_hybrid_crop_refused_by_transformers_leaves_the_cache_usable(family):
+    """transformers' linear-attention layers refuse a crop when they keep no past (outside assisted decoding), before
+    changing anything: stock's cache goes on, and so does the PlugCache (it is not taken for a crop stopped
+    part-way)."""
+    stock, plugged, cache = _pair(family)
+    ids, step = torch.randint(2, 128, (1, 10)), torch.randint(2, 128, (1, 1))
+    ref = DynamicCache(config=stock.config)
+    with torch.no_grad():
+        plugged(ids, **kv(cache))
+        stock(ids, **kv(ref))
+        for c in (ref, cache):
+            with pytest.raises(RuntimeError, match="does not track past states"):
+                c.crop(-2)
+        assert cache.get_seq_length() == ref.get_seq_length() == 10
+        torch.testing.assert_close(plugged(step, **kv(cache)).logits, stock(step, **kv(ref)).logits)
+
+
 @pytest.mark.parametrize("family", NEW)
 def test_patch_round_trip(family):
     model = tiny_model(family)

@@ -335,15 +335,18 @@ def test_calls_whose_kv_other_inputs_decide_neither_reuse_nor_index(extra):
 @pytest.mark.parametrize("how", ["refused", "prefill fails"])
 def test_a_call_that_fails_before_its_prompt_is_in_leaves_the_cache_empty(how):
     """A request that reuses indexed blocks and fails before its prompt is in (refused by generate() itself for a
-    misspelt keyword, or an error in the first layer of the rest's prefill) leaves the cache empty, as a stock cache
-    stays: the next request does not continue from the mapped prefix."""
+    max_length under the prompt, or an error in the first layer of the rest's prefill) leaves the cache empty, as a
+    stock cache stays: the next request does not continue from the mapped prefix."""
     stock, plugged, cache = _pair()
     ids, other = _ids(20, 5), _ids(20, 6)
+    reused = []
+    real = type(cache).reuse_prefix
+    cache.reuse_prefix = lambda *a: reused.append(real(cache, *a)) or reused[-1]
     plugged.generate(ids, **kv(cache), max_new_tokens=6, do_sample=False)
     cache.reset()
-    if how == "refused":
+    if how == "refused":  # a max_length under the prompt: generate() refuses it before any forward
         with pytest.raises(ValueError):
-            plugged.generate(ids, **kv(cache), max_new_tokens=6, do_sample=False, attention_maks=torch.ones_like(ids))
+            plugged.generate(ids, **kv(cache), max_length=5, do_sample=False)
     else:
         def fail(*args):
             raise torch.OutOfMemoryError("simulated")
@@ -351,6 +354,7 @@ def test_a_call_that_fails_before_its_prompt_is_in_leaves_the_cache_empty(how):
         with pytest.raises(torch.OutOfMemoryError):
             plugged.generate(ids, **kv(cache), max_new_tokens=6, do_sample=False)
         hook.remove()
+    assert reused[-1] == 16  # the failed call did reuse the prompt's blocks
     assert cache.get_seq_length() == 0 and cache.stats()["prefix_hit_tokens"] == 0
     assert torch.equal(plugged.generate(other, **kv(cache), max_new_tokens=6, do_sample=False),
                        stock.generate(other, max_new_tokens=6, do_sample=False))
