@@ -289,6 +289,15 @@ def _logits(model, ids, cache=None, **kw):
     return out.sequences, torch.stack(out.logits)
 
 
+def _as_stock(stock, plugged, cache, ids, **kw):
+    """A request into the cache, reset: stock's tokens, and its logits within 1e-4."""
+    cache.reset()
+    seq, logits = _logits(plugged, ids, cache, **kw)
+    ref_seq, ref_logits = _logits(stock, ids, **kw)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("order", ["inferred first", "given first"])
 def test_a_prompt_without_a_mask_is_keyed_by_the_mask_generate_infers(order):
     """Passed no attention_mask, generate() hides the pad token where it occurs in the prompt: those blocks' K/V were
@@ -299,16 +308,10 @@ def test_a_prompt_without_a_mask_is_keyed_by_the_mask_generate_infers(order):
     ids[0, [2, 5, 9]] = stock.generation_config.pad_token_id
     calls = [{}, {"attention_mask": torch.ones_like(ids)}]
     for kw in calls if order == "inferred first" else calls[::-1]:
-        cache.reset()
-        seq, logits = _logits(plugged, ids, cache, **kw)
-        ref_seq, ref_logits = _logits(stock, ids, **kw)
-        assert torch.equal(seq, ref_seq)
-        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+        _as_stock(stock, plugged, cache, ids, **kw)
     assert cache.stats()["prefix_hit_tokens"] == 0
-    cache.reset()  # the same call again does reuse
-    seq, logits = _logits(plugged, ids, cache, **calls[0])
+    _as_stock(stock, plugged, cache, ids, **calls[0])  # the same call again does reuse
     assert cache.stats()["prefix_hit_tokens"] == 16
-    torch.testing.assert_close(logits, _logits(stock, ids, **calls[0])[1], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("extra", ["position_ids", "inputs_embeds"])
@@ -324,11 +327,7 @@ def test_calls_whose_kv_other_inputs_decide_neither_reuse_nor_index(extra):
             kws = [{"inputs_embeds": plugged.get_input_embeddings()(ids) * s} for s in (1.0, 0.5)]
     plugged.generate(ids, **kv(cache), max_new_tokens=6, do_sample=False)  # indexed: plain ids
     for kw in kws:
-        cache.reset()
-        seq, logits = _logits(plugged, ids, cache, **kw)
-        ref_seq, ref_logits = _logits(stock, ids, **kw)
-        assert torch.equal(seq, ref_seq)
-        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+        _as_stock(stock, plugged, cache, ids, **kw)
     assert cache.stats()["prefix_hit_tokens"] == 0
 
 
@@ -400,8 +399,4 @@ def test_refused_where_rope_depends_on_the_length(rope_type, tmp_path):
     with pytest.raises(ValueError, match="prefix_caching=True.*" + rope_type):
         hf_kvplug.PlugCache(plugged, max_batch_size=1, max_cache_len=128, block_size=BS, prefix_caching=True)
     cache = hf_kvplug.PlugCache(plugged, max_batch_size=1, max_cache_len=128, block_size=BS)
-    ids = _ids(40, 7)  # past the original length: the frequencies change
-    seq, logits = _logits(plugged, ids, cache, pad_token_id=0)
-    ref_seq, ref_logits = _logits(stock, ids, pad_token_id=0)
-    assert torch.equal(seq, ref_seq)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    _as_stock(stock, plugged, cache, _ids(40, 7), pad_token_id=0)  # past the original length: other frequencies
