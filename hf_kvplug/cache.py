@@ -18,7 +18,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from . import compat, ops
+from . import compat, ops, prefix
 from .blocks import BlockPool, Paging, PrefixIndex
 from .config import PlugConfig
 from .device import DeviceState
@@ -85,7 +85,9 @@ class PlugCache(ForwardHost, DynamicCache):
                  backend: str = "auto", layout: RankLayout | None = None, trim_windows: bool = True,
                  window_slack: int | None = None, prefix_caching: bool = False, rotate_keys: bool | None = None,
                  exact_tail: bool | None = None):
+        self._model = None  # a weak reference to the model the cache was built for, if it was given one (files)
         if hasattr(model_or_config, "config") and hasattr(model_or_config, "parameters"):
+            self._model = weakref.ref(model_or_config)
             hf_config = model_or_config.config
             geometry = Geometry.from_model(model_or_config, layout, dtype=dtype, device=device)
         else:
@@ -334,7 +336,7 @@ class PlugCache(ForwardHost, DynamicCache):
         """A cache over `pools` and buffers `kvs` (in `slabs`, where they are) holding what this one holds
         (`paging`: its block tables)."""
         other = object.__new__(PlugCache)
-        other._hf_config = self._hf_config
+        other._hf_config, other._model = self._hf_config, self._model
         other._build(self.config, self.backend, pools, kvs, linear=self.linear.copies(), paging=paging, slabs=slabs)
         other.linear.batch = self.linear.batch
         other.state.restore(self.state.batch, self.state.length, self.state.holes, self.state.top)
@@ -348,18 +350,24 @@ class PlugCache(ForwardHost, DynamicCache):
 
     def save(self, path) -> None:
         """Write the cached rows to `path` with safetensors (no pickle): each block they use once (shared blocks
-        too), their block tables, lengths, starts and slot mask, and what the cache was built for. `PlugCache.load`
-        reads it back, in another process too."""
+        too), their block tables, lengths, starts and slot mask, and what the cache was built for: the model's
+        architecture and, for a cache built from the model (not a config) that is still alive, a digest of its
+        weights (`prefix.weights_digest`; a tensor-parallel rank's own shards). `PlugCache.load` reads it back, in
+        another process too."""
         self._settle()
-        save_cache(self, path)
+        model = self._model() if self._model is not None else None
+        save_cache(self, path, weights=prefix.weights_digest(model) if model is not None else None)
 
     @classmethod
     def load(cls, path, model_or_config, **kwargs) -> "PlugCache":
         """A PlugCache holding what `save` wrote, for `model_or_config` (as the constructor takes it; `kwargs` as
         the constructor's, `max_batch_size` / `max_cache_len` at least what the file holds). Raises a ValueError,
-        loading nothing, for a file made for another model, dtype, kv_dtype or block size, or one truncated or
+        loading nothing, for a file made for another model, dtype, kv_dtype or block size, for a model with other
+        weights (where the file holds their digest and a model is given, not a config), or one truncated or
         altered."""
-        return load_cache(cls, path, model_or_config, **kwargs)
+        model = hasattr(model_or_config, "config") and hasattr(model_or_config, "parameters")
+        return load_cache(cls, path, model_or_config, weights=prefix.weights_digest(model_or_config) if model else None,
+                          **kwargs)
 
     # --- generate() ------------------------------------------------------------------------------------
 

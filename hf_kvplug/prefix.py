@@ -8,6 +8,7 @@ so a block's key holds its own slots' tokens and mask bits; the root holds the r
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import torch
@@ -45,6 +46,21 @@ def weights(model) -> tuple:
                                                           [:PROBES]))
         bits = tuple(tuple(torch.cat(group).tolist()) for group in probes.values())
     return tuple((x.data_ptr(), p._version) for p, x in zip(params, local)), bits
+
+
+def weights_digest(model) -> str:
+    """A SHA-256 of each weight's name, shape, dtype and the bytes of `PROBES` elements spread over it (a sharded
+    weight's local shard): what a cache file records of the model whose K/V it holds, the same in every process (no
+    addresses). Like `weights`, it misses an edit that changes none of the probed elements."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.device.type == "meta":
+                continue
+            x = (p.to_local() if hasattr(p, "to_local") else p).detach()
+            h.update(f"{name} {tuple(x.shape)} {x.dtype}".encode())
+            h.update(_probe(x.reshape(-1)[::max(1, x.numel() // PROBES)][:PROBES]).cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _probe(x: torch.Tensor) -> torch.Tensor:

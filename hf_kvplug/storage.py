@@ -5,8 +5,9 @@ Layout: `layer.{i}.k` / `layer.{i}.v` `[n, nheads_k, block_size, head_dim]` (sto
 head_dim]`) hold the n blocks the rows use, each once; `table` `[batch, blocks]` int32 names
 them per row (-1: none), and `table.ring{r}` does the same for the sliding-window layers kept in rings of r blocks
 (numbered apart: each group of layers has its own blocks); `seqlens` `[num_layers, batch]`, `starts` `[batch]` and,
-when the recorded mask has holes, `valid` `[batch, length]`. The metadata says what the cache was built for and
-carries a SHA-256 of every tensor's bytes, so a truncated or altered file is refused instead of read.
+when the recorded mask has holes, `valid` `[batch, length]`. The metadata says what the cache was built for (and
+a digest of the model's weights, `prefix.weights_digest`, where the cache knows its model) and carries a SHA-256 of
+every tensor's bytes and of the metadata itself, so a truncated or altered file is refused instead of read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 
 import torch
 
-FORMAT = "hf_kvplug.PlugCache/1"
+FORMAT = "hf_kvplug.PlugCache/1"  # (files whose checksum covers their metadata too say so: "sha256_covers")
 _FINGERPRINT = ("model_type", "num_layers", "nheads", "nheads_k", "head_dim", "kv_dtype", "block_size",
                 "layer_windows")
 
@@ -38,8 +39,11 @@ def _table_name(ring) -> str:
     return "table" if ring is None else f"table.ring{ring}"
 
 
-def _digest(tensors: dict) -> str:
+def _digest(tensors: dict, meta: dict | None = None) -> str:
+    """SHA-256 of the tensors (names, shapes, dtypes, bytes) and, where given, of the metadata but its checksum."""
     h = hashlib.sha256()
+    if meta is not None:
+        h.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(name.encode())
@@ -48,7 +52,8 @@ def _digest(tensors: dict) -> str:
     return h.hexdigest()
 
 
-def save_cache(cache, path) -> None:
+def save_cache(cache, path, weights: str | None = None) -> None:
+    """Write `cache` to `path`; `weights`: the digest of its model's weights (`prefix.weights_digest`), or None."""
     from safetensors.torch import save_file
 
     cfg = cache.config
@@ -82,7 +87,8 @@ def save_cache(cache, path) -> None:
     meta = dict(format=FORMAT, config=_fingerprint(cfg), length=length, batch=batch, holes=cache.holes,
                 max_batch_size=cfg.max_batch_size, max_cache_len=cfg.max_cache_len, max_tokens=cfg.max_tokens,
                 top=cache.state.top, window_slack=cfg.window_slack,
-                fresh=cache.attn_layers[0].fresh, sha256=_digest(tensors))
+                fresh=cache.attn_layers[0].fresh, weights=weights, sha256_covers="tensors and metadata")
+    meta["sha256"] = _digest(tensors, meta)
     save_file(tensors, str(path), metadata={"hf_kvplug": json.dumps(meta)})
 
 
@@ -97,15 +103,26 @@ def _read(path) -> tuple[dict, dict]:
         raise ValueError(f"{path} is not a readable PlugCache file (truncated or corrupted?): {e}") from None
     if "hf_kvplug" not in header:
         raise ValueError(f"{path} is a safetensors file but not a PlugCache file (no hf_kvplug metadata)")
-    meta = json.loads(header["hf_kvplug"])
+    try:
+        meta = json.loads(header["hf_kvplug"])
+    except ValueError:
+        raise ValueError(f"{path} was altered after it was written (its metadata is not JSON)") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} holds a {meta.get('format')!r} cache; this hf_kvplug reads {FORMAT!r}")
-    if _digest(tensors) != meta.get("sha256"):
-        raise ValueError(f"{path} was altered after it was written (its tensors do not match their checksum)")
+    # (files written before the checksum covered the metadata: their tensors', and the checks below)
+    if _digest(tensors, meta if "sha256_covers" in meta else None) != meta.get("sha256"):
+        raise ValueError(f"{path} was altered after it was written (its contents do not match their checksum)")
+    seqlens, length, batch = tensors.get("seqlens"), meta.get("length"), meta.get("batch")
+    if (seqlens is None or not isinstance(length, int) or not isinstance(batch, int) or batch < 1
+            or tuple(seqlens.shape[1:]) != (batch,) or bool((seqlens != length).any())
+            or any(t.shape[0] != batch for name, t in tensors.items() if name.startswith("table"))):
+        raise ValueError(f"{path} was altered after it was written (its metadata disagrees with its tensors)")
     return meta, tensors
 
 
-def load_cache(cls, path, model_or_config, **kwargs):
+def load_cache(cls, path, model_or_config, weights: str | None = None, **kwargs):
+    """A `cls` cache holding what `save_cache` wrote to `path`; `weights`: the digest of the model it is loaded for,
+    refused where the file names other weights (None: not checked)."""
     meta, tensors = _read(path)
     length, batch = meta["length"], meta["batch"]
     # the capacity the cache was saved with, unless told otherwise (files from before it was recorded: the rows and
@@ -141,6 +158,9 @@ def load_cache(cls, path, model_or_config, **kwargs):
             if any(d.startswith("exact_tail") for d in diffs) else ""
         raise ValueError(f"{path} was saved for another model or cache (" + "; ".join(diffs) + ")" + rings + rotation
                          + tail)
+    if weights is not None and meta.get("weights") not in (None, weights):
+        raise ValueError(f"{path} was saved for a model with other weights (the same architecture, other values): "
+                         "its K/V would not be this model's")
     if batch > cache.max_batch_size or length > cache.max_cache_len:
         raise ValueError(f"{path} holds {batch} rows of {length} tokens; build the cache with max_batch_size >= "
                          f"{batch} and max_cache_len >= {length}")

@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache
 
 import hf_kvplug
+from hf_kvplug import storage
 from hf_kvplug.compat import cache_kwargs as kv
 from models import tiny_model
 
@@ -199,6 +200,43 @@ def test_load_refuses_other_models_and_damaged_files(tmp_path):
     (tmp_path / "altered.safetensors").write_bytes(bytes(altered))
     with pytest.raises(ValueError, match="altered"):
         hf_kvplug.PlugCache.load(tmp_path / "altered.safetensors", plugged)
+
+
+def test_load_refuses_a_model_with_other_weights_and_altered_metadata(tmp_path):
+    """A file records a digest of the weights of the model its cache was built for: a model of the same architecture
+    with other weights is refused (it loaded, and continued with the other model's K/V). The checksum covers the
+    metadata too: a file whose row length was edited is refused (it loaded, and skipped prompt tokens)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, plugged, cache = _pair("llama")
+    plugged(torch.randint(2, 128, (1, 9)), **kv(cache))
+    path = tmp_path / "c.safetensors"
+    cache.save(path)
+    other = hf_kvplug.patch(tiny_model("llama", seed=1))
+    with pytest.raises(ValueError, match="other weights"):
+        hf_kvplug.PlugCache.load(path, other)
+    hf_kvplug.PlugCache.load(path, other.config, dtype=torch.float32, device="cpu")  # a config: nothing to check
+    assert hf_kvplug.PlugCache.load(path, plugged).get_seq_length() == 9
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["hf_kvplug"])
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    for key, value in (("length", 12), ("top", 3), ("batch", 2)):
+        save_file(tensors, str(tmp_path / "edited.safetensors"),
+                  metadata={"hf_kvplug": json.dumps({**meta, key: value})})
+        with pytest.raises(ValueError, match="altered"):
+            hf_kvplug.PlugCache.load(tmp_path / "edited.safetensors", plugged)
+    # a file written before the checksum covered the metadata: its tensors' checksum, and the metadata checked
+    # against them
+    old = {k: v for k, v in meta.items() if k not in ("weights", "sha256_covers")}
+    old["sha256"] = storage._digest(tensors)
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"hf_kvplug": json.dumps(old)})
+    assert hf_kvplug.PlugCache.load(tmp_path / "old.safetensors", plugged).get_seq_length() == 9
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"hf_kvplug": json.dumps({**old, "length": 12})})
+    with pytest.raises(ValueError, match="metadata disagrees"):
+        hf_kvplug.PlugCache.load(tmp_path / "old.safetensors", plugged)
 
 
 def test_pool_budget_smaller_than_the_rectangle():

@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 import hf_kvplug
+from hf_kvplug import storage
 from hf_kvplug.compat import cache_kwargs as kv
 from models import tiny_model
 from test_outputs import ALL_OUTPUTS, assert_same_output
@@ -294,7 +295,9 @@ def test_a_file_from_before_window_slack_loads_with_its_wide_rings(tmp_path):
     with safe_open(str(path), framework="pt") as f:  # as an older hf_kvplug wrote it: no window_slack
         meta = json.loads(f.metadata()["hf_kvplug"])
         tensors = {name: f.get_tensor(name) for name in f.keys()}
-    del meta["window_slack"]
+    for key in ("window_slack", "weights", "sha256_covers"):  # (nor a weights digest, nor a checksum over the meta)
+        del meta[key]
+    meta["sha256"] = storage._digest(tensors)
     save_file(tensors, str(path), metadata={"hf_kvplug": json.dumps(meta)})
     back = hf_kvplug.PlugCache.load(path, model)
     assert {layer.ring for layer in back.attn_layers} == {10}
