@@ -87,8 +87,17 @@ def patch(model):
     model.__dict__["_kvplug_hooks"] = hooks
     for name, wrap in (("create_masks_for_generate", _masks_for_generate),
                        ("get_compiled_call", _compiled_call_getter)):
-        model.__dict__[f"_kvplug_{name}"] = model.__dict__.get(name)
-        model.__dict__[name] = wrap(getattr(model, name, None))
+        own = model.__dict__.get(name)
+        model.__dict__[f"_kvplug_{name}"] = own
+        # Bound to the model (a method, not a closure over this model's bound method): a deep copy of the model binds
+        # it to the copy, whose own compiled call and masks it then runs.
+        of_class = inspect.getattr_static(type(model), name, None) if own is None else None
+        if isinstance(of_class, types.FunctionType):  # a method of the class: called with the model at hand
+            original = of_class
+        else:  # an instance's own, a static function (called as they are), or none (transformers' function)
+            found = own if own is not None else getattr(model, name, None)
+            original = None if found is None else functools.partial(_called_as_is, found)
+        model.__dict__[name] = types.MethodType(wrap(original), model)
     model.__dict__["_kvplug_generate"] = model.__dict__.get("generate")
     current = model.generate  # wrap what is there, an instance-level override included
     if isinstance(current, types.MethodType) and current.__self__ is model:
@@ -224,14 +233,23 @@ def _step_mask(positions: dict[str, int], args, kwargs, cache, batch: int, q_len
     return (*args[:i], step, *args[i + 1:]), kwargs
 
 
+def _called_as_is(function, model, *args, **kwargs):
+    """`function(*args, **kwargs)`, the model it is called for aside (a wrapped function that is not a method)."""
+    return function(*args, **kwargs)
+
+
 def _masks_for_generate(original):
     """generate() builds the attention mask of every step here for a compileable cache (eagerly, before the
-    step's forward, compiled or not): the one place that still sees its 2D mask. Begin the forward there."""
+    step's forward, compiled or not): the one place that still sees its 2D mask. Begin the forward there.
+    `original(model, ...)`: what the model had, or None (transformers' module-level function)."""
     if original is None:
-        from transformers.masking_utils import create_masks_for_generate as original
+        from transformers.masking_utils import create_masks_for_generate as function
 
-    def create_masks_for_generate(*args, **kwargs):
-        mask = original(*args, **kwargs)
+        def original(model, *args, **kwargs):
+            return function(*args, **kwargs)
+
+    def create_masks_for_generate(model, *args, **kwargs):
+        mask = original(model, *args, **kwargs)
         cache = compat.cache_from_kwargs(kwargs)
         embeds = kwargs.get("inputs_embeds")
         if isinstance(cache, PlugCache) and embeds is not None:
@@ -246,8 +264,8 @@ def _compiled_call_getter(original):
     """generate() runs its compiled decode steps through `get_compiled_call`: begin the forward on eager code
     before entering the compiled call (the model's own hook runs inside it, where no host work can be done)."""
 
-    def get_compiled_call(compile_config):
-        compiled = original(compile_config)
+    def get_compiled_call(model, compile_config):
+        compiled = original(model, compile_config)
 
         @functools.wraps(compiled)
         def call(*args, **kwargs):

@@ -186,6 +186,34 @@ def test_generate_auto_compiles_plug_cache(family):
     assert backend.frames == 1
 
 
+@pytest.mark.parametrize("cache_kind", ["static", "plug"])
+def test_a_deep_copy_of_a_patched_model_compiles_its_own_weights(cache_kind):
+    """A deep copy of a patched model whose weights then change: generate()'s compiled steps run the copy (its
+    wrappers bound to it), as an unpatched copy's do; before, they ran the original's compiled call, and the copy
+    kept the original alive."""
+    import copy
+    import gc
+    import weakref
+
+    from transformers import StaticCache
+
+    stock, plugged = tiny_model("llama"), hf_kvplug.patch(tiny_model("llama"))
+    stock_copy, plugged_copy = copy.deepcopy(stock), copy.deepcopy(plugged)
+    with torch.no_grad():
+        for m in (stock_copy, plugged_copy):
+            m.lm_head.weight.mul_(-1.0)
+    ids, mask = prompt(6)
+    cache = (StaticCache(config=plugged.config, max_cache_len=32) if cache_kind == "static" else
+             hf_kvplug.PlugCache(plugged_copy, max_batch_size=1, max_cache_len=32))
+    out = generate(plugged_copy, cache, ids, mask, 6, config=compile_config("eager"))
+    assert torch.equal(out, generate(stock_copy, StaticCache(config=stock.config, max_cache_len=32), ids, mask, 6,
+                                     config=compile_config("eager")))
+    original = weakref.ref(plugged)
+    del plugged
+    gc.collect()
+    assert original() is None
+
+
 @pytest.mark.parametrize("family,kv_dtype", [("llama", None), ("llama", "int8"), ("qwen3_sliding", "int8")])
 def test_no_recompiles_after_warmup(family, kv_dtype):
     """After one warm-up generate, nothing recompiles: many decode steps, new prompt lengths, cache.reset() and
