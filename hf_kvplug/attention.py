@@ -53,6 +53,10 @@ def _plugged_forward(self, cache, hidden_states, position_embeddings=None, atten
     if len(cache.layers) != self._kvplug_num_layers:
         raise ValueError(f"PlugCache has {len(cache.layers)} layers but the model has "
                          f"{self._kvplug_num_layers}: it was built for another model")
+    if self.training and getattr(self, "attention_dropout", 0.0):  # (before anything is written)
+        raise ValueError(f"a PlugCache attends without dropout, and this model is in training mode with "
+                         f"attention_dropout={self.attention_dropout}: call model.eval() for generation, or use a "
+                         "stock cache (or none) to train")
     family = self._kvplug_family
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)

@@ -101,6 +101,27 @@ def test_eos_token_id_in_any_form_generate_takes(eos):
         assert torch.equal(model.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
 
 
+def test_training_mode_with_attention_dropout_is_refused_before_writing():
+    """A PlugCache attends without dropout: a model in training mode with attention_dropout > 0 (stock drops
+    attention weights there) is refused before anything is written, and the cache then follows stock in eval mode;
+    with no dropout, training mode runs as stock."""
+    stock = tiny_model("llama", attention_dropout=0.5)
+    model = hf_kvplug.patch(tiny_model("llama", attention_dropout=0.5))
+    cache = hf_kvplug.PlugCache(model, max_batch_size=1, max_cache_len=32, block_size=8)
+    snap = _snapshot(cache)
+    ids = torch.randint(2, 128, (1, 7))
+    model.train()
+    with torch.no_grad(), pytest.raises(ValueError, match="attention_dropout=0.5.*model.eval"):
+        model(ids, **kv(cache))
+    assert _unchanged(cache, snap) and all(layer.fresh for layer in cache.layers)
+    model.eval()
+    kw = dict(max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
+    plain, plain_stock = hf_kvplug.patch(tiny_model("llama")).train(), tiny_model("llama").train()
+    cache = hf_kvplug.PlugCache(plain, max_batch_size=1, max_cache_len=32, block_size=8)
+    assert torch.equal(plain.generate(ids, **kv(cache), **kw), plain_stock.generate(ids, **kw))
+
+
 def test_over_max_cache_len_in_a_direct_forward(warm):
     model, cache, _ = warm
     snap = _snapshot(cache)
