@@ -113,7 +113,7 @@ def _read(path) -> tuple[dict, dict]:
     if _digest(tensors, meta if "sha256_covers" in meta else None) != meta.get("sha256"):
         raise ValueError(f"{path} was altered after it was written (its contents do not match their checksum)")
     seqlens, length, batch = tensors.get("seqlens"), meta.get("length"), meta.get("batch")
-    if (seqlens is None or not isinstance(length, int) or not isinstance(batch, int) or batch < 1
+    if (seqlens is None or not isinstance(length, int) or not isinstance(batch, int) or batch < 0
             or tuple(seqlens.shape[1:]) != (batch,) or bool((seqlens != length).any())
             or any(t.shape[0] != batch for name, t in tensors.items() if name.startswith("table"))):
         raise ValueError(f"{path} was altered after it was written (its metadata disagrees with its tensors)")

@@ -237,6 +237,9 @@ def test_load_refuses_a_model_with_other_weights_and_altered_metadata(tmp_path):
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"hf_kvplug": json.dumps({**old, "length": 12})})
     with pytest.raises(ValueError, match="metadata disagrees"):
         hf_kvplug.PlugCache.load(tmp_path / "old.safetensors", plugged)
+    cache.reset()  # an empty cache's file holds no rows, and loads
+    cache.save(tmp_path / "empty.safetensors")
+    assert hf_kvplug.PlugCache.load(tmp_path / "empty.safetensors", plugged).get_seq_length() == 0
 
 
 def test_pool_budget_smaller_than_the_rectangle():
