@@ -429,8 +429,11 @@ class PlugCache(ForwardHost, DynamicCache):
         # all still hold just the prefix, which no check would catch and the next prompt would continue.
         prompt_open = self.state.open and (self.state.length or 0) <= hints.get("filled", 0)
         if failed and hints.get("reused") and (not hints.get("begun") or prompt_open):
-            self.reset()
-            self.pools[None].index.hit_tokens -= hints["reused"]
+            try:
+                self.reset()
+                self.pools[None].index.hit_tokens -= hints["reused"]
+            except Exception:  # (the call's own error is the one raised; the next use says to reset)
+                self.state.broke("giving back a reused prefix after a failed generate()")
         elif failed:
             self.state.abandon()  # a forward prepared for a step that never ran: the next one prepares again
         elif finished and self.config.prefix_caching:
