@@ -433,7 +433,7 @@ class PlugCache(ForwardHost, DynamicCache):
                 self.reset()
                 self.pools[None].index.hit_tokens -= hints["reused"]
             except Exception:  # (the call's own error is the one raised; the next use says to reset)
-                self.state.broke("giving back a reused prefix after a failed generate()")
+                self.state.broke("reset() after a failed generate() that reused a prefix stopped part-way")
         elif failed:
             self.state.abandon()  # a forward prepared for a step that never ran: the next one prepares again
         elif finished and self.config.prefix_caching:
