@@ -415,10 +415,13 @@ def validate_generate(model, cache: PlugCache, args, kwargs, read=None) -> Gener
     if mask is not None and mask.dim() != 2:
         raise ValueError("a PlugCache follows a 2D attention_mask ([batch, tokens], 1 = attend); generate() was "
                          f"given one of {mask.dim()} dimensions")
-    total = seen + _new_tokens(model, config, call, kwargs, inputs)  # after the history, where only a turn is passed
+    # the slots the call writes: the history and prompt, then every new token but the last (never fed back)
+    new = _new_tokens(model, config, call, kwargs, inputs)
+    total = seen + new - 1
     if total > cache.max_cache_len:
-        raise ValueError(f"prompt ({seen} tokens) + new tokens = {total} exceeds the PlugCache's max_cache_len="
-                         f"{cache.max_cache_len}; build it with max_cache_len >= {total}")
+        raise ValueError(f"prompt ({seen} tokens) + {new} new tokens need {total} cache slots (the last new token is "
+                         f"not stored), more than the PlugCache's max_cache_len={cache.max_cache_len}; build it with "
+                         f"max_cache_len >= {total}")
     ids = inputs if not inputs.is_floating_point() and kwargs.get("inputs_embeds") is None else None
     if ids is not None and mask is None and cache.config.prefix_caching:  # (the index's key; one device read)
         mask = _attended_mask(ids, config)

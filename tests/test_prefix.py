@@ -135,7 +135,7 @@ def test_a_crop_back_into_indexed_blocks_fits_a_cache_sized_for_the_request():
     kw = dict(max_new_tokens=9, do_sample=False)
     out = plugged.generate(ids, **kv(cache), **kw)
     assert torch.equal(out, stock.generate(ids, **kv(stock_cache), **kw))
-    assert cache.stats()["prefix_cached_blocks"] == 2 and cache.stats()["blocks_in_use"] == 4
+    assert cache.stats()["prefix_cached_blocks"] == 2 and cache.stats()["blocks_in_use"] == 2  # 16 slots a row
     cache.crop(-13)
     stock_cache.crop(-13)
     more = torch.cat([out[:, :3], _ids(1, 6, batch=2)], 1)
