@@ -51,6 +51,23 @@ def test_over_max_cache_len_when_continuing_with_only_the_new_turn(warm):
     assert _unchanged(cache, snap)
 
 
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=2), dict(prompt_lookup_num_tokens=3)])
+def test_a_cache_sized_exactly_for_the_call_runs_it(mode):
+    """A call writes its prompt and every new token but the last: a cache of exactly that many slots runs it as stock
+    (greedy, beams, prompt lookup), and one slot fewer is refused before writing."""
+    stock = tiny_model("llama")
+    model = hf_kvplug.patch(tiny_model("llama"))
+    ids = torch.randint(2, 128, (1, 6))
+    kw = dict(max_new_tokens=9, do_sample=False, **mode)
+    rows = mode.get("num_beams", 1)
+    cache = hf_kvplug.PlugCache(model, max_batch_size=rows, max_cache_len=14, block_size=4)
+    assert torch.equal(model.generate(ids, **kv(cache), **kw), stock.generate(ids, **kw))
+    small = hf_kvplug.PlugCache(model, max_batch_size=rows, max_cache_len=13, block_size=4)
+    with pytest.raises(ValueError, match="need 14 cache slots"):
+        model.generate(ids, **kv(small), **kw)
+    assert small.get_seq_length() == 0
+
+
 def test_max_length_counts_from_the_ids_given(warm):
     """generate() makes max_length less the ids it is given: passed only the new turn with the whole conversation's
     mask, it makes more tokens than max_length less the conversation, and the check counts those (it let such a
