@@ -51,10 +51,11 @@ def test_over_max_cache_len_when_continuing_with_only_the_new_turn(warm):
     assert _unchanged(cache, snap)
 
 
-@pytest.mark.parametrize("mode", [dict(), dict(num_beams=2), dict(prompt_lookup_num_tokens=3)])
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=2), dict(prompt_lookup_num_tokens=3, eos_token_id=0)])
 def test_a_cache_sized_exactly_for_the_call_runs_it(mode):
     """A call writes its prompt and every new token but the last: a cache of exactly that many slots runs it as stock
-    (greedy, beams, prompt lookup), and one slot fewer is refused before writing."""
+    (greedy, beams, prompt lookup), and one slot fewer is refused before writing. (5.4's prompt lookup needs an
+    eos_token_id, stock's too.)"""
     stock = tiny_model("llama")
     model = hf_kvplug.patch(tiny_model("llama"))
     ids = torch.randint(2, 128, (1, 6))
